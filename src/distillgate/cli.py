@@ -1,0 +1,53 @@
+"""`distillgate` command line: a thin dispatcher. Parsing and printing live here and in ``commands/``;
+the work lives in the library. Each module in ``distillgate.commands`` exposes ``register(subparsers)``,
+which adds its sub-command and sets ``func``; heavy imports (torch, transformers) happen inside ``func``
+so that ``distillgate --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import pkgutil
+import sys
+
+from . import commands
+from .errors import DistillgateError
+from .version import __version__
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="distillgate",
+        description="Distil a teacher LLM into a smaller student, iteration by iteration, behind acceptance gates.",
+    )
+    parser.add_argument("--version", action="version", version=f"distillgate {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for info in sorted(pkgutil.iter_modules(commands.__path__), key=lambda m: m.name):
+        if not info.name.startswith("_"):
+            importlib.import_module(f"{commands.__name__}.{info.name}").register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        rc = args.func(args)
+    except DistillgateError as e:
+        from rich.console import Console
+
+        Console(stderr=True).print(f"[bold red]error:[/] {e}", highlight=False, markup=True)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return int(rc or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

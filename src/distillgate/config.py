@@ -1,0 +1,256 @@
+"""Typed, validated configuration (pydantic v2). Loaded from YAML plus ``key=value`` overrides.
+
+Every field documents itself (``description``) and is validated before any compute: unknown keys, wrong
+types and out-of-range values raise :class:`~distillgate.errors.ConfigError` naming the field, the value and
+what is allowed. ``distillgate distill --help-config`` prints this reference.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import ConfigError
+
+DOMAINS = ("finance_risk", "medical", "legal", "education", "customer_support", "ecommerce", "travel",
+           "technical_docs")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
+
+
+class ModelSpec(_Strict):
+    path: str = Field("default", description="'default' (embedded SmolLM2-135M-Instruct), a local HF folder, "
+                                             "a .gguf file, or a hub id (online only)")
+    dtype: Literal["float32", "bfloat16"] = Field("float32", description="weights dtype when loaded")
+    trust_remote_code: bool = Field(False, description="run model code shipped with the weights (off by default)")
+
+
+class StudentSpec(_Strict):
+    init: Literal["derive", "model", "config"] = Field(
+        "derive", description="derive: cut layers/MLP units from the teacher by measured importance; "
+                              "model: load `path`; config: random init from `config` (HF config dict)")
+    path: str | None = Field(None, description="student model (init=model): folder, .gguf or hub id")
+    config: dict[str, Any] | None = Field(None, description="HF config overrides on the teacher's config (init=config)")
+    num_layers: int | None = Field(None, ge=1, description="decoder layers to keep (init=derive); default: half")
+    mlp_width: int | None = Field(None, ge=1, description="MLP intermediate size to keep (init=derive); default: teacher's")
+    layer_selection: Literal["block_influence", "greedy_ppl", "uniform"] = Field(
+        "greedy_ppl", description="how layers are chosen: block influence (1-cos(in,out)), greedy removal by "
+                                  "calibration perplexity, or every k-th layer")
+    keep_layers: list[int] | None = Field(None, description="explicit teacher layer indices to keep (overrides selection)")
+    mlp_selection: Literal["activation", "magnitude"] = Field(
+        "activation", description="MLP unit importance: mean |act * down-proj norm| on calibration text, or weight norm")
+    calib_tokens: int = Field(2048, ge=64, description="calibration tokens used to measure importance")
+    calib_file: str | None = Field(None, description="text file for calibration (default: teacher-generated train text)")
+
+
+class DataSpec(_Strict):
+    source: Literal["builtin", "jsonl", "hf"] = Field("builtin", description="prompt source")
+    path: str | None = Field(None, description="JSONL file (source=jsonl): {prompt, domain} or {messages}")
+    hf_name: str | None = Field(None, description="datasets name (source=hf, online)")
+    hf_split: str = Field("train", description="datasets split (source=hf)")
+    hf_field: str = Field("prompt", description="column holding the prompt (source=hf)")
+    num_prompts: int = Field(64, ge=1, description="prompts to use (builtin generates this many)")
+    domains: list[str] = Field(list(DOMAINS), description=f"business domains for builtin prompts, from {DOMAINS}")
+    seed: int = Field(0, description="prompt generation and split seed")
+    max_new_tokens: int = Field(96, ge=1, le=4096, description="teacher answer length cap")
+    samples_per_prompt: int = Field(1, ge=1, le=16, description="sampled teacher answers per prompt (S2.4)")
+    gen_temperature: float = Field(0.0, ge=0.0, description="teacher sampling temperature (0 = greedy)")
+    gen_top_p: float = Field(1.0, gt=0.0, le=1.0, description="nucleus sampling p")
+    gen_batch_size: int = Field(16, ge=1, description="prompts per batched generation")
+    heldout_fraction: float = Field(0.125, ge=0.0, lt=1.0, description="share of prompts held out (split by prompt)")
+    seq_len: int = Field(256, ge=8, description="max tokens per training sequence")
+
+    @field_validator("domains")
+    @classmethod
+    def _known_domains(cls, v):
+        bad = [d for d in v if d not in DOMAINS]
+        if bad:
+            raise ValueError(f"unknown domain(s) {bad}; allowed: {list(DOMAINS)}")
+        if not v:
+            raise ValueError(f"at least one domain from {list(DOMAINS)}")
+        return v
+
+    @model_validator(mode="after")
+    def _source_fields(self):
+        if self.source == "jsonl" and not self.path:
+            raise ValueError("data.path is required when data.source is 'jsonl'")
+        if self.source == "hf" and not self.hf_name:
+            raise ValueError("data.hf_name is required when data.source is 'hf'")
+        return self
+
+
+class TargetSpec(_Strict):
+    mode: Literal["cached", "online"] = Field("cached", description="cached: teacher top-k computed once and "
+                                              "stored; online: teacher forward every step (dense)")
+    top_k: int = Field(64, ge=1, description="teacher log-probs kept per token (plus the tail mass)")
+    batch_size: int = Field(8, ge=1, description="sequences per teacher forward when computing targets")
+
+
+class TemperatureSpec(_Strict):
+    policy: Literal["fixed", "complexity", "entropy"] = Field(
+        "fixed", description="fixed: `value`; complexity: simple prompts hotter, complex ones cooler (S2.1); "
+                             "entropy: from the teacher's mean entropy on the sample")
+    value: float = Field(1.0, gt=0.0, le=20.0, description="temperature (policy=fixed)")
+    min: float = Field(0.7, gt=0.0, le=20.0, description="lowest temperature a dynamic policy picks")
+    max: float = Field(2.0, gt=0.0, le=20.0, description="highest temperature a dynamic policy picks")
+
+    @model_validator(mode="after")
+    def _order(self):
+        if self.min > self.max:
+            raise ValueError(f"min ({self.min}) must be <= max ({self.max})")
+        return self
+
+
+class LossSpec(_Strict):
+    divergence: Literal["forward_kl", "reverse_kl", "gjsd", "tv"] = Field(
+        "forward_kl", description="token-level divergence between teacher and student distributions")
+    beta: float = Field(0.5, ge=0.0, le=1.0, description="generalized JSD interpolation (divergence=gjsd)")
+    channels: dict[str, float] = Field({"kd": 1.0, "ce": 0.0},
+                                       description="channel -> weight; kd: divergence, ce: cross-entropy on the "
+                                                   "teacher's tokens")
+    temperature: TemperatureSpec = Field(default_factory=TemperatureSpec)
+    domain_weights: dict[str, float] = Field(default_factory=dict, description="domain -> loss weight (default 1)")
+    difficulty_weighting: bool = Field(False, description="down-weight tokens where the teacher is unsure (S2.5.2)")
+    difficulty_floor: float = Field(0.5, ge=0.0, le=1.0, description="lowest difficulty weight")
+    chunk_size: int = Field(1024, ge=16, description="tokens per chunk of the fused lm-head + loss")
+
+    @field_validator("channels")
+    @classmethod
+    def _channels(cls, v):
+        for k, w in v.items():
+            if w < 0:
+                raise ValueError(f"channel {k!r} weight {w} must be >= 0")
+        if not v or sum(v.values()) <= 0:
+            raise ValueError("at least one channel needs a positive weight")
+        return v
+
+    @field_validator("domain_weights")
+    @classmethod
+    def _dw(cls, v):
+        bad = [d for d in v if d not in DOMAINS]
+        if bad:
+            raise ValueError(f"unknown domain(s) {bad}; allowed: {list(DOMAINS)}")
+        if any(w < 0 for w in v.values()):
+            raise ValueError("domain weights must be >= 0")
+        return v
+
+
+class TrainSpec(_Strict):
+    steps: int = Field(40, ge=1, description="optimizer steps")
+    batch_size: int = Field(4, ge=1, description="sequences per micro-batch")
+    grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step")
+    lr: float = Field(3e-4, gt=0.0, le=1.0, description="peak AdamW learning rate")
+    weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay")
+    warmup_steps: int = Field(4, ge=0, description="linear warmup steps, then cosine decay")
+    min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0, description="final lr as a fraction of the peak")
+    max_grad_norm: float = Field(1.0, gt=0.0, description="gradient clipping norm")
+    precision: Literal["bf16", "fp32"] = Field("bf16", description="bf16 autocast (CPU ~2x faster) or fp32; "
+                                                                   "fp16 is not offered (unstable on CPU)")
+    seed: int = Field(0, description="training seed (init, shuffling)")
+    checkpoint_every: int = Field(0, ge=0, description="save a resumable checkpoint every N steps (0: only at end)")
+    log_every: int = Field(1, ge=1, description="metrics JSONL every N steps")
+    threads: int | None = Field(None, ge=1, description="torch CPU threads (default: torch's choice)")
+
+
+class EvalSpec(_Strict):
+    text_file: str | None = Field(None, description="plain text file for perplexity (e.g. wikitext2 valid.txt)")
+    max_tokens: int = Field(4096, ge=16, description="tokens of text_file / held-out text to evaluate")
+
+
+class DistillConfig(_Strict):
+    teacher: ModelSpec = Field(default_factory=ModelSpec)
+    student: StudentSpec = Field(default_factory=StudentSpec)
+    data: DataSpec = Field(default_factory=DataSpec)
+    targets: TargetSpec = Field(default_factory=TargetSpec)
+    loss: LossSpec = Field(default_factory=LossSpec)
+    train: TrainSpec = Field(default_factory=TrainSpec)
+    eval: EvalSpec = Field(default_factory=EvalSpec)
+    output_dir: str = Field("outputs/distill", description="where the student, metrics and checkpoints go")
+
+    @model_validator(mode="after")
+    def _cross(self):
+        if self.student.init == "model" and not self.student.path:
+            raise ValueError("student.path is required when student.init is 'model'")
+        if self.targets.mode == "cached" and self.loss.temperature.policy == "entropy" and self.targets.top_k < 2:
+            raise ValueError("temperature policy 'entropy' needs targets.top_k >= 2")
+        return self
+
+
+# ---------------------------------------------------------------------------------------------- loading
+
+def _parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise ConfigError(item, item, "overrides of the form key.sub=value")
+    key, raw = item.split("=", 1)
+    return key.strip().split("."), yaml.safe_load(raw) if raw != "" else ""
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    for item in overrides:
+        path, value = _parse_override(item)
+        node = data
+        for k in path[:-1]:
+            node = node.setdefault(k, {})
+            if not isinstance(node, dict):
+                raise ConfigError(".".join(path), value, f"{k} is not a section")
+        node[path[-1]] = value
+    return data
+
+
+def _validation_to_config_error(e: ValidationError, data: dict) -> ConfigError:
+    err = e.errors()[0]
+    field = ".".join(str(p) for p in err["loc"]) or "<config>"
+    value = err.get("input")
+    msg = err["msg"]
+    if err["type"] == "extra_forbidden":
+        msg = "unknown key (check spelling; see `distillgate distill --help-config`)"
+    elif err["type"] == "literal_error":
+        msg = msg.replace("Input should be", "one of")
+    return ConfigError(field, value, msg + (f"  [+{len(e.errors()) - 1} more]" if len(e.errors()) > 1 else ""))
+
+
+def load_yaml(path: str | os.PathLike | None) -> dict:
+    if path is None:
+        return {}
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError("--config", str(path), "an existing YAML file")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError("--config", str(path), f"valid YAML ({e})") from e
+    if not isinstance(data, dict):
+        raise ConfigError("--config", str(path), "a YAML mapping at the top level")
+    return data
+
+
+def parse_config(model_cls: type[BaseModel], data: dict):
+    try:
+        return model_cls.model_validate(data)
+    except ValidationError as e:
+        raise _validation_to_config_error(e, data) from None
+
+
+def load_config(model_cls: type[BaseModel], path: str | os.PathLike | None, overrides: list[str] = ()):
+    """YAML file + ``a.b=c`` overrides -> validated config; raises ConfigError before any work."""
+    return parse_config(model_cls, apply_overrides(load_yaml(path), list(overrides)))
+
+
+def config_reference(model_cls: type[BaseModel], prefix: str = "") -> list[tuple[str, str, str, str]]:
+    """(key, type, default, description) rows for docs and ``--help-config``."""
+    rows = []
+    for name, f in model_cls.model_fields.items():
+        ann = f.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            rows += config_reference(ann, f"{prefix}{name}.")
+            continue
+        default = f.default_factory() if f.default_factory is not None else f.default
+        tname = getattr(ann, "__name__", None) or str(ann).replace("typing.", "")
+        rows.append((prefix + name, tname, repr(default), f.description or ""))
+    return rows

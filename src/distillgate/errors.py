@@ -1,0 +1,31 @@
+"""Typed errors. Every user-facing failure names the field or file, the value, and what is allowed."""
+
+from __future__ import annotations
+
+
+class DistillgateError(Exception):
+    """Base class: the CLI prints these as one clean message (no traceback) and exits 2."""
+
+
+class ConfigError(DistillgateError):
+    """A config field (or CLI argument) holds a value that is not allowed."""
+
+    def __init__(self, field: str, value: object, allowed: str):
+        self.field, self.value, self.allowed = field, value, allowed
+        super().__init__(f"{field}: got {value!r}; allowed: {allowed}")
+
+
+class InputError(DistillgateError):
+    """A file or model given as input is missing, unreadable, or incompatible."""
+
+
+class ArtifactError(DistillgateError):
+    """An artifact on disk is missing, uncommitted, or fails its checksum manifest."""
+
+
+class CacheMismatchError(ArtifactError):
+    """A cached artifact was built from other inputs (teacher, tokenizer, data, k) than the ones asked for."""
+
+
+class LockHeldError(DistillgateError):
+    """Another process holds the writer lock of a run."""

@@ -1,0 +1,163 @@
+"""Atomic, checksummed artifact I/O shared by every module that writes to disk.
+
+Contract (DESIGN "Contracts worth keeping"): a directory artifact is written into a temporary sibling
+folder, every file is fsynced, a ``MANIFEST.json`` with each file's sha256 and the format version is written
+last, then the folder is renamed into place (an atomic rename on POSIX) and the parent directory fsynced.
+Readers call :func:`verify_manifest` and never read a folder without a valid manifest.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+from .errors import ArtifactError
+
+MANIFEST = "MANIFEST.json"
+_CHUNK = 1 << 20
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def sha256_json(obj: Any) -> str:
+    """Stable hash of a JSON-able object (sorted keys, no whitespace)."""
+    return sha256_bytes(json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str).encode())
+
+
+def fsync_dir(path: str | os.PathLike) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that readers see the old file or the new one, never a partial one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        fsync_dir(path.parent)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def write_manifest(folder: str | os.PathLike, kind: str, format_version: int, meta: dict | None = None) -> dict:
+    """Hash every file under ``folder`` (except the manifest) and write ``MANIFEST.json`` atomically."""
+    folder = Path(folder)
+    files = {}
+    for p in sorted(folder.rglob("*")):
+        if p.is_file() and p.name != MANIFEST and not p.name.endswith(".tmp"):
+            files[p.relative_to(folder).as_posix()] = {"sha256": sha256_file(p), "bytes": p.stat().st_size}
+    manifest = {"kind": kind, "format_version": format_version, "files": files, "meta": meta or {}}
+    atomic_write_json(folder / MANIFEST, manifest)
+    return manifest
+
+
+def read_manifest(folder: str | os.PathLike) -> dict:
+    path = Path(folder) / MANIFEST
+    if not path.is_file():
+        raise ArtifactError(f"{folder}: no {MANIFEST} (artifact missing or never committed)")
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ArtifactError(f"{path}: unreadable manifest ({e})") from e
+
+
+def verify_manifest(
+    folder: str | os.PathLike, kind: str | None = None, format_version: int | None = None, deep: bool = True
+) -> dict:
+    """Check that ``folder`` is a committed artifact whose files match their sha256. Returns the manifest.
+
+    Raises :class:`ArtifactError` naming the first file that is missing, truncated, or altered.
+    ``deep=False`` checks presence and sizes only (fast path for large, recently verified folders).
+    """
+    folder = Path(folder)
+    m = read_manifest(folder)
+    if kind is not None and m.get("kind") != kind:
+        raise ArtifactError(f"{folder}: artifact kind {m.get('kind')!r}, expected {kind!r}")
+    if format_version is not None and m.get("format_version") != format_version:
+        raise ArtifactError(
+            f"{folder}: format_version {m.get('format_version')!r}, this distillgate reads {format_version}"
+        )
+    for rel, info in m.get("files", {}).items():
+        p = folder / rel
+        if not p.is_file():
+            raise ArtifactError(f"{p}: listed in the manifest but missing")
+        if p.stat().st_size != info["bytes"]:
+            raise ArtifactError(f"{p}: size {p.stat().st_size} != manifest {info['bytes']} (truncated?)")
+        if deep and sha256_file(p) != info["sha256"]:
+            raise ArtifactError(f"{p}: sha256 mismatch (corrupted or modified after commit)")
+    return m
+
+
+@contextlib.contextmanager
+def atomic_dir(final: str | os.PathLike, kind: str, format_version: int, meta: dict | None = None,
+               overwrite: bool = False) -> Iterator[Path]:
+    """Build a directory artifact in a temp sibling; on success write its manifest and rename into place.
+
+    >>> with atomic_dir(out, kind="student", format_version=1) as tmp:
+    ...     model.save_pretrained(tmp)
+    On an exception the temp folder is removed and ``final`` is untouched.
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    if final.exists() and not overwrite:
+        raise ArtifactError(f"{final}: already exists (refusing to overwrite)")
+    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.", suffix=".tmp"))
+    try:
+        yield tmp
+        for p in tmp.rglob("*"):
+            if p.is_file():
+                with open(p, "rb") as f:
+                    os.fsync(f.fileno())
+        write_manifest(tmp, kind, format_version, meta)
+        if final.exists():
+            old = final.with_name(f".{final.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+        fsync_dir(final.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def distillgate_home() -> Path:
+    """Root of caches (imported models, teacher targets, eval caches): $DISTILLGATE_HOME or ~/.cache/distillgate."""
+    return Path(os.environ.get("DISTILLGATE_HOME", Path.home() / ".cache" / "distillgate"))
