@@ -212,6 +212,8 @@ def _validation_to_config_error(e: ValidationError, data: dict) -> ConfigError:
         msg = "unknown key (check spelling; see `distillgate distill --help-config`)"
     elif err["type"] == "literal_error":
         msg = msg.replace("Input should be", "one of")
+    else:
+        msg = msg.replace("Input should be ", "").replace("Value error, ", "")
     return ConfigError(field, value, msg + (f"  [+{len(e.errors()) - 1} more]" if len(e.errors()) > 1 else ""))
 
 
@@ -251,6 +253,60 @@ def config_reference(model_cls: type[BaseModel], prefix: str = "") -> list[tuple
             rows += config_reference(ann, f"{prefix}{name}.")
             continue
         default = f.default_factory() if f.default_factory is not None else f.default
-        tname = getattr(ann, "__name__", None) or str(ann).replace("typing.", "")
+        import typing
+
+        if typing.get_origin(ann) is Literal:
+            tname = " | ".join(repr(a) for a in typing.get_args(ann))
+        else:
+            tname = getattr(ann, "__name__", None) or str(ann).replace("typing.", "")
         rows.append((prefix + name, tname, repr(default), f.description or ""))
     return rows
+
+
+# ---------------------------------------------------------------------------------------------- the loop
+
+STAGES = ("anchor", "joint")  # S1, S2 now; S3 prune and S4 consistency plug in later
+
+
+class StageSpec(_Strict):
+    name: str = Field(..., description=f"stage plug-in name, one of the registered stages {list(STAGES)}")
+    iterations: int = Field(1, ge=0, description="iterations this stage runs for (anchor: 0 = profile only)")
+
+
+class LoopSpec(_Strict):
+    stages: list[StageSpec] = Field(
+        default_factory=lambda: [StageSpec(name="anchor", iterations=0), StageSpec(name="joint", iterations=4)],
+        description="the run's stages in order; each contributes to the phases of its iterations")
+    budget_minutes: float = Field(60.0, gt=0, description="wall-clock budget; the run stops after the "
+                                                          "iteration that crosses it")
+    converge_after: int = Field(2, ge=1, description="converged when all gates pass this many consecutive "
+                                                     "evaluations")
+    prompts_per_iteration: int = Field(48, ge=1, description="new teacher prompts extracted each iteration "
+                                                             "(mixed by the recipe's domain shares)")
+    heldout_prompts: int = Field(24, ge=1, description="fixed held-out prompts (extracted once, never trained on)")
+    regression_threshold: float = Field(0.02, ge=0.0, description="relative worsening that counts as a "
+                                                                  "regression (L2)")
+    plateau_threshold: float = Field(0.01, ge=0.0, description="relative loss slope under which a channel has "
+                                                               "stalled (S2.5.3)")
+    gates_spec: str | None = Field(None, description="gate spec YAML (default: the shipped SPEC thresholds)")
+    perf_every_structure_change: bool = Field(True, description="measure TTFT/memory when the student's "
+                                                                "structure changes (else every iteration)")
+    capability_checks: list[Literal["probes", "inheritance", "decision_path"]] = Field(
+        default_factory=list, description="slower G-C2/G-C3/G-C4 checks to run in validate (CPU presets)")
+
+    @field_validator("stages")
+    @classmethod
+    def _stages(cls, v):
+        names = [s.name for s in v]
+        bad = [n for n in names if n not in STAGES]
+        if bad:
+            raise ValueError(f"unknown stage(s) {bad}; registered: {list(STAGES)}")
+        if not any(s.iterations > 0 for s in v):
+            raise ValueError("at least one stage needs iterations >= 1")
+        return v
+
+
+class RunConfig(DistillConfig):
+    loop: LoopSpec = Field(default_factory=LoopSpec)
+    store_root: str = Field("runs", description="run store folder (SQLite catalog + artifacts)")
+    run_id: str | None = Field(None, description="run id (default: timestamp + config hash)")

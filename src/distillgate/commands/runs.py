@@ -1,0 +1,90 @@
+"""`distillgate runs list|show`: what the run store holds (read-only; safe while a run is writing)."""
+
+from __future__ import annotations
+
+import time
+
+DEFAULT_ROOT = "runs"
+
+
+def _t(ts) -> str:
+    return time.strftime("%Y-%m-%d %H:%M", time.gmtime(ts)) if ts else "-"
+
+
+def register(sub) -> None:
+    p = sub.add_parser("runs", help="list runs or show one run's iterations, versions, gates and alerts")
+    rsub = p.add_subparsers(dest="runs_command", required=True, metavar="ACTION")
+    pl = rsub.add_parser("list", help="one line per run under --root")
+    pl.add_argument("--root", default=DEFAULT_ROOT, help="folder holding the runs (default: ./runs)")
+    pl.set_defaults(func=run_list)
+    ps = rsub.add_parser("show", help="iterations with phase timings, versions with aliases, last gates, alerts")
+    ps.add_argument("run", help="run id")
+    ps.add_argument("--root", default=DEFAULT_ROOT, help="folder holding the runs (default: ./runs)")
+    ps.set_defaults(func=run_show)
+
+
+def run_list(args) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from ..store import list_runs
+
+    rows = list_runs(args.root)
+    if not rows:
+        print(f"no runs under {args.root}")
+        return 0
+    table = Table("run", "created (UTC)", "iterations", "versions", "status", "converged", "best iteration",
+                  "current")
+    for r in rows:
+        table.add_row(r["run_id"], _t(r["created"]), str(r["iterations"]), str(r["versions"]), r["status"],
+                      "yes" if r["converged"] else "no", "-" if r["best_iteration"] is None else str(r["best_iteration"]),
+                      "-" if r["current"] is None else f"v{r['current']}")
+    Console(width=140).print(table)
+    return 0
+
+
+def run_show(args) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from ..store import RunStore
+
+    con = Console(width=140)
+    with RunStore.open(args.root, args.run, writer=False) as store:
+        info, cat = store.info(), store.catalog
+        con.print(f"run {info['run_id']}  created {_t(info['created'])} UTC  status {info['status']}  "
+                  f"converged {'yes' if info['converged'] else 'no'}", highlight=False)
+        its = cat.iterations()
+        phases = list(dict.fromkeys(p for it in its for p in it["phases"]))
+        t = Table("iteration", "status", *phases, "total s", title="iterations (phase seconds)")
+        for it in its:
+            cells = [f"{it['phases'][p]['seconds']:.1f}" + ("" if it["phases"][p]["status"] == "ok" else
+                     f" ({it['phases'][p]['status']})") if p in it["phases"] else "-" for p in phases]
+            total = sum(p["seconds"] for p in it["phases"].values())
+            t.add_row(str(it["iteration"]), it["status"], *cells, f"{total:.1f}")
+        con.print(t)
+        by_version: dict[int, list[str]] = {}
+        for name, vid in store.aliases().items():
+            by_version.setdefault(vid, []).append(name)
+        t = Table("version", "iteration", "parent", "kind", "created (UTC)", "status", "files", "MB", "aliases",
+                  title="versions")
+        for v in cat.version_rows(status=None):
+            t.add_row(f"v{v['version_id']}", str(v["iteration"]), "-" if v["parent"] is None else f"v{v['parent']}",
+                      v["kind"], _t(v["created"]), v["status"], str(v["n_files"]), f"{v['bytes'] / 1e6:.1f}",
+                      ", ".join(sorted(by_version.get(v["version_id"], []))))
+        con.print(t)
+        gated = cat.last_gated_version()
+        if gated is not None:
+            t = Table("gate", "dimension", "value", "threshold", "passed", title=f"gate results of v{gated}")
+            for g in cat.gate_results(gated):
+                t.add_row(g.gate, g.dimension, "-" if g.value is None else f"{g.value:.4g}",
+                          "-" if g.threshold is None else f"{g.threshold:.4g}", "PASS" if g.passed else "FAIL")
+            con.print(t)
+        alerts = cat.alerts()
+        if alerts:
+            t = Table("time (UTC)", "level", "source", "version", "message", title=f"alerts (last 20 of {len(alerts)})")
+            for a in alerts[-20:]:
+                t.add_row(_t(a["time"]), a["level"], a["source"], "-" if a["version_id"] is None else f"v{a['version_id']}",
+                          a["message"])
+            con.print(t)
+    return 0

@@ -1,0 +1,1 @@
+"""Data: prompt sources, teacher answer generation, tokenised datasets and batches."""

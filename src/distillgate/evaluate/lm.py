@@ -1,0 +1,140 @@
+"""Language-modelling metrics: rolling-window perplexity, minimal pairs (BLiMP), and student-vs-teacher
+divergence on held-out tokens.
+
+Perplexity follows the Hugging Face perplexity recipe ("Perplexity of fixed-length models"): windows of
+``window`` tokens start every ``stride`` tokens; each window scores only the tokens no earlier window
+scored, so every token but the first is scored exactly once, with up to ``window - stride`` tokens of
+context. Windows are batched (right padding) and the vocabulary projection is only computed at scored
+positions. Sums are accumulated in float64.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+
+import torch
+
+from ..errors import InputError
+from .scoring import encode_pair, score_requests
+from .teacher import compare_to_teacher, text_examples  # noqa: F401  (public API lives here too)
+
+
+def _read_text(text_or_file: str | Path) -> str:
+    if isinstance(text_or_file, Path) or (isinstance(text_or_file, str) and "\n" not in text_or_file
+                                            and len(text_or_file) < 4096 and Path(text_or_file).is_file()):
+        p = Path(text_or_file)
+        try:
+            return p.read_text(encoding="utf-8")
+        except OSError as e:
+            raise InputError(f"{p}: cannot read text ({e})") from e
+    return str(text_or_file)
+
+
+def count_words(text: str) -> int:
+    """Whitespace-separated words (lm-eval's word_perplexity denominator)."""
+    return len(re.findall(r"\S+", text))
+
+
+def tokenize_text(tokenizer, text: str, max_tokens: int | None) -> tuple[list[int], str]:
+    """Token ids of ``text`` (no special tokens), cut to ``max_tokens``; returns (ids, the text they cover)."""
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids = enc["input_ids"]
+    if max_tokens is not None and len(ids) > max_tokens:
+        ids = ids[:max_tokens]
+        text = text[: enc["offset_mapping"][max_tokens - 1][1]]
+    return ids, text
+
+
+def window_plan(n_tokens: int, window: int, stride: int) -> list[tuple[int, int, int]]:
+    """``(begin, end, n_scored)`` per window, HF recipe: the last ``n_scored`` tokens of ``[begin, end)``
+    are scored. Over all windows, tokens ``1..n_tokens-1`` are each scored exactly once."""
+    if window < 2 or not 1 <= stride <= window:
+        raise InputError(f"window={window}, stride={stride}; allowed: window >= 2 and 1 <= stride <= window")
+    plan, prev_end = [], 0
+    for begin in range(0, n_tokens, stride):
+        end = min(begin + window, n_tokens)
+        n_scored = end - max(prev_end, begin + 1)   # the first token of the text has no context
+        plan.append((begin, end, n_scored))
+        prev_end = end
+        if end == n_tokens:
+            break
+    return plan
+
+
+@torch.no_grad()
+def perplexity(model, tokenizer, text_or_file: str | Path, *, max_tokens: int | None = 4096, window: int = 512,
+               stride: int = 256, batch_size: int = 4) -> dict:
+    """Rolling-window perplexity of a text (or a text file).
+
+    Returns ``{ppl_token, ppl_word, nll_sum, n_tokens, n_words}``: ``nll_sum`` is the summed negative
+    log-likelihood (nats) of the ``n_tokens`` scored tokens; ``ppl_word = exp(nll_sum / n_words)``.
+    """
+    text = _read_text(text_or_file)
+    ids, covered = tokenize_text(tokenizer, text, max_tokens)
+    if len(ids) < 2:
+        raise InputError(f"perplexity needs >= 2 tokens of text, got {len(ids)}")
+    plan = window_plan(len(ids), window, stride)
+    device = next(model.parameters()).device
+    nll_sum, n_scored = 0.0, 0
+    for b in range(0, len(plan), batch_size):
+        chunk = plan[b:b + batch_size]
+        width = max(end - begin for begin, end, _ in chunk)
+        inp = torch.full((len(chunk), width), tokenizer.pad_token_id or 0, dtype=torch.long)
+        att = torch.zeros_like(inp)
+        keep = torch.zeros(len(chunk), width, dtype=torch.bool)   # positions whose next token is scored
+        for r, (begin, end, k) in enumerate(chunk):
+            inp[r, :end - begin] = torch.tensor(ids[begin:end])
+            att[r, :end - begin] = 1
+            keep[r, end - begin - k - 1:end - begin - 1] = True
+        tgt = torch.roll(inp, -1, dims=1)[keep].to(device)                         # [K]
+        keep_d = keep.to(device)
+        logits = model(inp.to(device), attention_mask=att.to(device), logits_to_keep=keep_d).logits
+        logp = torch.log_softmax(logits.reshape(-1, logits.shape[-1]).float(), dim=-1)  # [K, V]
+        nll_sum -= logp.gather(1, tgt[:, None]).double().sum().item()
+        n_scored += int(keep.sum())
+    n_words = count_words(covered)
+    return {"ppl_token": math.exp(nll_sum / n_scored), "ppl_word": math.exp(nll_sum / max(n_words, 1)),
+            "nll_sum": nll_sum, "n_tokens": n_scored, "n_words": n_words}
+
+
+def minimal_pairs(model, tokenizer, jsonl_paths: list[str | Path], limit: int | None = None, *,
+                  batch_size: int = 16) -> dict:
+    """BLiMP-style accuracy: a pair is right when log P(sentence_good) > log P(sentence_bad).
+
+    Each sentence is scored in full after the prefix token (lm-eval's ``blimp`` task). ``limit`` caps pairs
+    per file. Returns ``{accuracy, per_paradigm: {name: accuracy}, n, per_paradigm_n}``; a paradigm is the
+    rows' ``UID`` (else the file stem).
+    """
+    if not jsonl_paths:
+        raise InputError("minimal_pairs: no JSONL files given")
+    reqs, paradigms = [], []
+    for path in map(Path, jsonl_paths):
+        try:
+            lines = [ln for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+        except OSError as e:
+            raise InputError(f"{path}: cannot read ({e})") from e
+        for n, line in enumerate(lines[:limit] if limit is not None else lines, 1):
+            row = json.loads(line)
+            if not isinstance(row.get("sentence_good"), str) or not isinstance(row.get("sentence_bad"), str):
+                raise InputError(f"{path}:{n}: needs string fields 'sentence_good' and 'sentence_bad'")
+            good = encode_pair(tokenizer, "", row["sentence_good"])
+            bad = encode_pair(tokenizer, "", row["sentence_bad"])
+            if good[0] != bad[0]:   # the prefix token was swallowed by one sentence: score separately
+                reqs += [(good[0], [good[1]]), (bad[0], [bad[1]])]
+            else:
+                reqs.append((good[0], [good[1], bad[1]]))
+            paradigms.append((row.get("UID") or path.stem, good[0] != bad[0]))
+    scores = score_requests(model, reqs, batch_size=batch_size)
+    correct: dict[str, list[int]] = {}
+    it = iter(scores)
+    for name, split in paradigms:
+        first = next(it)
+        lp_good, lp_bad = (first[0].logprob, next(it)[0].logprob) if split else (first[0].logprob, first[1].logprob)
+        correct.setdefault(name, []).append(int(lp_good > lp_bad))
+    total = [c for v in correct.values() for c in v]
+    return {"accuracy": sum(total) / len(total), "n": len(total),
+            "per_paradigm": {k: sum(v) / len(v) for k, v in correct.items()},
+            "per_paradigm_n": {k: len(v) for k, v in correct.items()}}

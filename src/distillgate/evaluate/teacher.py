@@ -1,0 +1,198 @@
+"""Student vs teacher on held-out tokens: forward/reverse KL and top-1 agreement, teacher side cached.
+
+Positions are the architecture's *prediction positions* (``distillgate.targets.prediction_positions``):
+``(b, t-1)`` wherever ``loss_mask[b, t] == 1``, row-major. Plain token sequences get
+``loss_mask = [0, 1, 1, ...]`` (every next token is a target).
+
+Teacher cache: the teacher's top-k log-probs (``k=256`` by default) over all positions are stored under
+``distillgate_home()/eval_cache/teacher-<key>`` as one safetensors file in an atomic, checksummed
+folder, keyed by sha256(teacher fingerprint, data hash, k). A second student evaluated on the same data
+does no teacher forward.
+
+Approximation (documented, conservative): with top-k the vocabulary is coarse-grained into the teacher's k
+tokens plus one *tail bucket* holding the remaining mass of each distribution (teacher: ``1 - sum p_k``;
+student: ``1 - sum q`` over the same k tokens). KL on these k+1 buckets is a lower bound on the exact KL
+(data-processing inequality) and equals it when the tail is empty; on SmolLM2 real text k=256 covers ~96%
+of the teacher's mass. ``top_k=None`` computes the exact KL from full teacher distributions (no cache).
+Top-1 agreement is exact either way (the teacher's argmax is its first top-k index).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import CacheMismatchError, InputError
+from ..io import atomic_dir, distillgate_home, sha256_json, verify_manifest
+from ..targets import prediction_positions
+
+CACHE_KIND, CACHE_VERSION = "eval_teacher_topk", 1
+_EPS = 1e-12
+
+
+def normalize_examples(examples) -> list[tuple[str, list[int], list[int]]]:
+    """Accepts Batch dicts (``input_ids``/``attention_mask``/``loss_mask`` [B,T], ``example_ids``), rows
+    ``{"input_ids", "loss_mask"?, "example_id"?}`` or plain token lists; returns ``(id, ids, loss_mask)``."""
+    out = []
+    for i, ex in enumerate(examples):
+        if isinstance(ex, dict) and torch.is_tensor(ex.get("input_ids")) and ex["input_ids"].dim() == 2:
+            ids, lm = ex["input_ids"], ex["loss_mask"]
+            att = ex.get("attention_mask", torch.ones_like(ids))
+            names = ex.get("example_ids") or [f"{i}.{b}" for b in range(ids.shape[0])]
+            for b in range(ids.shape[0]):
+                n = int(att[b].sum())
+                out.append((str(names[b]), ids[b, :n].tolist(), lm[b, :n].tolist()))
+        elif isinstance(ex, dict):
+            ids = list(map(int, ex["input_ids"]))
+            lm = list(map(int, ex.get("loss_mask") or [0] + [1] * (len(ids) - 1)))
+            out.append((str(ex.get("example_id", i)), ids, lm))
+        else:
+            ids = list(map(int, ex))
+            out.append((str(i), ids, [0] + [1] * (len(ids) - 1)))
+        if len(out[-1][1]) != len(out[-1][2]):
+            raise InputError(f"example {out[-1][0]}: input_ids and loss_mask lengths differ")
+    if not out:
+        raise InputError("compare_to_teacher: no examples")
+    return out
+
+
+def text_examples(tokenizer, text: str, seq_len: int = 256, max_tokens: int | None = 4096) -> list[list[int]]:
+    """Cut a held-out text into consecutive token sequences of ``seq_len`` for :func:`compare_to_teacher`."""
+    from .lm import tokenize_text
+
+    ids, _ = tokenize_text(tokenizer, text, max_tokens)
+    return [ids[i:i + seq_len] for i in range(0, len(ids), seq_len) if len(ids[i:i + seq_len]) >= 2]
+
+
+def _batches(exs, batch_size: int, pad_id: int):
+    """Yield (example indices, batch dict) with right padding, in input order (cache order = input order)."""
+    for s in range(0, len(exs), batch_size):
+        chunk = exs[s:s + batch_size]
+        width = max(len(ids) for _, ids, _ in chunk)
+        ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
+        att, lm = torch.zeros_like(ids), torch.zeros_like(ids)
+        for r, (_, x, m) in enumerate(chunk):
+            ids[r, :len(x)], att[r, :len(x)], lm[r, :len(x)] = torch.tensor(x), 1, torch.tensor(m)
+        yield list(range(s, s + len(chunk))), {"input_ids": ids, "attention_mask": att, "loss_mask": lm}
+
+
+def _logprobs_at_positions(model, batch) -> torch.Tensor:
+    """[N, V] float32 log-probs at the prediction positions (row-major)."""
+    device = next(model.parameters()).device
+    b, t = prediction_positions(batch)
+    keep = torch.zeros_like(batch["input_ids"], dtype=torch.bool)
+    keep[b, t] = True
+    logits = model(batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
+                   logits_to_keep=keep.to(device)).logits
+    return torch.log_softmax(logits.reshape(-1, logits.shape[-1]).float(), dim=-1)
+
+
+def _cache_key(teacher, exs, top_k: int) -> str:
+    from ..models import fingerprint_model
+
+    h = sha256_json([[e[0] for e in exs], [np.asarray(e[1], np.int64).tobytes().hex() for e in exs],
+                     [np.asarray(e[2], np.int8).tobytes().hex() for e in exs]])
+    return sha256_json({"teacher": fingerprint_model(teacher), "data": h, "k": top_k, "v": CACHE_VERSION})
+
+
+@torch.no_grad()
+def teacher_topk(teacher, exs, *, top_k: int, batch_size: int, pad_id: int, cache: bool = True,
+                 cache_dir: str | Path | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Teacher top-k ``(indices [N,k] long, logprobs [N,k] float32)`` over all examples' prediction
+    positions, read from the on-disk cache when present."""
+    key = _cache_key(teacher, exs, top_k)
+    folder = Path(cache_dir or distillgate_home() / "eval_cache") / f"teacher-{key[:24]}"
+    if cache and folder.exists():
+        from safetensors.torch import load_file
+
+        m = verify_manifest(folder, kind=CACHE_KIND, format_version=CACHE_VERSION)
+        if m["meta"].get("key") != key:
+            raise CacheMismatchError(f"{folder}: cache key {m['meta'].get('key')} != expected {key}")
+        t = load_file(str(folder / "topk.safetensors"))
+        return t["indices"].long(), t["logprobs"]
+    idx, lps = [], []
+    for _, batch in _batches(exs, batch_size, pad_id):
+        lp = _logprobs_at_positions(teacher, batch)
+        v, i = lp.topk(min(top_k, lp.shape[-1]), dim=-1)
+        idx.append(i)
+        lps.append(v)
+    indices, logprobs = torch.cat(idx), torch.cat(lps)
+    if cache:
+        from safetensors.torch import save_file
+
+        with atomic_dir(folder, kind=CACHE_KIND, format_version=CACHE_VERSION, overwrite=True,
+                        meta={"key": key, "k": top_k, "n_positions": len(indices)}) as tmp:
+            save_file({"indices": indices.to(torch.int32).contiguous(), "logprobs": logprobs.contiguous()},
+                      str(tmp / "topk.safetensors"))
+    return indices, logprobs
+
+
+def bucket_kl(t_idx: torch.Tensor, t_lp: torch.Tensor, s_lp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward KL(T||S) and reverse KL(S||T) per position [N] on the teacher's top-k + one tail bucket.
+
+    t_idx, t_lp: [N, k] teacher top-k; s_lp: [N, V] student log-probs (float32). Exact when k == V.
+    """
+    s_k = s_lp.gather(1, t_idx)                                            # [N, k]
+    p, q = t_lp.exp(), s_k.exp()
+    p_tail = (1 - p.sum(-1)).clamp_min(0)
+    q_tail = (1 - q.sum(-1)).clamp_min(0)
+    lpt, lqt = p_tail.clamp_min(_EPS).log(), q_tail.clamp_min(_EPS).log()
+    fwd = (p * (t_lp - s_k)).sum(-1) + torch.where(p_tail > _EPS, p_tail * (lpt - lqt), 0.0)
+    rev = (q * (s_k - t_lp)).sum(-1) + torch.where(q_tail > _EPS, q_tail * (lqt - lpt), 0.0)
+    return fwd.clamp_min(0), rev.clamp_min(0)
+
+
+@torch.no_grad()
+def compare_to_teacher(student, teacher, examples, *, batch_size: int = 8, top_k: int | None = 256,
+                       pad_id: int = 0, cache: bool = True, cache_dir: str | Path | None = None) -> dict:
+    """Forward/reverse KL and top-1 agreement of ``student`` against ``teacher`` (same vocabulary).
+
+    Returns ``{kl_forward_mean, kl_reverse_mean, top1_agreement, n_tokens, per_example, exact}``; means are
+    over prediction positions; ``per_example[i] = {example_id, kl_forward, kl_reverse, top1, n_tokens}``.
+    """
+    exs = normalize_examples(examples)
+    exact = top_k is None
+    if not exact:
+        t_idx_all, t_lp_all = teacher_topk(teacher, exs, top_k=top_k, batch_size=batch_size, pad_id=pad_id,
+                                           cache=cache, cache_dir=cache_dir)
+    per_example, fwd_all, rev_all, top1_all = [], [], [], []
+    offset = 0
+    for rows, batch in _batches(exs, batch_size, pad_id):
+        s_lp = _logprobs_at_positions(student, batch)                          # [n, V]
+        n = s_lp.shape[0]
+        if exact:
+            t_lp = _logprobs_at_positions(teacher, batch)
+            if t_lp.shape[-1] != s_lp.shape[-1]:
+                raise InputError(f"teacher vocab {t_lp.shape[-1]} != student vocab {s_lp.shape[-1]}")
+            p, q = t_lp.exp(), s_lp.exp()
+            fwd, rev = (p * (t_lp - s_lp)).sum(-1).clamp_min(0), (q * (s_lp - t_lp)).sum(-1).clamp_min(0)
+            t_top1 = t_lp.argmax(-1)
+        else:
+            t_idx, t_lp = t_idx_all[offset:offset + n].to(s_lp.device), t_lp_all[offset:offset + n].to(s_lp.device)
+            if t_idx.numel() and int(t_idx.max()) >= s_lp.shape[-1]:
+                raise InputError(f"teacher token ids reach {int(t_idx.max())}, student vocab is {s_lp.shape[-1]}")
+            fwd, rev = bucket_kl(t_idx, t_lp, s_lp)
+            t_top1 = t_idx[:, 0]
+        top1 = (s_lp.argmax(-1) == t_top1).float()
+        offset += n
+        b, _ = prediction_positions(batch)
+        for r, i in enumerate(rows):
+            sel = b == r
+            k = int(sel.sum())
+            per_example.append({"example_id": exs[i][0], "n_tokens": k,
+                                "kl_forward": float(fwd[sel].double().mean()) if k else float("nan"),
+                                "kl_reverse": float(rev[sel].double().mean()) if k else float("nan"),
+                                "top1": float(top1[sel].double().mean()) if k else float("nan")})
+        fwd_all.append(fwd.double())
+        rev_all.append(rev.double())
+        top1_all.append(top1.double())
+    if not exact and offset != len(t_idx_all):
+        raise CacheMismatchError(f"teacher cache holds {len(t_idx_all)} positions, data has {offset}")
+    fwd, rev, top1 = torch.cat(fwd_all), torch.cat(rev_all), torch.cat(top1_all)
+    if len(fwd) == 0:
+        raise InputError("compare_to_teacher: no prediction positions (every loss_mask is 0)")
+    return {"kl_forward_mean": float(fwd.mean()), "kl_reverse_mean": float(rev.mean()),
+            "top1_agreement": float(top1.mean()), "n_tokens": len(fwd), "per_example": per_example,
+            "exact": exact, "top_k": top_k}

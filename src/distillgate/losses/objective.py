@@ -1,0 +1,154 @@
+"""The distillation objective: student forward to final hidden states -> teacher targets -> temperature and
+token weights -> fused chunked lm-head loss -> channels combined in :mod:`distillgate.weighting`.
+
+``DistillObjective(loss_spec, teacher)(model, batch) -> LossOutput`` is the trainer's loss function.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal, Mapping, Protocol, runtime_checkable
+
+import torch
+
+from ..config import LossSpec
+from ..errors import ConfigError, InputError
+from ..targets import TeacherHidden, TopKTargets, prediction_positions
+from ..weighting import (CHANNELS, channel_terms, check_channels, difficulty_weight, domain_weight,
+                         sample_weight, token_weights)
+from .fused import LM_HEAD, fused_distill_loss
+from .stats import teacher_token_stats
+from .temperature import temperatures
+
+
+@dataclass
+class LossOutput:
+    """One micro-batch's loss.
+
+    total_sum: differentiable 0-dim float32, the sum over the N prediction positions of the weighted
+        per-token loss (the trainer divides by the loss tokens of the whole accumulation window).
+    n_tokens: N, the number of prediction positions.
+    terms: per-token mean of each channel's unweighted loss (for logging; 0.0 when N = 0).
+    per_token: channel -> ``[N]`` float32, detached.
+    aux: ``temperature`` and ``token_weight`` ``[N]`` float32, detached (for logging/attribution).
+    """
+
+    total_sum: torch.Tensor
+    n_tokens: int
+    terms: dict[str, float]
+    per_token: dict[str, torch.Tensor]
+    aux: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+@runtime_checkable
+class TeacherProvider(Protocol):
+    """``provider(batch)`` -> the teacher at the batch's N prediction positions (same order)."""
+
+    def __call__(self, batch: Mapping[str, Any]) -> TopKTargets | TeacherHidden: ...
+
+
+_UNSUPPORTED_HEAD = ("final_logit_softcapping", "logit_scale", "output_multiplier_scale")
+
+
+def output_head(model: torch.nn.Module) -> torch.Tensor:
+    """The student's lm-head weight ``[V, H]``; refuses heads whose logits are not ``hidden @ W.T``."""
+    head = model.get_output_embeddings()
+    if head is None or getattr(head, "weight", None) is None:
+        raise InputError(f"{type(model).__name__}: no output embedding (lm_head) found")
+    if getattr(head, "bias", None) is not None:
+        raise InputError(f"{type(model).__name__}: lm_head has a bias; the fused loss supports bias-free heads")
+    cfg = getattr(model, "config", None)
+    for attr in _UNSUPPORTED_HEAD:
+        if getattr(cfg, attr, None) not in (None, 1, 1.0):
+            raise InputError(f"{type(model).__name__}: config.{attr}={getattr(cfg, attr)!r} changes the logits "
+                             f"after the lm-head; the fused loss does not model it")
+    return head.weight
+
+
+def decoder_hidden(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None):
+    """Final hidden states ``[B, T, H]`` of the model's decoder body (after its last norm)."""
+    body = model.get_decoder() if hasattr(model, "get_decoder") else getattr(model, "model", None)
+    if body is None:
+        raise InputError(f"{type(model).__name__}: cannot find the decoder body (get_decoder() or .model)")
+    out = body(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+
+
+class DistillObjective:
+    """``objective(model, batch) -> LossOutput`` for the channels of ``loss_spec`` (currently kd and ce).
+
+    Args:
+        loss_spec: ``distillgate.config.LossSpec``.
+        teacher: a :class:`TeacherProvider` (cached top-k targets or online teacher hidden states).
+        vocab_size: expected student vocabulary (lm-head rows); checked against the model when given.
+        t2_scale: multiply the KD channel by T^2 (Hinton); on by default.
+        confidence: teacher confidence used by difficulty weighting: 'top1' (top-1 probability) or
+            'entropy' (1 - normalised entropy).
+    """
+
+    def __init__(self, loss_spec: LossSpec, teacher: TeacherProvider, vocab_size: int | None = None, *,
+                 t2_scale: bool = True, confidence: Literal["top1", "entropy"] = "top1"):
+        check_channels(loss_spec.channels)
+        pending = sorted(k for k in loss_spec.channels if CHANNELS[k].computed_by != LM_HEAD)
+        if pending:
+            raise ConfigError("loss.channels", pending, "channels this objective computes: ['ce', 'kd']")
+        if confidence not in ("top1", "entropy"):
+            raise ConfigError("confidence", confidence, "'top1' or 'entropy'")
+        self.spec, self.teacher, self.vocab_size = loss_spec, teacher, vocab_size
+        self.t2_scale, self.confidence = t2_scale, confidence
+
+    def __call__(self, model: torch.nn.Module, batch: Mapping[str, Any]) -> LossOutput:
+        spec = self.spec
+        input_ids = batch["input_ids"]
+        bsz = input_ids.shape[0]
+        weight = output_head(model)
+        vocab = weight.shape[0]
+        if self.vocab_size is not None and vocab != self.vocab_size:
+            raise InputError(f"student lm-head has {vocab} rows but the objective expects vocab_size "
+                             f"{self.vocab_size}")
+        b_idx, t_idx = prediction_positions(batch)
+        b_idx, t_idx = b_idx.to(input_ids.device), t_idx.to(input_ids.device)
+        n = int(b_idx.shape[0])
+        hidden = decoder_hidden(model, input_ids, batch.get("attention_mask"))[b_idx, t_idx]      # [N, H]
+        target_ids = input_ids[b_idx, t_idx + 1]
+        teacher = self._teacher(batch, n, vocab)
+
+        stats = None
+        if spec.temperature.policy == "entropy" or spec.difficulty_weighting:
+            stats = teacher_token_stats(teacher, vocab, spec.chunk_size)
+        temp = temperatures(spec.temperature, b_idx, bsz, batch.get("complexity"),
+                            None if stats is None else stats.norm_entropy)
+        per_tok = []
+        if spec.difficulty_weighting:
+            conf = stats.top1 if self.confidence == "top1" else 1.0 - stats.norm_entropy
+            per_tok.append(difficulty_weight(conf, spec.difficulty_floor))
+        domains = batch.get("domains")
+        per_sample = [sample_weight(batch.get("sample_weight"), bsz)]
+        if domains is not None and spec.domain_weights:
+            per_sample.append(domain_weight(domains, spec.domain_weights))
+        tw = token_weights(b_idx, per_sample, per_tok)
+
+        total, per_token = fused_distill_loss(hidden, weight, teacher, target_ids, tw, temp, spec.channels,
+                                              spec.divergence, spec.beta, spec.chunk_size,
+                                              t2_scale=self.t2_scale)
+        return LossOutput(total_sum=total, n_tokens=n, terms=channel_terms(per_token), per_token=per_token,
+                          aux={"temperature": temp.detach(), "token_weight": tw.detach()})
+
+    def _teacher(self, batch, n: int, vocab: int):
+        t = self.teacher(batch)
+        if isinstance(t, TopKTargets):
+            rows = t.indices.shape[0]
+            if rows == n and n and int(t.indices.max()) >= vocab:
+                raise InputError(f"teacher top-k index {int(t.indices.max())} >= student vocabulary {vocab}: "
+                                 f"teacher and student tokenizers differ")
+        elif isinstance(t, TeacherHidden):
+            rows = t.hidden.shape[0]
+            if t.weight.shape[0] != vocab:
+                raise InputError(f"teacher lm-head has {t.weight.shape[0]} rows, student {vocab}: the "
+                                 f"vocabularies must match")
+        else:
+            raise TypeError(f"teacher provider returned {type(t).__name__}; expected TopKTargets or TeacherHidden")
+        if rows != n:
+            raise InputError(f"teacher gave {rows} positions but the batch has {n} prediction positions "
+                             f"(loss_mask alignment: docs/architecture.md 'Data and alignment')")
+        return t

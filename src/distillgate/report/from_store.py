@@ -1,0 +1,165 @@
+"""Fill a :class:`ReportData` from a run in the store (read-only: takes no writer lock).
+
+What is read, per iteration (its newest committed version that is not a rollback copy):
+- catalog ``iterations``/``phases`` -> phase timings (status ``ok`` -> ``done``), laid out from the
+  iteration's start time;
+- catalog ``metrics`` of the version (split ``val`` by bare name, other splits as ``<split>:<name>``;
+  ``family/name`` names are nested for the curves); split ``teacher`` on any version -> teacher baselines;
+- ``gates.json`` in the version (a ``GateReport.to_json()``) for gates and dimension scores, else the
+  catalog ``gate_results`` rows (their ``detail`` may carry metric/comparator/status/margin/closeness);
+- the stage: version meta ``stage`` (else ``recipe.json``'s ``stage``; else "S2");
+- the student weights: the version's ``*.safetensors`` files under its model prefix (default ``student/``),
+  compared with the previous iteration's for the W5 heat maps (one tensor in memory at a time);
+and for the run: catalog ``findings``, ``decisions``, ``alerts`` and the ``runs`` row.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from ..errors import ArtifactError
+from .convert import SEVERITY_ALIASES, finding_from_record, gate_from_row, gates_from_report, nest_metrics
+from .data import (PHASES, RUN_STATUSES, STAGES, Alert, Decision, Iteration, PhaseRecord, ReportData,
+                   RunInfo)
+
+log = logging.getLogger(__name__)
+PHASE_ALIASES = {"train": "map", "training": "map", "eval": "validate", "validation": "validate",
+                 "release": "commit", "data": "extract"}
+PHASE_STATUS = {"ok": "done", "done": "done", "failed": "failed", "skipped": "skipped", "running": "running"}
+
+
+def _iso(t: float | None) -> str | None:
+    return None if t is None else datetime.fromtimestamp(t, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _describe_model(spec: Any) -> str:
+    if isinstance(spec, str):
+        return spec
+    if isinstance(spec, dict):
+        bits = [str(spec[k]) for k in ("path", "init") if spec.get(k)]
+        bits += [f"{k}={spec[k]}" for k in ("num_layers", "mlp_width") if spec.get(k)]
+        return " ".join(bits) or "—"
+    return "—"
+
+
+def _run_status(row: dict) -> str:
+    if row.get("converged"):
+        return "converged"
+    status = str(row.get("status", ""))
+    if status in RUN_STATUSES:
+        return status
+    return "failed" if status.startswith("fail") else "running"
+
+
+def _version_metrics(store, vid: int) -> tuple[dict[str, float | None], dict[str, float | None]]:
+    """(student metrics, teacher metrics) of one version, flat names."""
+    student, teacher = {}, {}
+    for r in store.catalog.q("SELECT name, split, value FROM metrics WHERE version_id=?", vid):
+        if r["split"] == "teacher":
+            teacher[r["name"]] = r["value"]
+        else:
+            student[r["name"] if r["split"] == "val" else f"{r['split']}:{r['name']}"] = r["value"]
+    return student, teacher
+
+
+def _gates(store, version) -> tuple[list, dict]:
+    if "gates.json" in version.files:
+        return gates_from_report(version.load_json("gates.json"))
+    rows = store.catalog.q("SELECT * FROM gate_results WHERE version_id=? ORDER BY gate", version.version_id)
+    gates, by_dim = [], {}
+    for r in rows:
+        detail = json.loads(r["detail"])
+        g = gate_from_row(r["gate"], bool(r["passed"]), r["value"], r["threshold"], r["dimension"], detail)
+        gates.append(g)
+        if g.status != "not_measured" and g.dimension:
+            # closeness when the gates module recorded it; else 1 for a pass and 0 for a failure (= pass share)
+            by_dim.setdefault(g.dimension, []).append(detail.get("closeness", 1.0 if g.passed else 0.0))
+    scores = {d: sum(v) / len(v) for d, v in by_dim.items()}
+    return gates, scores
+
+
+def _stage(version) -> str:
+    stage = version.meta.get("stage")
+    if stage is None and "recipe.json" in version.files:
+        stage = version.load_json("recipe.json").get("stage")
+    return stage if stage in STAGES else "S2"
+
+
+def _model_files(version, prefix: str) -> list[Path]:
+    return [version.path_of(n) for n in version.names(prefix) if n.endswith(".safetensors")]
+
+
+def load_report_data(root: str | Path, run_id: str, param_diffs: bool = True, model_prefix: str = "student"
+                     ) -> ReportData:
+    """Read run ``run_id`` under ``root`` into a :class:`ReportData` (see the module docstring).
+
+    ``param_diffs=False`` skips reading model weights (the W5 section then says why it is empty)."""
+    from ..store import RunStore
+
+    with RunStore.open(root, run_id, writer=False) as store:
+        cat = store.catalog
+        run = cat.run_row()
+        cfg = run.get("config") or {}
+        rows = [r for r in store.versions() if r["iteration"] is not None]
+        by_iter: dict[int, dict] = {}
+        for r in rows:  # newest non-rollback version per iteration; a rollback copy only if nothing else
+            if r["kind"] != "rollback" or r["iteration"] not in by_iter:
+                by_iter[r["iteration"]] = r
+        vid_iter = {r["version_id"]: r["iteration"] for r in rows}
+        iterations, baseline, models = [], {}, {}
+        for it in cat.iterations():
+            k = it["iteration"]
+            t, phases = it["started"], []
+            for name, p in it["phases"].items():
+                phase = PHASE_ALIASES.get(name, name)
+                if phase not in PHASES:
+                    log.warning("run %s iteration %s: phase %r is not one of %s; left out of the report",
+                                run_id, k, name, PHASES)
+                    continue
+                phases.append(PhaseRecord(phase, PHASE_STATUS.get(p["status"], "done"), p["seconds"], _iso(t)))
+                t += p["seconds"]
+            phases.sort(key=lambda p: PHASES.index(p.phase))
+            entry = Iteration(index=k, stage="S2", status=PHASE_STATUS.get(it["status"], "running"),
+                              phases=phases, started=_iso(it["started"]))
+            row = by_iter.get(k)
+            if row is not None:
+                v = store.get_version(row["version_id"])
+                metrics, teacher = _version_metrics(store, v.version_id)
+                baseline.update(teacher)
+                entry.metrics = nest_metrics(metrics)
+                entry.gates, entry.dimension_scores = _gates(store, v)
+                entry.stage, entry.version = _stage(v), str(v.version_id)
+                if param_diffs:
+                    files = _model_files(v, model_prefix)
+                    if files:
+                        models[k] = files
+            iterations.append(entry)
+        diffs = []
+        ks = sorted(models)
+        for a, b in zip(ks, ks[1:]):
+            from .layer_diff import SafetensorsState, param_diff
+
+            try:
+                diffs.append(param_diff(SafetensorsState(models[a]), SafetensorsState(models[b]), a, b))
+            except ArtifactError as e:
+                log.warning("parameter diff %s->%s skipped: %s", a, b, e)
+        findings = [finding_from_record(f) for f in cat.findings()]
+        decisions = [Decision(d["iteration"], d["knob"], d["old"], d["new"], d["reason"]) for d in cat.decisions()]
+        alerts = [Alert(SEVERITY_ALIASES.get(a["level"], a["level"]), a["message"], a["source"],
+                        vid_iter.get(a["version_id"]), _iso(a["time"])) for a in cat.alerts()]
+        info = store.info()
+    summary = (f"{len(iterations)} iteration(s), {info['versions']} committed version(s); current = version "
+               f"{info['current']}, best iteration = {info['best_iteration']}. Catalog status: {run['status']}.")
+    if param_diffs and len(models) < 2:
+        summary += f" No parameter differences: fewer than two iterations store weights under {model_prefix}/."
+    data = ReportData(
+        run=RunInfo(run_id, _describe_model(cfg.get("teacher")), _describe_model(cfg.get("student")),
+                    _iso(run["created"]) or "", _run_status(run), summary, cfg),
+        iterations=iterations, param_diffs=diffs, findings=findings, decisions=decisions, alerts=alerts,
+        baseline_metrics=nest_metrics(baseline))
+    data.validate()
+    return data

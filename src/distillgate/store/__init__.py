@@ -1,0 +1,12 @@
+"""The run store: a folder per run with a SQLite catalog, content-addressed blobs, atomic versions, one
+writer (flock), aliases and rollback. Entry point: :class:`RunStore` (``RunStore.create`` / ``RunStore.open``).
+"""
+
+from .artifacts import NonFiniteError
+from .catalog import Decision, Finding, GateResult
+from .lock import RunLock
+from .store import ResumePoint, RunStore, list_runs
+from .versions import COMMIT_STEPS, CRASH_ENV, Version, VersionWriter
+
+__all__ = ["RunStore", "list_runs", "ResumePoint", "Version", "VersionWriter", "GateResult", "Finding",
+           "Decision", "NonFiniteError", "RunLock", "COMMIT_STEPS", "CRASH_ENV"]

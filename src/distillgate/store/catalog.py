@@ -1,0 +1,343 @@
+"""The run catalog: one SQLite file per run (``<run>/catalog.sqlite``), schema-versioned with migrations.
+
+Durability: WAL journal + ``synchronous=FULL`` (a committed transaction survives power loss), every write in
+one ``BEGIN IMMEDIATE`` transaction. A row in ``versions`` is the *commit marker* of a version: the manifest
+file and its blobs are written and fsynced before that row is inserted, and readers only see versions that
+have it. Non-finite metric values are stored as NULL and read back as NaN (a diverged loss is information).
+
+Typed rows accepted by the ``record_*`` methods: :class:`GateResult`, :class:`Finding`, :class:`Decision`
+(or plain dicts with exactly those fields; an unknown field fails loudly).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import sqlite3
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Mapping
+
+from ..errors import ArtifactError, ConfigError
+
+CATALOG_NAME = "catalog.sqlite"
+
+# Each entry migrates the schema from version i to i+1; never edit a shipped entry, append a new one.
+MIGRATIONS: list[list[str]] = [
+    [
+        """CREATE TABLE runs(run_id TEXT PRIMARY KEY, created REAL NOT NULL, config TEXT NOT NULL,
+               status TEXT NOT NULL, converged INTEGER NOT NULL DEFAULT 0, updated REAL NOT NULL)""",
+        """CREATE TABLE iterations(iteration INTEGER PRIMARY KEY, started REAL NOT NULL, finished REAL,
+               status TEXT NOT NULL, converged INTEGER NOT NULL DEFAULT 0)""",
+        """CREATE TABLE phases(iteration INTEGER NOT NULL, phase TEXT NOT NULL, seconds REAL NOT NULL,
+               status TEXT NOT NULL, recorded REAL NOT NULL, PRIMARY KEY(iteration, phase))""",
+        """CREATE TABLE versions(version_id INTEGER PRIMARY KEY, iteration INTEGER, parent INTEGER,
+               kind TEXT NOT NULL, created REAL NOT NULL, status TEXT NOT NULL, manifest_sha256 TEXT NOT NULL,
+               n_files INTEGER NOT NULL, bytes INTEGER NOT NULL)""",
+        """CREATE TABLE metrics(version_id INTEGER NOT NULL, name TEXT NOT NULL, split TEXT NOT NULL,
+               value REAL, recorded REAL NOT NULL, PRIMARY KEY(version_id, name, split))""",
+        """CREATE TABLE gate_results(version_id INTEGER NOT NULL, gate TEXT NOT NULL, passed INTEGER NOT NULL,
+               value REAL, threshold REAL, dimension TEXT NOT NULL, detail TEXT NOT NULL, recorded REAL NOT NULL,
+               PRIMARY KEY(version_id, gate))""",
+        """CREATE TABLE findings(id INTEGER PRIMARY KEY, iteration INTEGER NOT NULL, version_id INTEGER,
+               kind TEXT NOT NULL, subject TEXT NOT NULL, severity TEXT NOT NULL, message TEXT NOT NULL,
+               data TEXT NOT NULL, recorded REAL NOT NULL)""",
+        """CREATE TABLE decisions(id INTEGER PRIMARY KEY, iteration INTEGER NOT NULL, knob TEXT NOT NULL,
+               old TEXT NOT NULL, new TEXT NOT NULL, reason TEXT NOT NULL, recorded REAL NOT NULL)""",
+        """CREATE TABLE alerts(id INTEGER PRIMARY KEY, time REAL NOT NULL, level TEXT NOT NULL,
+               source TEXT NOT NULL, message TEXT NOT NULL, version_id INTEGER)""",
+        """CREATE TABLE aliases(name TEXT PRIMARY KEY, version_id INTEGER NOT NULL, moved REAL NOT NULL)""",
+        """CREATE TABLE alias_history(id INTEGER PRIMARY KEY, name TEXT NOT NULL, version_id INTEGER NOT NULL,
+               previous INTEGER, moved REAL NOT NULL, reason TEXT NOT NULL)""",
+    ],
+]
+SCHEMA_VERSION = len(MIGRATIONS)
+PHASE_STATUSES = ("ok", "failed", "skipped")
+SEVERITIES = ("info", "warning", "error")
+
+
+@dataclass(frozen=True)
+class GateResult:
+    gate: str
+    passed: bool
+    value: float | None = None
+    threshold: float | None = None
+    dimension: str = ""
+    detail: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Finding:
+    kind: str            # e.g. "regression", "stall", "weak_domain", "hard_sample", "knob_blame"
+    subject: str         # what it is about: a metric, a domain, a knob
+    message: str
+    severity: str = "info"
+    data: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Decision:
+    knob: str            # e.g. "loss.weights.kl"
+    old: Any
+    new: Any
+    reason: str
+
+
+def _coerce(cls, item):
+    if isinstance(item, cls):
+        return item
+    if dataclasses.is_dataclass(item):
+        item = dataclasses.asdict(item)
+    if not isinstance(item, Mapping):
+        raise ConfigError(cls.__name__, type(item).__name__, f"a {cls.__name__} or a dict with its fields")
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(item) - set(names))
+    if unknown:
+        raise ConfigError(f"{cls.__name__}.{unknown[0]}", item[unknown[0]], f"fields {names}")
+    try:
+        return cls(**item)
+    except TypeError as e:
+        raise ConfigError(cls.__name__, dict(item), f"fields {names} ({e})") from None
+
+
+def _real(x) -> float | None:
+    """Store NaN/inf as NULL (sqlite turns NaN into NULL anyway; make inf behave the same)."""
+    if x is None:
+        return None
+    x = float(x)
+    return x if math.isfinite(x) else None
+
+
+def _val(x) -> float:
+    return float("nan") if x is None else float(x)
+
+
+class Catalog:
+    """Typed access to ``catalog.sqlite``. ``writable=False`` refuses every write with a clear error."""
+
+    def __init__(self, path: str | Path, writable: bool):
+        self.path = Path(path)
+        self.writable = writable
+        if not self.path.is_file():
+            raise ArtifactError(f"{self.path}: run catalog missing (not a distillgate run folder?)")
+        self.conn = sqlite3.connect(str(self.path), isolation_level=None, timeout=30.0)
+        self.conn.row_factory = sqlite3.Row
+        self.conn.execute("PRAGMA synchronous=FULL")
+        self.conn.execute("PRAGMA foreign_keys=ON")
+        have = self.conn.execute("PRAGMA user_version").fetchone()[0]
+        if have > SCHEMA_VERSION:
+            raise ArtifactError(f"{self.path}: catalog schema {have} is newer than this distillgate reads "
+                                f"({SCHEMA_VERSION}); upgrade distillgate")
+        if have < SCHEMA_VERSION:
+            if not writable:
+                raise ArtifactError(f"{self.path}: catalog schema {have} needs migration to {SCHEMA_VERSION}; "
+                                    f"open the run once as its writer")
+            self._migrate(have)
+
+    @classmethod
+    def initialize(cls, path: str | Path) -> "Catalog":
+        """Create an empty catalog in WAL mode at the current schema (the file must not exist)."""
+        path = Path(path)
+        if path.exists():
+            raise ArtifactError(f"{path}: catalog already exists")
+        conn = sqlite3.connect(str(path), isolation_level=None)
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.close()
+        return cls(path, writable=True)
+
+    def _migrate(self, have: int) -> None:
+        for i in range(have, SCHEMA_VERSION):
+            with self.tx():
+                for stmt in MIGRATIONS[i]:
+                    self.conn.execute(stmt)
+                self.conn.execute(f"PRAGMA user_version={i + 1}")
+
+    @contextlib.contextmanager
+    def tx(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction: all of it commits or none of it does."""
+        if not self.writable:
+            raise ArtifactError(f"{self.path}: run opened read-only (writer=False); writes need the writer lock")
+        self.conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield self.conn
+        except BaseException:
+            self.conn.execute("ROLLBACK")
+            raise
+        self.conn.execute("COMMIT")
+
+    def close(self) -> None:
+        self.conn.close()
+
+    def q(self, sql: str, *args) -> list[sqlite3.Row]:
+        return self.conn.execute(sql, args).fetchall()
+
+    # ---- run and iterations -------------------------------------------------------------------------
+    def init_run(self, run_id: str, config: dict) -> None:
+        now = time.time()
+        with self.tx() as c:
+            c.execute("INSERT INTO runs VALUES(?,?,?,?,0,?)", (run_id, now, json.dumps(config, sort_keys=True), "created", now))
+
+    def run_row(self) -> dict:
+        rows = self.q("SELECT * FROM runs")
+        if len(rows) != 1:
+            raise ArtifactError(f"{self.path}: expected one run row, found {len(rows)}")
+        d = dict(rows[0])
+        d["config"] = json.loads(d["config"])
+        d["converged"] = bool(d["converged"])
+        return d
+
+    def set_run_status(self, status: str, converged: bool | None = None) -> None:
+        with self.tx() as c:
+            c.execute("UPDATE runs SET status=?, updated=?, converged=COALESCE(?, converged)",
+                      (status, time.time(), None if converged is None else int(converged)))
+
+    def _ensure_iteration(self, c, iteration: int) -> None:
+        if not isinstance(iteration, int) or iteration < 0:
+            raise ConfigError("iteration", iteration, "an integer >= 0")
+        c.execute("INSERT OR IGNORE INTO iterations VALUES(?,?,NULL,'running',0)", (iteration, time.time()))
+
+    def begin_iteration(self, iteration: int) -> None:
+        with self.tx() as c:
+            self._ensure_iteration(c, iteration)
+            c.execute("UPDATE runs SET status='running', updated=?", (time.time(),))
+
+    def finish_iteration(self, iteration: int, status: str = "ok", converged: bool = False) -> None:
+        with self.tx() as c:
+            self._ensure_iteration(c, iteration)
+            c.execute("UPDATE iterations SET finished=?, status=?, converged=? WHERE iteration=?",
+                      (time.time(), status, int(converged), iteration))
+
+    def record_phase(self, iteration: int, phase: str, seconds: float, status: str = "ok") -> None:
+        if status not in PHASE_STATUSES:
+            raise ConfigError("phase status", status, f"one of {PHASE_STATUSES}")
+        if not (isinstance(seconds, (int, float)) and math.isfinite(seconds) and seconds >= 0):
+            raise ConfigError(f"phase {phase!r} seconds", seconds, "a finite number >= 0")
+        with self.tx() as c:
+            self._ensure_iteration(c, iteration)
+            c.execute("INSERT OR REPLACE INTO phases VALUES(?,?,?,?,?)",
+                      (iteration, phase, float(seconds), status, time.time()))
+
+    def iterations(self) -> list[dict]:
+        """Every iteration with its phases: [{iteration, started, finished, status, converged, phases: {name: {seconds, status}}}]."""
+        out = []
+        for r in self.q("SELECT * FROM iterations ORDER BY iteration"):
+            d = dict(r)
+            d["converged"] = bool(d["converged"])
+            d["phases"] = {p["phase"]: {"seconds": p["seconds"], "status": p["status"]}
+                           for p in self.q("SELECT * FROM phases WHERE iteration=? ORDER BY recorded", r["iteration"])}
+            out.append(d)
+        return out
+
+    # ---- versions (rows written by the store's commit protocol) --------------------------------------
+    def version_rows(self, status: str | None = "committed") -> list[dict]:
+        sql = "SELECT * FROM versions" + (" WHERE status=?" if status else "") + " ORDER BY version_id"
+        return [dict(r) for r in self.q(sql, *((status,) if status else ()))]
+
+    def version_row(self, version_id: int) -> dict | None:
+        rows = self.q("SELECT * FROM versions WHERE version_id=?", version_id)
+        return dict(rows[0]) if rows else None
+
+    def mark_version(self, version_id: int, status: str) -> None:
+        with self.tx() as c:
+            c.execute("UPDATE versions SET status=? WHERE version_id=?", (status, version_id))
+
+    # ---- aliases -------------------------------------------------------------------------------------
+    def move_alias(self, c, name: str, version_id: int, reason: str) -> None:
+        """Inside an open transaction ``c``: point ``name`` at ``version_id`` and log the move."""
+        prev = c.execute("SELECT version_id FROM aliases WHERE name=?", (name,)).fetchone()
+        now = time.time()
+        c.execute("INSERT INTO aliases VALUES(?,?,?) ON CONFLICT(name) DO UPDATE SET version_id=excluded.version_id,"
+                  " moved=excluded.moved", (name, version_id, now))
+        c.execute("INSERT INTO alias_history(name, version_id, previous, moved, reason) VALUES(?,?,?,?,?)",
+                  (name, version_id, prev[0] if prev else None, now, reason))
+
+    def aliases(self) -> dict[str, int]:
+        return {r["name"]: r["version_id"] for r in self.q("SELECT * FROM aliases ORDER BY name")}
+
+    def alias_history(self, name: str) -> list[dict]:
+        """Moves of ``name``, oldest first: [{version_id, previous, moved, reason}]."""
+        return [dict(r) for r in self.q("SELECT version_id, previous, moved, reason FROM alias_history "
+                                        "WHERE name=? ORDER BY id", name)]
+
+    # ---- metrics, gates, findings, decisions, alerts --------------------------------------------------
+    def record_metrics(self, version_id: int, values: Mapping[str, float], split: str = "val") -> None:
+        now = time.time()
+        with self.tx() as c:
+            for name, v in values.items():
+                c.execute("INSERT OR REPLACE INTO metrics VALUES(?,?,?,?,?)", (version_id, name, split, _real(v), now))
+
+    def metrics(self, version_id: int, split: str | None = None) -> dict[str, float]:
+        rows = self.q("SELECT name, split, value FROM metrics WHERE version_id=?" + (" AND split=?" if split else ""),
+                      version_id, *((split,) if split else ()))
+        return {(r["name"] if split else f"{r['split']}/{r['name']}"): _val(r["value"]) for r in rows}
+
+    def metrics_history(self, name: str, split: str = "val") -> list[dict]:
+        """[{version_id, iteration, value}] for metric ``name`` on ``split``, in version order."""
+        rows = self.q("SELECT m.version_id, v.iteration, m.value FROM metrics m JOIN versions v USING(version_id) "
+                      "WHERE m.name=? AND m.split=? ORDER BY m.version_id", name, split)
+        return [{"version_id": r[0], "iteration": r[1], "value": _val(r[2])} for r in rows]
+
+    def record_gates(self, version_id: int, results: Iterable[GateResult | Mapping]) -> None:
+        rows = [_coerce(GateResult, r) for r in results]
+        now = time.time()
+        with self.tx() as c:
+            for g in rows:
+                c.execute("INSERT OR REPLACE INTO gate_results VALUES(?,?,?,?,?,?,?,?)",
+                          (version_id, g.gate, int(bool(g.passed)), _real(g.value), _real(g.threshold),
+                           g.dimension, json.dumps(g.detail, sort_keys=True, default=str), now))
+
+    def gate_results(self, version_id: int) -> list[GateResult]:
+        return [GateResult(r["gate"], bool(r["passed"]), r["value"], r["threshold"], r["dimension"],
+                           json.loads(r["detail"]))
+                for r in self.q("SELECT * FROM gate_results WHERE version_id=? ORDER BY gate", version_id)]
+
+    def last_gated_version(self) -> int | None:
+        r = self.q("SELECT MAX(version_id) FROM gate_results")
+        return r[0][0]
+
+    def record_findings(self, iteration: int, findings: Iterable[Finding | Mapping], version_id: int | None = None) -> list[int]:
+        rows = [_coerce(Finding, f) for f in findings]
+        for f in rows:
+            if f.severity not in SEVERITIES:
+                raise ConfigError("Finding.severity", f.severity, f"one of {SEVERITIES}")
+        ids, now = [], time.time()
+        with self.tx() as c:
+            for f in rows:
+                cur = c.execute("INSERT INTO findings(iteration, version_id, kind, subject, severity, message, data, "
+                                "recorded) VALUES(?,?,?,?,?,?,?,?)", (iteration, version_id, f.kind, f.subject,
+                                f.severity, f.message, json.dumps(f.data, sort_keys=True, default=str), now))
+                ids.append(cur.lastrowid)
+        return ids
+
+    def findings(self, iteration: int | None = None) -> list[dict]:
+        rows = self.q("SELECT * FROM findings" + (" WHERE iteration=?" if iteration is not None else "") + " ORDER BY id",
+                      *(() if iteration is None else (iteration,)))
+        return [{**dict(r), "data": json.loads(r["data"])} for r in rows]
+
+    def record_decisions(self, iteration: int, decisions: Iterable[Decision | Mapping]) -> None:
+        rows = [_coerce(Decision, d) for d in decisions]
+        now = time.time()
+        with self.tx() as c:
+            for d in rows:
+                if not d.reason.strip():
+                    raise ConfigError(f"Decision({d.knob}).reason", d.reason, "a non-empty reason for every change")
+                c.execute("INSERT INTO decisions(iteration, knob, old, new, reason, recorded) VALUES(?,?,?,?,?,?)",
+                          (iteration, d.knob, json.dumps(d.old, default=str), json.dumps(d.new, default=str), d.reason, now))
+
+    def decisions(self, iteration: int | None = None) -> list[dict]:
+        rows = self.q("SELECT * FROM decisions" + (" WHERE iteration=?" if iteration is not None else "") + " ORDER BY id",
+                      *(() if iteration is None else (iteration,)))
+        return [{**dict(r), "old": json.loads(r["old"]), "new": json.loads(r["new"])} for r in rows]
+
+    def record_alert(self, level: str, source: str, message: str, version_id: int | None = None) -> None:
+        if level not in SEVERITIES:
+            raise ConfigError("alert level", level, f"one of {SEVERITIES}")
+        with self.tx() as c:
+            c.execute("INSERT INTO alerts(time, level, source, message, version_id) VALUES(?,?,?,?,?)",
+                      (time.time(), level, source, message, version_id))
+
+    def alerts(self) -> list[dict]:
+        return [dict(r) for r in self.q("SELECT * FROM alerts ORDER BY id")]

@@ -1,0 +1,354 @@
+"""RunStore: the facade over one run folder (catalog + blobs + versions + writer lock).
+
+Layout of ``<root>/<run_id>/``::
+
+    run.lock              flock of the single writer (holder pid/host/since inside)
+    catalog.sqlite        runs, iterations, phases, versions (commit markers), metrics, gate_results,
+                          findings, decisions, alerts, aliases, alias_history
+    objects/sha256/ab/..  content-addressed blobs, shared by every version of the run
+    versions/000007.json  version manifests: logical name -> blob sha256 (+ iteration, parent, kind, meta)
+    tmp/                  staging of the writer; emptied when a writer opens the run
+
+Why one catalog per run rather than one per root: the writer lock then covers everything a run writes
+(its catalog, blobs, staging), a run folder can be copied or deleted as a unit, and two runs never contend.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import secrets
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import ArtifactError, ConfigError
+from .artifacts import BlobStore
+from .catalog import CATALOG_NAME, Catalog
+from .lock import LOCK_NAME, RunLock
+from .versions import CrashHook, Version, VersionWriter, read_version
+
+log = logging.getLogger(__name__)
+_RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+STABLE_KEEP = 3  # G-O5: the last three stable versions stay restorable
+
+
+def default_run_id() -> str:
+    return time.strftime("%Y%m%d-%H%M%S", time.gmtime()) + "-" + secrets.token_hex(2)
+
+
+@dataclass(frozen=True)
+class ResumePoint:
+    """Where ``run --resume`` continues: from ``version`` (None: nothing committed yet) at ``next_iteration``."""
+
+    version: Version | None
+    last_iteration: int | None
+    next_iteration: int
+
+
+class RunStore:
+    """One run. Create with :meth:`create`, open with :meth:`open`; use as a context manager or call close()."""
+
+    def __init__(self, run_dir: Path, writer: bool):
+        self.dir = Path(run_dir)
+        self.run_id = self.dir.name
+        self.writer = writer
+        self.lock = RunLock(self.dir / LOCK_NAME, self.run_id)
+        if writer:
+            self.lock.acquire()
+        try:
+            self.catalog = Catalog(self.dir / CATALOG_NAME, writable=writer)
+            self.blobs = BlobStore(self.dir)
+            self._active_writer: VersionWriter | None = None
+            if writer:
+                self._recover()
+        except BaseException:
+            self.lock.release()
+            raise
+
+    # ---- lifecycle ----------------------------------------------------------------------------------
+    @classmethod
+    def create(cls, root: str | os.PathLike, config: dict, run_id: str | None = None) -> "RunStore":
+        """Create ``<root>/<run_id>`` (atomically: a run folder exists complete or not at all) and open it
+        as its writer. ``config`` is the run's JSON-able config (a pydantic model is dumped)."""
+        if hasattr(config, "model_dump"):
+            config = config.model_dump(mode="json")
+        if not isinstance(config, dict):
+            raise ConfigError("config", type(config).__name__, "a dict (or pydantic model) of the run's config")
+        run_id = run_id or default_run_id()
+        if not _RUN_ID.match(run_id):
+            raise ConfigError("run_id", run_id, "1-128 characters of [A-Za-z0-9._-], starting with a letter or digit")
+        root = Path(root)
+        final = root / run_id
+        if final.exists():
+            raise ConfigError("run_id", run_id, f"a run id not yet used under {root}")
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = root / f".{run_id}.{os.getpid()}.creating"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        try:
+            cat = Catalog.initialize(tmp / CATALOG_NAME)
+            cat.init_run(run_id, config)
+            cat.close()
+            for sub in ("objects", "versions", "tmp"):
+                (tmp / sub).mkdir()
+            os.rename(tmp, final)  # fails if a concurrent create won the race
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return cls(final, writer=True)
+
+    @classmethod
+    def open(cls, root: str | os.PathLike, run_id: str, writer: bool = False) -> "RunStore":
+        """Open an existing run; ``writer=True`` takes the run's lock (:class:`LockHeldError` if held)."""
+        run_dir = Path(root) / run_id
+        if not (run_dir / CATALOG_NAME).is_file():
+            known = [r["run_id"] for r in list_runs(root)]
+            raise ConfigError("run", run_id, f"a run under {root}: {known[-10:] or 'none there'}")
+        return cls(run_dir, writer=writer)
+
+    def close(self) -> None:
+        if self._active_writer is not None:
+            self._active_writer.abort()
+        self.catalog.close()
+        self.lock.release()
+
+    def __enter__(self) -> "RunStore":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _recover(self) -> None:
+        """Writer open: delete what interrupted commits left (staging files, manifests without a marker)."""
+        removed = self.blobs.clean_tmp()
+        committed = {r["version_id"] for r in self.catalog.version_rows(status=None)}
+        for p in (self.dir / "versions").glob("*"):
+            orphan = p.name.endswith(".tmp") or (p.suffix == ".json" and p.stem.isdigit() and int(p.stem) not in committed)
+            if orphan:
+                p.unlink()
+                removed += 1
+        if removed:
+            self.record_alert("warning", "store", f"recovered from an interrupted commit: removed {removed} "
+                                                  f"uncommitted staging or manifest file(s)")
+
+    # ---- run info -----------------------------------------------------------------------------------
+    @property
+    def config(self) -> dict:
+        return self.catalog.run_row()["config"]
+
+    def info(self) -> dict:
+        """Summary row: run_id, created, status, converged, iterations, versions, current, best_iteration."""
+        return _summary(self.catalog, self.run_id)
+
+    # ---- versions -----------------------------------------------------------------------------------
+    def begin_version(self, iteration: int | None, parent: int | str | None = "current", kind: str = "candidate",
+                      meta: dict | None = None, crash_hook: CrashHook | None = None) -> VersionWriter:
+        """Start version of ``iteration``. ``parent`` is a version id, an alias name (default: whatever
+        ``current`` points to, None if unset) or None. One version is written at a time."""
+        if not self.writer:
+            raise ArtifactError(f"run {self.run_id}: opened read-only (writer=False); cannot write versions")
+        if self._active_writer is not None:
+            raise ArtifactError(f"run {self.run_id}: version {self._active_writer.version_id} is still being "
+                                f"written; commit() or abort() it first")
+        if isinstance(parent, str):
+            parent = self.catalog.aliases().get(parent)
+        elif parent is not None:
+            self._committed_row(parent)
+        rows = self.catalog.version_rows(status=None)
+        vid = (rows[-1]["version_id"] + 1) if rows else 1
+        self._active_writer = VersionWriter(self, vid, iteration, parent, kind, meta, crash_hook)
+        return self._active_writer
+
+    def _committed_row(self, version_id: int) -> dict:
+        row = self.catalog.version_row(version_id)
+        if row is None:
+            ids = [r["version_id"] for r in self.catalog.version_rows()]
+            raise ConfigError("version", version_id, f"a committed version of run {self.run_id}: {ids[-20:]}")
+        return row
+
+    def versions(self) -> list[dict]:
+        """Catalog rows of every committed version, oldest first (cheap: no manifest is read)."""
+        return self.catalog.version_rows()
+
+    def get_version(self, version_id: int) -> Version:
+        return read_version(self.dir, self.blobs, self._committed_row(version_id))
+
+    def latest_version(self) -> Version | None:
+        rows = self.catalog.version_rows()
+        return read_version(self.dir, self.blobs, rows[-1]) if rows else None
+
+    def resolve(self, ref: int | str) -> Version:
+        """A version by id or by alias name (``current``, ``best``, ``stable``, ...)."""
+        if isinstance(ref, str):
+            aliases = self.catalog.aliases()
+            if ref not in aliases:
+                raise ConfigError("alias", ref, f"one of {sorted(aliases)}")
+            ref = aliases[ref]
+        return self.get_version(ref)
+
+    def latest_valid_version(self, deep: bool = True) -> Version | None:
+        """The newest committed version whose manifest and blobs verify; each one that fails is skipped with an
+        alert (and marked ``corrupt`` when we are the writer). None if no version verifies."""
+        for row in reversed(self.catalog.version_rows()):
+            try:
+                v = read_version(self.dir, self.blobs, row)
+                v.verify(deep=deep)
+                return v
+            except ArtifactError as e:
+                self._corrupt(row["version_id"], e)
+        return None
+
+    def _corrupt(self, version_id: int, err: Exception) -> None:
+        log.warning("skipping version %s: %s", version_id, err)
+        if self.writer:
+            self.catalog.mark_version(version_id, "corrupt")
+            self.record_alert("error", "store", f"version {version_id} failed verification and was marked "
+                                                f"corrupt: {err}", version_id)
+
+    # ---- aliases and rollback -----------------------------------------------------------------------
+    def set_alias(self, name: str, version_id: int, reason: str = "") -> None:
+        """Point ``name`` at ``version_id`` (one transaction; the move is logged in alias_history)."""
+        if not self.writer:
+            raise ArtifactError(f"run {self.run_id}: opened read-only; cannot move alias {name!r}")
+        if not re.match(r"^[A-Za-z0-9_.-]+$", name or ""):
+            raise ConfigError("alias", name, "a name of [A-Za-z0-9_.-], e.g. current, best, stable")
+        self._committed_row(version_id)
+        with self.catalog.tx() as c:
+            self.catalog.move_alias(c, name, version_id, reason or "set")
+
+    def aliases(self) -> dict[str, int]:
+        return self.catalog.aliases()
+
+    def alias_history(self, name: str) -> list[dict]:
+        return self.catalog.alias_history(name)
+
+    def stable_versions(self, n: int = STABLE_KEEP) -> list[int]:
+        """The last ``n`` distinct versions ``stable`` pointed to, newest first (the G-O5 restore set)."""
+        out: list[int] = []
+        for h in reversed(self.catalog.alias_history("stable")):
+            if h["version_id"] not in out:
+                out.append(h["version_id"])
+        return out[:n]
+
+    def rollback(self, *, iteration: int | None = None, version: int | None = None, reason: str = "") -> int:
+        """Make a new version whose parent is ``version`` (or the newest committed version of ``iteration``),
+        sharing its blobs (nothing is copied or overwritten), and point ``current`` at it. The target is
+        verified first: rolling back to a corrupted version raises :class:`ArtifactError`. Returns the new id."""
+        if (iteration is None) == (version is None):
+            raise ConfigError("rollback target", {"iteration": iteration, "version": version},
+                              "exactly one of iteration= or version=")
+        if iteration is not None:
+            rows = [r for r in self.catalog.version_rows() if r["iteration"] == iteration]
+            if not rows:
+                have = sorted({r["iteration"] for r in self.catalog.version_rows() if r["iteration"] is not None})
+                raise ConfigError("iteration", iteration, f"an iteration with a committed version: {have}")
+            version = rows[-1]["version_id"]
+        target = self.get_version(version)
+        target.verify(deep=True)
+        previous = self.catalog.aliases().get("current")
+        meta = {"rollback_to": target.version_id, "rolled_back_from": previous, "reason": reason}
+        with self.begin_version(target.iteration, parent=target.version_id, kind="rollback", meta=meta) as vw:
+            for name, e in target.files.items():
+                vw.add_ref(name, e["sha256"], e["bytes"])
+            vid = vw.commit(aliases=("current",), reason=reason or f"rollback to version {target.version_id}")
+        self.record_alert("info", "rollback", f"current: version {previous} -> {vid} (copy of version "
+                                              f"{target.version_id}, iteration {target.iteration})", vid)
+        return vid
+
+    def resume_point(self) -> ResumePoint:
+        """Continue after a crash: the version ``current`` points to if it verifies, else the newest valid one;
+        ``next_iteration`` is one past the highest iteration with a committed version."""
+        v = None
+        cur = self.catalog.aliases().get("current")
+        if cur is not None:
+            try:
+                v = self.get_version(cur)
+                v.verify(deep=True)
+            except ArtifactError as e:
+                self._corrupt(cur, e)
+                v = None
+        v = v or self.latest_valid_version()
+        its = [r["iteration"] for r in self.catalog.version_rows(status=None) if r["iteration"] is not None]
+        last = max(its) if its else None
+        return ResumePoint(v, last, 0 if last is None else last + 1)
+
+    def gc(self) -> tuple[int, int]:
+        """Delete blobs no version manifest references (crash leftovers). Returns (blobs, bytes) removed."""
+        if not self.writer:
+            raise ArtifactError(f"run {self.run_id}: opened read-only; gc needs the writer lock")
+        referenced: set[str] = set()
+        for row in self.catalog.version_rows(status=None):
+            try:
+                referenced |= {e["sha256"] for e in read_version(self.dir, self.blobs, row).files.values()}
+            except ArtifactError as e:
+                raise ArtifactError(f"gc stopped (nothing deleted): {e}") from None
+        return self.blobs.gc(referenced)
+
+    # ---- catalog records (thin, typed; see catalog.py) ----------------------------------------------
+    def begin_iteration(self, iteration: int) -> None:
+        self.catalog.begin_iteration(iteration)
+
+    def finish_iteration(self, iteration: int, status: str = "ok", converged: bool = False) -> None:
+        self.catalog.finish_iteration(iteration, status, converged)
+
+    def record_phase(self, iteration: int, phase: str, seconds: float, status: str = "ok") -> None:
+        self.catalog.record_phase(iteration, phase, seconds, status)
+
+    def set_run_status(self, status: str, converged: bool | None = None) -> None:
+        self.catalog.set_run_status(status, converged)
+
+    def record_metrics(self, version_id: int, values: dict[str, float], split: str = "val") -> None:
+        self._committed_row(version_id)
+        self.catalog.record_metrics(version_id, values, split)
+
+    def record_gates(self, version_id: int, results) -> None:
+        self._committed_row(version_id)
+        self.catalog.record_gates(version_id, results)
+
+    def record_findings(self, iteration: int, findings, version_id: int | None = None) -> list[int]:
+        return self.catalog.record_findings(iteration, findings, version_id)
+
+    def record_decisions(self, iteration: int, decisions) -> None:
+        self.catalog.record_decisions(iteration, decisions)
+
+    def record_alert(self, level: str, source: str, message: str, version_id: int | None = None) -> None:
+        self.catalog.record_alert(level, source, message, version_id)
+
+    def metrics_history(self, name: str, split: str = "val") -> list[dict]:
+        return self.catalog.metrics_history(name, split)
+
+
+def _summary(cat: Catalog, run_id: str) -> dict:
+    run = cat.run_row()
+    aliases = cat.aliases()
+    best = cat.version_row(aliases["best"]) if "best" in aliases else None
+    n_it = cat.q("SELECT COUNT(*) FROM iterations")[0][0]
+    n_v = cat.q("SELECT COUNT(*) FROM versions WHERE status='committed'")[0][0]
+    return {"run_id": run_id, "created": run["created"], "status": run["status"], "converged": run["converged"],
+            "iterations": n_it, "versions": n_v, "current": aliases.get("current"),
+            "best_iteration": best["iteration"] if best else None}
+
+
+def list_runs(root: str | os.PathLike) -> list[dict]:
+    """Summaries (see :meth:`RunStore.info`) of every run under ``root``, oldest first; unreadable runs are
+    listed with status 'unreadable: <why>'."""
+    root = Path(root)
+    out = []
+    if not root.is_dir():
+        return out
+    for d in sorted(root.iterdir()):
+        if d.name.startswith(".") or not (d / CATALOG_NAME).is_file():
+            continue
+        try:
+            cat = Catalog(d / CATALOG_NAME, writable=False)
+            try:
+                out.append(_summary(cat, d.name))
+            finally:
+                cat.close()
+        except Exception as e:  # one broken run must not hide the others
+            out.append({"run_id": d.name, "created": None, "status": f"unreadable: {e}", "converged": False,
+                        "iterations": 0, "versions": 0, "current": None, "best_iteration": None})
+    return sorted(out, key=lambda r: (r["created"] or 0, r["run_id"]))

@@ -1,0 +1,265 @@
+"""The training loop: AdamW, warmup+cosine, token-normalised gradient accumulation, clipping, bf16
+autocast, checkpoints with bitwise resume, and a skip/rollback policy for NaN/Inf.
+
+Reads top to bottom as setup -> (resume) -> steps -> final checkpoint -> result. One optimizer step:
+
+1. lr for this step from the schedule (a pure function of the step index);
+2. take ``grad_accum * world`` micro-batches; count the window's loss tokens (``loss_mask[:, 1:].sum()``)
+   *before* any backward and all-reduce that count over ranks;
+3. per micro-batch: ``loss_fn`` under autocast, then ``(total_sum / window_tokens).backward()``, so the
+   gradient is the mean over every loss token of the window whatever the split (1x4 == 4x1);
+4. all-reduce gradients (multi-process only), clip to ``max_grad_norm``, ``optimizer.step()``.
+
+Non-finite policy (``on_nonfinite='skip'``, the default): a NaN/Inf loss or gradient norm skips the step
+(no update, gradients dropped, the step still counts and its data is consumed) and is recorded. After
+``max_consecutive_nonfinite`` skips in a row, model and optimizer roll back to the newest valid checkpoint
+(or to the state at the start of this call when none was written yet) and the lr scale is halved: the same
+lr that diverged would likely diverge again from the same weights. Data is not rewound, so the batches
+that produced the NaNs are not replayed. More than ``max_rollbacks`` rollbacks raise NonFiniteError.
+``on_nonfinite='raise'`` raises at the first non-finite step instead.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Callable, Iterable, Literal
+
+import torch
+
+from ..config import TrainSpec
+from ..errors import ConfigError
+from . import distributed as dist
+from .checkpoint import list_checkpoints, load_latest, save_checkpoint
+from .cursor import DataCursor, input_token_count, loss_token_count
+from .metrics import MetricsLog, peak_rss_mb, steady_median
+from .progress import TrainProgress, print_summary
+from .schedule import WarmupCosine
+from .state import restore_rng, seed_everything
+from .types import BatchSource, LossFn, NonFiniteError, StepInfo, StopTraining, TrainEvent, TrainResult, as_batch_fn
+
+log = logging.getLogger(__name__)
+
+
+def make_optimizer(params: list[torch.nn.Parameter], spec: TrainSpec) -> torch.optim.AdamW:
+    # fused/foreach off: the single-tensor CPU path is deterministic and what checkpoints are tested with.
+    return torch.optim.AdamW(params, lr=spec.lr, weight_decay=spec.weight_decay, fused=False, foreach=False)
+
+
+def train(model: torch.nn.Module, loss_fn: LossFn, batches: BatchSource | Callable, spec: TrainSpec,
+          out_dir: str | Path, *, resume_from: str | Path | None = None,
+          callbacks: Iterable[Callable[[StepInfo], None]] = (),
+          on_nonfinite: Literal["skip", "raise"] = "skip", max_consecutive_nonfinite: int = 3,
+          max_rollbacks: int = 3, progress: bool | None = None, tensorboard: bool = True,
+          keep_checkpoints: int = 2) -> TrainResult:
+    """Train ``model`` in place for ``spec.steps`` optimizer steps; checkpoints under ``out_dir/checkpoints``.
+
+    ``loss_fn(model, batch)`` returns a LossOutput (``total_sum`` 0-dim differentiable, ``terms``);
+    ``batches`` is a BatchSource (``.batches(epoch)``) or a function ``epoch -> list of batch dicts``,
+    each with ``loss_mask`` [B,T]. ``resume_from``: a checkpoint folder, or a folder holding ``checkpoints/``;
+    the newest checkpoint that verifies is restored (weights, optimizer, schedule, RNG, data position), so a
+    resumed run is bitwise identical to an uninterrupted one on CPU. ``progress``: None = only on a TTY.
+    """
+    if on_nonfinite not in ("skip", "raise"):
+        raise ConfigError("on_nonfinite", on_nonfinite, "'skip' or 'raise'")
+    if max_consecutive_nonfinite < 1:
+        raise ConfigError("max_consecutive_nonfinite", max_consecutive_nonfinite, ">= 1")
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ConfigError("model", type(model).__name__, "a model with trainable parameters")
+    batch_fn = as_batch_fn(batches)
+    out_dir = Path(out_dir)
+    ckpt_root = out_dir / "checkpoints"
+    main = dist.is_main()
+    world, rank = dist.world_size(), dist.rank()
+    device_type = params[0].device.type
+    autocast = dict(device_type=device_type, dtype=torch.bfloat16, enabled=spec.precision == "bf16")
+
+    prev_threads = torch.get_num_threads()
+    if spec.threads:
+        torch.set_num_threads(spec.threads)
+    was_training = model.training
+    model.train()
+    optimizer = make_optimizer(params, spec)
+    sched = WarmupCosine(spec.lr, spec.steps, spec.warmup_steps, spec.min_lr_ratio)
+    st = {"step": 0, "tokens": 0, "input_tokens": 0, "skipped": 0, "rollbacks": 0, "consecutive": 0,
+          "history": {"loss": [], "loss_tps": [], "input_tps": []}, "last_terms": {}, "events": []}
+    cursor = DataCursor(batch_fn)
+    resumed_step, resume_events = None, []
+    if resume_from is not None:
+        ckpt, corrupt = load_latest(resume_from, model, optimizer)
+        sched.scale = WarmupCosine.from_state_dict(ckpt.scheduler_state, str(ckpt.path / "scheduler.json")).scale
+        restore_rng(ckpt.rng_tensors, ckpt.rng_meta)
+        for k in st:
+            st[k] = ckpt.trainer_state.get(k, st[k])
+        cursor = DataCursor(batch_fn, ckpt.trainer_state["epoch"], ckpt.trainer_state["index"])
+        resumed_step = st["step"]
+        resume_events = [TrainEvent("checkpoint_fallback", st["step"], c).to_json() for c in corrupt]
+        resume_events.append(TrainEvent("resume", st["step"], {"path": str(ckpt.path)}).to_json())
+        st["events"] = st["events"] + resume_events
+    else:
+        seed_everything(spec.seed)
+    # Rollback target until the first checkpoint exists (then the checkpoint is, and this is freed).
+    snapshot = None if list_checkpoints(ckpt_root) else _snapshot(model, optimizer)
+    metrics = MetricsLog(out_dir, enabled=main, tensorboard=tensorboard, resume_step=resumed_step)
+    for e in resume_events:
+        metrics.event(e)
+    last_ckpt: Path | None = None
+    warned_count = False
+    stopped = False
+    t_start = time.perf_counter()
+
+    def record_event(kind: str, detail: dict) -> None:
+        ev = TrainEvent(kind, st["step"], detail).to_json()
+        st["events"].append(ev)
+        metrics.event(ev)
+
+    def rollback(reason: str) -> None:
+        nonlocal snapshot
+        if list_checkpoints(ckpt_root):
+            ckpt, _ = load_latest(ckpt_root, model, optimizer)
+            source = str(ckpt.path)
+        else:
+            model.load_state_dict(snapshot[0])
+            optimizer.load_state_dict(copy.deepcopy(snapshot[1]))  # load_state_dict aliases same-dtype tensors
+            source = "start of this run (in memory)"
+        sched.scale *= 0.5
+        st["rollbacks"] += 1
+        st["consecutive"] = 0
+        record_event("rollback", {"reason": reason, "restored": source, "lr_scale": sched.scale})
+        log.warning("rollback %d at step %d (%s): restored %s, lr scale now %g",
+                    st["rollbacks"], st["step"], reason, source, sched.scale)
+        if st["rollbacks"] > max_rollbacks:
+            raise NonFiniteError(f"training diverged: {st['rollbacks']} rollbacks (max_rollbacks={max_rollbacks}); "
+                                 f"last cause at step {st['step']}: {reason}. Lower train.lr or check the data.")
+
+    def checkpoint() -> Path | None:
+        nonlocal snapshot
+        if not main:
+            dist.barrier()
+            return None
+        trainer_state = dict(st, **cursor.state(), spec=spec.model_dump())
+        try:
+            path = save_checkpoint(ckpt_root, st["step"], model, optimizer, sched.state_dict(), trainer_state,
+                                   keep=keep_checkpoints)
+        except NonFiniteError as e:
+            rollback(str(e))
+            path = save_checkpoint(ckpt_root, st["step"], model, optimizer, sched.state_dict(),
+                                   dict(st, **cursor.state(), spec=spec.model_dump()), keep=keep_checkpoints)
+        snapshot = None
+        dist.barrier()
+        return path
+
+    try:
+        show = False if (progress is False or not main) else (None if progress is None else True)
+        with TrainProgress(spec.steps, st["step"], enabled=show) as bar:
+            while st["step"] < spec.steps and not stopped:
+                t0 = time.perf_counter()
+                lr = sched.apply(optimizer, st["step"])
+                window = [cursor.next() for _ in range(spec.grad_accum * world)]
+                mine = window[rank::world]
+                counts = [loss_token_count(b) for b in mine]
+                n_tok, n_in = (int(v) for v in dist.all_reduce_sum([sum(counts), sum(input_token_count(b) for b in mine)]))
+                optimizer.zero_grad(set_to_none=True)
+                loss_sum, term_sums, bad = 0.0, {}, ""
+                for b, n in zip(mine, counts):
+                    with torch.autocast(**autocast):
+                        out = loss_fn(model, b)
+                    total = out.total_sum.float()
+                    if not bool(torch.isfinite(total)):
+                        bad = f"non-finite loss ({float(total.detach())})"
+                        break
+                    if n_tok > 0:
+                        (total / n_tok).backward()
+                    loss_sum += float(total.detach())
+                    for k, v in out.terms.items():
+                        term_sums[k] = term_sums.get(k, 0.0) + float(v) * n
+                    if not warned_count and int(out.n_tokens) != n:
+                        log.warning("loss_fn reports n_tokens=%d but loss_mask[:, 1:] counts %d; the trainer "
+                                    "normalises by the mask count", int(out.n_tokens), n)
+                        warned_count = True
+                keys = sorted(term_sums)
+                reduced = dist.all_reduce_sum([1.0 if bad else 0.0, loss_sum] + [term_sums[k] for k in keys])
+                if reduced[0] and not bad:
+                    bad = "non-finite loss on another rank"
+                grad_norm = float("nan")
+                if not bad:
+                    dist.all_reduce_grads(params)
+                    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, spec.max_grad_norm, foreach=False))
+                    if not math.isfinite(grad_norm):
+                        bad = f"non-finite gradient norm ({grad_norm})"
+                if n_tok == 0 and not bad:
+                    bad = "no loss tokens in the window"
+                if not bad:
+                    optimizer.step()
+                    st["consecutive"] = 0
+                optimizer.zero_grad(set_to_none=True)
+                dt = time.perf_counter() - t0
+                st["step"] += 1
+                st["tokens"] += n_tok
+                st["input_tokens"] += n_in
+                loss = reduced[1] / n_tok if n_tok and not bad else float("nan")
+                terms = {k: v / n_tok for k, v in zip(keys, reduced[2:])} if n_tok and not bad else {}
+                rec = {"step": st["step"], "epoch": cursor.epoch, "lr": lr, "loss": loss, "terms": terms,
+                       "grad_norm": grad_norm, "loss_tokens": n_tok, "input_tokens": n_in,
+                       "loss_tokens_per_s": n_tok / dt, "input_tokens_per_s": n_in / dt, "seconds": dt,
+                       "elapsed_s": time.perf_counter() - t_start, "skipped": bool(bad)}
+                if bad:
+                    if on_nonfinite == "raise" and not bad.startswith("no loss"):
+                        raise NonFiniteError(f"step {st['step']}: {bad} (on_nonfinite='raise')")
+                    st["skipped"] += 1
+                    if not bad.startswith("no loss"):
+                        st["consecutive"] += 1
+                    rec["reason"] = bad
+                    record_event("skip", {"reason": bad})
+                else:
+                    st["history"]["loss"].append(loss)
+                    st["history"]["loss_tps"].append(n_tok / dt)
+                    st["history"]["input_tps"].append(n_in / dt)
+                    st["last_terms"] = terms
+                if bad or st["step"] % spec.log_every == 0 or st["step"] == spec.steps:
+                    metrics.step(rec)
+                bar.update(st["step"], rec)
+                if st["consecutive"] >= max_consecutive_nonfinite:
+                    rollback(f"{st['consecutive']} consecutive non-finite steps; last: {bad}")
+                info = StepInfo(st["step"], spec.steps, lr, loss, terms, grad_norm, n_tok, n_in, dt, bool(bad),
+                                cursor.epoch)
+                for cb in callbacks:
+                    try:
+                        cb(info)
+                    except StopTraining:
+                        stopped = True
+                if spec.checkpoint_every and st["step"] % spec.checkpoint_every == 0 and st["step"] < spec.steps \
+                        and not stopped:
+                    last_ckpt = checkpoint()
+            if st["step"] > (resumed_step or 0):
+                last_ckpt = checkpoint()
+            else:  # resumed a finished run: nothing to do
+                last_ckpt = (list_checkpoints(ckpt_root) or [None])[-1]
+    finally:
+        metrics.close()
+        model.train(was_training)
+        torch.set_num_threads(prev_threads)
+
+    hist = st["history"]
+    result = TrainResult(
+        steps=st["step"], tokens=st["tokens"], input_tokens=st["input_tokens"],
+        seconds=time.perf_counter() - t_start,
+        tokens_per_s=steady_median(hist["loss_tps"]), input_tokens_per_s=steady_median(hist["input_tps"]),
+        final_loss=hist["loss"][-1] if hist["loss"] else float("nan"),
+        mean_loss=sum(hist["loss"]) / len(hist["loss"]) if hist["loss"] else float("nan"),
+        final_terms=dict(st["last_terms"]), skipped_steps=st["skipped"], rollbacks=st["rollbacks"],
+        events=list(st["events"]), last_checkpoint=last_ckpt, metrics_path=metrics.path,
+        peak_rss_mb=peak_rss_mb(), stopped_early=stopped)
+    if main and progress is not False and (progress or bar.enabled):
+        print_summary(result)
+    return result
+
+
+def _snapshot(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
+    """Deep copies of model and optimizer state (the rollback target before any checkpoint exists)."""
+    return ({k: v.detach().clone() for k, v in model.state_dict().items()},
+            copy.deepcopy(optimizer.state_dict()))
