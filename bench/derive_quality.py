@@ -29,7 +29,8 @@ def main() -> None:
     ap.add_argument("--text", default=os.environ.get("DERIVE_CALIB_TEXT", str(DEFAULT_TEXT)))
     ap.add_argument("--tokens", type=int, default=2048)
     ap.add_argument("--seq-len", type=int, default=512)
-    ap.add_argument("--layers", default="15,20", help="comma-separated student depths")
+    ap.add_argument("--layers", default="15,20", help="comma-separated student depths (greedy searches once, to "
+                    "the shallowest, and reads deeper students off its removal trace)")
     ap.add_argument("--selections", default="uniform,block_influence,greedy_ppl")
     ap.add_argument("--mlp-width", type=int, default=None)
     ap.add_argument("--candidates", type=int, default=8, help="greedy re-tries per step; 0 = all (exact greedy)")
@@ -43,17 +44,37 @@ def main() -> None:
     print(f"teacher {args.teacher}: {len(lm.model.model.layers)} layers; calibration {tuple(ids.shape)} tokens of "
           f"{Path(args.text).name}; torch threads {torch.get_num_threads()}")
     rows, summary, teacher_ppl = [], {}, None
-    for n in [int(x) for x in args.layers.split(",")]:
+    depths = sorted({int(x) for x in args.layers.split(",")})
+    greedy_rep = None
+    for n in depths:
         for sel in sels:
             t0 = time.perf_counter()
-            student, rep = derive_student(lm.model, lm.tokenizer, ids, num_layers=n, mlp_width=args.mlp_width,
-                                          layer_selection=sel, greedy_candidates=args.candidates or None)
-            secs = time.perf_counter() - t0
-            teacher_ppl = rep.teacher_ppl
-            rows.append((n, sel, rep.selection_used, rep.student_ppl, secs, rep.params_student["total"], rep.kept_layers,
-                         sum(t["trials"] for t in rep.greedy_trace)))
-            summary[f"ppl_{sel}_{n}"] = rep.student_ppl
-            summary[f"sec_{sel}_{n}"] = secs
+            if sel == "greedy_ppl" and greedy_rep is not None:
+                # Greedy removal does not depend on the target depth: the deeper student is the state after the
+                # first L-n steps of the shallower run. Rebuild it (and re-apply derive_student's final
+                # comparison with the block-influence pick) instead of searching again.
+                L = greedy_rep.teacher_layers
+                removed = [t["removed"] for t in greedy_rep.greedy_trace[: L - n]]
+                kept = [i for i in range(L) if i not in removed]
+                student, rep = derive_student(lm.model, lm.tokenizer, ids, num_layers=n, keep_layers=kept,
+                                              mlp_width=args.mlp_width)
+                search = sum(t["seconds"] for t in greedy_rep.greedy_trace[: L - n])
+                bi = summary[f"ppl_block_influence_{n}"] if "block_influence" in sels else float("inf")
+                used = "greedy_ppl" if rep.student_ppl <= bi else "block_influence"
+                ppl, secs = min(rep.student_ppl, bi), search + time.perf_counter() - t0
+                trials = sum(t["trials"] for t in greedy_rep.greedy_trace[: L - n])
+                kept = kept if used == "greedy_ppl" else summary[f"kept_block_influence_{n}"]
+            else:
+                student, rep = derive_student(lm.model, lm.tokenizer, ids, num_layers=n, mlp_width=args.mlp_width,
+                                              layer_selection=sel, greedy_candidates=args.candidates or None)
+                secs, ppl, used, kept = time.perf_counter() - t0, rep.student_ppl, rep.selection_used, rep.kept_layers
+                trials = sum(t["trials"] for t in rep.greedy_trace)
+                if sel == "greedy_ppl":
+                    greedy_rep = rep
+            teacher_ppl = teacher_ppl or rep.teacher_ppl
+            rows.append((n, sel, used, ppl, secs, rep.params_student["total"], kept, trials))
+            summary[f"ppl_{sel}_{n}"], summary[f"sec_{sel}_{n}"], summary[f"kept_{sel}_{n}"] = ppl, secs, kept
+            print(f"  done {n} {sel}: PPL {ppl:.2f} in {secs:.1f} s", flush=True)
             del student
     print(f"teacher calibration PPL: {teacher_ppl:.3f}")
     print(f"{'layers':>6} {'selection':<16} {'used':<16} {'student PPL':>13} {'x BI':>7} {'seconds':>8} "
@@ -62,7 +83,7 @@ def main() -> None:
         bi = summary.get(f"ppl_block_influence_{n}")
         ratio = f"{ppl / bi:7.3f}" if bi else "      -"
         print(f"{n:>6} {sel:<16} {used:<16} {ppl:>13.2f} {ratio} {secs:>8.1f} {params:>11,} {trials:>6}  {kept}")
-    kv = {"teacher_ppl": teacher_ppl, **summary}
+    kv = {"teacher_ppl": teacher_ppl, **{k: v for k, v in summary.items() if not k.startswith("kept_")}}
     print(" ".join(f"{k}={v:.4g}" for k, v in kv.items()))
 
 

@@ -1,5 +1,6 @@
 """G-O5 recovery: how long the run store takes to commit a model-sized version, roll back to each of the last
-three stable versions, and check the restored model out as a plain Hugging Face folder.
+three stable versions (cold: sha256 of every blob; warm: blobs this process already hashed, deep=False),
+and check the restored model out as a plain Hugging Face folder.
 
     python bench/store_rollback.py [--mb 540] [--repeats 3] [--root /tmp/dg-bench-store]
 
@@ -60,7 +61,7 @@ def main() -> None:
                 vid = s.rollback(version=target, reason="bench")
                 cold.append(time.perf_counter() - t0)
                 t0 = time.perf_counter()
-                s.rollback(version=target, reason="bench (warm)")
+                s.rollback(version=target, reason="bench (warm)", deep=False)
                 warm.append(time.perf_counter() - t0)
                 dest = root / f"checkout-{vid}"
                 t0 = time.perf_counter()
@@ -71,7 +72,7 @@ def main() -> None:
 
     print(f"version size {args.mb} MB + config; commit (copy-free move + sha256 + NaN scan + fsync), median of 4: "
           f"{statistics.median(commit_s):.2f} s")
-    print(f"{'stable version':>15} {'rollback cold s':>16} {'rollback warm ms':>17} {'checkout ms':>12}")
+    print(f"{'stable version':>15} {'rollback cold s':>16} {'warm, cached ms':>17} {'checkout ms':>12}")
     for target, c, w, k in rows:
         print(f"{'v' + str(target):>15} {c:16.3f} {w * 1000:17.1f} {k * 1000:12.1f}")
     worst = max(r[1] for r in rows)

@@ -175,3 +175,25 @@ def test_create_validates_before_touching_disk(tmp_path):
     with pytest.raises(ConfigError, match="run: got 'x'"):
         RunStore.open(tmp_path, "x")
     assert [r["run_id"] for r in list_runs(tmp_path)] == ["r"]
+
+
+def test_prune_keeps_aliases_stable_and_recent_and_frees_blobs(tmp_path):
+    with RunStore.create(tmp_path, {}, run_id="r") as s:
+        ids = [_v(s, it, {"k": it}, aliases=("current", "stable") if it in (1, 2, 3) else ("current",))
+               for it in range(8)]
+        s.set_alias("best", ids[0])
+        s.record_metrics(ids[4], {"kl": 0.1})
+        n_before = len(s.blobs.all_hashes())
+        pruned = s.prune(keep_last=2)
+        assert pruned == [ids[4], ids[5]]  # v1 best, v2-v4 the last three stable, v7-v8 the newest two
+        assert len(s.blobs.all_hashes()) == n_before - 2
+        assert s.metrics_history("kl") == [{"version_id": ids[4], "iteration": 4, "value": 0.1}]  # history kept
+        with pytest.raises(ConfigError, match="pruned"):
+            s.get_version(ids[4])
+        with pytest.raises(ConfigError, match="pruned"):
+            s.set_alias("best", ids[4])
+        for v in (ids[0], ids[1], ids[2], ids[3], ids[6], ids[7]):
+            s.get_version(v).verify()
+        r = s.rollback(version=ids[1])
+        assert s.get_version(r).load_json("state.json") == {"k": 1}
+        assert s.prune(keep_last=2) == []  # everything left is protected

@@ -167,3 +167,20 @@ def test_checkout_gives_a_loadable_hf_model_folder(tmp_path, tiny_student_dir):
             assert ka == kb and torch.equal(ta, tb)
         with pytest.raises(ArtifactError, match="already exists"):
             s.get_version(vid).checkout("student", out)
+
+
+def test_add_file_move_and_dedup(tmp_path):
+    src = tmp_path / "w.bin"
+    src.write_bytes(b"x" * 5000)
+    with RunStore.create(tmp_path / "runs", {}, run_id="r") as s:
+        with s.begin_version(0) as vw:
+            sha = vw.add_file("w.bin", src, move=True)
+            vw.commit()
+        assert not src.exists()
+        src.write_bytes(b"x" * 5000)
+        with s.begin_version(1) as vw:
+            assert vw.add_file("again.bin", src) == sha
+            vw.commit()
+        assert src.exists() and s.blobs.all_hashes() == {sha}
+        assert s.get_version(2).path_of("again.bin").read_bytes() == b"x" * 5000
+        assert oct(s.blobs.path(sha).stat().st_mode & 0o777) == "0o444"  # blobs are read-only

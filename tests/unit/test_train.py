@@ -15,11 +15,13 @@ import torch
 
 from distillgate.errors import ArtifactError, ConfigError
 from distillgate.train import (
-    NonFiniteError, lr_factor, list_checkpoints, load_checkpoint, read_metrics, train,
+    NonFiniteError, StopTraining, lr_factor, list_checkpoints, load_checkpoint, read_metrics, train,
 )
 from distillgate.train.state import optimizer_from_parts, optimizer_to_parts
 
-from test_train_support import EpochBatches, ce_loss, collate, make_sequences, noisy_ce, spec, tiny_model
+from test_train_support import (
+    EpochBatches, TinyLM, ce_loss, collate, make_sequences, noisy_ce, spec, tiny_model,
+)
 
 HERE = Path(__file__).parent
 
@@ -73,34 +75,49 @@ def test_grad_accum_invariance_1x4_vs_4x1(tmp_path):
 
 # ---------------------------------------------------------------------------------------------- resume
 
-def _run_sub(out, steps, stop_at, resume, precision="fp32"):
-    env = dict(os.environ, PYTHONPATH=str(HERE), OMP_NUM_THREADS="1")
-    r = subprocess.run([sys.executable, str(HERE / "test_train_support.py"), str(out), str(steps), str(stop_at),
-                        "1" if resume else "0", precision], env=env, capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0, r.stderr[-3000:]
+def _stop_at(step):
+    def cb(info):
+        if info.step == step:
+            raise StopTraining
+    return cb
 
 
-@pytest.mark.parametrize("precision", ["fp32", "bf16"])
-def test_resume_is_bitwise_identical(tmp_path, precision):
-    # straight: 6 steps in this process; split: 3 steps in one process, 3 more after resume in a fresh one.
-    # 5 micro-batches/epoch with grad_accum=2 -> windows straddle epochs; the loss draws torch/python/numpy
-    # randomness, so RNG restore is exercised too.
-    straight = tmp_path / "straight"
-    m = tiny_model()
-    train(m, noisy_ce, EpochBatches(), spec(steps=6, precision=precision), straight, progress=False,
-          tensorboard=False)
-    split = tmp_path / "split"
-    _run_sub(split, 6, 3, resume=False, precision=precision)
-    assert [p.name for p in list_checkpoints(split / "checkpoints")] == ["step-00000003"]
-    _run_sub(split, 6, 0, resume=True, precision=precision)
+def _straight_and_split(tmp_path, make_model, precision, fresh_process):
+    """6 steps straight vs 3 steps, stop, resume (fresh process or fresh model object), 3 steps.
+
+    5 micro-batches/epoch with grad_accum=2 -> windows straddle epochs; the loss draws torch/python/numpy
+    randomness (and TinyLM has dropout), so the RNG restore matters."""
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    sp = spec(steps=6, precision=precision)
+    train(make_model(), noisy_ce, EpochBatches(), sp, straight, progress=False, tensorboard=False)
+    r = train(make_model(), noisy_ce, EpochBatches(), sp, split, callbacks=[_stop_at(3)], progress=False,
+              tensorboard=False)
+    assert r.stopped_early and [p.name for p in list_checkpoints(split / "checkpoints")] == ["step-00000003"]
+    if fresh_process:
+        env = dict(os.environ, PYTHONPATH=str(HERE), OMP_NUM_THREADS="1")
+        sub = subprocess.run([sys.executable, str(HERE / "test_train_support.py"), str(split), "6"], env=env,
+                             capture_output=True, text=True, timeout=120)
+        assert sub.returncode == 0, sub.stderr[-3000:]
+    else:
+        train(make_model(seed=5), noisy_ce, EpochBatches(), sp, split, resume_from=split, progress=False,
+              tensorboard=False)
     a, b = straight / "checkpoints" / "step-00000006", split / "checkpoints" / "step-00000006"
-    for name in ("model.safetensors", "optimizer.safetensors", "scheduler.json"):
+    for name in ("model.safetensors", "optimizer.safetensors", "rng.safetensors", "scheduler.json"):
         assert (a / name).read_bytes() == (b / name).read_bytes(), name
     ta, tb = json.loads((a / "trainer.json").read_text()), json.loads((b / "trainer.json").read_text())
     assert ta["history"]["loss"] == tb["history"]["loss"]
-    assert (ta["epoch"], ta["index"], ta["tokens"]) == (tb["epoch"], tb["index"], tb["tokens"]) == (2, 2, ta["tokens"])
+    assert (ta["epoch"], ta["index"], ta["tokens"]) == (tb["epoch"], tb["index"], tb["tokens"])
+    assert (ta["epoch"], ta["index"]) == (2, 2)  # 12 micro-batches = 5 + 5 + 2
     # metrics.jsonl of the split run: one record per step, no duplicates
-    assert [r["step"] for r in read_metrics(split / "metrics.jsonl")] == [1, 2, 3, 4, 5, 6]
+    assert [x["step"] for x in read_metrics(split / "metrics.jsonl")] == [1, 2, 3, 4, 5, 6]
+
+
+def test_resume_in_fresh_process_is_bitwise_identical(tmp_path):
+    _straight_and_split(tmp_path, lambda seed=0: TinyLM(seed=seed), "fp32", fresh_process=True)
+
+
+def test_resume_bf16_llama_is_bitwise_identical(tmp_path):
+    _straight_and_split(tmp_path, lambda seed=0: tiny_model(seed=seed), "bf16", fresh_process=False)
 
 
 def test_corrupted_checkpoint_falls_back_to_previous(tmp_path):

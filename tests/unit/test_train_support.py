@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import random
 import sys
+from types import SimpleNamespace
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -28,6 +29,25 @@ def tiny_model(seed: int = 0, layers: int = 2, hidden: int = 32):
     from distillgate.testing import make_tiny_model
 
     return make_tiny_model(VOCAB, num_layers=layers, hidden=hidden, intermediate=2 * hidden, seed=seed)
+
+
+class TinyLM(torch.nn.Module):
+    """Token-wise MLP LM with tied embeddings and dropout: no transformers import, so a subprocess that
+    builds it starts in ~2 s; dropout makes the resume test depend on the restored torch RNG state."""
+
+    def __init__(self, vocab: int = VOCAB, hidden: int = 32, seed: int = 0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.embed = torch.nn.Embedding(vocab, hidden)
+        self.mlp = torch.nn.Sequential(torch.nn.Linear(hidden, 2 * hidden), torch.nn.GELU(),
+                                       torch.nn.Dropout(0.1), torch.nn.Linear(2 * hidden, hidden))
+        self.head = torch.nn.Linear(hidden, vocab, bias=False)
+        self.head.weight = self.embed.weight  # tied, like SmolLM2
+
+    def forward(self, input_ids, attention_mask=None):
+        h = self.embed(input_ids)
+        h = h + self.mlp(h)
+        return SimpleNamespace(logits=self.head(h))
 
 
 def make_sequences(n: int, T: int = 12, seed: int = 0) -> list[dict]:
@@ -98,17 +118,13 @@ def spec(**kw):
     return TrainSpec(**base)
 
 
-def _main(out: str, steps: int, stop_at: int, resume: bool, precision: str) -> None:
-    from distillgate.train import StopTraining, train
+def _main(out: str, steps: int) -> None:
+    """Resume ``out`` in this fresh process and train to ``steps`` (TinyLM, fp32, noisy CE)."""
+    from distillgate.train import train
 
-    def stop(info):
-        if stop_at and info.step == stop_at:
-            raise StopTraining
-
-    model = tiny_model()
-    train(model, noisy_ce, EpochBatches(), spec(steps=steps, precision=precision), out,
-          resume_from=out if resume else None, callbacks=[stop], progress=False, tensorboard=False)
+    train(TinyLM(seed=99), noisy_ce, EpochBatches(), spec(steps=steps), out, resume_from=out, progress=False,
+          tensorboard=False)
 
 
 if __name__ == "__main__":
-    _main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4] == "1", sys.argv[5])
+    _main(sys.argv[1], int(sys.argv[2]))

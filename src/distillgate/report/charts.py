@@ -23,7 +23,15 @@ MAX_CURVES = 12  # metric panels in the curves figure; the rest are listed in th
 
 
 def esc(s: object) -> str:
-    return html.escape(str(s), quote=True)
+    """Escape for plotly text: plotly decodes &lt; &gt; &amp; back to characters but prints &quot; literally,
+    and quotes cannot form a tag once angle brackets are escaped."""
+    return html.escape(str(s), quote=False)
+
+
+def label(s: object, n: int = 36) -> str:
+    """An escaped axis tick label, cut to ``n`` characters so one long name cannot squeeze the plot."""
+    s = str(s)
+    return esc(s if len(s) <= n else s[: n - 1] + "…")
 
 
 def _style(fig: go.Figure, title: str, height: int) -> go.Figure:
@@ -123,8 +131,8 @@ def metric_curves(iterations: list[Iteration], baseline: dict) -> tuple[go.Figur
         r, c = n // cols + 1, n % cols + 1
         for s, key in enumerate(panels[name]):
             color = SERIES[s % len(SERIES)]
-            label = key.split("/", 1)[1] if "/" in key else key
-            fig.add_trace(go.Scatter(x=xs, y=[f.get(key) for f in flat], mode="lines+markers", name=esc(label),
+            short = key.split("/", 1)[1] if "/" in key else key
+            fig.add_trace(go.Scatter(x=xs, y=[f.get(key) for f in flat], mode="lines+markers", name=esc(short),
                                      legendgroup=esc(key), showlegend=False, line={"color": color, "width": 2},
                                      marker={"size": 6}, hovertemplate=f"{esc(key)}: %{{y:.4g}}<extra>iter %{{x}}</extra>"),
                           row=r, col=c)
@@ -145,7 +153,7 @@ def param_diff_heatmap(pd: ParamDiff) -> go.Figure:
     absz = pd.abs_change or [[None] * len(pd.groups) for _ in pd.layers]
     text = [[("-" if a is None else f"{a:.3g}") for a in row] for row in absz]
     fig = go.Figure(go.Heatmap(
-        z=z, x=[esc(g) for g in pd.groups], y=[esc(l) for l in pd.layers], text=text, colorscale="Viridis",
+        z=z, x=[label(g) for g in pd.groups], y=[label(l) for l in pd.layers], text=text, colorscale="Viridis",
         zmin=0, colorbar={"title": {"text": "rel. change"}, "thickness": 12}, xgap=1, ygap=1,
         hovertemplate="%{y} / %{x}<br>relative %{z:.3g}<br>absolute %{text}<extra></extra>"))
     fig.update_yaxes(autorange="reversed", showgrid=False)
@@ -170,7 +178,7 @@ def param_diff_overview(diffs: list[ParamDiff]) -> go.Figure | None:
             line.append(max(vals) if vals else None)
         z.append(line)
     x = [f"{pd.from_iteration}→{pd.to_iteration}" for pd in diffs]
-    fig = go.Figure(go.Heatmap(z=z, x=x, y=[esc(r) for r in rows], colorscale="Viridis", zmin=0, xgap=1, ygap=1,
+    fig = go.Figure(go.Heatmap(z=z, x=x, y=[label(r) for r in rows], colorscale="Viridis", zmin=0, xgap=1, ygap=1,
                                colorbar={"title": {"text": "max rel."}, "thickness": 12},
                                hovertemplate="%{y}, %{x}: %{z:.3g}<extra></extra>"))
     fig.update_yaxes(autorange="reversed", showgrid=False)
@@ -180,7 +188,7 @@ def param_diff_overview(diffs: list[ParamDiff]) -> go.Figure | None:
 
 def finding_heatmap(h: HeatMap) -> go.Figure:
     """A finding's evidence grid (domain x layer, domain x position, ...)."""
-    fig = go.Figure(go.Heatmap(z=h.z, x=[esc(v) for v in h.x], y=[esc(v) for v in h.y], colorscale="Reds",
+    fig = go.Figure(go.Heatmap(z=h.z, x=[label(v) for v in h.x], y=[label(v) for v in h.y], colorscale="Reds",
                                xgap=1, ygap=1, colorbar={"title": {"text": esc(h.value_label)}, "thickness": 12},
                                hovertemplate="%{y} / %{x}: %{z:.4g}<extra></extra>"))
     fig.update_xaxes(title=esc(h.x_label), showgrid=False, type="category")

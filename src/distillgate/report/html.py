@@ -9,13 +9,18 @@ from __future__ import annotations
 
 import json
 from datetime import datetime, timezone
+from html import escape as _escape
 from pathlib import Path
 
 from ..io import atomic_write_text
 from . import charts
-from .charts import esc
-from .style import CSS
 from .data import DIMENSIONS, PHASES, STAGES, Finding, GateResult, Iteration, ReportData
+from .style import CSS
+
+
+def esc(s: object) -> str:
+    return _escape(str(s), quote=True)
+
 
 PLOTLY_CONFIG = {"displaylogo": False, "responsive": True, "modeBarButtonsToRemove": ["lasso2d", "select2d"]}
 

@@ -25,6 +25,15 @@ def _gate(gid, dim, metric, thr, cmp, value) -> GateResult:
     return GateResult(gid, dim, metric, value, thr, cmp, margin >= 0, "pass" if margin >= 0 else "fail", margin)
 
 
+def _pass_share(gates: list[GateResult]) -> dict[str, float | None]:
+    """Passes / measured gates per dimension (None when nothing was measured), like the gates module."""
+    out: dict[str, float | None] = {"business": None}
+    for dim in ("capability", "performance", "operations"):
+        measured = [g for g in gates if g.dimension == dim and g.status != "not_measured"]
+        out[dim] = round(sum(g.passed for g in measured) / len(measured), 3) if measured else None
+    return out
+
+
 def synthetic_report(n_iterations: int = 3, n_layers: int = 4, seed: int = 0, run_id: str = "run-demo") -> ReportData:
     """A run of ``n_iterations`` (S2 joint distillation, then S3 pruning, then S4), every section filled."""
     rng = random.Random(seed)
@@ -44,8 +53,7 @@ def synthetic_report(n_iterations: int = 3, n_layers: int = 4, seed: int = 0, ru
         iterations.append(Iteration(
             index=k, stage=stages[min(k, len(stages) - 1)] if n_iterations > 2 else "S2",
             status="running" if k == n_iterations - 1 else "done", phases=phases, gates=gates,
-            dimension_scores={"capability": round(0.55 + 0.4 * progress, 3), "performance": round(0.8 + 0.1 * k, 3),
-                              "business": None, "operations": round(0.7 + 0.1 * progress, 3) if k else None},
+            dimension_scores=_pass_share(gates),
             metrics={"ppl": round(14.0 * ppl_ratio, 3), "kl": round(0.5 - 0.25 * progress, 4),
                      "top1": round(0.55 + 0.2 * progress, 4), "kl_by_domain": kl,
                      "loss": {"kd": round(0.6 - 0.3 * progress, 4), "ce": round(2.4 - 0.5 * progress, 4)}},

@@ -16,6 +16,7 @@ import dataclasses
 import json
 import math
 import sqlite3
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -123,7 +124,9 @@ class Catalog:
         self.writable = writable
         if not self.path.is_file():
             raise ArtifactError(f"{self.path}: run catalog missing (not a distillgate run folder?)")
-        self.conn = sqlite3.connect(str(self.path), isolation_level=None, timeout=30.0)
+        # one connection shared by the writer's threads; self._mu serialises transactions and queries
+        self.conn = sqlite3.connect(str(self.path), isolation_level=None, timeout=30.0, check_same_thread=False)
+        self._mu = threading.RLock()
         self.conn.row_factory = sqlite3.Row
         self.conn.execute("PRAGMA synchronous=FULL")
         self.conn.execute("PRAGMA foreign_keys=ON")
@@ -160,19 +163,21 @@ class Catalog:
         """One write transaction: all of it commits or none of it does."""
         if not self.writable:
             raise ArtifactError(f"{self.path}: run opened read-only (writer=False); writes need the writer lock")
-        self.conn.execute("BEGIN IMMEDIATE")
-        try:
-            yield self.conn
-        except BaseException:
-            self.conn.execute("ROLLBACK")
-            raise
-        self.conn.execute("COMMIT")
+        with self._mu:
+            self.conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield self.conn
+            except BaseException:
+                self.conn.execute("ROLLBACK")
+                raise
+            self.conn.execute("COMMIT")
 
     def close(self) -> None:
         self.conn.close()
 
     def q(self, sql: str, *args) -> list[sqlite3.Row]:
-        return self.conn.execute(sql, args).fetchall()
+        with self._mu:
+            return self.conn.execute(sql, args).fetchall()
 
     # ---- run and iterations -------------------------------------------------------------------------
     def init_run(self, run_id: str, config: dict) -> None:

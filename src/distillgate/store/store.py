@@ -15,6 +15,7 @@ Why one catalog per run rather than one per root: the writer lock then covers ev
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -28,7 +29,7 @@ from ..errors import ArtifactError, ConfigError
 from .artifacts import BlobStore
 from .catalog import CATALOG_NAME, Catalog
 from .lock import LOCK_NAME, RunLock
-from .versions import CrashHook, Version, VersionWriter, read_version
+from .versions import CrashHook, Version, VersionWriter, manifest_path, read_version
 
 log = logging.getLogger(__name__)
 _RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -109,6 +110,11 @@ class RunStore:
             raise ConfigError("run", run_id, f"a run under {root}: {known[-10:] or 'none there'}")
         return cls(run_dir, writer=writer)
 
+    @staticmethod
+    def runs(root: str | os.PathLike) -> list[dict]:
+        """Summaries of every run under ``root`` (same as :func:`list_runs`)."""
+        return list_runs(root)
+
     def close(self) -> None:
         if self._active_writer is not None:
             self._active_writer.abort()
@@ -162,11 +168,12 @@ class RunStore:
         self._active_writer = VersionWriter(self, vid, iteration, parent, kind, meta, crash_hook)
         return self._active_writer
 
-    def _committed_row(self, version_id: int) -> dict:
+    def _committed_row(self, version_id: int, allow_corrupt: bool = False) -> dict:
         row = self.catalog.version_row(version_id)
-        if row is None:
+        if row is None or row["status"] == "pruned" or (row["status"] == "corrupt" and not allow_corrupt):
             ids = [r["version_id"] for r in self.catalog.version_rows()]
-            raise ConfigError("version", version_id, f"a committed version of run {self.run_id}: {ids[-20:]}")
+            why = "" if row is None else f" (version {version_id} is {row['status']})"
+            raise ConfigError("version", version_id, f"a committed version of run {self.run_id}{why}: {ids[-20:]}")
         return row
 
     def versions(self) -> list[dict]:
@@ -174,7 +181,7 @@ class RunStore:
         return self.catalog.version_rows()
 
     def get_version(self, version_id: int) -> Version:
-        return read_version(self.dir, self.blobs, self._committed_row(version_id))
+        return read_version(self.dir, self.blobs, self._committed_row(version_id, allow_corrupt=True))
 
     def latest_version(self) -> Version | None:
         rows = self.catalog.version_rows()
@@ -233,10 +240,12 @@ class RunStore:
                 out.append(h["version_id"])
         return out[:n]
 
-    def rollback(self, *, iteration: int | None = None, version: int | None = None, reason: str = "") -> int:
+    def rollback(self, *, iteration: int | None = None, version: int | None = None, reason: str = "",
+                 deep: bool = True) -> int:
         """Make a new version whose parent is ``version`` (or the newest committed version of ``iteration``),
         sharing its blobs (nothing is copied or overwritten), and point ``current`` at it. The target is
-        verified first: rolling back to a corrupted version raises :class:`ArtifactError`. Returns the new id."""
+        verified first: rolling back to a corrupted version raises :class:`ArtifactError`. ``deep=False``
+        trusts blobs this process already hashed (sizes are still checked). Returns the new id."""
         if (iteration is None) == (version is None):
             raise ConfigError("rollback target", {"iteration": iteration, "version": version},
                               "exactly one of iteration= or version=")
@@ -247,7 +256,7 @@ class RunStore:
                 raise ConfigError("iteration", iteration, f"an iteration with a committed version: {have}")
             version = rows[-1]["version_id"]
         target = self.get_version(version)
-        target.verify(deep=True)
+        target.verify(deep=deep)
         previous = self.catalog.aliases().get("current")
         meta = {"rollback_to": target.version_id, "rolled_back_from": previous, "reason": reason}
         with self.begin_version(target.iteration, parent=target.version_id, kind="rollback", meta=meta) as vw:
@@ -275,16 +284,44 @@ class RunStore:
         last = max(its) if its else None
         return ResumePoint(v, last, 0 if last is None else last + 1)
 
+    def prune(self, keep_last: int) -> list[int]:
+        """Delete old versions to free disk, keeping the newest ``keep_last``, every alias target, the last
+        three ``stable`` versions (G-O5) and the parent of each kept rollback. Pruned versions stay in the
+        catalog (status ``pruned``, metrics and gates kept); their blobs go unless a kept version shares
+        them. Returns the pruned ids. Crash-safe: rows are marked first, files deleted after."""
+        if not self.writer:
+            raise ArtifactError(f"run {self.run_id}: opened read-only; prune needs the writer lock")
+        if not isinstance(keep_last, int) or keep_last < 1:
+            raise ConfigError("keep_last", keep_last, "an integer >= 1")
+        rows = self.catalog.version_rows(status=None)
+        rows = [r for r in rows if r["status"] != "pruned"]
+        keep = {r["version_id"] for r in rows[-keep_last:]} | set(self.aliases().values()) | set(self.stable_versions())
+        keep |= {r["parent"] for r in rows if r["version_id"] in keep and r["kind"] == "rollback"}
+        doomed = [r["version_id"] for r in rows if r["version_id"] not in keep]
+        with self.catalog.tx() as c:
+            c.executemany("UPDATE versions SET status='pruned' WHERE version_id=?", [(v,) for v in doomed])
+        for v in doomed:
+            manifest_path(self.dir, v).unlink(missing_ok=True)
+        self.gc()
+        return doomed
+
     def gc(self) -> tuple[int, int]:
-        """Delete blobs no version manifest references (crash leftovers). Returns (blobs, bytes) removed."""
+        """Delete blobs no live version manifest references (crash leftovers, pruned versions).
+        Returns (blobs, bytes) removed. A corrupt manifest still protects every blob it names."""
         if not self.writer:
             raise ArtifactError(f"run {self.run_id}: opened read-only; gc needs the writer lock")
         referenced: set[str] = set()
         for row in self.catalog.version_rows(status=None):
+            if row["status"] == "pruned":
+                continue
             try:
-                referenced |= {e["sha256"] for e in read_version(self.dir, self.blobs, row).files.values()}
-            except ArtifactError as e:
-                raise ArtifactError(f"gc stopped (nothing deleted): {e}") from None
+                files = read_version(self.dir, self.blobs, row).files
+            except ArtifactError:
+                try:  # damaged but parseable: keep what it names; unparseable: nothing to keep
+                    files = json.loads(manifest_path(self.dir, row["version_id"]).read_text()).get("files", {})
+                except (OSError, ValueError, AttributeError):
+                    files = {}
+            referenced |= {e["sha256"] for e in files.values() if isinstance(e, dict) and "sha256" in e}
         return self.blobs.gc(referenced)
 
     # ---- catalog records (thin, typed; see catalog.py) ----------------------------------------------

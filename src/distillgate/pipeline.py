@@ -1,0 +1,324 @@
+"""The steps one distillation pass is made of, each living once: ``distillgate distill`` runs them in a
+line (recipes/distill.py) and ``distillgate run`` runs them every iteration of the loop (loop.py).
+
+preflight  -> every cheap check on the config and its inputs, before any compute or output folder
+load       -> the teacher (safetensors; the default is imported once from its GGUF)
+extract    -> prompts -> teacher answers (cached dataset) -> teacher top-k targets (cached) or online
+student    -> derive by importance / load / from config, with its report and layer map
+map        -> the training loop on the objective
+validate   -> held-out KL, top-1 agreement, perplexities (teacher text and a text file), per sample/domain
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .config import DistillConfig
+from .errors import ConfigError, InputError
+
+log = logging.getLogger(__name__)
+
+
+# ------------------------------------------------------------------------------------------ preflight
+
+def _param_count_from_config(config) -> int:
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        m = AutoModelForCausalLM.from_config(config)
+    return sum(p.numel() for p in m.parameters())
+
+
+@dataclass
+class Preflight:
+    teacher_path: str
+    teacher_config: object
+    teacher_params: int
+    prompts: list = field(default_factory=list)
+
+
+def preflight(cfg: DistillConfig) -> Preflight:
+    """Validate everything that can be checked without compute; raise ConfigError/InputError naming the field."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from .data.prompts import prompts_from_spec
+    from .models.load import resolve_model_path
+
+    for fld, path in (("data.path", cfg.data.path if cfg.data.source == "jsonl" else None),
+                      ("eval.text_file", cfg.eval.text_file), ("student.calib_file", cfg.student.calib_file)):
+        if path and not Path(path).is_file():
+            raise ConfigError(fld, path, "an existing file")
+    try:
+        tpath = resolve_model_path(cfg.teacher.path)
+        tconf = AutoConfig.from_pretrained(tpath, trust_remote_code=cfg.teacher.trust_remote_code)
+    except InputError:
+        raise
+    except Exception as e:
+        raise ConfigError("teacher.path", cfg.teacher.path, f"a loadable causal LM ({type(e).__name__}: {e})") from e
+    tparams = _param_count_from_config(tconf)
+    s = cfg.student
+    L, inter = getattr(tconf, "num_hidden_layers", None), getattr(tconf, "intermediate_size", None)
+    if s.init == "derive":
+        if s.keep_layers is not None:
+            bad = [i for i in s.keep_layers if not 0 <= i < (L or 0)]
+            if bad or len(set(s.keep_layers)) != len(s.keep_layers) or not s.keep_layers:
+                raise ConfigError("student.keep_layers", s.keep_layers, f"distinct teacher layer indices in [0, {L})")
+        n = len(s.keep_layers) if s.keep_layers is not None else (s.num_layers or max(1, (L or 2) // 2))
+        if L is not None and n > L:
+            raise ConfigError("student.num_layers", n, f"at most the teacher's {L} layers")
+        if inter is not None and s.mlp_width is not None and s.mlp_width > inter:
+            raise ConfigError("student.mlp_width", s.mlp_width, f"at most the teacher's MLP width {inter}")
+        if n == L and (s.mlp_width is None or s.mlp_width == inter):
+            raise ConfigError("student.num_layers", n, f"fewer than the teacher's {L} layers (or a smaller "
+                                                       f"mlp_width): the student would not be smaller than its teacher")
+    elif s.init == "config":
+        conf = tconf.__class__.from_dict({**tconf.to_dict(), **(s.config or {})})
+        if getattr(conf, "vocab_size", None) != getattr(tconf, "vocab_size", None):
+            raise ConfigError("student.config.vocab_size", conf.vocab_size,
+                              f"the teacher's vocabulary size {tconf.vocab_size} (cross-vocabulary distillation "
+                              f"is not supported yet)")
+        if _param_count_from_config(conf) >= tparams:
+            raise ConfigError("student.config", s.config, f"a configuration smaller than the teacher "
+                                                          f"({tparams:,} parameters)")
+    else:
+        spath = resolve_model_path(s.path)
+        sconf = AutoConfig.from_pretrained(spath, trust_remote_code=cfg.teacher.trust_remote_code)
+        ttok = AutoTokenizer.from_pretrained(tpath)
+        stok = AutoTokenizer.from_pretrained(spath)
+        from .models.derive import check_same_vocab
+
+        try:
+            check_same_vocab(ttok, stok, where="student.path")
+        except InputError as e:
+            raise ConfigError("student.path", s.path, f"a model with the teacher's tokenizer ({e})") from None
+        sp = _param_count_from_config(sconf)
+        if sp >= tparams:
+            raise ConfigError("student.path", s.path, f"a model smaller than the teacher ({sp:,} >= {tparams:,} "
+                                                      f"parameters)")
+    prompts = prompts_from_spec(cfg.data) if cfg.data.source != "hf" else []
+    if cfg.data.source != "hf" and not prompts:
+        raise ConfigError("data", cfg.data.path or cfg.data.source, "at least one prompt")
+    return Preflight(teacher_path=tpath, teacher_config=tconf, teacher_params=tparams, prompts=prompts)
+
+
+# ------------------------------------------------------------------------------------------ load / extract
+
+def load_teacher(cfg: DistillConfig):
+    from .models import load_model
+
+    return load_model(cfg.teacher.path, dtype=cfg.teacher.dtype, trust_remote_code=cfg.teacher.trust_remote_code)
+
+
+def extract(teacher, prompts, data_spec, *, root=None, progress=True):
+    """Teacher answers for ``prompts`` (generated once, then reused from the dataset cache)."""
+    from .data.dataset import get_or_generate_dataset
+
+    return get_or_generate_dataset(teacher, prompts, data_spec, root=root, progress=progress)
+
+
+def pad_id(tokenizer) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
+class MultiTargets:
+    """Several target caches behind one provider: each example is looked up in the cache that holds it."""
+
+    def __init__(self, caches):
+        self.caches = list(caches)
+        self.k = self.caches[0].k
+
+    def __call__(self, batch):
+        from .targets import TopKTargets
+
+        counts = (batch["loss_mask"][:, 1:] != 0).sum(1).tolist()
+        parts = []
+        for ex_id, c in zip(batch["example_ids"], counts):
+            cache = next((cc for cc in self.caches if ex_id in cc), None)
+            if cache is None:
+                raise InputError(f"no teacher targets for example {ex_id!r}")
+            r = cache.rows(ex_id)
+            if r.indices.shape[0] != c:
+                raise InputError(f"example {ex_id!r}: {c} target tokens in the batch, {r.indices.shape[0]} cached")
+            parts.append(r)
+        return TopKTargets(torch.cat([p.indices for p in parts]), torch.cat([p.logprobs for p in parts]))
+
+
+def teacher_provider(cfg: DistillConfig, teacher, examples, *, root=None, progress=True):
+    """Cached top-k targets (computed once, keyed by teacher/tokenizer/data/k) or the online teacher."""
+    from .targets import OnlineTeacher, get_or_compute_targets
+
+    if cfg.targets.mode == "online":
+        return OnlineTeacher(teacher.model)
+    return get_or_compute_targets(teacher, examples, k=cfg.targets.top_k, batch_size=cfg.targets.batch_size,
+                                  pad_id=pad_id(teacher.tokenizer), root=root, progress=progress)
+
+
+# ------------------------------------------------------------------------------------------ student
+
+def calibration_ids(cfg: DistillConfig, tokenizer, train_examples) -> torch.Tensor:
+    """[B, T] calibration tokens: ``student.calib_file`` or the teacher's own answers (train split)."""
+    from .models.derive import calib_ids_from_text
+
+    if cfg.student.calib_file:
+        text = Path(cfg.student.calib_file).read_text(encoding="utf-8", errors="replace")
+        return calib_ids_from_text(tokenizer, text, n_tokens=cfg.student.calib_tokens, seq_len=256)
+    ids: list[int] = []
+    for e in train_examples:
+        ids += e.input_ids
+        if len(ids) >= cfg.student.calib_tokens:
+            break
+    seq = 256
+    n = (min(len(ids), cfg.student.calib_tokens) // seq) * seq
+    if n == 0:
+        raise InputError(f"only {len(ids)} calibration tokens from the teacher's answers; need >= {seq} "
+                         f"(more prompts, longer answers, or student.calib_file)")
+    return torch.tensor(ids[:n]).reshape(-1, seq)
+
+
+def build_student(cfg: DistillConfig, teacher, calib: torch.Tensor | None):
+    """(student model, info dict with the derivation report and layer map)."""
+    from .models import load_model
+    from .models.derive import check_not_larger, check_same_vocab, derive_student, layer_map, student_from_config
+
+    s = cfg.student
+    if s.init == "derive":
+        n = s.num_layers or max(1, teacher.model.config.num_hidden_layers // 2)
+        student, report = derive_student(teacher.model, teacher.tokenizer, calib, num_layers=n,
+                                         mlp_width=s.mlp_width, layer_selection=s.layer_selection,
+                                         keep_layers=s.keep_layers, mlp_selection=s.mlp_selection)
+        info = {"init": "derive", "report": report.to_dict(), "layer_map": layer_map(report)}
+    elif s.init == "config":
+        student = student_from_config(teacher.model, s.config or {}, seed=cfg.train.seed)
+        info = {"init": "config", "config": s.config}
+    else:
+        lm = load_model(s.path, dtype="float32", trust_remote_code=cfg.teacher.trust_remote_code)
+        check_same_vocab(teacher.tokenizer, lm.tokenizer, where="student.path")
+        student = lm.model
+        info = {"init": "model", "path": lm.path}
+    check_not_larger(teacher.model, student)
+    student.train()
+    return student, info
+
+
+# ------------------------------------------------------------------------------------------ map
+
+def make_objective(cfg: DistillConfig, provider, vocab_size: int):
+    from .losses.objective import DistillObjective
+
+    return DistillObjective(cfg.loss, provider, vocab_size=vocab_size)
+
+
+def map_student(student, objective, dataset, train_spec, out_dir, *, seed: int, hard_weights=None,
+                resume_from=None, progress=None, callbacks=()):
+    """Train ``student`` in place on the train split; returns the TrainResult."""
+    from .train import train
+
+    def batch_fn(epoch: int):
+        return dataset.batches("train", batch_size=train_spec.batch_size, epoch=epoch, seed=seed,
+                               shuffle=True, hard_weights=hard_weights)
+
+    if not batch_fn(0):
+        raise InputError("the train split is empty (more prompts, or a smaller data.heldout_fraction)")
+    return train(student, objective, batch_fn, train_spec, out_dir, resume_from=resume_from, progress=progress,
+                 callbacks=callbacks)
+
+
+# ------------------------------------------------------------------------------------------ validate
+
+@torch.inference_mode()
+def _target_logprobs(model, batch):
+    """log-softmax over the vocabulary at prediction positions [N, V] (float32) and the targets [N]."""
+    from .targets import prediction_positions
+
+    b, t = prediction_positions(batch)
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    logits = out.logits[b, t].float()
+    return torch.log_softmax(logits, -1), batch["input_ids"][b, t + 1]
+
+
+@dataclass
+class Validation:
+    metrics: dict[str, float]
+    samples: list  # attribution.SampleDivergence per held-out example
+
+
+@torch.inference_mode()
+def heldout_divergence(student, teacher_model, examples, pad: int, *, batch_size: int = 8, teacher_cache=None):
+    """Exact KL(teacher||student), reverse KL, top-1 agreement and NLL of both models on teacher-answered
+    examples, per position. ``teacher_cache`` (a dict) keeps the teacher's [N, V] log-probs of these
+    examples between calls when memory allows (it is keyed by example id)."""
+    from .attribution import SampleDivergence
+    from .data.dataset import collate
+
+    was_training = student.training
+    student.eval()
+    tot = {"kl": 0.0, "rkl": 0.0, "top1": 0.0, "nll_s": 0.0, "nll_t": 0.0, "n": 0}
+    samples = []
+    try:
+        for i in range(0, len(examples), batch_size):
+            group = examples[i:i + batch_size]
+            batch = collate(group, pad)
+            s_lp, tgt = _target_logprobs(student, batch)
+            t_lp, _ = _target_logprobs(teacher_model, batch)
+            kl = (t_lp.exp() * (t_lp - s_lp)).sum(-1).clamp_min(0)
+            rkl = (s_lp.exp() * (s_lp - t_lp)).sum(-1).clamp_min(0)
+            top1 = (s_lp.argmax(-1) == t_lp.argmax(-1)).double()
+            nll_s = -s_lp.gather(1, tgt[:, None]).squeeze(1)
+            nll_t = -t_lp.gather(1, tgt[:, None]).squeeze(1)
+            tot["kl"] += float(kl.double().sum()); tot["rkl"] += float(rkl.double().sum())
+            tot["top1"] += float(top1.sum()); tot["nll_s"] += float(nll_s.double().sum())
+            tot["nll_t"] += float(nll_t.double().sum()); tot["n"] += len(kl)
+            counts = (batch["loss_mask"][:, 1:] != 0).sum(1).tolist()
+            off = 0
+            for e, c in zip(group, counts):
+                k = kl[off:off + c].tolist()
+                off += c
+                samples.append(SampleDivergence(e.id, e.domain, sum(k) / max(len(k), 1), k, e.response[:200]))
+    finally:
+        student.train(was_training)
+    n = max(tot["n"], 1)
+    return {"kl": tot["kl"] / n, "reverse_kl": tot["rkl"] / n, "top1_agreement": tot["top1"] / n,
+            "student_ppl_heldout": math.exp(tot["nll_s"] / n), "teacher_ppl_heldout": math.exp(tot["nll_t"] / n),
+            "heldout_tokens": tot["n"]}, samples
+
+
+def validate(student, teacher, heldout_examples, cfg: DistillConfig, *, teacher_text_ppl: float | None = None):
+    """Measurements of one student against the teacher (SPEC L1.3): held-out divergence and perplexities.
+
+    G-C1's ``ppl_ratio`` is student/teacher perplexity on ``eval.text_file`` when given, else on the held-out
+    teacher answers.
+    """
+    from .evaluate.lm import perplexity
+
+    metrics, samples = heldout_divergence(student, teacher.model, heldout_examples, pad_id(teacher.tokenizer))
+    metrics["ppl_ratio_heldout"] = metrics["student_ppl_heldout"] / metrics["teacher_ppl_heldout"]
+    for d, v in _by_domain(samples).items():
+        metrics[f"kl/domain/{d}"] = v
+    if cfg.eval.text_file:
+        was = student.training
+        student.eval()
+        try:
+            s = perplexity(student, teacher.tokenizer, cfg.eval.text_file, max_tokens=cfg.eval.max_tokens)
+        finally:
+            student.train(was)
+        if teacher_text_ppl is None:
+            teacher_text_ppl = perplexity(teacher.model, teacher.tokenizer, cfg.eval.text_file,
+                                          max_tokens=cfg.eval.max_tokens)["ppl_token"]
+        metrics["student_ppl_text"] = s["ppl_token"]
+        metrics["teacher_ppl_text"] = teacher_text_ppl
+        metrics["ppl_ratio"] = s["ppl_token"] / teacher_text_ppl
+    else:
+        metrics["ppl_ratio"] = metrics["ppl_ratio_heldout"]
+    return Validation(metrics=metrics, samples=samples)
+
+
+def _by_domain(samples) -> dict[str, float]:
+    acc: dict[str, list[float]] = {}
+    for s in samples:
+        acc.setdefault(s.domain, []).append(s.kl_mean)
+    return {d: sum(v) / len(v) for d, v in sorted(acc.items())}

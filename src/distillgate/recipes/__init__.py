@@ -1,0 +1,1 @@
+"""Recipes: one file per flow, reading top to bottom (setup -> work -> cleanup)."""

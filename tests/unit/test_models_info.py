@@ -1,0 +1,104 @@
+"""`models info` / `models derive` / `models import` CLI and model_info (tiny models)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from distillgate.cli import main
+from distillgate.commands import models as models_cmd
+from distillgate.models import derive
+from distillgate.models.info import format_info, model_info, param_counts
+from distillgate.testing.tiny import TINY_CORPUS
+
+
+def test_model_info_counts(tiny_model_factory, tiny_tokenizer):
+    m = tiny_model_factory(num_layers=2)
+    info = model_info(m, tiny_tokenizer)
+    V = len(tiny_tokenizer)
+    body = 2 * (2048 + 1024 + 96 * 64 + 64) + 32
+    assert info["architecture"] == "LlamaForCausalLM" and info["model_type"] == "llama"
+    assert (info["layers"], info["hidden_size"], info["attention_heads"], info["kv_heads"]) == (2, 32, 4, 2)
+    assert (info["head_dim"], info["mlp_size"], info["vocab_size"]) == (8, 64, V)
+    assert info["tied_embeddings"] is True and info["dtype"] == "float32"
+    assert (info["params_total"], info["params_embedding"], info["params_body"], info["params_lm_head"]) == (
+        V * 32 + body, V * 32, body, 0)
+    assert info["bytes"] == 4 * info["params_total"] and info["tokenizer_size"] == V
+    untied = tiny_model_factory(num_layers=2, tie=False)
+    assert param_counts(untied) == {"total": 2 * V * 32 + body, "embedding": V * 32, "lm_head": V * 32, "body": body}
+    table = format_info(info, title="tiny")
+    assert table.row_count == len(info) - 1  # params_lm_head hidden when tied
+
+
+def test_cli_models_info_json_and_table(tiny_teacher_dir, capsys):
+    assert main(["models", "info", str(tiny_teacher_dir), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["layers"] == 4 and info["mlp_size"] == 64 and info["path"] == str(tiny_teacher_dir)
+    assert main(["models", "info", str(tiny_teacher_dir)]) == 0
+    out = capsys.readouterr().out
+    assert "params_total" in out and "LlamaForCausalLM" in out
+
+
+def test_cli_models_info_missing_folder(tmp_path, capsys):
+    assert main(["models", "info", str(tmp_path / "nope")]) == 2
+    assert "no such model folder" in " ".join(capsys.readouterr().err.split())  # rich wraps long lines
+
+
+def test_cli_models_import_rejects_missing_file(tmp_path, capsys):
+    assert main(["models", "import", str(tmp_path / "x.gguf")]) == 2
+    assert "GGUF file not found" in " ".join(capsys.readouterr().err.split())
+
+
+@pytest.fixture
+def calib_file(tmp_path):
+    p = tmp_path / "calib.txt"
+    p.write_text(" ".join(TINY_CORPUS), encoding="utf-8")
+    return p
+
+
+def test_cli_models_derive_saves_plain_student(tiny_teacher_dir, calib_file, tmp_path, capsys):
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "student"
+    rc = main(["models", "derive", "--teacher", str(tiny_teacher_dir), "--num-layers", "2", "--mlp-width", "48",
+               "--calib-file", str(calib_file), "--calib-tokens", "128", "--calib-seq-len", "32", "--out", str(out),
+               "--json"])
+    assert rc == 0
+    rep = json.loads(capsys.readouterr().out)
+    assert rep["out"] == str(out) and len(rep["kept_layers"]) == 2 and rep["calib_tokens"] == 128
+    meta = json.loads((out / "distillgate.json").read_text())
+    assert meta["layer_map"] == {str(i): t for i, t in enumerate(rep["kept_layers"])}
+    assert len(meta["derivation"]["mlp_units_kept"]) == 2 and len(meta["derivation"]["mlp_units_kept"][0]) == 48
+    m = AutoModelForCausalLM.from_pretrained(out)
+    assert (m.config.num_hidden_layers, m.config.intermediate_size) == (2, 48)
+    # table output, explicit layers, no calibration needed (uniform layers are not measured; magnitude MLP)
+    rc = main(["models", "derive", "--teacher", str(tiny_teacher_dir), "--keep-layers", "0,3", "--mlp-width", "32",
+               "--mlp-selection", "magnitude", "--out", str(tmp_path / "s2")])
+    assert rc == 0 and "[0, 3]" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv,msg", [
+    (["--num-layers", "2"], "--calib-file: got None"),
+    (["--num-layers", "2", "--calib-file", "/nonexistent.txt"], "file not found"),
+    (["--num-layers", "4", "--selection", "uniform"], "the student must be smaller"),
+    (["--keep-layers", "0,x"], "comma-separated integers"),
+    (["--num-layers", "9", "--selection", "uniform"], "num_layers: got 9"),
+])
+def test_cli_models_derive_errors(tiny_teacher_dir, tmp_path, capsys, argv, msg):
+    out = tmp_path / "s"
+    assert main(["models", "derive", "--teacher", str(tiny_teacher_dir), "--out", str(out), *argv]) == 2
+    assert msg in " ".join(capsys.readouterr().err.split())
+    assert not out.exists()
+
+
+def test_cli_models_derive_refuses_existing_out(tiny_teacher_dir, tmp_path, capsys):
+    (tmp_path / "s").mkdir()
+    rc = main(["models", "derive", "--teacher", str(tiny_teacher_dir), "--num-layers", "2", "--selection", "uniform",
+               "--out", str(tmp_path / "s")])
+    assert rc == 2 and "does not exist yet" in " ".join(capsys.readouterr().err.split())
+
+
+def test_cli_choices_mirror_library():
+    assert models_cmd.LAYER_SELECTIONS == derive.LAYER_SELECTIONS
+    assert models_cmd.MLP_SELECTIONS == derive.MLP_SELECTIONS
