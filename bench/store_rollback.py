@@ -55,7 +55,7 @@ def main() -> None:
     rows = []
     for target in stable:
         cold, warm, checkout = [], [], []
-        for r in range(args.repeats):
+        for _ in range(args.repeats):
             with RunStore.open(root, "bench", writer=True) as s:  # fresh open: nothing verified yet
                 t0 = time.perf_counter()
                 vid = s.rollback(version=target, reason="bench")

@@ -53,7 +53,7 @@ class SampleDivergence:
 @dataclass
 class Finding:
     kind: str  # regression | stall | weak_domain | hard_samples | gate_fail | nonfinite
-    severity: str  # info | warn | error
+    severity: str  # info | warning | error
     metric: str | None
     message: str
     evidence: dict[str, Any] = field(default_factory=dict)
@@ -201,7 +201,7 @@ def attribute(*, iteration: int, metrics: dict[str, float], prev: dict[str, floa
     heat = divergence_heatmap(samples) if samples else None
     dkl = domain_kl(samples)
     for g in gate_failures:
-        findings.append(Finding("gate_fail", "warn", g.get("metric"),
+        findings.append(Finding("gate_fail", "warning", g.get("metric"),
                                 f"gate {g.get('id')} fails: {g.get('metric')}={g.get('value')} "
                                 f"(needs {g.get('comparator')} {g.get('threshold')})", {"gate": g}))
     if prev:
@@ -221,7 +221,7 @@ def attribute(*, iteration: int, metrics: dict[str, float], prev: dict[str, floa
         mean = sum(dkl.values()) / len(dkl)
         weak = {d: v for d, v in dkl.items() if v > weak_domain_factor * mean}
         for d, v in sorted(weak.items(), key=lambda x: -x[1]):
-            findings.append(Finding("weak_domain", "warn", f"kl/domain/{d}",
+            findings.append(Finding("weak_domain", "warning", f"kl/domain/{d}",
                                     f"domain {d}: KL {v:.4f} is {v / mean:.2f}x the mean {mean:.4f}",
                                     {"domain": d, "kl": v, "mean_kl": mean, "domain_kl": dkl,
                                      "heatmap_domain_position": heat}))

@@ -65,9 +65,9 @@ def test_param_diff_one_cell_changed_pinned(tiny_model_factory):
     assert nonzero == [("layer 1", "q")]
     name = "model.layers.1.self_attn.q_proj.weight"
     wa, wb = a[name].double(), b[name].double()
-    assert _cell(pd, "layer 1", "q") == pytest.approx(float((wb - wa).norm() / wa.norm()), rel=1e-12)
+    assert _cell(pd, "layer 1", "q") == pytest.approx(float((wb - wa).norm() / wa.norm()), rel=1e-6)
     assert _cell(pd, "layer 1", "q") == pytest.approx(0.5, rel=1e-7)  # 1.5 W rounds to float32 per element
-    assert pd.abs_change[2][0] == pytest.approx(float((wb - wa).norm()), rel=1e-12)
+    assert pd.abs_change[2][0] == pytest.approx(float((wb - wa).norm()), rel=1e-6)
 
 
 def test_param_diff_group_aggregates_by_size(tiny_model_factory):
@@ -82,11 +82,13 @@ def test_param_diff_group_aggregates_by_size(tiny_model_factory):
 def test_param_diff_float64_reference_bf16(tiny_model_factory):
     a = {k: v.to(torch.bfloat16) for k, v in _state(tiny_model_factory(num_layers=2)).items()}
     g = torch.Generator().manual_seed(1)
-    b = {k: (v.float() + 0.01 * torch.randn(v.shape, generator=g)).to(torch.bfloat16) for k, v in a.items()}
+    b = {k: (v.float() + 1e-3 * torch.randn(v.shape, generator=g)).to(torch.bfloat16) for k, v in a.items()}
     pd = param_diff(a, b)
-    name = "model.layers.0.mlp.up_proj.weight"
-    ref = (b[name].double() - a[name].double()).norm() / a[name].double().norm()
-    assert _cell(pd, "layer 0", "up") == pytest.approx(float(ref), rel=1e-12)
+    for name, cell in [("model.layers.0.mlp.up_proj.weight", ("layer 0", "up")),
+                       ("model.embed_tokens.weight", ("embed", "other"))]:
+        ref = (b[name].double() - a[name].double()).norm() / a[name].double().norm()
+        assert _cell(pd, *cell) == pytest.approx(float(ref), rel=1e-6)
+        assert 0 < _cell(pd, *cell) < 0.1
 
 
 def test_param_diff_pruned_and_missing_are_none(tiny_model_factory):

@@ -28,7 +28,7 @@ def test_runs_list_show_and_rollback(tmp_path, capsys):
 
     assert main(["runs", "list", "--root", str(root)]) == 0
     out = capsys.readouterr().out
-    line = next(l for l in out.splitlines() if "run-a" in l)
+    line = next(ln for ln in out.splitlines() if "run-a" in ln)
     assert [c.strip() for c in line.strip("│ ").split("│")][2:] == ["3", "3", "finished", "no", "1", "v3"]
 
     assert main(["rollback", "run-a", "--to", "1", "--root", str(root)]) == 0
@@ -39,7 +39,7 @@ def test_runs_list_show_and_rollback(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "extract" in out and "12.0" in out  # iteration 1: 2.0 + 10.0 seconds
     assert "gate results of v3" in out and "FAIL" in out
-    v4 = next(l for l in out.splitlines() if "│ v4 " in l)
+    v4 = next(ln for ln in out.splitlines() if "│ v4 " in ln)
     assert "rollback" in v4 and "v2" in v4 and "current" in v4
     assert "current: version 3 -> 4" in out  # the rollback alert
 

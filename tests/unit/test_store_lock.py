@@ -26,7 +26,8 @@ HOLDER = textwrap.dedent("""
 
 def test_second_writer_in_process_fails_naming_holder(tmp_path):
     s = RunStore.create(tmp_path, {}, run_id="r")
-    with pytest.raises(LockHeldError, match=rf"run r: .*held by pid {os.getpid()} on host {socket.gethostname()} since"):
+    holder = rf"run r: .*held by pid {os.getpid()} on host {socket.gethostname()} since"
+    with pytest.raises(LockHeldError, match=holder):
         RunStore.open(tmp_path, "r", writer=True)
     with RunStore.open(tmp_path, "r") as reader:  # readers never need the lock
         assert reader.info()["run_id"] == "r"

@@ -144,6 +144,18 @@ def test_writer_misuse_is_refused(tmp_path):
         vw.abort()
         with pytest.raises(ArtifactError, match="nothing added"):
             s.begin_version(0).commit()
+        s._active_writer.abort()
+        with pytest.raises(ConfigError, match="kind"):
+            s.begin_version(0, kind="Bad Kind")
+        with pytest.raises(ConfigError, match="iteration"):
+            s.begin_version(-1)
+        with s.begin_version(0, parent="best") as vw:  # no version yet: an unset alias means no parent
+            vw.add_json("a.json", {})
+            vw.commit(aliases=())
+        with pytest.raises(ConfigError, match=r"parent: got 'best'"):
+            s.begin_version(1, parent="best")
+        with pytest.raises(ConfigError, match="committed version"):
+            s.begin_version(1, parent=7)
         s.close()
     with RunStore.create(tmp_path, {}, run_id="r2") as s:
         with pytest.raises(ArtifactError, match="without commit"):
@@ -163,7 +175,7 @@ def test_checkout_gives_a_loadable_hf_model_folder(tmp_path, tiny_student_dir):
         out = s.get_version(vid).checkout("student", tmp_path / "checkout")
         a = AutoModelForCausalLM.from_pretrained(out)
         b = AutoModelForCausalLM.from_pretrained(tiny_student_dir)
-        for (ka, ta), (kb, tb) in zip(sorted(a.state_dict().items()), sorted(b.state_dict().items())):
+        for (ka, ta), (kb, tb) in zip(sorted(a.state_dict().items()), sorted(b.state_dict().items()), strict=True):
             assert ka == kb and torch.equal(ta, tb)
         with pytest.raises(ArtifactError, match="already exists"):
             s.get_version(vid).checkout("student", out)

@@ -37,7 +37,8 @@ def run_list(args) -> int:
                   "current")
     for r in rows:
         table.add_row(r["run_id"], _t(r["created"]), str(r["iterations"]), str(r["versions"]), r["status"],
-                      "yes" if r["converged"] else "no", "-" if r["best_iteration"] is None else str(r["best_iteration"]),
+                      "yes" if r["converged"] else "no",
+                      "-" if r["best_iteration"] is None else str(r["best_iteration"]),
                       "-" if r["current"] is None else f"v{r['current']}")
     Console(width=140).print(table)
     return 0
@@ -84,7 +85,8 @@ def run_show(args) -> int:
         if alerts:
             t = Table("time (UTC)", "level", "source", "version", "message", title=f"alerts (last 20 of {len(alerts)})")
             for a in alerts[-20:]:
-                t.add_row(_t(a["time"]), a["level"], a["source"], "-" if a["version_id"] is None else f"v{a['version_id']}",
+                t.add_row(_t(a["time"]), a["level"], a["source"],
+                          "-" if a["version_id"] is None else f"v{a['version_id']}",
                           a["message"])
             con.print(t)
     return 0

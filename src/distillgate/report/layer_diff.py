@@ -5,8 +5,12 @@ group's tensors taken together, relative to the previous iteration's norm:
 
     rel = sqrt(sum_t ||B_t - A_t||_F^2) / sqrt(sum_t ||A_t||_F^2)
 
-so two LayerNorms in one ``norm`` cell weigh by their size, not as an average of ratios. Norms are computed
-in float64 whatever the stored dtype (a bf16 difference of near-equal weights would otherwise round).
+so two LayerNorms in one ``norm`` cell weigh by their size, not as an average of ratios.
+
+Precision: bf16/fp16 weights are upcast to float32 before subtracting (the difference of two bf16 values is
+then exact), and norms use torch's blocked float32 reduction (relative error ~1e-7, checked against a
+float64 reference in the tests). Float64 throughout was 2.4x slower on this 2-core machine (33 s vs 13 s
+for SmolLM2-135M under load), and the report diffs every pair of iterations.
 """
 
 from __future__ import annotations
@@ -108,9 +112,10 @@ def param_diff(state_a: Mapping[str, torch.Tensor], state_b: Mapping[str, torch.
             notes.append(f"{name}: shape {tuple(a.shape)} -> {tuple(b.shape)} (not comparable)")
             broken.add(cell)
             continue
-        a64, b64 = a.detach().to(torch.float64), b.detach().to(torch.float64)
-        sums[cell][0] += float(torch.linalg.vector_norm(b64 - a64)) ** 2
-        sums[cell][1] += float(torch.linalg.vector_norm(a64)) ** 2
+        dt = torch.promote_types(torch.promote_types(a.dtype, b.dtype), torch.float32)
+        a32, b32 = a.detach().to(dt), b.detach().to(dt)
+        sums[cell][0] += float(torch.linalg.vector_norm(b32 - a32)) ** 2
+        sums[cell][1] += float(torch.linalg.vector_norm(a32)) ** 2
     rows = sorted({r for r, _ in sums}, key=_row_key)
     values = [[None] * len(GROUPS) for _ in rows]
     absolute = [[None] * len(GROUPS) for _ in rows]

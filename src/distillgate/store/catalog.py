@@ -183,7 +183,8 @@ class Catalog:
     def init_run(self, run_id: str, config: dict) -> None:
         now = time.time()
         with self.tx() as c:
-            c.execute("INSERT INTO runs VALUES(?,?,?,?,0,?)", (run_id, now, json.dumps(config, sort_keys=True), "created", now))
+            c.execute("INSERT INTO runs VALUES(?,?,?,?,0,?)",
+                      (run_id, now, json.dumps(config, sort_keys=True), "created", now))
 
     def run_row(self) -> dict:
         rows = self.q("SELECT * FROM runs")
@@ -226,7 +227,8 @@ class Catalog:
                       (iteration, phase, float(seconds), status, time.time()))
 
     def iterations(self) -> list[dict]:
-        """Every iteration with its phases: [{iteration, started, finished, status, converged, phases: {name: {seconds, status}}}]."""
+        """Every iteration with its phases:
+        [{iteration, started, finished, status, converged, phases: {name: {seconds, status}}}]."""
         out = []
         for r in self.q("SELECT * FROM iterations ORDER BY iteration"):
             d = dict(r)
@@ -303,7 +305,8 @@ class Catalog:
         r = self.q("SELECT MAX(version_id) FROM gate_results")
         return r[0][0]
 
-    def record_findings(self, iteration: int, findings: Iterable[Finding | Mapping], version_id: int | None = None) -> list[int]:
+    def record_findings(self, iteration: int, findings: Iterable[Finding | Mapping],
+                        version_id: int | None = None) -> list[int]:
         rows = [_coerce(Finding, f) for f in findings]
         for f in rows:
             if f.severity not in SEVERITIES:
@@ -318,8 +321,8 @@ class Catalog:
         return ids
 
     def findings(self, iteration: int | None = None) -> list[dict]:
-        rows = self.q("SELECT * FROM findings" + (" WHERE iteration=?" if iteration is not None else "") + " ORDER BY id",
-                      *(() if iteration is None else (iteration,)))
+        where = "" if iteration is None else " WHERE iteration=?"
+        rows = self.q(f"SELECT * FROM findings{where} ORDER BY id", *(() if iteration is None else (iteration,)))
         return [{**dict(r), "data": json.loads(r["data"])} for r in rows]
 
     def record_decisions(self, iteration: int, decisions: Iterable[Decision | Mapping]) -> None:
@@ -330,11 +333,12 @@ class Catalog:
                 if not d.reason.strip():
                     raise ConfigError(f"Decision({d.knob}).reason", d.reason, "a non-empty reason for every change")
                 c.execute("INSERT INTO decisions(iteration, knob, old, new, reason, recorded) VALUES(?,?,?,?,?,?)",
-                          (iteration, d.knob, json.dumps(d.old, default=str), json.dumps(d.new, default=str), d.reason, now))
+                          (iteration, d.knob, json.dumps(d.old, default=str), json.dumps(d.new, default=str),
+                           d.reason, now))
 
     def decisions(self, iteration: int | None = None) -> list[dict]:
-        rows = self.q("SELECT * FROM decisions" + (" WHERE iteration=?" if iteration is not None else "") + " ORDER BY id",
-                      *(() if iteration is None else (iteration,)))
+        where = "" if iteration is None else " WHERE iteration=?"
+        rows = self.q(f"SELECT * FROM decisions{where} ORDER BY id", *(() if iteration is None else (iteration,)))
         return [{**dict(r), "old": json.loads(r["old"]), "new": json.loads(r["new"])} for r in rows]
 
     def record_alert(self, level: str, source: str, message: str, version_id: int | None = None) -> None:

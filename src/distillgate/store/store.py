@@ -33,6 +33,7 @@ from .versions import CrashHook, Version, VersionWriter, manifest_path, read_ver
 
 log = logging.getLogger(__name__)
 _RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_KIND = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
 STABLE_KEEP = 3  # G-O5: the last three stable versions stay restorable
 
 
@@ -132,8 +133,8 @@ class RunStore:
         removed = self.blobs.clean_tmp()
         committed = {r["version_id"] for r in self.catalog.version_rows(status=None)}
         for p in (self.dir / "versions").glob("*"):
-            orphan = p.name.endswith(".tmp") or (p.suffix == ".json" and p.stem.isdigit() and int(p.stem) not in committed)
-            if orphan:
+            uncommitted = p.suffix == ".json" and p.stem.isdigit() and int(p.stem) not in committed
+            if p.name.endswith(".tmp") or uncommitted:
                 p.unlink()
                 removed += 1
         if removed:
@@ -159,11 +160,18 @@ class RunStore:
         if self._active_writer is not None:
             raise ArtifactError(f"run {self.run_id}: version {self._active_writer.version_id} is still being "
                                 f"written; commit() or abort() it first")
+        if iteration is not None and (not isinstance(iteration, int) or iteration < 0):
+            raise ConfigError("iteration", iteration, "an integer >= 0 (or None for a version outside iterations)")
+        if not isinstance(kind, str) or not _KIND.match(kind):
+            raise ConfigError("kind", kind, "a lowercase word such as init, candidate, checkpoint, release")
+        rows = self.catalog.version_rows(status=None)
         if isinstance(parent, str):
-            parent = self.catalog.aliases().get(parent)
+            aliases = self.catalog.aliases()
+            if parent not in aliases and rows:
+                raise ConfigError("parent", parent, f"a version id, None, or a set alias: {sorted(aliases)}")
+            parent = aliases.get(parent)
         elif parent is not None:
             self._committed_row(parent)
-        rows = self.catalog.version_rows(status=None)
         vid = (rows[-1]["version_id"] + 1) if rows else 1
         self._active_writer = VersionWriter(self, vid, iteration, parent, kind, meta, crash_hook)
         return self._active_writer

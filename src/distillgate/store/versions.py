@@ -25,8 +25,13 @@ from typing import TYPE_CHECKING, Callable, Sequence
 
 from ..errors import ArtifactError, ConfigError
 from ..io import fsync_dir, sha256_bytes
-from .artifacts import (BlobStore, NonFiniteError, check_logical_name, check_safetensors_file_finite,
-                        check_tensors_finite)
+from .artifacts import (
+    BlobStore,
+    NonFiniteError,
+    check_logical_name,
+    check_safetensors_file_finite,
+    check_tensors_finite,
+)
 
 if TYPE_CHECKING:
     from .store import RunStore
@@ -84,7 +89,8 @@ class Version:
         entry = self.files.get(name)
         if entry is None:
             raise ArtifactError(f"version {self.version_id}: no file {name!r} (has {self.names()[:20]})")
-        return self.blobs.verified_path(entry["sha256"], entry["bytes"], f"version {self.version_id} file {name!r}", deep)
+        where = f"version {self.version_id} file {name!r}"
+        return self.blobs.verified_path(entry["sha256"], entry["bytes"], where, deep)
 
     def load_json(self, name: str):
         return json.loads(self.path_of(name).read_text())
@@ -203,7 +209,7 @@ class VersionWriter:
         for p in files:
             if p.suffix == ".safetensors":
                 check_safetensors_file_finite(p, f"version {self.version_id} folder {prefix!r}")
-        for n, p in zip(names, files):
+        for n, p in zip(names, files, strict=True):
             self._add(n, *self.store.blobs.put_file(p, move=move))
         return names
 
@@ -257,7 +263,8 @@ class VersionWriter:
         self._hook("before_marker")
         with store.catalog.tx() as c:
             if self.iteration is not None:
-                c.execute("INSERT OR IGNORE INTO iterations VALUES(?,?,NULL,'running',0)", (self.iteration, time.time()))
+                c.execute("INSERT OR IGNORE INTO iterations VALUES(?,?,NULL,'running',0)",
+                          (self.iteration, time.time()))
             c.execute("INSERT INTO versions VALUES(?,?,?,?,?,?,?,?,?)",
                       (self.version_id, self.iteration, self.parent, self.kind, manifest["created"], "committed",
                        sha256_bytes(data), len(self.files), sum(e["bytes"] for e in self.files.values())))

@@ -92,7 +92,7 @@ def train(model: torch.nn.Module, loss_fn: LossFn, batches: BatchSource | Callab
     if resume_from is not None:
         ckpt, corrupt = load_latest(resume_from, model, optimizer)
         sched.scale = WarmupCosine.from_state_dict(ckpt.scheduler_state, str(ckpt.path / "scheduler.json")).scale
-        pass  # MUTANT
+        restore_rng(ckpt.rng_tensors, ckpt.rng_meta)
         for k in st:
             st[k] = ckpt.trainer_state.get(k, st[k])
         cursor = DataCursor(batch_fn, ckpt.trainer_state["epoch"], ckpt.trainer_state["index"])

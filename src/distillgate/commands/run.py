@@ -1,0 +1,77 @@
+"""`distillgate run --config run.yaml [key=value ...]` (or `--resume RUN`): the closed loop until the gates
+pass or the budget ends, every iteration versioned in the run store, then the HTML report."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("run", help="the main job: iterate extract/map/validate/attribute/compensate to the gates",
+                       description=__doc__)
+    p.add_argument("--config", help="run YAML (see --help-config)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. loop.budget_minutes=10")
+    p.add_argument("--resume", metavar="RUN", help="continue run RUN from its last committed iteration")
+    p.add_argument("--root", help="run store folder (default: store_root of the config, 'runs')")
+    p.add_argument("--help-config", action="store_true", help="print every config key with its default and exit")
+    p.add_argument("--no-report", action="store_true", help="skip the HTML report at the end")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from pathlib import Path
+
+    from rich.console import Console
+
+    from ..config import RunConfig, load_config
+    from ..errors import ConfigError
+
+    if args.help_config:
+        from .distill import print_config_reference
+
+        print_config_reference(RunConfig)
+        return 0
+    console = Console()
+    if args.resume:
+        if args.config or args.overrides:
+            raise ConfigError("--resume", args.resume, "no --config or overrides (a run resumes with its own config)")
+        cfg = None
+    else:
+        cfg = load_config(RunConfig, args.config, args.overrides)
+    from ..loop import run as run_loop
+
+    summary = run_loop(cfg, resume_run=args.resume, root=args.root, console=console,
+                       progress=False if args.no_progress else None)
+    root = str(Path(summary["run_dir"]).parent)
+    from ..gates import GateReport
+    from ..store import RunStore
+
+    with RunStore.open(root, summary["run_id"]) as store:
+        v = store.resolve("current")
+        gates = GateReport.from_json(v.load_json("gates.json")) if "gates.json" in v.files else None
+    if gates is not None:
+        console.print(gates.format_table())
+    _trajectory(console, summary)
+    if not args.no_report:
+        from ..report.from_store import load_report_data
+        from ..report.html import render_report
+
+        out = render_report(load_report_data(root, summary["run_id"]), Path(summary["run_dir"]) / "report.html")
+        console.print(f"report: {out}")
+    console.print(f"run {summary['run_id']}: [bold]{summary['status']}[/] after {summary['seconds']} s "
+                  f"({summary['run_dir']})")
+    return 0
+
+
+def _trajectory(console, summary: dict) -> None:
+    from rich.table import Table
+
+    t = Table(title=f"run {summary['run_id']}: trajectory")
+    for c in ("iter", "KL", "top-1", "PPL ratio (G-C1)", "TTFT ratio (G-P1)", "memory ratio (G-P3)", "all gates"):
+        t.add_column(c, justify="right")
+    f = lambda x, d=4: "—" if x is None else f"{x:.{d}f}"  # noqa: E731
+    for h in summary["iterations"]:
+        t.add_row(str(h["iteration"]), f(h["kl"]), f(h["top1_agreement"], 3), f(h["ppl_ratio"], 3),
+                  f(h["ttft_ratio"], 3), f(h["peak_memory_ratio"], 3), "pass" if h["gates_passed"] else "fail")
+    console.print(t)
