@@ -22,8 +22,10 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed
 
+# The shared WikiText-2 file, when present, gives G-C1 a standard language-modelling text.
+WIKITEXT := $(wildcard ../shared/datasets/wikitext2/valid.txt)
 demo: install
-	$(VENV)/bin/distillgate run --config configs/demo.yaml
+	$(VENV)/bin/distillgate run --config configs/demo.yaml $(if $(WIKITEXT),eval.text_file=$(WIKITEXT) eval.max_tokens=2048)
 
 test: install
 	$(VENV)/bin/pytest -q tests

@@ -57,10 +57,20 @@ def model():
     return make_tiny_model(VOCAB, num_layers=LAYERS, hidden=HIDDEN, intermediate=4 * HIDDEN, heads=4, kv_heads=2)
 
 
-def bare(batches, steps, precision) -> tuple[list[float], int]:
+def _clock() -> tuple[float, float]:
+    """(wall, process CPU) seconds: CPU time is the fairer measure on a shared, oversubscribed machine."""
+    return time.perf_counter(), time.process_time()
+
+
+def _intervals(t0: tuple[float, float], ends: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    marks = [t0] + ends
+    return [(b[0] - a[0], b[1] - a[1]) for a, b in zip(marks[:-1], marks[1:])]
+
+
+def bare(batches, steps, precision) -> list[tuple[float, float]]:
     m = model().train()
     opt = torch.optim.AdamW(m.parameters(), lr=3e-4, fused=False, foreach=False)
-    times, t_prev, ntok = [], time.perf_counter(), 0
+    ends, t0 = [], _clock()
     for i in range(steps):
         b = batches[i % len(batches)]
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
@@ -69,59 +79,59 @@ def bare(batches, steps, precision) -> tuple[list[float], int]:
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        ntok += out.n_tokens
-        now = time.perf_counter()
-        times.append(now - t_prev)
-        t_prev = now
-    return times, ntok
+        ends.append(_clock())
+    return _intervals(t0, ends)
 
 
-def trainer(batches, steps, precision, threads) -> tuple[list[float], int, float]:
+def trainer(batches, steps, precision, threads) -> tuple[list[tuple[float, float]], float]:
     from distillgate.config import TrainSpec
     from distillgate.train import train
 
     ends = []
     sp = TrainSpec(steps=steps, batch_size=B, grad_accum=1, lr=3e-4, warmup_steps=2, precision=precision,
                    threads=threads, log_every=1, checkpoint_every=0)
+    m = model()
     with tempfile.TemporaryDirectory() as d:
-        t0 = time.perf_counter()
-        r = train(model(), ce_loss, lambda epoch: batches, sp, d, callbacks=[lambda info: ends.append(
-            time.perf_counter())], progress=False, tensorboard=True)
-        total = time.perf_counter() - t0
-    times = [b - a for a, b in zip([t0] + ends[:-1], ends)]
-    return times, r.tokens, total - sum(times)  # the remainder: setup + final checkpoint + summary
+        t0 = _clock()
+        train(m, ce_loss, lambda epoch: batches, sp, d, callbacks=[lambda info: ends.append(_clock())],
+              progress=False, tensorboard=True)
+        tail = time.perf_counter() - ends[-1][0]  # final checkpoint + closing the logs
+    return _intervals(t0, ends), tail
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--steps", type=int, default=12)
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--precision", choices=["bf16", "fp32"], default="bf16")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     batches = make_batches(a.steps)
     tok_per_step = sum(int(b["loss_mask"][:, 1:].sum()) for b in batches) / len(batches)
-    bare_t, tr_t, tails = [], [], []
-    for _ in range(a.repeats):
-        t, _n = bare(batches, a.steps, a.precision)
-        bare_t += t[2:]
-        t, _n, tail = trainer(batches, a.steps, a.precision, a.threads)
-        tr_t += t[2:]
+    runs: dict[str, list[tuple[float, float]]] = {"bare backward+step": [], "distillgate.train": []}
+    tails = []
+    for _ in range(a.repeats):  # alternate so drifting machine load hits both alike
+        runs["bare backward+step"] += bare(batches, a.steps, a.precision)[2:]
+        t, tail = trainer(batches, a.steps, a.precision, a.threads)
+        runs["distillgate.train"] += t[2:]
         tails.append(tail)
-    mb, mt = statistics.median(bare_t), statistics.median(tr_t)
     print(f"model: Llama hidden {HIDDEN}, {LAYERS} layers, vocab {VOCAB}; batch {B}x{T}; "
-          f"{tok_per_step:.0f} loss tokens/step; {a.precision}; {a.threads} threads; "
-          f"{a.repeats}x{a.steps} steps (2 warm-up dropped each)")
-    print(f"{'loop':<22}{'median s/step':>15}{'loss tok/s':>12}{'min s/step':>12}{'max s/step':>12}")
-    for name, ts in (("bare backward+step", bare_t), ("distillgate.train", tr_t)):
-        med = statistics.median(ts)
-        print(f"{name:<22}{med:>15.4f}{tok_per_step / med:>12.1f}{min(ts):>12.4f}{max(ts):>12.4f}")
-    print(f"trainer setup + final checkpoint + summary: median {statistics.median(tails):.3f} s per run")
-    overhead = (mt / mb - 1.0) * 100
-    print(f"step overhead: {overhead:+.1f}%")
-    print(f"bare_tok_s={tok_per_step / mb:.1f} train_tok_s={tok_per_step / mt:.1f} overhead_pct={overhead:.2f} "
-          f"tail_s={statistics.median(tails):.3f} precision={a.precision} threads={a.threads}")
+          f"{tok_per_step:.0f} loss tokens/step; {a.precision}; {a.threads} thread(s); "
+          f"{a.repeats}x{a.steps} steps (2 warm-up steps dropped per run)")
+    print(f"{'loop':<20}{'CPU s/step':>12}{'tok/CPU-s':>11}{'wall s/step':>13}{'tok/s wall':>12}")
+    med = {}
+    for name, ts in runs.items():
+        cpu, wall = statistics.median(c for _, c in ts), statistics.median(w for w, _ in ts)
+        med[name] = (cpu, wall)
+        print(f"{name:<20}{cpu:>12.4f}{tok_per_step / cpu:>11.1f}{wall:>13.4f}{tok_per_step / wall:>12.1f}")
+    (bc, bw), (tc, tw) = med["bare backward+step"], med["distillgate.train"]
+    ocpu, owall = (tc / bc - 1) * 100, (tw / bw - 1) * 100
+    print(f"per-step overhead of the trainer: {ocpu:+.1f}% CPU, {owall:+.1f}% wall (median); "
+          f"final checkpoint + log close: {statistics.median(tails):.3f} s per run")
+    print(f"bare_tok_per_cpu_s={tok_per_step / bc:.1f} train_tok_per_cpu_s={tok_per_step / tc:.1f} "
+          f"overhead_cpu_pct={ocpu:.2f} overhead_wall_pct={owall:.2f} tail_s={statistics.median(tails):.3f} "
+          f"precision={a.precision} threads={a.threads}")
 
 
 if __name__ == "__main__":

@@ -291,6 +291,8 @@ class LoopSpec(_Strict):
     gates_spec: str | None = Field(None, description="gate spec YAML (default: the shipped SPEC thresholds)")
     perf_every_structure_change: bool = Field(True, description="measure TTFT/memory when the student's "
                                                                 "structure changes (else every iteration)")
+    perf_lengths: list[int] = Field([32, 128, 512], description="prompt lengths for the TTFT measurement (G-P1)")
+    perf_repeats: int = Field(3, ge=1, description="TTFT repeats per length and model (median and P99 reported)")
     capability_checks: list[Literal["probes", "inheritance", "decision_path"]] = Field(
         default_factory=list, description="slower G-C2/G-C3/G-C4 checks to run in validate (CPU presets)")
 

@@ -215,12 +215,12 @@ class GateReport(BaseModel):
         t = Table(title=f"acceptance gates (spec v{self.spec_version}, on_missing={self.on_missing})")
         for col in ("gate", "metric", "value", "threshold", "status", "margin", "note"):
             t.add_column(col, justify="right" if col in ("value", "threshold", "margin") else "left",
-                         no_wrap=col not in ("metric", "note"), min_width=len(col),
+                         no_wrap=col != "note", min_width=16 if col == "metric" else len(col),
                          overflow="fold", ratio=1 if col == "note" else None)
         for g in self.gates:
             status = g.status if g.counted or g.status != "missing" else "missing (skipped)"
             margin = "" if g.margin is None else _fmt(g.margin) + (
-                "" if g.rel_margin is None else f" ({g.rel_margin:+.1%})")
+                "" if g.rel_margin is None else f" ({100 * g.rel_margin:+.3g}%)")
             t.add_row(g.id, g.metric, _fmt(g.value), f"{g.comparator} {_fmt(g.threshold)}",
                       f"[{style[g.status]}]{status}[/]", margin, g.note or (g.requires or ""))
         d = Table(title="dimension scores")
@@ -418,7 +418,10 @@ def collect_metrics(spec: GateSpec, ctx: GateContext, given: dict[str, float | N
 # ------------------------------------------------------------------------------------------------ G-C1
 
 def perplexity_ratio(ctx: GateContext) -> float | None:
-    """G-C1: student perplexity / teacher perplexity on the same tokens of ``options['ppl_text']``."""
+    """G-C1: student / teacher token perplexity on the same tokens of ``options['ppl_text']``, computed by
+    :func:`distillgate.evaluate.lm.perplexity` (rolling windows: window 512, stride 256)."""
+    from .evaluate.lm import perplexity
+
     text = ctx.options.get("ppl_text")
     if not text:
         ctx.details["ppl_ratio"] = {"note": "no text: pass --ppl-text FILE"}
@@ -427,43 +430,12 @@ def perplexity_ratio(ctx: GateContext) -> float | None:
     t, s = ctx.teacher(), ctx.student()
     if t.tokenizer.get_vocab() != s.tokenizer.get_vocab():
         raise InputError("ppl_ratio: teacher and student tokenizers differ; perplexities are not comparable")
-    pt = perplexity_on_text(t.model, t.tokenizer, text, n_tokens)
-    ps = perplexity_on_text(s.model, s.tokenizer, text, n_tokens)
-    ctx.details["ppl_ratio"] = {"teacher": pt, "student": ps}
-    return ps["perplexity"] / pt["perplexity"]
-
-
-def perplexity_on_text(model, tokenizer, path: str | Path, n_tokens: int = 2048, block: int = 512) -> dict:
-    """Perplexity on the first ``n_tokens`` tokens of a text file, in non-overlapping windows of ``block``.
-
-    Each window ``ids [1, block]`` predicts its tokens 1..block-1 from the previous ones (no context
-    carried across windows, the same for teacher and student); NLL is summed in float32.
-    Returns ``{perplexity, nll_mean, n_predicted, block}``.
-    """
-    import torch
-
-    p = Path(path)
-    if not p.is_file():
-        raise InputError(f"{p}: perplexity text file not found")
-    chars, ids = 8 * n_tokens, []
-    with open(p, encoding="utf-8") as f:
-        text = f.read(chars)
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-        while len(ids) < n_tokens and (more := f.read(chars)):
-            text += more
-            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    ids = torch.tensor(ids[:n_tokens], dtype=torch.long)
-    if ids.numel() < 2:
-        raise InputError(f"{p}: fewer than 2 tokens of text")
-    nll, n = 0.0, 0
-    with torch.inference_mode():
-        for chunk in ids.split(block):
-            if chunk.numel() < 2:
-                continue
-            logits = model(input_ids=chunk[None], use_cache=False).logits[0, :-1].float()  # [L-1, V]
-            nll += torch.nn.functional.cross_entropy(logits, chunk[1:], reduction="sum").item()
-            n += chunk.numel() - 1
-    return {"perplexity": math.exp(nll / n), "nll_mean": nll / n, "n_predicted": n, "block": block}
+    pt = perplexity(t.model, t.tokenizer, Path(text), max_tokens=n_tokens)
+    ps = perplexity(s.model, s.tokenizer, Path(text), max_tokens=n_tokens)
+    if pt["n_tokens"] != ps["n_tokens"]:
+        raise InputError(f"ppl_ratio: teacher scored {pt['n_tokens']} tokens, student {ps['n_tokens']}")
+    ctx.details["ppl_ratio"] = {"teacher": pt, "student": ps, "text": str(text)}
+    return ps["ppl_token"] / pt["ppl_token"]
 
 
 register_metric_provider("ppl_ratio", perplexity_ratio, higher_is_better=False,

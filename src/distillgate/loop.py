@@ -269,7 +269,9 @@ class Loop:
             from .perf import compare_perf
 
             self.student.eval()
-            perf = compare_perf(self.teacher.model, self.student, self.teacher.tokenizer, repeats=3)
+            perf = compare_perf(self.teacher.model, self.student, self.teacher.tokenizer,
+                                lengths=self.cfg.loop.perf_lengths, repeats=self.cfg.loop.perf_repeats,
+                                context_len=max(self.cfg.loop.perf_lengths))
             self.student.train()
             self.state["perf"] = {"ttft_ratio": perf["ttft_ratio"], "peak_memory_ratio": perf["peak_memory_ratio"]}
             self.state["structure"] = structure

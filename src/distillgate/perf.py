@@ -196,6 +196,7 @@ def compare_perf(teacher, student, tokenizer, lengths: Sequence[int] = DEFAULT_L
                  warmup: int = 1, context_len: int = 512, threads: int | None = None) -> dict:
     """G-P1 and G-P3 in one run: ``{ttft_ratio, peak_memory_ratio, details}`` (student / teacher)."""
     prompts = _prompt_sets(tokenizer, lengths)
+    load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     with torch_threads(threads) as n:
         s = _ttft_samples({"teacher": teacher, "student": student}, prompts, repeats, warmup)
         mem = {k: measure_memory(m, context_len) for k, m in (("teacher", teacher), ("student", student))}
@@ -206,7 +207,10 @@ def compare_perf(teacher, student, tokenizer, lengths: Sequence[int] = DEFAULT_L
             "peak_memory_ratio": mem["student"]["total_bytes"] / mem["teacher"]["total_bytes"],
             "details": {"ttft": {"teacher": tt, "student": st, "ratio_per_length": per_len,
                                  "ratio_max": max(per_len.values())},
-                        "memory": mem, "threads": n, "repeats": repeats, "warmup": warmup}}
+                        "memory": mem, "threads": n, "repeats": repeats, "warmup": warmup,
+                        # other tenants of the CPU inflate both models' times; interleaving keeps the ratio fair
+                        "loadavg_1m": [load_before, os.getloadavg()[0] if load_before is not None else None],
+                        "cpu_count": os.cpu_count()}}
 
 
 # ------------------------------------------------------------------------------------------------ G-P2

@@ -53,7 +53,7 @@ def test_gates_smollm2_vs_sliced_student(tmp_path, smollm2_dir, datasets_dir):
     # an untrained 4-of-30-layer student is far worse at language modelling
     assert gates["G-C1"]["status"] == "fail" and gates["G-C1"]["value"] > 1.5
     ppl = rep["details"]["measurements"]["ppl_ratio"]
-    assert ppl["teacher"]["n_predicted"] == ppl["student"]["n_predicted"] == 255
+    assert ppl["teacher"]["n_tokens"] == ppl["student"]["n_tokens"] == 255
     # ... but much faster and smaller
     assert 0 < gates["G-P1"]["value"] < 0.65 and gates["G-P1"]["status"] == "pass"
     assert 0 < gates["G-P3"]["value"] < 1

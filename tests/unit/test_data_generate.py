@@ -7,6 +7,16 @@ from distillgate.errors import ConfigError
 from distillgate.targets import prediction_positions, prediction_targets
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # Tiny models gain nothing from intra-op threads, and on a shared 2-core machine spinning OpenMP
+    # threads made each 2-layer forward ~5x slower (0.18 s vs ~0.04 s measured).
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def test_loss_mask_alignment_on_hand_built_chat(tiny_tokenizer):
     tok = tiny_tokenizer
     rec = make_record([{"role": "user", "content": "Please summarise the report."}], "finance_risk", "test")
@@ -31,8 +41,8 @@ def test_loss_mask_alignment_on_hand_built_chat(tiny_tokenizer):
 
 def test_greedy_generation_is_deterministic_and_batch_independent(tiny_tokenizer, tiny_model_factory):
     model = tiny_model_factory(seed=0)
-    prompts = builtin_prompts(6, seed=2)
-    a = generate_responses(model, tiny_tokenizer, prompts, max_new_tokens=6, batch_size=4, progress=False)
+    prompts = builtin_prompts(4, seed=2)
+    a = generate_responses(model, tiny_tokenizer, prompts, max_new_tokens=6, batch_size=3, progress=False)
     b = generate_responses(model, tiny_tokenizer, prompts, max_new_tokens=6, batch_size=1, progress=False)
     assert [e.input_ids for e in a] == [e.input_ids for e in b]
     assert [e.prompt_id for e in a] == [p.id for p in prompts]  # prompt order kept despite length sorting

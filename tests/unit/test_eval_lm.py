@@ -21,13 +21,19 @@ def _direct_nll(model, ids):
     return [-lp[i - 1, ids[i]].item() for i in range(1, len(ids))]
 
 
-@pytest.mark.parametrize("n,window,stride", [(10, 16, 8), (50, 16, 16), (50, 16, 5), (51, 8, 1), (17, 16, 15)])
+@pytest.mark.parametrize("n,window,stride", [(10, 16, 8), (50, 16, 5), (51, 8, 1), (17, 16, 15), (40, 16, 15)])
 def test_window_plan_scores_every_token_once(n, window, stride):
     scored = []
     for begin, end, k in window_plan(n, window, stride):
         assert end - begin <= window and k >= 1
         scored += list(range(end - k, end))
     assert sorted(scored) == list(range(1, n)) and len(set(scored)) == len(scored)
+
+
+def test_window_plan_stride_equal_window_skips_window_starts():
+    # HF recipe semantics: with stride == window no window gives the first token of the next one a context.
+    scored = [t for b, e, k in window_plan(50, 16, 16) for t in range(e - k, e)]
+    assert scored == [t for t in range(1, 50) if t % 16]
 
 
 def test_window_plan_rejects_bad_stride():

@@ -218,8 +218,20 @@ def _cli(tmp_path, metrics, *extra, student=None, teacher=None):
     return rc, (json.loads(out.read_text()) if out.exists() else None)
 
 
-def test_cli_exit_codes(tmp_path, tiny_student_dir, tiny_teacher_dir):
-    kw = dict(student=tiny_student_dir, teacher=tiny_teacher_dir)
+@pytest.fixture
+def model_dirs(tmp_path):
+    """Folders that resolve as model specs; nothing loads them when --metrics covers every measurable gate."""
+    dirs = []
+    for name in ("student", "teacher"):
+        d = tmp_path / name
+        d.mkdir()
+        (d / "config.json").write_text("{}")
+        dirs.append(d)
+    return dict(zip(("student", "teacher"), dirs))
+
+
+def test_cli_exit_codes(tmp_path, model_dirs):
+    kw = model_dirs
     rc, rep = _cli(tmp_path, ALL_PASS, **kw)
     assert rc == 0 and rep["all_passed"] and not rep["converged"]
     assert rep["details"]["sources"]["ppl_ratio"] == "--metrics"
@@ -247,6 +259,6 @@ def test_cli_exit_codes(tmp_path, tiny_student_dir, tiny_teacher_dir):
     (["--skip", "not_a_metric"], ALL_PASS),
     ([], {**ALL_PASS, "ppl_ratio": "low"}),
 ])
-def test_cli_usage_errors_exit_2(tmp_path, tiny_student_dir, tiny_teacher_dir, extra, metrics):
-    rc, rep = _cli(tmp_path, metrics, *extra, student=tiny_student_dir, teacher=tiny_teacher_dir)
+def test_cli_usage_errors_exit_2(tmp_path, model_dirs, extra, metrics):
+    rc, rep = _cli(tmp_path, metrics, *extra, **model_dirs)
     assert rc == 2 and rep is None

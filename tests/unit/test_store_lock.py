@@ -53,3 +53,18 @@ def test_lock_freed_when_holder_is_sigkilled(tmp_path):
     with RunStore.open(tmp_path, "r", writer=True) as s:  # no stale lock to break by hand
         assert read_holder(tmp_path / "r" / "run.lock")["pid"] == os.getpid()
         assert s.writer
+
+
+def test_writer_info_reports_live_and_dead_holders(tmp_path):
+    RunStore.create(tmp_path, {}, run_id="r").close()
+    with RunStore.open(tmp_path, "r") as reader:
+        assert reader.writer_info() == {}
+        proc = subprocess.Popen([sys.executable, "-c", HOLDER, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+        try:
+            assert proc.stdout.readline().strip() == "READY"
+            info = reader.writer_info()
+            assert (info["pid"], info["alive"]) == (proc.pid, True)
+        finally:
+            proc.kill()
+            proc.wait()
+        assert reader.writer_info()["alive"] is False  # stale record, but the kernel already freed the lock

@@ -124,11 +124,13 @@ def test_non_finite_tensors_are_never_committed(tmp_path):
                 vw.add_dir("student", d)
         with pytest.raises(NonFiniteError, match="NaN"):
             with s.begin_version(0) as vw:
-                vw.add_json("metrics.json", {"loss": float("nan")})
+                vw.add_json("strict.json", {"loss": float("nan")}, allow_nan=False)
         assert s.versions() == [] and s.latest_valid_version() is None
         with s.begin_version(0) as vw:  # integer tensors and finite floats pass
             vw.add_tensors("t.safetensors", {"i": torch.arange(3), "f": torch.zeros(2, dtype=torch.float16)})
+            vw.add_json("metrics.json", {"loss": float("nan")})  # a diverged metric is recorded, not lost
             assert vw.commit() == 1
+        assert math.isnan(s.get_version(1).load_json("metrics.json")["loss"])
 
 
 def test_writer_misuse_is_refused(tmp_path):
@@ -142,9 +144,10 @@ def test_writer_misuse_is_refused(tmp_path):
         with pytest.raises(ConfigError, match="not yet used"):
             vw.add_json("a.json", {})
         vw.abort()
+        empty = s.begin_version(0)
         with pytest.raises(ArtifactError, match="nothing added"):
-            s.begin_version(0).commit()
-        s._active_writer.abort()
+            empty.commit()
+        empty.abort()
         with pytest.raises(ConfigError, match="kind"):
             s.begin_version(0, kind="Bad Kind")
         with pytest.raises(ConfigError, match="iteration"):
@@ -177,8 +180,13 @@ def test_checkout_gives_a_loadable_hf_model_folder(tmp_path, tiny_student_dir):
         b = AutoModelForCausalLM.from_pretrained(tiny_student_dir)
         for (ka, ta), (kb, tb) in zip(sorted(a.state_dict().items()), sorted(b.state_dict().items()), strict=True):
             assert ka == kb and torch.equal(ta, tb)
-        with pytest.raises(ArtifactError, match="already exists"):
+        assert s.get_version(vid).checkout("student", out) == out  # idempotent: same linked blobs
+        (out / "extra.txt").write_text("x")
+        with pytest.raises(ArtifactError, match="already exists and is not a linked checkout"):
             s.get_version(vid).checkout("student", out)
+        s.get_version(vid).checkout("student", out, replace=True)
+        assert not (out / "extra.txt").exists() and (out / "config.json").is_file()
+        assert [p.name for p in out.parent.iterdir() if p.name.startswith(".")] == []
 
 
 def test_add_file_move_and_dedup(tmp_path):

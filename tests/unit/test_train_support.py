@@ -35,12 +35,12 @@ class TinyLM(torch.nn.Module):
     """Token-wise MLP LM with tied embeddings and dropout: no transformers import, so a subprocess that
     builds it starts in ~2 s; dropout makes the resume test depend on the restored torch RNG state."""
 
-    def __init__(self, vocab: int = VOCAB, hidden: int = 32, seed: int = 0):
+    def __init__(self, vocab: int = VOCAB, hidden: int = 32, seed: int = 0, dropout: float = 0.1):
         super().__init__()
         torch.manual_seed(seed)
         self.embed = torch.nn.Embedding(vocab, hidden)
         self.mlp = torch.nn.Sequential(torch.nn.Linear(hidden, 2 * hidden), torch.nn.GELU(),
-                                       torch.nn.Dropout(0.1), torch.nn.Linear(2 * hidden, hidden))
+                                       torch.nn.Dropout(dropout), torch.nn.Linear(2 * hidden, hidden))
         self.head = torch.nn.Linear(hidden, vocab, bias=False)
         self.head.weight = self.embed.weight  # tied, like SmolLM2
 

@@ -55,6 +55,12 @@ def run_show(args) -> int:
         info, cat = store.info(), store.catalog
         con.print(f"run {info['run_id']}  created {_t(info['created'])} UTC  status {info['status']}  "
                   f"converged {'yes' if info['converged'] else 'no'}", highlight=False)
+        w = store.writer_info()
+        if w:
+            state = {True: "running", False: "not running (died without releasing; the lock is free)",
+                     None: "on another host"}[w["alive"]]
+            con.print(f"writer: pid {w.get('pid')} on {w.get('host')} since {_t(w.get('since'))} UTC, {state}",
+                      highlight=False)
         its = cat.iterations()
         phases = list(dict.fromkeys(p for it in its for p in it["phases"]))
         t = Table("iteration", "status", *phases, "total s", title="iterations (phase seconds)")

@@ -22,9 +22,16 @@ from .scoring import encode_pair, score_requests
 from .teacher import compare_to_teacher, text_examples  # noqa: F401  (public API lives here too)
 
 
+def _is_file(s: str) -> bool:
+    try:
+        return "\n" not in s and Path(s).is_file()
+    except (OSError, ValueError):      # too long / not a valid path: it is text
+        return False
+
+
 def _read_text(text_or_file: str | Path) -> str:
-    if isinstance(text_or_file, Path) or (isinstance(text_or_file, str) and "\n" not in text_or_file
-                                            and len(text_or_file) < 4096 and Path(text_or_file).is_file()):
+    """A ``Path`` or a string naming an existing file is read; any other string is the text itself."""
+    if isinstance(text_or_file, Path) or _is_file(text_or_file):
         p = Path(text_or_file)
         try:
             return p.read_text(encoding="utf-8")

@@ -186,10 +186,18 @@ class ReportData:
         return data
 
     def validate(self) -> None:
-        """Check enumerated fields and shapes; raises :class:`InputError` on the first bad one."""
+        """Check enumerated fields, number types and shapes; raises :class:`InputError` on the first bad one."""
         _check(self.run.status, RUN_STATUSES, "run.status")
         for i, it in enumerate(self.iterations):
             p = f"iterations[{i}]"
+            _int(it.index, f"{p}.index")
+            for j, ph in enumerate(it.phases):
+                _num(ph.seconds, f"{p}.phases[{j}].seconds")
+            for j, g in enumerate(it.gates):
+                for name in ("value", "threshold", "margin"):
+                    _num(getattr(g, name), f"{p}.gates[{j}].{name}")
+            for k, v in it.dimension_scores.items():
+                _num(v, f"{p}.dimension_scores[{k!r}]")
             _check(it.stage, tuple(STAGES), f"{p}.stage")
             _check(it.status, PHASE_STATUSES, f"{p}.status")
             for j, ph in enumerate(it.phases):
@@ -202,12 +210,19 @@ class ReportData:
             for k in it.dimension_scores:
                 _check(k, DIMENSIONS, f"{p}.dimension_scores key")
         for i, f in enumerate(self.findings):
+            _int(f.iteration, f"findings[{i}].iteration")
             _check(f.severity, SEVERITIES, f"findings[{i}].severity")
             for j, h in enumerate(f.evidence.heatmaps):
                 _check_grid(h.z, len(h.y), len(h.x), f"findings[{i}].evidence.heatmaps[{j}].z")
+        for i, x in enumerate(self.decisions):
+            _int(x.iteration, f"decisions[{i}].iteration")
         for i, a in enumerate(self.alerts):
             _check(a.severity, SEVERITIES, f"alerts[{i}].severity")
+            if a.iteration is not None:
+                _int(a.iteration, f"alerts[{i}].iteration")
         for i, pd in enumerate(self.param_diffs):
+            _int(pd.from_iteration, f"param_diffs[{i}].from_iteration")
+            _int(pd.to_iteration, f"param_diffs[{i}].to_iteration")
             _check_grid(pd.values, len(pd.layers), len(pd.groups), f"param_diffs[{i}].values")
             if pd.abs_change:
                 _check_grid(pd.abs_change, len(pd.layers), len(pd.groups), f"param_diffs[{i}].abs_change")
@@ -216,6 +231,16 @@ class ReportData:
 def _check(value: Any, allowed: tuple, where: str) -> None:
     if value not in allowed:
         raise InputError(f"report {where}: got {value!r}; allowed: {list(allowed)}")
+
+
+def _int(value: Any, where: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InputError(f"report {where}: got {value!r}; allowed: an integer")
+
+
+def _num(value: Any, where: str) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+        raise InputError(f"report {where}: got {value!r}; allowed: a number or null")
 
 
 def _check_grid(z: list, rows: int, cols: int, where: str) -> None:

@@ -118,7 +118,7 @@ def _iteration_card(it: Iteration) -> str:
         chips.append(f'<div class="phase st-{esc(status)}" title="{title}"><span>{ph}</span><small>{secs}</small></div>')
     total = sum(p.seconds or 0.0 for p in it.phases)
     version = f" · <code>{esc(it.version)}</code>" if it.version else ""
-    return (f'<div class="iter st-border-{esc(it.status)}"><div class="iter-head"><b>iteration {it.index}</b>'
+    return (f'<div class="iter st-border-{esc(it.status)}"><div class="iter-head"><b>iteration {esc(it.index)}</b>'
             f'<span>{total:.1f} s{version}</span></div><div class="phases">{"<i>→</i>".join(chips)}</div></div>')
 
 
@@ -135,7 +135,7 @@ def _gates(d: ReportData) -> str:
         ids += [g.id for g in it.gates if g.id not in ids]
     if not ids:
         return '<section id="gates"><h2>Gates</h2><p class="muted">No gate results yet.</p></section>'
-    head = "".join(f"<th>{it.index}</th>" for it in d.iterations)
+    head = "".join(f"<th>{esc(it.index)}</th>" for it in d.iterations)
     rows = []
     for gid in ids:
         cells = []
@@ -152,7 +152,7 @@ def _gates(d: ReportData) -> str:
             continue
         passed = sum(g.passed for g in it.gates)
         body = "".join(_gate_row(g) for g in it.gates)
-        tables.append(f'<details{" open" if n == 0 else ""}><summary>Iteration {it.index} ({esc(it.stage)}): '
+        tables.append(f'<details{" open" if n == 0 else ""}><summary>Iteration {esc(it.index)} ({esc(it.stage)}): '
                       f'{passed} / {len(it.gates)} passed</summary><table class="gates"><tr><th>gate</th>'
                       f'<th>dimension</th><th>metric</th><th>value</th><th>threshold</th><th>margin</th>'
                       f'<th>status</th><th>note</th></tr>{body}</table></details>')
@@ -201,7 +201,7 @@ def _finding(f: Finding, chart: _Charts) -> str:
     details = (f'<details><summary>details</summary><pre>{esc(json.dumps(ev.details, indent=2, default=str))}'
                f'</pre></details>' if ev.details else "")
     return (f'<article class="finding f-{esc(f.severity)}"><div class="f-head">{_badge(f.severity, "sev")}'
-            f'<b>{esc(f.kind)}</b><span>iteration {f.iteration}</span><code>{esc(f.metric)}</code></div>'
+            f'<b>{esc(f.kind)}</b><span>iteration {esc(f.iteration)}</span><code>{esc(f.metric)}</code></div>'
             f'<p>{esc(f.message)}</p><div class="grid2">{maps}</div>{samples}{details}</article>')
 
 
@@ -213,7 +213,7 @@ def _findings(d: ReportData, chart: _Charts) -> str:
 def _decisions(d: ReportData) -> str:
     if not d.decisions:
         return '<section id="decisions"><h2>Decisions</h2><p class="muted">No recipe changes.</p></section>'
-    rows = "".join(f'<tr><td class="num">{x.iteration}</td><td><code>{esc(x.knob)}</code></td>'
+    rows = "".join(f'<tr><td class="num">{esc(x.iteration)}</td><td><code>{esc(x.knob)}</code></td>'
                    f'<td class="num">{_fmt(x.old)}</td><td class="num">{_fmt(x.new)}</td><td>{esc(x.reason)}</td></tr>'
                    for x in d.decisions)
     return (f'<section id="decisions"><h2>Decisions</h2><table class="gates"><tr><th>iteration</th><th>knob</th>'

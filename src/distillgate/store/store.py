@@ -21,6 +21,7 @@ import os
 import re
 import secrets
 import shutil
+import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +29,7 @@ from pathlib import Path
 from ..errors import ArtifactError, ConfigError
 from .artifacts import BlobStore
 from .catalog import CATALOG_NAME, Catalog
-from .lock import LOCK_NAME, RunLock
+from .lock import LOCK_NAME, RunLock, read_holder
 from .versions import CrashHook, Version, VersionWriter, manifest_path, read_version
 
 log = logging.getLogger(__name__)
@@ -142,6 +143,31 @@ class RunStore:
                                                   f"uncommitted staging or manifest file(s)")
 
     # ---- run info -----------------------------------------------------------------------------------
+    def work_dir(self, name: str) -> Path:
+        """``<run>/work/<name>``: scratch space on the run's file system (so ``add_file(..., move=True)`` is a
+        rename). Never read by the store and never cleaned by it; the owner of ``name`` cleans up."""
+        if not re.match(r"^[A-Za-z0-9_.-]+$", name) or name in (".", ".."):
+            raise ConfigError("work_dir name", name, "one folder name of [A-Za-z0-9_.-]")
+        path = self.dir / "work" / name
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def writer_info(self) -> dict:
+        """Who holds (or last held) the writer lock: {pid, host, since, argv, alive}; {} if nobody wrote it.
+        ``alive`` is True/False when the holder is on this host, None when it is elsewhere."""
+        info = read_holder(self.lock.path)
+        if info:
+            info["alive"] = None
+            if info.get("host") == socket.gethostname():
+                try:
+                    os.kill(int(info["pid"]), 0)
+                    info["alive"] = True
+                except (ProcessLookupError, ValueError, KeyError):
+                    info["alive"] = False
+                except PermissionError:  # exists, owned by someone else
+                    info["alive"] = True
+        return info
+
     @property
     def config(self) -> dict:
         return self.catalog.run_row()["config"]

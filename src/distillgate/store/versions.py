@@ -63,6 +63,16 @@ def env_crash_hook() -> CrashHook | None:
     return hook
 
 
+def _json_default(obj):
+    if hasattr(obj, "model_dump"):  # pydantic
+        return obj.model_dump(mode="json")
+    if isinstance(obj, (set, frozenset, tuple)):
+        return list(obj)
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"{type(obj).__name__} is not JSON-serialisable")
+
+
 def manifest_path(run_dir: Path, version_id: int) -> Path:
     return run_dir / "versions" / f"{version_id:06d}.json"
 
@@ -106,10 +116,12 @@ class Version:
         for name in self.names():
             self.path_of(name, deep=deep)
 
-    def checkout(self, prefix: str, dest: str | os.PathLike, link: bool = True) -> Path:
+    def checkout(self, prefix: str, dest: str | os.PathLike, link: bool = True, replace: bool = False) -> Path:
         """Materialise the files under ``prefix`` as a plain folder ``dest`` (e.g. a Hugging Face model folder
         that ``from_pretrained`` loads). ``link=True`` hard-links the verified, read-only blobs (no bytes
-        copied); a failed link (other file system) falls back to a copy. ``dest`` must not exist."""
+        copied); a failed link (other file system) falls back to a copy. If ``dest`` exists: returned as is
+        when it already is this checkout (same hard-linked blobs, nothing else), replaced when
+        ``replace=True``, else :class:`ArtifactError`."""
         import shutil
         import tempfile
 
@@ -117,8 +129,11 @@ class Version:
         if not names:
             raise ArtifactError(f"version {self.version_id}: nothing under {prefix!r}")
         dest = Path(dest)
-        if dest.exists():
-            raise ArtifactError(f"{dest}: already exists (refusing to overwrite a checkout)")
+        if dest.exists() and not replace:
+            if self._is_checkout(prefix, dest):
+                return dest
+            raise ArtifactError(f"{dest}: already exists and is not a linked checkout of version {self.version_id} "
+                                f"{prefix!r}; remove it or pass replace=True")
         dest.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp"))
         try:
@@ -133,11 +148,30 @@ class Version:
                     os.link(src, out)
                 except OSError:
                     shutil.copyfile(src, out)
-            os.replace(tmp, dest)
+            if dest.exists():  # replace=True: swap the old folder out, then delete it
+                old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
+                os.replace(dest, old)
+                os.replace(tmp, dest)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(tmp, dest)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         return dest
+
+
+    def _is_checkout(self, prefix: str, dest: Path) -> bool:
+        """True if ``dest`` holds exactly this version's files under ``prefix`` as hard links to verified blobs."""
+        cut = len(prefix.rstrip("/")) + 1
+        want = {n[cut:] if n != prefix else Path(n).name: n for n in self.names(prefix)}
+        have = {p.relative_to(dest).as_posix() for p in dest.rglob("*") if p.is_file()}
+        if have != set(want):
+            return False
+        try:
+            return all(os.path.samefile(dest / rel, self.path_of(n)) for rel, n in want.items())
+        except (OSError, ArtifactError):
+            return False
 
 
 def read_version(run_dir: Path, blobs: BlobStore, row: dict) -> Version:
@@ -213,10 +247,13 @@ class VersionWriter:
             self._add(n, *self.store.blobs.put_file(p, move=move))
         return names
 
-    def add_json(self, name: str, obj) -> str:
+    def add_json(self, name: str, obj, allow_nan: bool = True) -> str:
+        """Add ``obj`` as JSON. NaN/inf are written as Python's json does (NaN, Infinity) so that a diverged
+        metric is recorded, not lost; ``allow_nan=False`` refuses them with :class:`NonFiniteError`. Weights
+        never go through JSON: tensors use :meth:`add_tensors`, which always refuses NaN/inf."""
         self._claim(name)
         try:
-            text = json.dumps(obj, indent=2, sort_keys=True, allow_nan=False)
+            text = json.dumps(obj, indent=2, sort_keys=True, allow_nan=allow_nan, default=_json_default)
         except ValueError as e:
             raise NonFiniteError(f"version {self.version_id} file {name!r}: {e}; refusing to commit NaN/inf") from None
         return self._add(name, *self.store.blobs.put_bytes((text + "\n").encode()))

@@ -101,7 +101,7 @@ def train(model: torch.nn.Module, loss_fn: LossFn, batches: BatchSource | Callab
         resume_events.append(TrainEvent("resume", st["step"], {"path": str(ckpt.path)}).to_json())
         st["events"] = st["events"] + resume_events
     else:
-        seed_everything(spec.seed)
+        seed_everything(spec.seed + rank)  # ranks draw different dropout masks; rank 0 == single process
     # Rollback target until the first checkpoint exists (then the checkpoint is, and this is freed).
     snapshot = None if list_checkpoints(ckpt_root) else _snapshot(model, optimizer)
     metrics = MetricsLog(out_dir, enabled=main, tensorboard=tensorboard, resume_step=resumed_step)

@@ -1,0 +1,134 @@
+"""The loop end to end on tiny models: versions, aliases, findings, resume equivalence, rollback, plug-ins."""
+
+import json
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from distillgate import loop as loop_mod
+from distillgate.cli import main
+from distillgate.config import RunConfig, load_config
+from distillgate.errors import ConfigError
+from distillgate.store import RunStore
+
+
+def _cfg(teacher_dir, root, **extra):
+    over = [f"teacher.path={teacher_dir}", "student.init=config",
+            "student.config={num_hidden_layers: 1, intermediate_size: 32}",
+            "data.max_new_tokens=12", "data.gen_batch_size=8", "train.steps=2", "train.batch_size=2",
+            "train.warmup_steps=0", "train.precision=fp32", "targets.top_k=8", "loop.prompts_per_iteration=8",
+            "loop.heldout_prompts=4", "loop.stages=[{name: anchor, iterations: 0}, {name: joint, iterations: 2}]",
+            "loop.perf_lengths=[16]", "loop.perf_repeats=1", f"store_root={root}"]
+    over += [f"{k}={v}" for k, v in extra.items()]
+    return load_config(RunConfig, None, over)
+
+
+@pytest.fixture(autouse=True)
+def _home(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("DISTILLGATE_HOME", str(tmp_path_factory.getbasetemp() / "dg-home"))
+
+
+def _weights(store_root, run_id, alias="current"):
+    with RunStore.open(store_root, run_id) as s:
+        v = s.resolve(alias)
+        return {n: load_file(str(v.path_of(n))) for n in v.names("student/") if n.endswith(".safetensors")}
+
+
+def test_run_commits_every_iteration_with_aliases_and_records(tiny_teacher_dir, tmp_path):
+    cfg = _cfg(tiny_teacher_dir, tmp_path / "runs")
+    summary = loop_mod.run(cfg, progress=False)
+    assert summary["status"] == "budget_exhausted"  # business/operations gates are never measured here
+    assert [h["iteration"] for h in summary["iterations"]] == [0, 1, 2]
+    with RunStore.open(tmp_path / "runs", summary["run_id"]) as s:
+        rows = s.versions()
+        assert [r["iteration"] for r in rows] == [0, 1, 2]
+        assert {"current", "best"} <= set(s.aliases())
+        v = s.resolve("current")
+        for name in ("recipe.json", "gates.json", "loop_state.json", "metrics.json", "findings.json"):
+            assert name in v.files
+        assert any(n.startswith("teacher_profile/") for n in s.get_version(rows[0]["version_id"]).files)
+        its = s.catalog.iterations()
+        assert all(set(it["phases"]) >= {"extract", "map", "validate", "attribute", "compensate", "commit"}
+                   for it in its)
+        state = v.load_json("loop_state.json")
+        assert len(state["history"]) == 3 and state["history"][1]["metrics"]["kl"] > 0
+        # the held-out prompts are never trained on
+        used = {p for ids in state["used_prompts"].values() for p in ids}
+        assert not used & set(state["heldout_prompts"])
+        assert s.catalog.findings(), "every iteration with failing gates yields findings"
+
+
+def test_bad_config_creates_no_run_folder(tiny_teacher_dir, tmp_path):
+    cfg = _cfg(tiny_teacher_dir, tmp_path / "runs", **{"eval.text_file": str(tmp_path / "missing.txt")})
+    with pytest.raises(ConfigError, match="eval.text_file"):
+        loop_mod.run(cfg, progress=False)
+    assert not (tmp_path / "runs").exists()
+    with pytest.raises(ConfigError, match="unknown stage"):
+        load_config(RunConfig, None, ["loop.stages=[{name: nope, iterations: 1}]"])
+
+
+def test_kill_then_resume_gives_the_same_final_weights(tiny_teacher_dir, tmp_path, monkeypatch):
+    straight = loop_mod.run(_cfg(tiny_teacher_dir, tmp_path / "a"), progress=False)
+    real = loop_mod.Loop.train_iteration
+
+    def crash_in_iteration_2(self, ctx):
+        if ctx.iteration == 2:
+            real(self, ctx)  # training finished, the process dies before the commit
+            raise KeyboardInterrupt("simulated kill")
+        return real(self, ctx)
+
+    monkeypatch.setattr(loop_mod.Loop, "train_iteration", crash_in_iteration_2)
+    with pytest.raises(KeyboardInterrupt):
+        loop_mod.run(_cfg(tiny_teacher_dir, tmp_path / "b", run_id="crashy"), progress=False)
+    monkeypatch.setattr(loop_mod.Loop, "train_iteration", real)
+    with RunStore.open(tmp_path / "b", "crashy") as s:
+        assert [r["iteration"] for r in s.versions()] == [0, 1]
+    resumed = loop_mod.run(None, resume_run="crashy", root=str(tmp_path / "b"), progress=False)
+    assert [h["iteration"] for h in resumed["iterations"]] == [0, 1, 2]
+    a, b = _weights(tmp_path / "a", straight["run_id"]), _weights(tmp_path / "b", "crashy")
+    assert a.keys() == b.keys()
+    for f in a:
+        for k in a[f]:
+            assert a[f][k].equal(b[f][k]), k
+
+
+def test_rollback_then_resume_continues_from_the_restored_iteration(tiny_teacher_dir, tmp_path, capsys):
+    summary = loop_mod.run(_cfg(tiny_teacher_dir, tmp_path / "runs", run_id="rb"), progress=False)
+    assert main(["rollback", "rb", "--to", "1", "--root", str(tmp_path / "runs")]) == 0
+    with RunStore.open(tmp_path / "runs", "rb") as s:
+        cur = s.resolve("current")
+        assert cur.kind == "rollback" and cur.iteration == 1
+        one = [r for r in s.versions() if r["iteration"] == 1][0]
+        assert cur.files == s.get_version(one["version_id"]).files
+        n_versions = len(s.versions())
+    assert n_versions == 4  # nothing overwritten: 3 iterations + the rollback version
+    assert summary["status"] == "budget_exhausted"
+
+
+class _Probe:
+    name, code = "probe", "S2"
+    calls = []
+
+    def extract(self, ctx):
+        _Probe.calls.append(("extract", ctx.iteration))
+        ctx.loop.extract_iteration(ctx)
+
+    def map(self, ctx):
+        _Probe.calls.append(("map", ctx.iteration))
+
+    def attribute(self, ctx):
+        _Probe.calls.append(("attribute", ctx.iteration))
+
+
+def test_a_new_stage_plugs_in_without_touching_the_core(tiny_teacher_dir, tmp_path):
+    from distillgate.stages import STAGES, register_stage
+
+    register_stage("probe", _Probe)
+    try:
+        cfg = _cfg(tiny_teacher_dir, tmp_path / "runs",
+                   **{"loop.stages": "[{name: anchor, iterations: 0}, {name: probe, iterations: 1}]"})
+        loop_mod.run(cfg, progress=False)
+    finally:
+        STAGES.pop("probe")
+    assert _Probe.calls == [("extract", 1), ("map", 1), ("attribute", 1)]
