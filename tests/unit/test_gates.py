@@ -262,3 +262,20 @@ def test_cli_exit_codes(tmp_path, model_dirs):
 def test_cli_usage_errors_exit_2(tmp_path, model_dirs, extra, metrics):
     rc, rep = _cli(tmp_path, metrics, *extra, **model_dirs)
     assert rc == 2 and rep is None
+
+
+def test_teacher_profile_resolves_to_its_model(tmp_path, tiny_teacher_dir):
+    from distillgate.commands.gates import resolve_teacher
+    from distillgate.errors import InputError
+    from distillgate.io import atomic_dir
+    from distillgate.models.load import fingerprint_folder
+
+    assert resolve_teacher(str(tiny_teacher_dir)) == str(tiny_teacher_dir)
+    good = {"path": str(tiny_teacher_dir), "fingerprint": fingerprint_folder(tiny_teacher_dir)}
+    with atomic_dir(tmp_path / "prof", kind="profile", format_version=1, meta=good) as d:
+        (d / "profile.json").write_text("{}")
+    assert resolve_teacher(str(tmp_path / "prof")) == str(tiny_teacher_dir)
+    with atomic_dir(tmp_path / "stale", kind="profile", format_version=1, meta={**good, "fingerprint": "0" * 64}) as d:
+        (d / "profile.json").write_text("{}")
+    with pytest.raises(InputError, match="changed"):
+        resolve_teacher(str(tmp_path / "stale"))

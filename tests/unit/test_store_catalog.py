@@ -78,6 +78,9 @@ def test_typed_records_fail_loudly(tmp_path):
             s.record_phase(0, "map", -1.0)
         with pytest.raises(ConfigError, match="committed version"):
             s.record_metrics(99, {"kl": 1.0})
+        with pytest.raises(ConfigError, match="metric 'kl'"):
+            s.record_metrics(v, {"ok": 1.0, "kl": "high"})
+        assert s.catalog.metrics(v) == {}
         assert s.catalog.gate_results(v) == [] and s.catalog.findings() == [] and s.catalog.decisions() == []
 
 

@@ -140,6 +140,8 @@ def test_corrupted_checkpoint_falls_back_to_previous(tmp_path):
     assert "checkpoint_fallback" in kinds and r.events[-1]["path"].endswith("step-00000002")
     # redoing steps 3-4 from step 2 reproduces the original step-4 weights exactly
     assert (ck4 / "model.safetensors").read_bytes() == good
+    with pytest.raises(ArtifactError, match="earlier run; pass resume_from"):  # no silent mixing of runs
+        train(tiny_model(), ce_loss, EpochBatches(), spec(steps=4), out, progress=False, tensorboard=False)
 
 
 # ------------------------------------------------------------------------------------------- non-finite

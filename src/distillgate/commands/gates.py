@@ -20,7 +20,8 @@ def register(subparsers) -> None:
         description="Measure the student against the teacher (perplexity ratio, TTFT, memory, latency "
                     "volatility, ...), merge metrics measured elsewhere, and check every gate of the spec.")
     p.add_argument("--student", required=True, help="student model: a folder, a .gguf file, or a hub id")
-    p.add_argument("--teacher", default="default", help="teacher model (default: embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--teacher", default="default", help="teacher model, or a teacher profile folder (`distillgate "
+                   "profile`) whose recorded model is used (default: embedded SmolLM2-135M-Instruct)")
     p.add_argument("--spec", default=None, help="gate spec YAML (default: the shipped specs/gates.yaml)")
     p.add_argument("--metrics", action="append", default=[], metavar="FILE",
                    help="JSON of already measured metrics: {name: value} or a Scorecard {metrics: {name: "
@@ -95,6 +96,25 @@ def read_metrics(path: str) -> dict[str, float | None]:
     return out
 
 
+def resolve_teacher(spec: str) -> str:
+    """A model spec as is; a profile artifact (MANIFEST kind 'profile') -> the model folder it was built from,
+    after checking that folder still has the fingerprint the profile recorded."""
+    from ..errors import InputError
+    from ..io import read_manifest
+    from ..models.load import fingerprint_folder
+
+    p = Path(spec)
+    if not (p / "MANIFEST.json").is_file() or read_manifest(p).get("kind") != "profile":
+        return spec
+    meta = read_manifest(p).get("meta", {})
+    model = meta.get("path")
+    if not model or not Path(model).is_dir():
+        raise InputError(f"{spec}: teacher profile records no existing model folder (meta.path={model!r})")
+    if meta.get("fingerprint") and fingerprint_folder(model) != meta["fingerprint"]:
+        raise InputError(f"{spec}: the model at {model} changed since this profile was built (fingerprint)")
+    return model
+
+
 def run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
@@ -125,11 +145,12 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("--skip", sorted(skip - known), f"metrics of the spec: {sorted(known)}")
     if args.skip_perf:
         skip |= set(PERF_METRICS)
-    student_path, teacher_path = resolve_model_path(args.student), resolve_model_path(args.teacher)
+    teacher_spec = resolve_teacher(args.teacher)
+    student_path, teacher_path = resolve_model_path(args.student), resolve_model_path(teacher_spec)
 
     # ---- measure (models load lazily: nothing loads when --metrics covers every gate)
     problems = load_providers()
-    ctx = GateContext(student_spec=args.student, teacher_spec=args.teacher, dtype=args.dtype, options={
+    ctx = GateContext(student_spec=args.student, teacher_spec=teacher_spec, dtype=args.dtype, options={
         "ppl_text": args.ppl_text, "ppl_tokens": args.ppl_tokens, "lengths": lengths, "repeats": args.repeats,
         "warmup": args.warmup, "context_len": args.context_len, "volatility_requests": args.volatility_requests,
         "leak_seconds": args.leak_seconds, "threads": args.threads, "seed": args.seed,

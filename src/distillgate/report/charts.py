@@ -132,7 +132,13 @@ def metric_curves(iterations: list[Iteration], baseline: dict) -> tuple[go.Figur
         for s, key in enumerate(panels[name]):
             color = SERIES[s % len(SERIES)]
             short = key.split("/", 1)[1] if "/" in key else key
-            fig.add_trace(go.Scatter(x=xs, y=[f.get(key) for f in flat], mode="lines+markers", name=esc(short),
+            ys = [f.get(key) for f in flat]
+            # a family panel names each line at its last point (one legend cannot serve a grid of panels)
+            last = max((i for i, y in enumerate(ys) if y is not None), default=None)
+            text = [label(short, 18) if i == last and len(panels[name]) > 1 else "" for i in range(len(ys))]
+            fig.add_trace(go.Scatter(x=xs, y=ys, mode="lines+markers+text", name=esc(short), text=text,
+                                     textposition="middle right", textfont={"size": 10, "color": color},
+                                     cliponaxis=False,
                                      legendgroup=esc(key), showlegend=False, line={"color": color, "width": 2},
                                      marker={"size": 6}, hovertemplate=f"{esc(key)}: %{{y:.4g}}<extra>iter %{{x}}</extra>"),
                           row=r, col=c)
@@ -141,7 +147,8 @@ def metric_curves(iterations: list[Iteration], baseline: dict) -> tuple[go.Figur
                                          line={"color": color, "dash": "dash", "width": 1},
                                          hovertemplate=f"teacher {esc(key)}: %{{y:.4g}}<extra></extra>"),
                               row=r, col=c)
-        fig.update_xaxes(dtick=1, row=r, col=c)
+        pad = 0.9 if len(panels[name]) > 1 else 0.2  # room for the line labels on the right
+        fig.update_xaxes(dtick=1, range=[min(xs) - 0.2, max(xs) + pad], row=r, col=c)
     _style(fig, "Metrics over iterations (dashed: teacher)", 260 * rows + 60)
     fig.update_annotations(font={"size": 12})
     return fig, left_out
@@ -158,7 +165,7 @@ def param_diff_heatmap(pd: ParamDiff) -> go.Figure:
         hovertemplate="%{y} / %{x}<br>relative %{z:.3g}<br>absolute %{text}<extra></extra>"))
     fig.update_yaxes(autorange="reversed", showgrid=False)
     fig.update_xaxes(showgrid=False, side="top")
-    _style(fig, f"Iteration {pd.from_iteration} → {pd.to_iteration}", 120 + 22 * len(pd.layers))
+    _style(fig, f"Iteration {pd.from_iteration} → {pd.to_iteration}", max(260, 120 + 22 * len(pd.layers)))
     fig.update_layout(margin={"t": 70})
     return fig
 
@@ -183,7 +190,7 @@ def param_diff_overview(diffs: list[ParamDiff]) -> go.Figure | None:
                                hovertemplate="%{y}, %{x}: %{z:.3g}<extra></extra>"))
     fig.update_yaxes(autorange="reversed", showgrid=False)
     fig.update_xaxes(showgrid=False, type="category")
-    return _style(fig, "Largest relative change per layer, by transition", 120 + 22 * len(rows))
+    return _style(fig, "Largest relative change per layer, by transition", max(240, 120 + 22 * len(rows)))
 
 
 def finding_heatmap(h: HeatMap) -> go.Figure:

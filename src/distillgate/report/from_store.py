@@ -40,11 +40,14 @@ def _iso(t: float | None) -> str | None:
 
 
 def _describe_model(spec: Any) -> str:
+    """'default', a path, or for a student spec e.g. 'init=derive num_layers=15 mlp_width=1024'."""
     if isinstance(spec, str):
         return spec
     if isinstance(spec, dict):
-        bits = [str(spec[k]) for k in ("path", "init") if spec.get(k)]
+        bits = [str(spec["path"])] if spec.get("path") else []
+        bits += [f"init={spec['init']}"] if spec.get("init") else []
         bits += [f"{k}={spec[k]}" for k in ("num_layers", "mlp_width") if spec.get(k)]
+        bits += [f"{k}={v}" for k, v in (spec.get("config") or {}).items() if isinstance(v, (int, float, str))][:4]
         return " ".join(bits) or "—"
     return "—"
 

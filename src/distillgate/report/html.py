@@ -84,7 +84,10 @@ def _overview(d: ReportData, chart: _Charts) -> str:
              ("gates passed (latest)", f"{passed} / {len(gates)}" if gates else "—"),
              ("phase time", f"{secs / 3600:.2f} h" if secs >= 3600 else f"{secs:.0f} s"),
              ("red alerts", str(red))]
-    dims = "".join(f'<div class="dim"><span>{esc(k)}</span><b>{_fmt(last.dimension_scores.get(k))}</b></div>'
+    def score(v):  # closeness can underflow to 1e-300 for a far miss: three decimals say enough
+        return "—" if v is None else f"{v:.3f}"
+
+    dims = "".join(f'<div class="dim"><span>{esc(k)}</span><b>{score(last.dimension_scores.get(k))}</b></div>'
                    for k in DIMENSIONS) if last else ""
     kpis = "".join(f'<div class="card"><span>{k}</span><b>{v}</b></div>' for k, v in cards)
     figs = chart(charts.radar(d.iterations)) + chart(charts.dimension_curves(d.iterations))
@@ -136,8 +139,10 @@ def _gates(d: ReportData) -> str:
     if not ids:
         return '<section id="gates"><h2>Gates</h2><p class="muted">No gate results yet.</p></section>'
     head = "".join(f"<th>{esc(it.index)}</th>" for it in d.iterations)
+    never = [gid for gid in ids if all(g.status == "not_measured" for it in d.iterations for g in it.gates
+                                       if g.id == gid)]
     rows = []
-    for gid in ids:
+    for gid in [i for i in ids if i not in never]:
         cells = []
         for it in d.iterations:
             g = next((g for g in it.gates if g.id == gid), None)
@@ -146,6 +151,9 @@ def _gates(d: ReportData) -> str:
                          if g else '<td class="cell"></td>')
         rows.append(f"<tr><th><code>{esc(gid)}</code></th>{''.join(cells)}</tr>")
     matrix = f'<table class="matrix"><tr><th>gate \\ iteration</th>{head}</tr>{"".join(rows)}</table>'
+    if never:
+        matrix += (f'<p class="muted">Not measured in any iteration ({len(never)}): '
+                   f'{", ".join(f"<code>{esc(g)}</code>" for g in never)}</p>')
     tables = []
     for n, it in enumerate(reversed(d.iterations)):
         if not it.gates:

@@ -33,7 +33,7 @@ code { font:12px/1.4 ui-monospace,SFMono-Regular,Menlo,Consolas,monospace; }
 .grid2 { display:grid; grid-template-columns:repeat(auto-fit,minmax(440px,1fr)); gap:16px; }
 .grid3 { display:grid; grid-template-columns:repeat(auto-fit,minmax(360px,1fr)); gap:16px; }
 .chart { min-width:0; }
-.badge { display:inline-block; padding:1px 10px; border-radius:999px; font-size:12px; font-weight:600;
+.badge { display:inline-block; white-space:nowrap; padding:1px 10px; border-radius:999px; font-size:12px; font-weight:600;
   text-transform:uppercase; letter-spacing:.03em; }
 .status-converged, .gate-pass { background:var(--ok-bg); color:var(--ok); }
 .status-failed, .gate-fail, .gate-missing, .sev-critical, .sev-error { background:var(--bad-bg); color:var(--bad); }
@@ -41,6 +41,7 @@ code { font:12px/1.4 ui-monospace,SFMono-Regular,Menlo,Consolas,monospace; }
 .status-running, .sev-info { background:var(--run-bg); color:var(--run); }
 .gate-not_measured { background:var(--idle-bg); color:var(--idle); }
 table { border-collapse:collapse; width:100%; margin:8px 0; }
+td code, th code { white-space:nowrap; }
 th, td { text-align:left; padding:6px 10px; border-bottom:1px solid var(--line); vertical-align:top; }
 th { font-weight:600; color:var(--muted); font-size:12px; }
 td.num { text-align:right; font-variant-numeric:tabular-nums; white-space:nowrap; }

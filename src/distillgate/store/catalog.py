@@ -112,6 +112,16 @@ def _real(x) -> float | None:
     return x if math.isfinite(x) else None
 
 
+def _is_number(x) -> bool:
+    if x is None:
+        return True
+    try:
+        float(x)
+        return True
+    except (TypeError, ValueError):
+        return False
+
+
 def _val(x) -> float:
     return float("nan") if x is None else float(x)
 
@@ -271,6 +281,9 @@ class Catalog:
 
     # ---- metrics, gates, findings, decisions, alerts --------------------------------------------------
     def record_metrics(self, version_id: int, values: Mapping[str, float], split: str = "val") -> None:
+        for name, v in values.items():
+            if not isinstance(name, str) or not name or isinstance(v, str) or not _is_number(v):
+                raise ConfigError(f"metric {name!r}", v, "a str name with a number (NaN/inf allowed) or None")
         now = time.time()
         with self.tx() as c:
             for name, v in values.items():

@@ -98,8 +98,10 @@ class RunStore:
             for sub in ("objects", "versions", "tmp"):
                 (tmp / sub).mkdir()
             os.rename(tmp, final)  # fails if a concurrent create won the race
-        except BaseException:
+        except BaseException as e:
             shutil.rmtree(tmp, ignore_errors=True)
+            if isinstance(e, OSError) and final.exists():
+                raise ConfigError("run_id", run_id, f"a run id not yet used under {root} (created concurrently)") from e
             raise
         return cls(final, writer=True)
 

@@ -31,7 +31,7 @@ from typing import Callable, Iterable, Literal
 import torch
 
 from ..config import TrainSpec
-from ..errors import ConfigError
+from ..errors import ArtifactError, ConfigError
 from . import distributed as dist
 from .checkpoint import list_checkpoints, load_latest, save_checkpoint
 from .cursor import DataCursor, input_token_count, loss_token_count
@@ -73,6 +73,10 @@ def train(model: torch.nn.Module, loss_fn: LossFn, batches: BatchSource | Callab
     batch_fn = as_batch_fn(batches)
     out_dir = Path(out_dir)
     ckpt_root = out_dir / "checkpoints"
+    if resume_from is None and list_checkpoints(ckpt_root):
+        # a fresh run would interleave its checkpoints with stale ones that a later resume/rollback picks up
+        raise ArtifactError(f"{ckpt_root}: holds checkpoints of an earlier run; pass resume_from={str(out_dir)!r} "
+                            f"to continue it, or choose an empty out_dir")
     main = dist.is_main()
     world, rank = dist.world_size(), dist.rank()
     device_type = params[0].device.type

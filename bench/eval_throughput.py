@@ -1,0 +1,117 @@
+"""Native multiple-choice scoring vs lm-evaluation-harness's HF backend: same model, same data, same batch.
+
+    python bench/eval_throughput.py --data-dir ../shared/datasets [--copa 100] [--mmlu marketing:16]
+                                    [--batch-size 8] [--dtype float32] [--repeats 3]
+
+For each task, repeats alternate the two engines (native, lm-eval, native, ...) and the median wall time
+is kept. Both sides start from the same documents and include their own tokenisation:
+
+* native: ``distillgate.evaluate.choice.evaluate_mc`` (shared-context packing, shared few-shot prefix in
+  the KV cache, vocabulary projection only at scored positions);
+* lm-eval: ``HFLM(pretrained=model, tokenizer=tok, batch_size=B).loglikelihood(requests)`` on the requests
+  lm-eval itself builds from our task YAML (task building is outside the timing: that favours lm-eval).
+
+Accuracies must agree (same argmax per document). Last line: ``examples_per_s_ratio_vs_lm_eval=X``
+(summed examples over summed median seconds across tasks, native / lm-eval).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def lm_eval_requests(task_name: str, data_dir: Path, limit: int, workdir: Path):
+    """The lm-eval Instances for a local task, and the gold index per document."""
+    from lm_eval.tasks import TaskManager, get_task_dict
+
+    from distillgate.evaluate.harness import render_task
+
+    name = render_task(task_name, data_dir, workdir)
+    task = get_task_dict([name], TaskManager(include_path=str(workdir)))[name]
+    task.build_all_requests(limit=limit, rank=0, world_size=1)
+    return task.instances
+
+
+def lm_eval_acc(instances, lls, golds):
+    by_doc = {}
+    for inst, ll in zip(instances, lls):
+        by_doc.setdefault(inst.doc_id, []).append((inst.idx, ll[0]))
+    preds = [max(sorted(v), key=lambda x: x[1])[0] for _, v in sorted(by_doc.items())]
+    return sum(p == g for p, g in zip(preds, golds)) / len(golds), preds
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--data-dir", default=os.environ.get("DISTILLGATE_DATA", "../shared/datasets"))
+    ap.add_argument("--model", default="default")
+    ap.add_argument("--copa", type=int, default=100, help="COPA dev items (0: skip)")
+    ap.add_argument("--mmlu", default="marketing:16", help="SUBJECT:N, 5-shot ('' to skip)")
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--repeats", type=int, default=3)
+    args = ap.parse_args()
+
+    import torch
+    from lm_eval.models.huggingface import HFLM
+
+    from distillgate.evaluate.choice import evaluate_mc, load_copa, load_mmlu
+    from distillgate.models import load_model
+
+    data = Path(args.data_dir)
+    lm = load_model(args.model, dtype=args.dtype)
+    model, tok = lm.model, lm.tokenizer
+    hflm = HFLM(pretrained=model, tokenizer=tok, batch_size=args.batch_size)
+    tasks = []
+    workdir = Path(tempfile.mkdtemp(prefix="dg-bench-"))
+    if args.copa:
+        tasks.append(("copa", lambda: load_copa(data / "copa" / "copa-dev.xml", args.copa),
+                      lm_eval_requests("copa", data, args.copa, workdir)))
+    if args.mmlu:
+        subject, _, n = args.mmlu.partition(":")
+        n = int(n or 16)
+        tasks.append((f"mmlu_{subject}", lambda s=subject, n=n: load_mmlu(data, s, n),
+                      lm_eval_requests(f"mmlu:{subject}", data, n, workdir)))
+
+    print(f"model={args.model} dtype={args.dtype} batch_size={args.batch_size} threads={torch.get_num_threads()} "
+          f"repeats={args.repeats}")
+    rows, tot = [], {"native": [0, 0.0], "lm_eval": [0, 0.0]}
+    for name, load_docs, instances in tasks:
+        times = {"native": [], "lm_eval": []}
+        for _ in range(args.repeats):
+            t0 = time.perf_counter()
+            docs = load_docs()
+            native = evaluate_mc(model, tok, docs, batch_size=args.batch_size)
+            times["native"].append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            lls = hflm.loglikelihood(instances, disable_tqdm=True)
+            times["lm_eval"].append(time.perf_counter() - t0)
+        golds = [d.gold for d in docs]
+        acc_lm, preds_lm = lm_eval_acc(instances, lls, golds)
+        agree = sum(p == q["pred"] for p, q in zip(preds_lm, native["per_doc"])) / len(golds)
+        for eng, acc in (("native", native["acc"]), ("lm_eval", acc_lm)):
+            med = statistics.median(times[eng])
+            tot[eng][0] += len(docs)
+            tot[eng][1] += med
+            rows.append((name, eng, len(docs), med, len(docs) / med, acc, agree))
+    print(f"\n{'task':<18}{'engine':<10}{'docs':>6}{'median s':>10}{'examples/s':>12}{'acc':>8}{'same pred':>11}")
+    for name, eng, n, med, eps, acc, agree in rows:
+        print(f"{name:<18}{eng:<10}{n:>6}{med:>10.2f}{eps:>12.2f}{acc:>8.3f}{agree:>11.3f}")
+    ratio = (tot["native"][0] / tot["native"][1]) / (tot["lm_eval"][0] / tot["lm_eval"][1])
+    for name in {r[0] for r in rows}:
+        nat, lme = (r for r in rows if r[0] == name)
+        print(f"{name}: native/lm-eval examples/s = {nat[4] / lme[4]:.2f}x")
+    print(f"examples_per_s_ratio_vs_lm_eval={ratio:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,70 @@
+import pytest
+import torch
+
+from distillgate.evaluate.inheritance import (TASK_KINDS, build_groups, capability_inheritance, paws_groups,
+                                              score_inheritance, template_groups)
+
+
+def test_template_groups_balanced_deterministic_and_three_phrasings():
+    g = template_groups(80, seed=1)
+    assert g == template_groups(80, seed=1) and g != template_groups(80, seed=2)
+    assert len(g) == 80 and len({x.id for x in g}) == 80
+    kinds = [x.kind for x in g]
+    assert set(kinds) == set(TASK_KINDS) and all(kinds.count(k) == 10 for k in TASK_KINDS)
+    assert all(len(x.phrasings) >= 3 and len(set(x.phrasings)) == len(x.phrasings) for x in g)
+
+
+def test_paws_groups_use_label_1_pairs(datasets_dir):
+    g = paws_groups(f"{datasets_dir}/paws_wiki/test.tsv", 5)
+    assert len(g) == 5 and all(x.kind == "rewriting" and x.source == "paws" for x in g)
+    assert len(build_groups(8, paws_tsv=f"{datasets_dir}/paws_wiki/test.tsv", paws_share=0.5)) == 8
+
+
+def _unit(*rows):
+    return torch.nn.functional.normalize(torch.tensor(rows, dtype=torch.float32), dim=-1)
+
+
+def test_clustering_rule_on_known_embeddings():
+    # two groups of the same kind, teacher clusters around e1 and e2
+    t = [_unit([1, 0.1, 0], [1, -0.1, 0], [1, 0, 0.1]), _unit([0, 1, 0.1], [0.1, 1, 0], [0, 1, -0.1])]
+    same = [_unit([1, 0.05, 0], [1, 0, 0.05], [1, 0, 0]), _unit([0, 1, 0], [0.05, 1, 0], [0, 1, 0.05])]
+    r = score_inheritance(t, same, ["logic", "logic"])
+    assert r["inheritance"] == 1.0 and r["per_kind"] == {"logic": 1.0}
+    # the student answers group 0 like group 1 (right for another question): not inherited
+    swapped = [same[1], same[1]]
+    r = score_inheritance(t, swapped, ["logic", "logic"])
+    assert [p["inherited"] for p in r["per_group"]] == [False, True] and r["inheritance"] == 0.5
+    # off-cluster answers (orthogonal) fail the radius test
+    off = [_unit([0, 0, 1], [0, 0, 1], [0, 0, 1])] * 2
+    assert score_inheritance(t, off, ["logic", "logic"])["inheritance"] == 0.0
+
+
+class _FakeEncoder:
+    """Bag-of-characters embedding: deterministic, no model needed."""
+
+    def encode(self, texts, **kw):
+        import numpy as np
+
+        out = np.zeros((len(texts), 64), dtype="float32")
+        for i, t in enumerate(texts):
+            for ch in t.lower():
+                out[i, ord(ch) % 64] += 1
+        return out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-9)
+
+
+def test_a_model_inherits_from_itself(tiny_model_factory, tiny_tokenizer):
+    m = tiny_model_factory(num_layers=2)
+    r = capability_inheritance(m, m, tiny_tokenizer, n_groups=8, max_new_tokens=6, batch_size=8,
+                               encoder=_FakeEncoder())
+    assert r["inheritance"] == 1.0 and r["n_groups"] == 8
+    assert r["per_group"][0]["teacher_answers"] == r["per_group"][0]["student_answers"]
+
+
+@pytest.mark.slow
+def test_minilm_encoder_loads_offline():
+    from distillgate.evaluate.inheritance import default_encoder
+
+    enc = default_encoder()
+    e = enc.encode(["The cat sat on the mat.", "A cat was sitting on the mat.", "Stock prices fell sharply."],
+                   normalize_embeddings=True)
+    assert e.shape == (3, 384) and e[0] @ e[1] > e[0] @ e[2] + 0.3
