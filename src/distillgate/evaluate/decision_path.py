@@ -1,0 +1,215 @@
+"""G-C4 decision-path consistency: does the student reach the teacher's answer from the same evidence?
+
+Instructions are generated with a known structure: numbered evidence pieces (invoices, contracts, bookings,
+loans: dates, amounts, account states, limits), a question with three-level nested conditions that refers
+to pieces by number (cross-document references, time constraints), and distractor pieces. The correct
+one-word decision and the pieces it depends on are known.
+
+For each instruction and model: the model answers greedily (the first word decides); the **evidence path**
+is the ranking of the pieces by gradient x input attribution of the answer's first token log-prob with
+respect to the input embeddings, summed (|.|) over each piece's tokens. The path's length ``m`` is the number
+of pieces the instruction's conditions reference. An instruction is *consistent* when the student's answer
+equals the teacher's and the student's top-``m`` pieces are the teacher's top-``m`` pieces in the same order.
+The report also gives the lenient variant (same set, any order), answer agreement alone, and each model's
+accuracy against the ground truth. Teacher paths are cached per (teacher fingerprint, instructions).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import asdict, dataclass, field
+from datetime import date, timedelta
+
+import torch
+
+from ..errors import InputError
+from ..io import atomic_write_json, distillgate_home, sha256_json
+
+_COMPANIES = ["Acme", "Borealis", "Cobalt", "Dunmore", "Everly", "Fjord", "Granite", "Helix", "Ivory", "Juniper"]
+_DISTRACTORS = ["The office moved to a new building in {y}.", "The team lunch is on Fridays.",
+                "{c} changed its logo last spring.", "The printer on floor 2 is out of toner.",
+                "The quarterly newsletter goes out in {m}.", "Parking permits are renewed every January."]
+_MONTHS = ["March", "June", "September", "December"]
+
+
+@dataclass
+class Instruction:
+    id: str
+    pieces: list[str]           # evidence texts, shown as [1]..[n]
+    question: str
+    answer: str                 # ground-truth decision word
+    relevant: list[int]         # 0-based piece indices the conditions reference, in reasoning order
+    meta: dict = field(default_factory=dict)
+
+    def prompt(self) -> str:
+        ev = "\n".join(f"[{i + 1}] {p}" for i, p in enumerate(self.pieces))
+        return f"Evidence:\n{ev}\n\nQuestion: {self.question} Reply with one word."
+
+
+def _d(x: date) -> str:
+    return x.isoformat()
+
+
+def _invoice(rng: random.Random) -> tuple[list[str], list[str], str, list[str]]:
+    c = rng.choice(_COMPANIES)
+    issued = date(2026, rng.randint(1, 11), rng.randint(1, 28))
+    deadline = issued + timedelta(days=rng.choice([-6, -2, 3, 9]))
+    amount, limit = rng.choice([400, 900, 1200, 2500]), rng.choice([1000, 2000])
+    frozen = rng.random() < 0.3
+    pieces = {"inv": f"Invoice from {c} was issued on {_d(issued)} for {amount} EUR.",
+              "ddl": f"The contract with {c} sets the payment deadline to {_d(deadline)}.",
+              "acc": f"{c}'s account status is {'frozen' if frozen else 'active'}.",
+              "lim": f"The team's approval limit is {limit} EUR."}
+    q = ("If the invoice in {inv} was issued on or before the deadline in {ddl}, and unless the account in {acc} "
+         "is frozen, answer APPROVE when the amount is within the limit in {lim} and ESCALATE when it exceeds it; "
+         "otherwise answer REJECT.")
+    if issued > deadline or frozen:
+        ans = "REJECT"
+        rel = ["inv", "ddl"] if issued > deadline else ["inv", "ddl", "acc"]
+    else:
+        ans = "APPROVE" if amount <= limit else "ESCALATE"
+        rel = ["inv", "ddl", "acc", "lim"]
+    return list(pieces), [pieces[k] for k in pieces], q, ans, rel
+
+
+def _booking(rng):
+    c = rng.choice(_COMPANIES)
+    travel = date(2026, rng.randint(1, 11), rng.randint(1, 28))
+    booked = travel - timedelta(days=rng.choice([3, 10, 20, 40]))
+    cutoff = rng.choice([7, 14])
+    price, budget = rng.choice([300, 700, 1500]), rng.choice([800, 1600])
+    pieces = {"trip": f"The trip to the {c} site is on {_d(travel)}.",
+              "book": f"The flight was booked on {_d(booked)} for {price} EUR.",
+              "pol": f"Travel policy: flights must be booked at least {cutoff} days ahead.",
+              "bud": f"The remaining travel budget is {budget} EUR."}
+    q = ("If the booking date in {book} is at least as many days before the trip in {trip} as the policy in {pol} "
+         "requires, answer ACCEPT when the price fits the budget in {bud}, else answer REVIEW; if the booking "
+         "was too late, answer DECLINE.")
+    ahead = (travel - booked).days
+    if ahead < cutoff:
+        ans, rel = "DECLINE", ["book", "trip", "pol"]
+    else:
+        ans, rel = ("ACCEPT" if price <= budget else "REVIEW"), ["book", "trip", "pol", "bud"]
+    return list(pieces), [pieces[k] for k in pieces], q, ans, rel
+
+
+def _loan(rng):
+    c = rng.choice(_COMPANIES)
+    score, need = rng.choice([580, 640, 710, 780]), rng.choice([620, 700])
+    debt, cap = rng.choice([20, 35, 45]), rng.choice([30, 40])
+    pieces = {"score": f"{c}'s applicant has a credit score of {score}.",
+              "rule": f"The bank requires a credit score of at least {need}.",
+              "debt": f"The applicant's debt-to-income ratio is {debt}%.",
+              "cap": f"Loans are capped at a debt-to-income ratio of {cap}%."}
+    q = ("If the score in {score} meets the requirement in {rule}, answer GRANT unless the ratio in {debt} is above "
+         "the cap in {cap}, in which case answer REFER; if the score is too low, answer DENY.")
+    if score < need:
+        ans, rel = "DENY", ["score", "rule"]
+    else:
+        ans, rel = ("GRANT" if debt <= cap else "REFER"), ["score", "rule", "debt", "cap"]
+    return list(pieces), [pieces[k] for k in pieces], q, ans, rel
+
+
+_KINDS = {"invoice": _invoice, "booking": _booking, "loan": _loan}
+
+
+def generate_instructions(n: int, seed: int = 0, distractors: int = 2) -> list[Instruction]:
+    """``n`` instructions, kinds in rotation, evidence order shuffled, ``distractors`` unrelated pieces added."""
+    if n < 1:
+        raise InputError(f"decision path: n must be >= 1, got {n}")
+    rng = random.Random(seed)
+    out = []
+    kinds = sorted(_KINDS)
+    for i in range(n):
+        kind = kinds[i % len(kinds)]
+        keys, texts, q, ans, rel = _KINDS[kind](rng)
+        c = rng.choice(_COMPANIES)
+        extra = [t.format(y=rng.randint(2015, 2025), c=c, m=rng.choice(_MONTHS))
+                 for t in rng.sample(_DISTRACTORS, distractors)]
+        items = list(zip(keys, texts)) + [(f"x{j}", t) for j, t in enumerate(extra)]
+        rng.shuffle(items)
+        pos = {k: j for j, (k, _) in enumerate(items)}
+        question = q.format(**{k: f"[{pos[k] + 1}]" for k in keys})
+        out.append(Instruction(id=f"{kind}-{i}", pieces=[t for _, t in items], question=question, answer=ans,
+                               relevant=[pos[k] for k in rel], meta={"kind": kind}))
+    return out
+
+
+def _encode(tokenizer, inst: Instruction):
+    """Chat-templated prompt ids [1, T] and each piece's token span (start, end) in them."""
+    text = tokenizer.apply_chat_template([{"role": "user", "content": inst.prompt()}], tokenize=False,
+                                         add_generation_prompt=True)
+    enc = tokenizer(text, return_offsets_mapping=True, add_special_tokens=False)
+    offsets = enc["offset_mapping"]
+    spans, cursor = [], 0
+    for i, p in enumerate(inst.pieces):
+        marker = f"[{i + 1}] {p}"
+        start = text.index(marker, cursor)
+        end = start + len(marker)
+        cursor = end
+        toks = [t for t, (a, b) in enumerate(offsets) if a < end and b > start]
+        if not toks:
+            raise InputError(f"instruction {inst.id}: piece {i + 1} has no tokens")
+        spans.append((toks[0], toks[-1] + 1))
+    return torch.tensor([enc["input_ids"]]), spans
+
+
+def evidence_path(model, tokenizer, inst: Instruction, max_new_tokens: int = 4) -> dict:
+    """The model's answer word and its evidence ranking (gradient x input per piece, descending)."""
+    ids, spans = _encode(tokenizer, inst)
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            gen = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                                 do_sample=False, pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
+        new = gen[0, ids.shape[1]:]
+        words = tokenizer.decode(new, skip_special_tokens=True).strip().split()
+        answer = words[0].strip(".,:;!\"'").upper() if words else ""
+        first = int(new[0]) if len(new) else int(tokenizer.eos_token_id)
+        emb = model.get_input_embeddings()(ids).detach().float().requires_grad_(True)
+        with torch.enable_grad():
+            logits = model(inputs_embeds=emb.to(next(model.parameters()).dtype)).logits[0, -1].float()
+            torch.log_softmax(logits, -1)[first].backward()
+        per_tok = (emb.grad[0] * emb[0]).sum(-1).abs().detach()
+    finally:
+        model.zero_grad(set_to_none=True)
+        model.train(was)
+    scores = [float(per_tok[a:b].sum()) for a, b in spans]
+    ranking = sorted(range(len(scores)), key=lambda i: -scores[i])
+    return {"answer": answer, "scores": scores, "ranking": ranking}
+
+
+def compare_paths(t: dict, s: dict, m: int) -> dict:
+    same_answer = t["answer"] == s["answer"]
+    top_t, top_s = t["ranking"][:m], s["ranking"][:m]
+    return {"same_answer": same_answer, "same_set": set(top_t) == set(top_s), "same_order": top_t == top_s,
+            "consistent": same_answer and top_t == top_s, "consistent_lenient": same_answer and set(top_t) == set(top_s)}
+
+
+def decision_path_consistency(student, teacher, tokenizer, *, n: int = 60, seed: int = 0,
+                              teacher_fingerprint: str | None = None) -> dict:
+    """G-C4 over ``n`` generated instructions (SPEC default 5,000; the CPU preset is small): see module doc."""
+    insts = generate_instructions(n, seed)
+    key = sha256_json([teacher_fingerprint, [asdict(i) for i in insts]]) if teacher_fingerprint else None
+    cache = distillgate_home() / "eval_cache" / f"decision-path-{key[:16]}.json" if key else None
+    if cache is not None and cache.is_file():
+        t_paths = json.loads(cache.read_text())["paths"]
+    else:
+        t_paths = [evidence_path(teacher, tokenizer, i) for i in insts]
+        if cache is not None:
+            atomic_write_json(cache, {"paths": t_paths, "key": key})
+    rows = []
+    for inst, tp in zip(insts, t_paths):
+        sp = evidence_path(student, tokenizer, inst)
+        c = compare_paths(tp, sp, m=len(inst.relevant))
+        rows.append({"id": inst.id, "kind": inst.meta["kind"], "truth": inst.answer, "teacher": tp["answer"],
+                     "student": sp["answer"], "teacher_path": tp["ranking"][:len(inst.relevant)],
+                     "student_path": sp["ranking"][:len(inst.relevant)], "relevant": inst.relevant, **c})
+    mean = lambda k: sum(r[k] for r in rows) / len(rows)  # noqa: E731
+    return {"path_consistency": mean("consistent"), "path_consistency_lenient": mean("consistent_lenient"),
+            "answer_agreement": mean("same_answer"),
+            "teacher_accuracy": sum(r["teacher"] == r["truth"] for r in rows) / len(rows),
+            "student_accuracy": sum(r["student"] == r["truth"] for r in rows) / len(rows),
+            "n": len(rows), "rows": rows}
