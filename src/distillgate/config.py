@@ -295,6 +295,10 @@ class LoopSpec(_Strict):
     perf_repeats: int = Field(3, ge=1, description="TTFT repeats per length and model (median and P99 reported)")
     capability_checks: list[Literal["probes", "inheritance", "decision_path"]] = Field(
         default_factory=list, description="slower G-C2/G-C3/G-C4 checks to run in validate (CPU presets)")
+    inheritance_groups: int = Field(48, ge=8, description="G-C3 paired groups per check (SPEC: 300)")
+    path_instructions: int = Field(30, ge=3, description="G-C4 instructions per check (SPEC: 5,000)")
+    data_dir: str | None = Field(None, description="evaluation datasets folder for the G-C2 probes "
+                                                   "(e.g. ../shared/datasets)")
 
     @field_validator("stages")
     @classmethod

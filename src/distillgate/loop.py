@@ -280,8 +280,41 @@ class Loop:
         if recent and ctx.iteration > 0:
             _, ctx.hard_candidates = pipeline.heldout_divergence(self.student, self.teacher.model, recent,
                                                                  pipeline.pad_id(self.teacher.tokenizer))
+        self._capability_checks(ctx)
         spec = load_gate_spec(self.cfg.loop.gates_spec)
         ctx.gates = evaluate_gates(spec, {k: v for k, v in ctx.metrics.items() if isinstance(v, (int, float))})
+
+    def _capability_checks(self, ctx: IterationContext) -> None:
+        """The slower G-C2/G-C3/G-C4 checks named in ``loop.capability_checks`` (teacher side cached)."""
+        checks, t, tok = self.cfg.loop.capability_checks, self.teacher, self.teacher.tokenizer
+        self.student.eval()
+        try:
+            if "inheritance" in checks:
+                from .evaluate.inheritance import capability_inheritance
+
+                r = capability_inheritance(self.student, t.model, tok, n_groups=self.cfg.loop.inheritance_groups,
+                                           teacher_fingerprint=t.fingerprint)
+                ctx.metrics["inheritance"] = r["inheritance"]
+                ctx.metrics.update({f"inheritance/{k}": v for k, v in r["per_kind"].items()})
+            if "decision_path" in checks:
+                from .evaluate.decision_path import decision_path_consistency
+
+                r = decision_path_consistency(self.student, t.model, tok, n=self.cfg.loop.path_instructions,
+                                              teacher_fingerprint=t.fingerprint)
+                ctx.metrics.update({"path_consistency": r["path_consistency"],
+                                    "path_consistency_lenient": r["path_consistency_lenient"],
+                                    "answer_agreement": r["answer_agreement"]})
+            if "probes" in checks:
+                from .evaluate.probes import f1_gap, probe_suite
+
+                if not self.cfg.loop.data_dir:
+                    raise ConfigError("loop.data_dir", None, "the evaluation datasets folder (needed by 'probes')")
+                tr = self.state.get("teacher_probes") or probe_suite(t.model, tok, self.cfg.loop.data_dir)
+                self.state["teacher_probes"] = tr
+                gap = f1_gap(tr, probe_suite(self.student, tok, self.cfg.loop.data_dir))
+                ctx.metrics["f1_gap_points"] = gap["f1_gap_points"]
+        finally:
+            self.student.train()
 
     def _attribute_core(self, ctx: IterationContext) -> None:
         hist = self.state["history"]

@@ -106,7 +106,7 @@ def test_save_load_and_get_or_generate_reuse(tmp_path, tiny_tokenizer, tiny_mode
     again = get_or_generate_dataset(teacher, prompts, spec, root=tmp_path, progress=False)
     assert again.path == ds.path and [e.to_json() for e in again.examples("all")] == [e.to_json() for e in ds.examples("all")]
     # seq_len and the split are applied on load, so they reuse the same answers
-    shorter = get_or_generate_dataset(teacher, prompts, spec.model_copy(update={"seq_len": 40, "heldout_fraction": 0.5}),
+    shorter = get_or_generate_dataset(teacher, prompts, spec.model_copy(update={"seq_len": 200, "heldout_fraction": 0.5}),
                                       root=tmp_path, progress=False)
     assert shorter.path == ds.path and len(shorter.examples("heldout")) == 2
     # a generation setting changes the key

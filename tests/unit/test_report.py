@@ -311,3 +311,14 @@ def test_report_cli_from_store_and_json(tmp_path, tiny_model_factory, capsys):
     assert main(["report"]) == 2
     assert "exactly one: a run id, or --from-json FILE" in capsys.readouterr().err.replace("\n", " ")
     assert main(["report", "nope", "--root", str(tmp_path / "runs")]) == 2
+
+
+def test_render_caps_per_transition_maps(tmp_path):
+    from plotly.offline import get_plotlyjs
+
+    data = synthetic_report(n_iterations=9)
+    page = render_report(data, tmp_path / "r.html").read_text().replace(get_plotlyjs(), "")
+    assert len(data.param_diffs) == 8
+    assert "2 earlier transition(s) appear in the overview only." in page
+    assert json.dumps("Iteration 1 → 2")[1:-1] not in page and json.dumps("Iteration 8 → 9")[1:-1] not in page
+    assert json.dumps("Iteration 7 → 8")[1:-1] in page and json.dumps("Iteration 2 → 3")[1:-1] in page

@@ -281,3 +281,12 @@ def test_token_counting_counts_prediction_positions():
     from distillgate.errors import InputError
     with pytest.raises(InputError, match="loss_mask"):
         loss_token_count({"input_ids": torch.zeros(1, 3)})
+
+
+def test_progress_summary_table_lists_terms(tmp_path, capfd):
+    train(tiny_model(), ce_loss, EpochBatches(), spec(steps=1), tmp_path, progress=True, tensorboard=False)
+    err = capfd.readouterr().err
+    assert "training summary" in err and "final ce" in err and "final entropy" in err
+    train(tiny_model(), ce_loss, EpochBatches(), spec(steps=1), tmp_path / "quiet", progress=None,
+          tensorboard=False)  # not a TTY under pytest: no bar, no table
+    assert "training summary" not in capfd.readouterr().err

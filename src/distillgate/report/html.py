@@ -22,6 +22,7 @@ def esc(s: object) -> str:
     return _escape(str(s), quote=True)
 
 
+MAX_DIFF_MAPS = 6  # per-transition W5 maps drawn (the newest); the overview covers every transition
 PLOTLY_CONFIG = {"displaylogo": False, "responsive": True, "modeBarButtonsToRemove": ["lasso2d", "select2d"]}
 
 
@@ -186,14 +187,19 @@ def _params(d: ReportData, chart: _Charts) -> str:
     if not d.param_diffs:
         return ('<section id="params"><h2>Parameter changes</h2><p class="muted">No parameter differences '
                 '(needs two committed iterations).</p></section>')
-    maps = "".join(chart(charts.param_diff_heatmap(pd), "chart small") for pd in d.param_diffs)
+    shown = d.param_diffs[-MAX_DIFF_MAPS:]
+    maps = "".join(chart(charts.param_diff_heatmap(pd), "chart small") for pd in shown)
+    older = len(d.param_diffs) - len(shown)
+    older_html = (f'<p class="muted">{older} earlier transition(s) appear in the overview only.</p>'
+                  if older else "")
     notes = [f"{pd.from_iteration}→{pd.to_iteration}: {n}" for pd in d.param_diffs for n in pd.notes]
     notes_html = (f'<details><summary>{len(notes)} note(s)</summary><ul>'
                   f'{"".join(f"<li>{esc(n)}</li>" for n in notes)}</ul></details>' if notes else "")
     return f"""<section id="params"><h2>Parameter changes</h2>
 <p class="muted">Relative Frobenius change ‖W<sub>k</sub> − W<sub>k−1</sub>‖ / ‖W<sub>k−1</sub>‖ per layer and
-parameter group; blank cells: no such parameter or not comparable.</p>
-{chart(charts.param_diff_overview(d.param_diffs))}<div class="grid3">{maps}</div>{notes_html}</section>"""
+parameter group; blank cells: no such parameter or not comparable. Each per-transition map has its own colour
+scale (changes shrink by orders of magnitude as training settles); the overview shares one.</p>
+{chart(charts.param_diff_overview(d.param_diffs))}<div class="grid3">{maps}</div>{older_html}{notes_html}</section>"""
 
 
 def _finding(f: Finding, chart: _Charts) -> str:
