@@ -56,10 +56,9 @@ def preflight(cfg: DistillConfig) -> Preflight:
     try:
         tpath = resolve_model_path(cfg.teacher.path)
         tconf = AutoConfig.from_pretrained(tpath, trust_remote_code=cfg.teacher.trust_remote_code)
-    except InputError:
-        raise
-    except Exception as e:
-        raise ConfigError("teacher.path", cfg.teacher.path, f"a loadable causal LM ({type(e).__name__}: {e})") from e
+    except Exception as e:  # missing folder, no config.json, unreadable GGUF, offline hub id
+        raise ConfigError("teacher.path", cfg.teacher.path, f"'default', a model folder, a .gguf file or a "
+                                                            f"reachable hub id ({e})") from None
     tparams = _param_count_from_config(tconf)
     s = cfg.student
     L, inter = getattr(tconf, "num_hidden_layers", None), getattr(tconf, "intermediate_size", None)
@@ -86,8 +85,11 @@ def preflight(cfg: DistillConfig) -> Preflight:
             raise ConfigError("student.config", s.config, f"a configuration smaller than the teacher "
                                                           f"({tparams:,} parameters)")
     else:
-        spath = resolve_model_path(s.path)
-        sconf = AutoConfig.from_pretrained(spath, trust_remote_code=cfg.teacher.trust_remote_code)
+        try:
+            spath = resolve_model_path(s.path)
+            sconf = AutoConfig.from_pretrained(spath, trust_remote_code=cfg.teacher.trust_remote_code)
+        except Exception as e:
+            raise ConfigError("student.path", s.path, f"a model folder, a .gguf file or a reachable hub id ({e})") from None
         ttok = AutoTokenizer.from_pretrained(tpath)
         stok = AutoTokenizer.from_pretrained(spath)
         from .models.derive import check_same_vocab

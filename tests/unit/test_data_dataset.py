@@ -73,7 +73,7 @@ def test_collate_layout_and_hard_weights():
         assert b["input_ids"][r, :n].tolist() == e.input_ids and (b["input_ids"][r, n:] == 3).all()
         assert b["attention_mask"][r].tolist() == [1] * n + [0] * (T - n)
         assert b["loss_mask"][r].tolist() == e.loss_mask + [0] * (T - n)
-    assert b["sample_weight"].tolist() == [1.0, 3.0] and b["domains"] == ["legal"]
+    assert b["sample_weight"].tolist() == [1.0, 3.0] and b["domains"] == ["legal", "travel"]
     assert b["complexity"].dtype == torch.float32 and b["example_ids"] == [ex[0].id, ex[1].id]
 
 

@@ -55,6 +55,11 @@ class _Charts:
         return f'<div class="{css_class}">{frag}</div>'
 
 
+def _score(v: float | None) -> str:
+    """A dimension score: closeness underflows to ~1e-300 for a far miss; three decimals say enough."""
+    return "—" if v is None else f"{v:.3f}"
+
+
 def _badge(status: str, kind: str = "status") -> str:
     return f'<span class="badge {kind}-{esc(status)}">{esc(status.replace("_", " "))}</span>'
 
@@ -85,10 +90,7 @@ def _overview(d: ReportData, chart: _Charts) -> str:
              ("gates passed (latest)", f"{passed} / {len(gates)}" if gates else "—"),
              ("phase time", f"{secs / 3600:.2f} h" if secs >= 3600 else f"{secs:.0f} s"),
              ("red alerts", str(red))]
-    def score(v):  # closeness can underflow to 1e-300 for a far miss: three decimals say enough
-        return "—" if v is None else f"{v:.3f}"
-
-    dims = "".join(f'<div class="dim"><span>{esc(k)}</span><b>{score(last.dimension_scores.get(k))}</b></div>'
+    dims = "".join(f'<div class="dim"><span>{esc(k)}</span><b>{_score(last.dimension_scores.get(k))}</b></div>'
                    for k in DIMENSIONS) if last else ""
     kpis = "".join(f'<div class="card"><span>{k}</span><b>{v}</b></div>' for k, v in cards)
     figs = chart(charts.radar(d.iterations)) + chart(charts.dimension_curves(d.iterations))
