@@ -1,0 +1,254 @@
+"""Distillation throughput: distillgate (cached top-k targets, online teacher) vs TRL's GKDTrainer and a
+plain HF-Trainer KD loop, on the same teacher, student, data, batch (4 x 256 tokens), lr and bf16.
+
+    .venv/bin/python bench/distill_throughput.py [--steps 10] [--warmup 3] [--rounds 2]
+
+Each method trains in its own subprocess (so peak RSS is its own), methods interleaved round by round (so
+machine drift hits all alike). Reported per method: loss tokens/s (median of steps after warm-up, then
+median over rounds), peak RSS, achieved FLOP/s as a fraction of the bf16 matmul peak measured first, and the
+held-out KL(teacher||student) after the same number of tokens (exact, dense, fp32; same held-out rows).
+Teacher data: the teacher's own answers to built-in prompts, packed into 256-token rows (benchmark data are
+never the shared evaluation sets). Cached targets are computed once before timing (their one-time cost is
+printed). The last line is machine-readable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+SEQ, BATCH, LR, TOPK = 256, 4, 3e-4, 64
+METHODS = ("distillgate_cached", "distillgate_online", "trl_gkd", "hf_trainer_kd")
+
+
+# ------------------------------------------------------------------------------------------ prep
+def matmul_peak_gflops(dtype=torch.bfloat16, n=2048, repeats=5) -> float:
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    a @ b
+    ts = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        a @ b
+        ts.append(time.perf_counter() - t)
+    return 2 * n ** 3 / statistics.median(ts) / 1e9
+
+
+def prepare(work: Path, student_layers: int, n_train_rows: int, n_held_rows: int) -> dict:
+    from distillgate.config import DataSpec
+    from distillgate.data.dataset import get_or_generate_dataset
+    from distillgate.data.generate import Example
+    from distillgate.data.prompts import builtin_prompts
+    from distillgate.models import load_model, save_model
+    from distillgate.models.derive import derive_student
+    from distillgate.targets import get_or_compute_targets
+
+    teacher = load_model("default")
+    spec = DataSpec(num_prompts=160, max_new_tokens=96, gen_batch_size=16, heldout_fraction=0.0)
+    ds = get_or_generate_dataset(teacher, builtin_prompts(160, spec.domains, 0), spec)
+    stream = [t for e in ds.examples("all") for t in e.input_ids]
+    need = (n_train_rows + n_held_rows) * SEQ
+    if len(stream) < need:
+        raise SystemExit(f"only {len(stream)} teacher tokens, need {need}")
+    rows = [stream[i * SEQ:(i + 1) * SEQ] for i in range(n_train_rows + n_held_rows)]
+    ex = [Example(id=f"row{i}", prompt_id=f"row{i}", sample_idx=0, domain="mixed", complexity=0.5, input_ids=r,
+                  loss_mask=[0] + [1] * (SEQ - 1), response="") for i, r in enumerate(rows)]
+    train, held = ex[:n_train_rows], ex[n_train_rows:]
+    calib = torch.tensor([t for e in train[:8] for t in e.input_ids]).reshape(8, SEQ)
+    student, rep = derive_student(teacher.model, teacher.tokenizer, calib, num_layers=student_layers, mlp_width=None,
+                                  layer_selection="block_influence")
+    sdir = work / "student"
+    if not sdir.exists():
+        save_model(student, teacher.tokenizer, sdir)
+    t0 = time.perf_counter()
+    pad = teacher.tokenizer.pad_token_id
+    cache = get_or_compute_targets(teacher, train, k=TOPK, batch_size=8, pad_id=pad, root=work / "targets",
+                                   progress=False)
+    (work / "rows.json").write_text(json.dumps({"train": [e.to_json() for e in train],
+                                                "held": [e.to_json() for e in held], "pad": pad,
+                                                "targets": str(cache.path)}))
+    n_s = sum(p.numel() for p in student.parameters())
+    n_t = sum(p.numel() for p in teacher.model.parameters())
+    emb = teacher.model.get_input_embeddings().weight.numel()
+    return {"targets_seconds": time.perf_counter() - t0, "student_params": n_s, "teacher_params": n_t,
+            "embedding_params": emb, "student_layers": student_layers, "kept_layers": rep.to_dict().get("kept_layers")}
+
+
+# ------------------------------------------------------------------------------------------ workers
+def _rows(work: Path):
+    from distillgate.data.dataset import collate
+    from distillgate.data.generate import Example
+
+    d = json.loads((work / "rows.json").read_text())
+    return [Example(**r) for r in d["train"]], [Example(**r) for r in d["held"]], d["pad"], d["targets"], collate
+
+
+@torch.inference_mode()
+def heldout_kl(student, teacher, held, pad, collate) -> float:
+    student.eval()
+    tot, n = 0.0, 0
+    for i in range(0, len(held), 4):
+        b = collate(held[i:i + 4], pad)
+        s = torch.log_softmax(student(input_ids=b["input_ids"]).logits[:, :-1].float(), -1)
+        t = torch.log_softmax(teacher(input_ids=b["input_ids"]).logits[:, :-1].float(), -1)
+        kl = (t.exp() * (t - s)).sum(-1)
+        tot += float(kl.double().sum())
+        n += kl.numel()
+    return tot / n
+
+
+def worker(method: str, work: Path, steps: int, out: Path) -> None:
+    from distillgate.models import load_model
+
+    torch.manual_seed(0)
+    train, held, pad, tdir, collate = _rows(work)
+    teacher = load_model("default")
+    student = load_model(str(work / "student")).model
+    student.train()
+    batches = [collate(train[i:i + BATCH], pad) for i in range(0, len(train), BATCH)]
+    step_times: list[float] = []
+    loss_tokens = BATCH * (SEQ - 1)
+    if method.startswith("distillgate"):
+        from distillgate.config import LossSpec, TrainSpec
+        from distillgate.losses.objective import DistillObjective
+        from distillgate.targets import OnlineTeacher, TargetCache
+        from distillgate.train import train as dg_train
+
+        provider = TargetCache.open(tdir) if method == "distillgate_cached" else OnlineTeacher(teacher.model)
+        obj = DistillObjective(LossSpec(divergence="forward_kl", channels={"kd": 1.0}), provider,
+                               vocab_size=len(teacher.tokenizer))
+        spec = TrainSpec(steps=steps, batch_size=BATCH, lr=LR, warmup_steps=0, min_lr_ratio=1.0, precision="bf16",
+                         max_grad_norm=1.0)
+        last = [time.perf_counter()]
+
+        def cb(info):
+            now = time.perf_counter()
+            step_times.append(now - last[0])
+            last[0] = now
+
+        with tempfile.TemporaryDirectory() as d:
+            dg_train(student, obj, lambda epoch: batches, spec, d, callbacks=[cb], progress=False, tensorboard=False)
+    else:
+        from transformers import Trainer, TrainerCallback, TrainingArguments
+
+        rows = [{"input_ids": b["input_ids"][j].tolist()} for b in batches for j in range(len(b["input_ids"]))]
+
+        def collator(feats):
+            ids = torch.tensor([f["input_ids"] for f in feats])
+            labels = ids.clone()
+            labels[:, 0] = -100
+            return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+
+        class Timer(TrainerCallback):
+            def on_step_begin(self, args, state, control, **kw):
+                self.t = time.perf_counter()
+
+            def on_step_end(self, args, state, control, **kw):
+                step_times.append(time.perf_counter() - self.t)
+
+        common = dict(output_dir=str(out.parent / f"{method}-tmp"), per_device_train_batch_size=BATCH, max_steps=steps,
+                      learning_rate=LR, lr_scheduler_type="constant", warmup_steps=0, bf16=True, use_cpu=True,
+                      report_to=[], save_strategy="no", logging_steps=1000, dataloader_num_workers=0, seed=0,
+                      gradient_checkpointing=False, max_grad_norm=1.0, remove_unused_columns=False)
+        if method == "trl_gkd":
+            from datasets import Dataset
+            from trl.experimental.gkd import GKDConfig, GKDTrainer
+
+            args = GKDConfig(**common, lmbda=0.0, beta=0.0, max_length=SEQ, temperature=1.0)
+            trainer = GKDTrainer(model=student, teacher_model=teacher.model, args=args, data_collator=collator,
+                                 train_dataset=Dataset.from_list(rows), processing_class=teacher.tokenizer,
+                                 callbacks=[Timer()])
+        else:
+            from datasets import Dataset
+
+            tmodel = teacher.model
+
+            class KDTrainer(Trainer):
+                """The plain HF-Trainer KD loop: full teacher logits every step, forward KL over all positions."""
+
+                def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+                    s = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits[:, :-1]
+                    with torch.no_grad():
+                        t = tmodel(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits[:, :-1]
+                    ls, lt = torch.log_softmax(s.float(), -1), torch.log_softmax(t.float(), -1)
+                    loss = (lt.exp() * (lt - ls)).sum(-1).mean()
+                    return (loss, s) if return_outputs else loss
+
+            trainer = KDTrainer(model=student, args=TrainingArguments(**common), data_collator=collator,
+                                train_dataset=Dataset.from_list(rows), callbacks=[Timer()])
+        trainer.train()
+    kl = heldout_kl(student, teacher.model, held, pad, collate)
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 / 1024
+    out.write_text(json.dumps({"method": method, "step_seconds": step_times, "loss_tokens_per_step": loss_tokens,
+                               "peak_rss_gib": rss, "heldout_kl": kl}))
+
+
+# ------------------------------------------------------------------------------------------ main
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--student-layers", type=int, default=15)
+    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--work", default=None, help="scratch folder (default: a temp dir)")
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    ap.add_argument("--out", help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if a.worker:
+        worker(a.worker, Path(a.work), a.steps, Path(a.out))
+        return
+    work = Path(a.work or tempfile.mkdtemp(prefix="dg-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    peak = matmul_peak_gflops()
+    info = prepare(work, a.student_layers, n_train_rows=a.steps * BATCH, n_held_rows=8)
+    methods = a.methods.split(",")
+    results: dict[str, list[dict]] = {m: [] for m in methods}
+    for r in range(a.rounds):
+        for m in methods:
+            out = work / f"{m}-{r}.json"
+            cmd = [sys.executable, __file__, "--worker", m, "--work", str(work), "--steps", str(a.steps),
+                   "--out", str(out)]
+            t0 = time.time()
+            p = subprocess.run(cmd, capture_output=True, text=True)
+            if p.returncode != 0:
+                print(p.stderr[-3000:], file=sys.stderr)
+                raise SystemExit(f"{m} failed (round {r})")
+            results[m].append(json.loads(out.read_text()))
+            print(f"round {r} {m}: {time.time() - t0:.0f} s", file=sys.stderr)
+    # FLOPs per loss token: student forward+backward 6*N_s (lm head included), teacher forward 2*N_t when the
+    # teacher runs during training (online, TRL, HF); cached targets need none at training time.
+    ns, nt = info["student_params"], info["teacher_params"]
+    rows = {}
+    for m, rs in results.items():
+        tps = statistics.median(statistics.median(r["loss_tokens_per_step"] / s for s in r["step_seconds"][a.warmup:])
+                                for r in rs)
+        flops = (6 * ns + (0 if m == "distillgate_cached" else 2 * nt)) * tps
+        rows[m] = {"tokens_per_s": tps, "peak_rss_gib": statistics.median(r["peak_rss_gib"] for r in rs),
+                   "mfu": flops / (peak * 1e9), "heldout_kl": statistics.median(r["heldout_kl"] for r in rs)}
+    print(f"\nbf16 matmul peak {peak:.0f} GFLOP/s; student {ns / 1e6:.1f}M params ({info['student_layers']} layers), "
+          f"teacher {nt / 1e6:.1f}M; batch {BATCH}x{SEQ}; {a.steps} steps ({a.warmup} warm-up), {a.rounds} rounds; "
+          f"cached top-{TOPK} targets precomputed in {info['targets_seconds']:.1f} s (one-time)")
+    print(f"{'method':22s} {'tokens/s':>9s} {'peak RSS GiB':>13s} {'MFU':>6s} {'held-out KL':>12s}")
+    for m, r in rows.items():
+        print(f"{m:22s} {r['tokens_per_s']:9.1f} {r['peak_rss_gib']:13.2f} {100 * r['mfu']:5.1f}% {r['heldout_kl']:12.4f}")
+    if "trl_gkd" in rows and "distillgate_cached" in rows:
+        o, t = rows["distillgate_cached"], rows["trl_gkd"]
+        print(f"tokens_per_s_ratio_vs_trl_gkd={o['tokens_per_s'] / t['tokens_per_s']:.3f} "
+              f"peak_rss_ratio_vs_trl_gkd={o['peak_rss_gib'] / t['peak_rss_gib']:.3f} "
+              f"kl_ratio_vs_trl_gkd={o['heldout_kl'] / t['heldout_kl']:.3f}")
+
+
+if __name__ == "__main__":
+    main()

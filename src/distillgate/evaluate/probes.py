@@ -1,0 +1,412 @@
+"""G-C2 probes: what the frozen hidden states encode (NER, POS, dependency parsing) and grammaticality.
+
+Protocol (identical for teacher and student, so their F1s can be compared point for point):
+
+* Data: WNUT-17 (CoNLL ``token<TAB>BIO-tag``), UD English EWT (CoNLL-U: UPOS, HEAD, DEPREL; multiword ranges
+  ``1-2`` and empty nodes ``1.1`` are skipped) and BLiMP minimal pairs, all from ``data_dir``. These are
+  *evaluation* files; as usual for probing, the probes are trained on a train split **of these same files**:
+  sentences with at most ``max_words`` words are sampled with ``seed`` (``limit_sentences`` of them) and split
+  deterministically by sentence 60/20/20 into train/dev/test. A probe measures what a frozen representation
+  encodes; it never updates the model.
+* Features: one forward pass per batch (``output_hidden_states=True``) over the words joined by single spaces,
+  after the BOS (else EOS) token. A word is represented by its **last** token (found via the tokenizer's
+  offset mapping): a causal model has seen the whole word only there, and nothing to its right anywhere.
+  ``hidden_states[l]`` (0 = embeddings) of the candidate layers (default :func:`default_layers`: every k-th
+  layer plus the last, at most 10) are kept in memory as float32 and standardised with train-split statistics.
+* Probes (fixed hyper-parameters, full-batch L-BFGS, L2 penalty, seeded init): a linear softmax classifier for
+  NER BIO tags (span F1 by ``seqeval``), UPOS (macro/micro F1) and universal dependency relations (subtypes
+  ``nmod:poss`` -> ``nmod``; macro/micro F1); a low-rank **bilinear head probe** for unlabeled attachment,
+  ``score(i, j) = (U h_i) . (V h_j) + b . h_j`` over the words j != i of the sentence and
+  ``score(i, ROOT) = (U h_i) . r`` with a learned root vector ``r``, softmax over candidate heads, trained by
+  cross-entropy; UAS = accuracy of the argmax head (rank ``head_rank`` keeps it fast and regularised).
+* Layer selection: per task, the candidate layer with the best dev score; the test score of that layer is
+  reported (``layers[task]``, ``dev[task]``).
+* Grammaticality: each BLiMP sentence is scored by its total log-probability (lm-eval's ``blimp`` tokenisation,
+  :mod:`.scoring`); in each pair the member that scores strictly higher is classified "good", the other
+  "bad" (a tie classifies both as wrongly swapped). F1 of the "good" class and accuracy, overall and per
+  paradigm. With exactly one "good" prediction per pair, precision = recall = accuracy, so F1 = accuracy.
+
+G-C2 (:func:`f1_gap`): ``teacher - student`` in F1 points (x100) per family; the dependency-parsing family is
+the worse of UAS and relation micro-F1 (attachment and labelling); the gate value is the max over
+grammaticality, NER and dependency parsing. POS is reported, not gated. Sampling noise of a small preset
+(80 test sentences) is several points: use large ``limit_sentences`` for a decision near 1.2 points.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..errors import InputError
+from ..io import atomic_write_json, distillgate_home, sha256_file, sha256_json
+
+PROBE_VERSION = 1
+SPLITS = (0.6, 0.2, 0.2)
+GATED = {"grammaticality": ("grammaticality_f1",), "ner": ("ner_f1",), "dependency": ("uas", "deprel_micro_f1")}
+
+
+@dataclass
+class Sentence:
+    words: list[str]
+    tags: list[str] = field(default_factory=list)      # NER BIO tags or UPOS
+    heads: list[int] = field(default_factory=list)     # 0 = root, else 1-based word index
+    deprels: list[str] = field(default_factory=list)   # universal relation (subtype stripped)
+
+
+# ------------------------------------------------------------------------------------------------ readers
+
+def _lines(path: str | Path) -> list[str]:
+    try:
+        return Path(path).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise InputError(f"{path}: cannot read as UTF-8 text ({e})") from e
+
+
+def read_conll(path: str | Path) -> list[Sentence]:
+    """WNUT-style CoNLL: ``token<TAB>tag`` per line, blank line between sentences; tags are BIO."""
+    out, cur = [], Sentence([])
+    for n, line in enumerate(_lines(path) + [""], 1):
+        if not line.strip():
+            if cur.words:
+                out.append(cur)
+            cur = Sentence([])
+            continue
+        parts = line.split("\t")
+        if len(parts) != 2 or not parts[0] or not (parts[1] == "O" or parts[1][:2] in ("B-", "I-")):
+            raise InputError(f"{path}:{n}: expected 'token<TAB>BIO-tag' (O, B-x, I-x), got {line!r}")
+        cur.words.append(parts[0])
+        cur.tags.append(parts[1])
+    return out
+
+
+def read_conllu(path: str | Path) -> list[Sentence]:
+    """CoNLL-U: 10 tab-separated columns; UPOS -> tags, HEAD -> heads, DEPREL (universal part) -> deprels."""
+    out, cur, start = [], Sentence([]), 0
+    for n, line in enumerate(_lines(path) + [""], 1):
+        if not line.strip():
+            if cur.words:
+                bad = [h for h in cur.heads if h > len(cur.words)]
+                if bad:
+                    raise InputError(f"{path}:{start}: sentence has HEAD {bad[0]} beyond its {len(cur.words)} words")
+                out.append(cur)
+            cur = Sentence([])
+            continue
+        if line.startswith("#"):
+            continue
+        cols = line.split("\t")
+        if len(cols) != 10:
+            raise InputError(f"{path}:{n}: expected 10 tab-separated CoNLL-U columns, got {len(cols)}: {line!r}")
+        if "-" in cols[0] or "." in cols[0]:   # multiword token range or empty node: not a syntactic word
+            continue
+        if not cur.words:
+            start = n
+        if not cols[0].isdigit() or int(cols[0]) != len(cur.words) + 1 or not cols[6].isdigit():
+            raise InputError(f"{path}:{n}: expected ID {len(cur.words) + 1} and an integer HEAD, got "
+                             f"ID {cols[0]!r} HEAD {cols[6]!r}")
+        cur.words.append(cols[1])
+        cur.tags.append(cols[3])
+        cur.heads.append(int(cols[6]))
+        cur.deprels.append(cols[7].split(":")[0])
+    return out
+
+
+def read_minimal_pairs(paths: list[str | Path], limit: int | None = None) -> list[tuple[str, str, str]]:
+    """``[(good, bad, paradigm)]`` from BLiMP JSONL files (``limit`` pairs per file; paradigm = UID or stem)."""
+    out = []
+    for path in map(Path, paths):
+        rows = [(n, ln) for n, ln in enumerate(_lines(path), 1) if ln.strip()]
+        for n, line in rows[:limit] if limit is not None else rows:
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise InputError(f"{path}:{n}: not valid JSON ({e})") from None
+            if not isinstance(row, dict) or not all(isinstance(row.get(k), str) and row[k].strip()
+                                                    for k in ("sentence_good", "sentence_bad")):
+                raise InputError(f"{path}:{n}: needs non-empty string fields 'sentence_good' and 'sentence_bad'")
+            out.append((row["sentence_good"], row["sentence_bad"], str(row.get("UID") or path.stem)))
+    return out
+
+
+def sample_split(sentences: list[Sentence], limit: int | None, seed: int, max_words: int = 64) -> dict[str, list]:
+    """Seeded sample of ``limit`` sentences with 1..``max_words`` words, split by sentence 60/20/20."""
+    pool = [s for s in sentences if 0 < len(s.words) <= max_words]
+    idx = list(range(len(pool)))
+    random.Random(seed).shuffle(idx)
+    idx = idx[:limit] if limit is not None else idx
+    a, b = round(SPLITS[0] * len(idx)), round((SPLITS[0] + SPLITS[1]) * len(idx))
+    parts = {"train": idx[:a], "dev": idx[a:b], "test": idx[b:]}
+    if any(not v for v in parts.values()):
+        raise InputError(f"probe data: {len(idx)} usable sentences cannot be split 60/20/20 (need >= 5)")
+    return {k: [pool[i] for i in v] for k, v in parts.items()}
+
+
+# ------------------------------------------------------------------------------------------------ features
+
+def word_last_tokens(tokenizer, words: list[str]) -> tuple[list[int], list[int]]:
+    """Token ids of ``BOS + ' '.join(words)`` and, per word, the position of its last token.
+
+    Returns ``(ids [T], last [n_words])`` with positions into ``ids`` (BOS is position 0).
+    """
+    from .scoring import prefix_token_id
+
+    text, spans, pos = " ".join(words), [], 0
+    for w in words:
+        spans.append((pos, pos + len(w)))
+        pos += len(w) + 1
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    offs = enc["offset_mapping"]
+    last, t = [], 0
+    for ws, we in spans:
+        hit = None
+        while t < len(offs) and offs[t][0] < we:
+            if offs[t][1] > ws:
+                hit = t
+            t += 1
+        if hit is None:
+            raise InputError(f"word {text[ws:we]!r} of {text!r} maps to no token of the tokenizer")
+        last.append(hit + 1)
+        if offs[hit][1] > we:   # the token runs into the next word: let that word see it too
+            t = hit
+    return [prefix_token_id(tokenizer)] + list(enc["input_ids"]), last
+
+
+def default_layers(n_layers: int, max_layers: int = 10) -> list[int]:
+    """Candidate ``hidden_states`` indices: every k-th layer plus the last, at most ``max_layers`` (30 -> 3..30)."""
+    k = max(1, math.ceil(n_layers / max_layers))
+    return sorted(set(range(k, n_layers + 1, k)) | {n_layers})
+
+
+@torch.no_grad()
+def word_features(model, tokenizer, sentences: list[list[str]], layers: list[int], *,
+                  batch_tokens: int = 4096) -> dict[int, torch.Tensor]:
+    """``{layer: [sum of words, H] float32}``: each word's last-token hidden state, sentences concatenated."""
+    enc = [word_last_tokens(tokenizer, w) for w in sentences]
+    n_layers = model.config.num_hidden_layers
+    if any(not 0 <= l <= n_layers for l in layers):
+        raise InputError(f"probe layers {layers}: allowed 0..{n_layers} (hidden_states indices)")
+    starts = [0]
+    for _, last in enc:
+        starts.append(starts[-1] + len(last))
+    device = next(model.parameters()).device
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    out = {l: torch.empty(starts[-1], model.config.hidden_size) for l in layers}
+    order = sorted(range(len(enc)), key=lambda i: -len(enc[i][0]))   # similar lengths share a batch
+    i = 0
+    while i < len(order):
+        T = len(enc[order[i]][0])
+        batch = order[i:i + max(1, batch_tokens // T)]
+        i += len(batch)
+        ids = torch.full((len(batch), T), pad, dtype=torch.long)
+        att = torch.zeros_like(ids)
+        for r, s in enumerate(batch):
+            ids[r, :len(enc[s][0])] = torch.tensor(enc[s][0])
+            att[r, :len(enc[s][0])] = 1
+        hs = model(ids.to(device), attention_mask=att.to(device), output_hidden_states=True,
+                   use_cache=False, logits_to_keep=1).hidden_states
+        for r, s in enumerate(batch):
+            pos = torch.tensor(enc[s][1], device=device)
+            for l in layers:
+                out[l][starts[s]:starts[s + 1]] = hs[l][r, pos].float().cpu()
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ probes
+
+def _lbfgs(params: list[torch.Tensor], loss_fn, max_iter: int) -> None:
+    opt = torch.optim.LBFGS(params, lr=1, max_iter=max_iter, history_size=20, line_search_fn="strong_wolfe",
+                            tolerance_grad=1e-6, tolerance_change=1e-9)
+
+    def closure():
+        opt.zero_grad()
+        loss = loss_fn()
+        loss.backward()
+        return loss
+    opt.step(closure)
+
+
+def train_linear_probe(x: torch.Tensor, y: torch.Tensor, n_classes: int, *, l2: float = 1e-3,
+                       max_iter: int = 100) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax regression on x [N, H] (standardised), y [N] long -> (W [H, C], b [C]).
+
+    Minimises mean cross-entropy + ``l2 * ||W||^2`` by full-batch L-BFGS from zero (convex: deterministic).
+    """
+    w = torch.zeros(x.shape[1], n_classes, requires_grad=True)
+    b = torch.zeros(n_classes, requires_grad=True)
+    _lbfgs([w, b], lambda: torch.nn.functional.cross_entropy(x @ w + b, y) + l2 * w.square().sum(), max_iter)
+    return w.detach(), b.detach()
+
+
+def _pad(h: torch.Tensor, lengths: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """h [sum(lengths), H] -> ([S, L, H] zero-padded, mask [S, L] bool)."""
+    L = max(lengths)
+    out = h.new_zeros(len(lengths), L, h.shape[1])
+    mask = torch.zeros(len(lengths), L, dtype=torch.bool)
+    for s, (a, n) in enumerate(zip([0] + list(torch.tensor(lengths).cumsum(0)[:-1].tolist()), lengths)):
+        out[s, :n], mask[s, :n] = h[a:a + n], True
+    return out, mask
+
+
+def head_scores(params: dict[str, torch.Tensor], h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Bilinear head scores: h [S, L, H], mask [S, L] -> [S, L, L + 1]; column 0 is ROOT, column j the word j.
+
+    ``score(i, j) = (U h_i).(V h_j) + b.h_j``, ``score(i, ROOT) = (U h_i).r``; self and padding are -inf.
+    """
+    dep, head = h @ params["U"], h @ params["V"]                         # [S, L, R]
+    words = dep @ head.transpose(1, 2) + (h @ params["b"])[:, None, :]   # [S, L, L]
+    root = dep @ params["r"]                                             # [S, L]
+    s = torch.cat([root[..., None], words], dim=-1)
+    L = h.shape[1]
+    bad = torch.cat([torch.zeros(L, 1, dtype=torch.bool), torch.eye(L, dtype=torch.bool)], 1)[None] \
+        | ~torch.cat([torch.ones_like(mask[:, :1]), mask], 1)[:, None, :]
+    return s.masked_fill(bad, float("-inf"))
+
+
+def train_head_probe(h: torch.Tensor, mask: torch.Tensor, heads: torch.Tensor, *, rank: int = 64,
+                     l2: float = 1e-3, max_iter: int = 150, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Fit the bilinear head probe: h [S, L, H], mask [S, L], heads [S, L] long (0 = ROOT; padding ignored).
+
+    Mean cross-entropy over real words + ``l2 * (|U|^2 + |V|^2 + |b|^2 + |r|^2)``; seeded small random init
+    (the factorised objective has a saddle at zero), full-batch L-BFGS.
+    """
+    g = torch.Generator().manual_seed(seed)
+    H = h.shape[-1]
+    p = {"U": torch.randn(H, rank, generator=g) / H ** 0.5, "V": torch.randn(H, rank, generator=g) / H ** 0.5,
+         "b": torch.zeros(H), "r": torch.randn(rank, generator=g) / rank ** 0.5}
+    for v in p.values():
+        v.requires_grad_(True)
+    tgt = heads.masked_fill(~mask, -100)
+
+    def loss():
+        s = head_scores(p, h, mask)
+        ce = torch.nn.functional.cross_entropy(s.flatten(0, 1).masked_fill(~mask.flatten()[:, None], 0.0),
+                                               tgt.flatten(), ignore_index=-100)
+        return ce + l2 * sum(v.square().sum() for v in p.values())
+    _lbfgs(list(p.values()), loss, max_iter)
+    return {k: v.detach() for k, v in p.items()}
+
+
+def predict_heads(params: dict[str, torch.Tensor], h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Argmax head per word: [S, L] long (0 = ROOT); padding positions hold 0."""
+    return head_scores(params, h, mask).argmax(-1).masked_fill(~mask, 0)
+
+
+# ------------------------------------------------------------------------------------------------ metrics
+
+def label_f1(gold: list[str], pred: list[str]) -> dict[str, float]:
+    """Macro F1 over the labels seen in gold or pred (sklearn's default) and micro F1 (= accuracy here)."""
+    if len(gold) != len(pred) or not gold:
+        raise InputError(f"label_f1: need equal non-empty label lists, got {len(gold)} and {len(pred)}")
+    f1s = []
+    for lab in sorted(set(gold) | set(pred)):
+        tp = sum(g == lab and p == lab for g, p in zip(gold, pred))
+        fp = sum(g != lab and p == lab for g, p in zip(gold, pred))
+        fn = sum(g == lab and p != lab for g, p in zip(gold, pred))
+        f1s.append(2 * tp / (2 * tp + fp + fn))
+    return {"macro_f1": sum(f1s) / len(f1s), "micro_f1": sum(g == p for g, p in zip(gold, pred)) / len(gold)}
+
+
+def grammaticality_f1(lp_good: list[float], lp_bad: list[float], paradigms: list[str]) -> dict:
+    """Classify both members of each pair ("good" = the strictly higher log-prob); F1 of "good", accuracy."""
+    def score(idx):
+        right = sum(lp_good[i] > lp_bad[i] for i in idx)
+        tp, fp, fn = right, len(idx) - right, len(idx) - right   # a wrong pair swaps both members
+        return {"f1": 2 * tp / (2 * tp + fp + fn), "accuracy": right / len(idx), "n": len(idx)}
+    if not lp_good or len(lp_good) != len(lp_bad) or len(lp_good) != len(paradigms):
+        raise InputError("grammaticality_f1: need equal non-empty lists of log-probs and paradigms")
+    by: dict[str, list[int]] = {}
+    for i, p in enumerate(paradigms):
+        by.setdefault(p, []).append(i)
+    return {**score(range(len(paradigms))), "per_paradigm": {p: score(ix) for p, ix in sorted(by.items())}}
+
+
+@torch.no_grad()
+def pair_logprobs(model, tokenizer, pairs: list[tuple[str, str, str]], batch_size: int = 16):
+    """Total log-prob of each pair's good and bad sentence (after the prefix token) -> (good [P], bad [P])."""
+    from .scoring import encode_pair, score_requests
+
+    reqs, split = [], []
+    for good, bad, _ in pairs:
+        g, b = encode_pair(tokenizer, "", good), encode_pair(tokenizer, "", bad)
+        split.append(g[0] != b[0])
+        reqs += [(g[0], [g[1]]), (b[0], [b[1]])] if split[-1] else [(g[0], [g[1], b[1]])]
+    it = iter(score_requests(model, reqs, batch_size=batch_size))
+    lg, lb = [], []
+    for sp in split:
+        first = next(it)
+        lg.append(first[0].logprob)
+        lb.append(next(it)[0].logprob if sp else first[1].logprob)
+    return lg, lb
+
+
+# ------------------------------------------------------------------------------------------------ tasks
+
+def _standardise(x: torch.Tensor, n_train: int) -> torch.Tensor:
+    mu, sd = x[:n_train].mean(0), x[:n_train].std(0).clamp_min(1e-6)
+    return (x - mu) / sd
+
+
+def _select(layers: list[int], fit_eval) -> tuple[int, dict[int, float], dict]:
+    """Fit on train for each layer, keep the best dev score (ties: the lower layer); test metrics of it."""
+    dev, best = {}, None
+    for l in layers:
+        d, test = fit_eval(l)
+        dev[l] = d
+        if best is None or d > dev[best[0]]:
+            best = (l, test)
+    return best[0], dev, best[1]
+
+
+def token_task(feats: dict[int, torch.Tensor], split: dict[str, list[Sentence]], kind: str, *,
+               l2: float, max_iter: int) -> dict:
+    """Linear probe for ``kind`` in ner | pos | deprel over word features ordered train, dev, test."""
+    from seqeval.metrics import f1_score, precision_score, recall_score
+
+    labs = {k: [s.deprels if kind == "deprel" else s.tags for s in v] for k, v in split.items()}
+    vocab = sorted({t for v in labs.values() for s in v for t in s})
+    y = torch.tensor([vocab.index(t) for k in ("train", "dev", "test") for s in labs[k] for t in s])
+    n = [sum(map(len, labs[k])) for k in ("train", "dev", "test")]
+    cut = {"train": (0, n[0]), "dev": (n[0], n[0] + n[1]), "test": (n[0] + n[1], sum(n))}
+
+    def metrics(pred: torch.Tensor, part: str) -> dict:
+        gold, flat, out, i = labs[part], [vocab[j] for j in pred.tolist()], [], 0
+        for s in gold:
+            out.append(flat[i:i + len(s)])
+            i += len(s)
+        if kind == "ner":
+            return {"f1": f1_score(gold, out), "precision": precision_score(gold, out), "recall": recall_score(gold, out)}
+        r = label_f1([t for s in gold for t in s], flat)
+        return {"f1": r["micro_f1"], **r}
+
+    def fit_eval(layer):
+        x = _standardise(feats[layer], n[0])
+        w, b = train_linear_probe(x[:n[0]], y[:n[0]], len(vocab), l2=l2, max_iter=max_iter)
+        pred = (x @ w + b).argmax(-1)
+        return metrics(pred[slice(*cut["dev"])], "dev")["f1"], metrics(pred[slice(*cut["test"])], "test")
+
+    layer, dev, test = _select(sorted(feats), fit_eval)
+    return {"layer": layer, "dev": dev, "test": test, "n_labels": len(vocab), "n_test_words": n[2]}
+
+
+def head_task(feats: dict[int, torch.Tensor], split: dict[str, list[Sentence]], *, rank: int, l2: float,
+              max_iter: int, seed: int) -> dict:
+    """Bilinear head probe (UAS) with layer selection on dev."""
+    lens = {k: [len(s.words) for s in v] for k, v in split.items()}
+    heads = {k: _pad(torch.tensor([h for s in v for h in s.heads], dtype=torch.float32)[:, None], lens[k])[0][..., 0].long()
+             for k, v in split.items()}
+    n_train, n_dev = sum(lens["train"]), sum(lens["dev"])
+
+    def fit_eval(layer):
+        x = _standardise(feats[layer], n_train)
+        parts = {"train": x[:n_train], "dev": x[n_train:n_train + n_dev], "test": x[n_train + n_dev:]}
+        hm = {k: _pad(v, lens[k]) for k, v in parts.items()}
+        p = train_head_probe(*hm["train"], heads["train"], rank=rank, l2=l2, max_iter=max_iter, seed=seed)
+        uas = {k: float((predict_heads(p, *hm[k]) == heads[k])[hm[k][1]].float().mean()) for k in ("dev", "test")}
+        return uas["dev"], {"f1": uas["test"], "uas": uas["test"]}
+
+    layer, dev, test = _select(sorted(feats), fit_eval)
+    return {"layer": layer, "dev": dev, "test": test, "n_test_words": sum(lens["test"])}
