@@ -11,6 +11,7 @@ Prints a table; the last line is a machine-readable key=value summary.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import time
 from pathlib import Path
@@ -36,10 +37,13 @@ def main() -> None:
     ap.add_argument("--candidates", type=int, default=8, help="greedy re-tries per step; 0 = all (exact greedy)")
     args = ap.parse_args()
     torch.manual_seed(0)
+    logging.basicConfig(format="  %(message)s")
+    logging.getLogger("distillgate.models.derive").setLevel(logging.INFO)  # one line per greedy step
 
     lm = load_model(args.teacher)
     ids = calib_ids_from_text(lm.tokenizer, Path(args.text).read_text(encoding="utf-8"), args.tokens, args.seq_len)
-    sels = [s for s in args.selections.split(",") if s]
+    # greedy last: its deeper students are compared with the block-influence pick of the same depth
+    sels = sorted({s for s in args.selections.split(",") if s}, key=lambda s: (s == "greedy_ppl", s))
     assert all(s in LAYER_SELECTIONS for s in sels), sels
     print(f"teacher {args.teacher}: {len(lm.model.model.layers)} layers; calibration {tuple(ids.shape)} tokens of "
           f"{Path(args.text).name}; torch threads {torch.get_num_threads()}")
@@ -48,7 +52,8 @@ def main() -> None:
     greedy_rep = None
     for n in depths:
         for sel in sels:
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
+            cpu = float("nan")  # CPU seconds (all threads): comparable across runs on a shared machine
             if sel == "greedy_ppl" and greedy_rep is not None:
                 # Greedy removal does not depend on the target depth: the deeper student is the state after the
                 # first L-n steps of the shallower run. Rebuild it (and re-apply derive_student's final
@@ -68,21 +73,23 @@ def main() -> None:
                 student, rep = derive_student(lm.model, lm.tokenizer, ids, num_layers=n, mlp_width=args.mlp_width,
                                               layer_selection=sel, greedy_candidates=args.candidates or None)
                 secs, ppl, used, kept = time.perf_counter() - t0, rep.student_ppl, rep.selection_used, rep.kept_layers
+                cpu = time.process_time() - c0
                 trials = sum(t["trials"] for t in rep.greedy_trace)
                 if sel == "greedy_ppl":
                     greedy_rep = rep
             teacher_ppl = teacher_ppl or rep.teacher_ppl
-            rows.append((n, sel, used, ppl, secs, rep.params_student["total"], kept, trials))
+            rows.append((n, sel, used, ppl, secs, cpu, rep.params_student["total"], kept, trials))
             summary[f"ppl_{sel}_{n}"], summary[f"sec_{sel}_{n}"], summary[f"kept_{sel}_{n}"] = ppl, secs, kept
-            print(f"  done {n} {sel}: PPL {ppl:.2f} in {secs:.1f} s", flush=True)
+            summary[f"cpu_{sel}_{n}"] = cpu
+            print(f"  done {n} {sel}: PPL {ppl:.2f} in {secs:.1f} s ({cpu:.1f} CPU s)", flush=True)
             del student
     print(f"teacher calibration PPL: {teacher_ppl:.3f}")
-    print(f"{'layers':>6} {'selection':<16} {'used':<16} {'student PPL':>13} {'x BI':>7} {'seconds':>8} "
+    print(f"{'layers':>6} {'selection':<16} {'used':<16} {'student PPL':>13} {'x BI':>7} {'seconds':>8} {'CPU s':>7} "
           f"{'params':>11} {'trials':>6}  kept")
-    for n, sel, used, ppl, secs, params, kept, trials in rows:
+    for n, sel, used, ppl, secs, cpu, params, kept, trials in rows:
         bi = summary.get(f"ppl_block_influence_{n}")
         ratio = f"{ppl / bi:7.3f}" if bi else "      -"
-        print(f"{n:>6} {sel:<16} {used:<16} {ppl:>13.2f} {ratio} {secs:>8.1f} {params:>11,} {trials:>6}  {kept}")
+        print(f"{n:>6} {sel:<16} {used:<16} {ppl:>13.2f} {ratio} {secs:>8.1f} {cpu:>7.1f} {params:>11,} {trials:>6}  {kept}")
     kv = {"teacher_ppl": teacher_ppl, **{k: v for k, v in summary.items() if not k.startswith("kept_")}}
     print(" ".join(f"{k}={v:.4g}" for k, v in kv.items()))
 

@@ -86,7 +86,9 @@ def main() -> int:
     rows, tot = [], {"native": [0, 0.0], "lm_eval": [0, 0.0]}
     for name, load_docs, instances in tasks:
         times = {"native": [], "lm_eval": []}
-        for _ in range(args.repeats):
+        evaluate_mc(model, tok, load_docs()[:2], batch_size=args.batch_size)       # warm-up, untimed
+        hflm.loglikelihood(instances[:4], disable_tqdm=True)
+        for rep in range(args.repeats):
             t0 = time.perf_counter()
             docs = load_docs()
             native = evaluate_mc(model, tok, docs, batch_size=args.batch_size)
@@ -94,6 +96,8 @@ def main() -> int:
             t0 = time.perf_counter()
             lls = hflm.loglikelihood(instances, disable_tqdm=True)
             times["lm_eval"].append(time.perf_counter() - t0)
+            print(f"  {name} repeat {rep}: native {times['native'][-1]:.2f} s, lm-eval {times['lm_eval'][-1]:.2f} s",
+                  file=sys.stderr, flush=True)
         golds = [d.gold for d in docs]
         acc_lm, preds_lm = lm_eval_acc(instances, lls, golds)
         agree = sum(p == q["pred"] for p, q in zip(preds_lm, native["per_doc"])) / len(golds)

@@ -128,7 +128,7 @@ class OnlineTeacher:
     """TeacherProvider for online mode: ``provider(batch) -> TeacherHidden`` (teacher forward, no grad)."""
 
     def __init__(self, teacher):
-        self.model, _, self.fingerprint = _unwrap(teacher)
+        self.model = teacher.model if hasattr(teacher, "fingerprint") else teacher  # LoadedModel or module
         self.weight = _check_plain_head(self.model).detach()
         self.model.eval()
 

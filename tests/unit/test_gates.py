@@ -157,9 +157,11 @@ def test_json_round_trip_and_table():
     spec = parse_gate_spec(mini_spec())
     rep = evaluate_gates(spec, {"ppl_ratio": float("nan"), "inheritance": 0.9, "extra_thing": 3},
                          notes={"ttft_ratio": "no provider registered"}, details={"perf": {"x": 1}})
-    data = json.loads(json.dumps(rep.to_json()))
+    data = json.loads(json.dumps(rep.to_json(), allow_nan=False))  # strict JSON
     back = GateReport.from_json(data)
     assert back == rep
+    odd = rep.model_copy(update={"details": {"perf": {32: float("inf")}}})
+    assert json.loads(json.dumps(odd.to_json(), allow_nan=False))["details"] == {"perf": {"32": None}}
     assert back.extra_metrics == {"extra_thing": 3.0} and back.spec_sha256 == spec.sha256()
     assert data["gates"][2]["note"] == "no provider registered"
     from rich.console import Console
@@ -264,12 +266,13 @@ def test_cli_usage_errors_exit_2(tmp_path, model_dirs, extra, metrics):
     assert rc == 2 and rep is None
 
 
-def test_teacher_profile_resolves_to_its_model(tmp_path, tiny_teacher_dir):
+def test_teacher_profile_resolves_to_its_model(tmp_path, model_dirs):
     from distillgate.commands.gates import resolve_teacher
     from distillgate.errors import InputError
     from distillgate.io import atomic_dir
     from distillgate.models.load import fingerprint_folder
 
+    tiny_teacher_dir = model_dirs["teacher"]
     assert resolve_teacher(str(tiny_teacher_dir)) == str(tiny_teacher_dir)
     good = {"path": str(tiny_teacher_dir), "fingerprint": fingerprint_folder(tiny_teacher_dir)}
     with atomic_dir(tmp_path / "prof", kind="profile", format_version=1, meta=good) as d:

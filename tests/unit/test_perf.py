@@ -110,7 +110,7 @@ def test_leak_rate_detects_growth_and_bounds_clean_runs(tiny_model_factory, tiny
     leaky = perf.leak_rate(_LeakyModel(), tiny_tokenizer, iterations=8, warmup=1)
     assert leaky["n"] == 8 and leaky["slope_bytes_per_s"] > 0 and leaky["rss_end"] - leaky["rss_start"] >= 16 << 20
     assert leaky["pct_per_hour_upper95"] > leaky["pct_per_hour"] > 0.003
-    clean = perf.leak_rate(tiny_model_factory(), tiny_tokenizer, iterations=5, warmup=2, prompt_len=8,
+    clean = perf.leak_rate(tiny_model_factory(), tiny_tokenizer, iterations=3, warmup=1, prompt_len=8,
                            new_tokens=2)
     # a few seconds cannot certify 0.003 %/h: the bound includes RSS's page resolution over the run
     assert clean["pct_per_hour_upper95"] >= clean["resolution_pct_per_hour"] > 0.003

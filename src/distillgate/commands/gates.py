@@ -44,8 +44,10 @@ def register(subparsers) -> None:
                    "the longest request of the volatility load (G-P2)")
     g.add_argument("--volatility-requests", type=int, default=24, help="requests in the G-P2 load")
     g.add_argument("--leak-seconds", type=float, default=0.0, help="G-P4 soak length (0: not run)")
-    g.add_argument("--threads", type=int, default=1, help="torch threads for both models (1 is stable on a "
-                   "shared CPU; use the serving thread count on a dedicated machine)")
+    g.add_argument("--threads", type=int, default=1, help="torch threads for every measurement of both models "
+                   "(1 is stable on a shared CPU; use the serving thread count on a dedicated machine)")
+    g.add_argument("--data-dir", default=None, metavar="DIR", help="evaluation data for the G-C2 probes "
+                   "(wnut17/, ud_english_ewt/, blimp/; default: $DISTILLGATE_DATA)")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     g.add_argument("--trust-remote-code", action="store_true")
@@ -134,6 +136,8 @@ def run(args: argparse.Namespace) -> int:
     _positive("--leak-seconds", args.leak_seconds, allow_zero=True)
     if args.ppl_text and not Path(args.ppl_text).is_file():
         raise ConfigError("--ppl-text", args.ppl_text, "an existing UTF-8 text file")
+    if args.data_dir and not Path(args.data_dir).is_dir():
+        raise ConfigError("--data-dir", args.data_dir, "an existing folder (wnut17/, ud_english_ewt/, blimp/)")
     if args.json and not Path(args.json).parent.is_dir():
         raise ConfigError("--json", args.json, "a path in an existing folder")
     given: dict[str, float | None] = {}
@@ -153,9 +157,12 @@ def run(args: argparse.Namespace) -> int:
     ctx = GateContext(student_spec=args.student, teacher_spec=teacher_spec, dtype=args.dtype, options={
         "ppl_text": args.ppl_text, "ppl_tokens": args.ppl_tokens, "lengths": lengths, "repeats": args.repeats,
         "warmup": args.warmup, "context_len": args.context_len, "volatility_requests": args.volatility_requests,
-        "leak_seconds": args.leak_seconds, "threads": args.threads, "seed": args.seed,
+        "leak_seconds": args.leak_seconds, "threads": args.threads, "seed": args.seed, "data_dir": args.data_dir,
         "trust_remote_code": args.trust_remote_code})
-    metrics, notes = collect_metrics(spec, ctx, given, skip)
+    from ..perf import torch_threads
+
+    with torch_threads(args.threads):  # every measurement (perplexity too) runs on the same thread count
+        metrics, notes = collect_metrics(spec, ctx, given, skip)
     details = {"measurements": ctx.details, "provider_modules": problems, "student": student_path,
                "teacher": teacher_path, "metrics_files": args.metrics, "skipped": sorted(skip),
                "sources": {m: ("--metrics" if m in given else "measured") for m, v in metrics.items() if v is not None}}
@@ -166,7 +173,7 @@ def run(args: argparse.Namespace) -> int:
     _print_perf(console, ctx.details)
     console.print(report.format_table())
     if args.json:
-        atomic_write_json(args.json, _json_safe(report.to_json()))
+        atomic_write_json(args.json, report.to_json())
         console.print(f"report: {args.json}")
     ok = report.all_passed and (report.converged or not args.require_converged)
     return 0 if ok else 1
@@ -183,14 +190,3 @@ def _print_perf(console, details: dict) -> None:
         console.print(f"{who}: TTFT median {t['median_ms']:.1f} ms (by length {per}); memory "
                       f"params {m['params_bytes'] / mib:.1f} + KV {m['kv_cache_bytes'] / mib:.1f} + temporaries "
                       f"{m['activations_bytes'] / mib:.1f} = {m['total_bytes'] / mib:.1f} MiB at ctx {m['context_len']}")
-
-
-def _json_safe(obj):
-    """Replace NaN/Inf (not valid JSON) by None, recursively."""
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, dict):
-        return {str(k): _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
-    return obj

@@ -213,3 +213,28 @@ def decision_path_consistency(student, teacher, tokenizer, *, n: int = 60, seed:
             "teacher_accuracy": sum(r["teacher"] == r["truth"] for r in rows) / len(rows),
             "student_accuracy": sum(r["student"] == r["truth"] for r in rows) / len(rows),
             "n": len(rows), "rows": rows}
+
+
+# ------------------------------------------------------------------------------------------------ gate
+
+def path_consistency_provider(ctx) -> float | None:
+    """G-C4 metric provider: :func:`decision_path_consistency` over ``options['path_instructions']`` (30)
+    instructions; teacher paths cached by the teacher's fingerprint. Needs one tokenizer for both models."""
+    t, s = ctx.teacher(), ctx.student()
+    if t.tokenizer.get_vocab() != s.tokenizer.get_vocab():
+        raise InputError("path_consistency: teacher and student tokenizers differ; one tokenizer must serve both")
+    res = decision_path_consistency(s.model, t.model, s.tokenizer, n=int(ctx.options.get("path_instructions", 30)),
+                                    seed=int(ctx.options.get("seed", 0)), teacher_fingerprint=t.fingerprint)
+    ctx.details["path_consistency"] = res
+    return res["path_consistency"]
+
+
+def _register() -> None:
+    from ..gates import register_metric_provider
+
+    register_metric_provider("path_consistency", path_consistency_provider, higher_is_better=True,
+                             description="share of structured instructions where the student uses the teacher's "
+                                         "evidence in the same order (G-C4)")
+
+
+_register()

@@ -278,3 +278,28 @@ def capability_inheritance(student, teacher, tokenizer, *, n_groups: int = 300, 
         p.update({"group": g.id, "kind": g.kind, "teacher_answers": ta, "student_answers": sa})
     res.update({"slack": slack, "min_share": min_share, "max_new_tokens": max_new_tokens})
     return res
+
+
+# ------------------------------------------------------------------------------------------------ gate
+
+def inheritance_provider(ctx) -> float | None:
+    """G-C3 metric provider: :func:`capability_inheritance` over ``options['inheritance_groups']`` (48) groups;
+    teacher answers cached by the teacher's fingerprint. Needs teacher and student to share a tokenizer."""
+    t, s = ctx.teacher(), ctx.student()
+    if t.tokenizer.get_vocab() != s.tokenizer.get_vocab():
+        raise InputError("inheritance: teacher and student tokenizers differ; one tokenizer must serve both")
+    res = capability_inheritance(s.model, t.model, s.tokenizer, n_groups=int(ctx.options.get("inheritance_groups", 48)),
+                                 seed=int(ctx.options.get("seed", 0)), teacher_fingerprint=t.fingerprint)
+    ctx.details["inheritance"] = res
+    return res["inheritance"]
+
+
+def _register() -> None:
+    from ..gates import register_metric_provider
+
+    register_metric_provider("inheritance", inheritance_provider, higher_is_better=True,
+                             description="share of paired paraphrase groups whose student answers fall in the "
+                                         "teacher's semantic answer cluster (G-C3)")
+
+
+_register()

@@ -242,13 +242,11 @@ def train_linear_probe(x: torch.Tensor, y: torch.Tensor, n_classes: int, *, l2: 
 
 
 def _pad(h: torch.Tensor, lengths: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """h [sum(lengths), H] -> ([S, L, H] zero-padded, mask [S, L] bool)."""
-    L = max(lengths)
-    out = h.new_zeros(len(lengths), L, h.shape[1])
-    mask = torch.zeros(len(lengths), L, dtype=torch.bool)
-    for s, (a, n) in enumerate(zip([0] + list(torch.tensor(lengths).cumsum(0)[:-1].tolist()), lengths)):
-        out[s, :n], mask[s, :n] = h[a:a + n], True
-    return out, mask
+    """h [sum(lengths), ...] -> ([S, L, ...] zero-padded, mask [S, L] bool)."""
+    from torch.nn.utils.rnn import pad_sequence
+
+    mask = pad_sequence([torch.ones(n, dtype=torch.bool) for n in lengths], batch_first=True)
+    return pad_sequence(list(h.split(lengths)), batch_first=True), mask
 
 
 def head_scores(params: dict[str, torch.Tensor], h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -379,14 +377,14 @@ def token_task(feats: dict[int, torch.Tensor], split: dict[str, list[Sentence]],
             i += len(s)
         if kind == "ner":
             return {"f1": f1_score(gold, out), "precision": precision_score(gold, out), "recall": recall_score(gold, out)}
-        r = label_f1([t for s in gold for t in s], flat)
-        return {"f1": r["micro_f1"], **r}
+        return label_f1([t for s in gold for t in s], flat)
 
     def fit_eval(layer):
         x = _standardise(feats[layer], n[0])
         w, b = train_linear_probe(x[:n[0]], y[:n[0]], len(vocab), l2=l2, max_iter=max_iter)
         pred = (x @ w + b).argmax(-1)
-        return metrics(pred[slice(*cut["dev"])], "dev")["f1"], metrics(pred[slice(*cut["test"])], "test")
+        primary = "f1" if kind == "ner" else "micro_f1"
+        return metrics(pred[slice(*cut["dev"])], "dev")[primary], metrics(pred[slice(*cut["test"])], "test")
 
     layer, dev, test = _select(sorted(feats), fit_eval)
     return {"layer": layer, "dev": dev, "test": test, "n_labels": len(vocab), "n_test_words": n[2]}
@@ -396,8 +394,7 @@ def head_task(feats: dict[int, torch.Tensor], split: dict[str, list[Sentence]], 
               max_iter: int, seed: int) -> dict:
     """Bilinear head probe (UAS) with layer selection on dev."""
     lens = {k: [len(s.words) for s in v] for k, v in split.items()}
-    heads = {k: _pad(torch.tensor([h for s in v for h in s.heads], dtype=torch.float32)[:, None], lens[k])[0][..., 0].long()
-             for k, v in split.items()}
+    heads = {k: _pad(torch.tensor([h for s in v for h in s.heads]), lens[k])[0] for k, v in split.items()}
     n_train, n_dev = sum(lens["train"]), sum(lens["dev"])
 
     def fit_eval(layer):
@@ -406,7 +403,139 @@ def head_task(feats: dict[int, torch.Tensor], split: dict[str, list[Sentence]], 
         hm = {k: _pad(v, lens[k]) for k, v in parts.items()}
         p = train_head_probe(*hm["train"], heads["train"], rank=rank, l2=l2, max_iter=max_iter, seed=seed)
         uas = {k: float((predict_heads(p, *hm[k]) == heads[k])[hm[k][1]].float().mean()) for k in ("dev", "test")}
-        return uas["dev"], {"f1": uas["test"], "uas": uas["test"]}
+        return uas["dev"], {"uas": uas["test"]}
 
     layer, dev, test = _select(sorted(feats), fit_eval)
     return {"layer": layer, "dev": dev, "test": test, "n_test_words": sum(lens["test"])}
+
+
+# ------------------------------------------------------------------------------------------------ suite
+
+def data_files(data_dir: str | Path) -> dict[str, list[Path]]:
+    """The probe files under ``data_dir``: wnut17/emerging.dev.conll, ud_english_ewt/*.conllu, blimp/*.jsonl."""
+    d = Path(data_dir)
+    files = {"ner": [d / "wnut17" / "emerging.dev.conll"], "ud": sorted((d / "ud_english_ewt").glob("*.conllu")),
+             "blimp": sorted((d / "blimp").glob("*.jsonl"))}
+    missing = [k for k, v in files.items() if not v or not all(p.is_file() for p in v)]
+    if missing:
+        raise InputError(f"probe data dir {d}: missing {missing}; needs wnut17/emerging.dev.conll, "
+                         "ud_english_ewt/*.conllu and blimp/*.jsonl")
+    return files
+
+
+def probe_suite(model, tokenizer, data_dir: str | Path, *, limit_sentences: int | None = 400, blimp_pairs: int = 300,
+                seed: int = 0, layers: list[int] | None = None, max_words: int = 64, l2: float = 1e-3,
+                head_rank: int = 64, max_iter: int = 100, batch_tokens: int = 4096, cache: bool = False,
+                fingerprint: str | None = None) -> dict:
+    """All G-C2 probes of one frozen model (module docstring). Returns JSON-able
+    ``{scores: {ner_f1, pos_micro_f1, pos_macro_f1, deprel_micro_f1, deprel_macro_f1, uas, grammaticality_f1,
+    grammaticality_accuracy, ...}, layers: {task: layer}, dev: {task: {layer: dev score}}, n: {...}, ...}``.
+
+    ``limit_sentences`` caps the NER and the UD sample each; ``blimp_pairs`` is spread evenly over the files.
+    ``cache=True`` (the teacher) stores/reuses the result under ``$DISTILLGATE_HOME/eval_cache`` keyed by the
+    model ``fingerprint`` (default :func:`fingerprint_model`), tokenizer, data sha256 and settings.
+    """
+    import time
+
+    from ..models import fingerprint_model, fingerprint_tokenizer
+
+    files = data_files(data_dir)
+    layers = sorted(set(layers)) if layers else default_layers(model.config.num_hidden_layers)
+    settings = {"version": PROBE_VERSION, "limit_sentences": limit_sentences, "blimp_pairs": blimp_pairs,
+                "seed": seed, "layers": layers, "max_words": max_words, "l2": l2, "head_rank": head_rank,
+                "max_iter": max_iter, "splits": SPLITS}
+    data_sha = {str(p.relative_to(data_dir)): sha256_file(p) for v in files.values() for p in v}
+    path = key = None
+    if cache:
+        key = sha256_json([fingerprint or fingerprint_model(model), fingerprint_tokenizer(tokenizer), data_sha, settings])
+        path = distillgate_home() / "eval_cache" / f"probes-{key[:16]}.json"
+        if path.is_file():
+            hit = json.loads(path.read_text())
+            if hit.get("key") == key:
+                return {**hit["result"], "cached": True}
+    t0, res = time.perf_counter(), {"settings": settings, "data_sha256": data_sha, "scores": {}, "layers": {},
+                                    "dev": {}, "n": {}, "seconds": {}}
+    ner = sample_split(read_conll(files["ner"][0]), limit_sentences, seed, max_words)
+    ud = sample_split([s for p in files["ud"] for s in read_conllu(p)], limit_sentences, seed, max_words)
+    for name, split in (("ner", ner), ("ud", ud)):
+        sents = [s.words for k in ("train", "dev", "test") for s in split[k]]
+        feats = word_features(model, tokenizer, sents, layers, batch_tokens=batch_tokens)
+        res["seconds"][f"features_{name}"] = time.perf_counter() - t0
+        tasks = {"ner": token_task(feats, split, "ner", l2=l2, max_iter=max_iter)} if name == "ner" else {
+            "pos": token_task(feats, split, "pos", l2=l2, max_iter=max_iter),
+            "deprel": token_task(feats, split, "deprel", l2=l2, max_iter=max_iter),
+            "uas": head_task(feats, split, rank=head_rank, l2=l2, max_iter=max_iter, seed=seed)}
+        for task, r in tasks.items():
+            res["layers"][task], res["dev"][task] = r["layer"], {str(k): v for k, v in r["dev"].items()}
+            res["scores"].update({m if task == "uas" else f"{task}_{m}": v for m, v in r["test"].items()})
+            res["n"][task] = {**{k: len(v) for k, v in split.items()}, "test_words": r["n_test_words"]}
+        res["seconds"][f"probes_{name}"] = time.perf_counter() - t0
+    per_file = math.ceil(blimp_pairs / len(files["blimp"]))
+    pairs = read_minimal_pairs(files["blimp"], per_file)[:blimp_pairs]
+    g = grammaticality_f1(*pair_logprobs(model, tokenizer, pairs), [p for _, _, p in pairs])
+    res["scores"].update({"grammaticality_f1": g["f1"], "grammaticality_accuracy": g["accuracy"]})
+    res["n"]["grammaticality"] = {"pairs": g["n"]}
+    res["per_paradigm"] = g["per_paradigm"]
+    res["seconds"]["total"] = time.perf_counter() - t0
+    bad = {k: v for k, v in res["scores"].items() if not math.isfinite(v)}
+    if bad:
+        raise InputError(f"probe scores are not finite: {bad}")
+    if path is not None:
+        atomic_write_json(path, {"key": key, "result": res})
+    return {**res, "cached": False}
+
+
+def f1_gap(teacher: dict, student: dict) -> dict:
+    """Teacher-minus-student gaps in F1 points (x100) from two :func:`probe_suite` results.
+
+    ``per_task_gap_points`` covers every shared score; ``family_gap_points``: grammaticality (F1), NER (span
+    F1), dependency parsing (worse of UAS and relation micro-F1); ``f1_gap_points`` = max over the families
+    (G-C2: <= 1.2). Positive = the student is worse. Raises when the two runs used other data or settings.
+    """
+    for k in ("data_sha256", "settings"):
+        a, b = teacher.get(k), student.get(k)
+        if k == "settings" and a and b:
+            a, b = ({x: y for x, y in d.items() if x != "layers"} for d in (a, b))
+        if a != b:
+            raise InputError(f"f1_gap: teacher and student probes used different {k}: {a} vs {b}")
+    ts, ss = teacher["scores"], student["scores"]
+    per = {k: 100.0 * (ts[k] - ss[k]) for k in sorted(ts) if k in ss}
+    missing = [m for ms in GATED.values() for m in ms if m not in per]
+    if missing:
+        raise InputError(f"f1_gap: scores {missing} missing from the probe results")
+    fam = {f: max(per[m] for m in ms) for f, ms in GATED.items()}
+    worst = max(fam, key=fam.get)
+    return {"per_task_gap_points": per, "family_gap_points": fam, "f1_gap_points": fam[worst], "worst_family": worst}
+
+
+# ------------------------------------------------------------------------------------------------ gate
+
+def f1_gap_provider(ctx) -> float | None:
+    """G-C2 metric provider: teacher (cached on disk) and student probes on ``options['data_dir']`` (else
+    $DISTILLGATE_DATA); sizes from ``options['probe_sentences']`` (400) and ``options['blimp_pairs']`` (300)."""
+    from .harness import default_data_dir
+
+    data_dir = default_data_dir(ctx.options.get("data_dir"))
+    if not data_dir:
+        ctx.details["f1_gap_points"] = {"note": "no probe data: pass --data-dir DIR (or set DISTILLGATE_DATA) "
+                                                "holding wnut17/, ud_english_ewt/ and blimp/"}
+        return None
+    kw = {"limit_sentences": int(ctx.options.get("probe_sentences", 400)),
+          "blimp_pairs": int(ctx.options.get("blimp_pairs", 300)), "seed": int(ctx.options.get("seed", 0))}
+    t, s = ctx.teacher(), ctx.student()
+    tr = probe_suite(t.model, t.tokenizer, data_dir, cache=True, fingerprint=t.fingerprint, **kw)
+    sr = probe_suite(s.model, s.tokenizer, data_dir, **kw)
+    gap = f1_gap(tr, sr)
+    ctx.details["f1_gap_points"] = {**gap, "teacher": tr, "student": sr}
+    return gap["f1_gap_points"]
+
+
+def _register() -> None:
+    from ..gates import register_metric_provider
+
+    register_metric_provider("f1_gap_points", f1_gap_provider, higher_is_better=False,
+                             description="largest teacher-minus-student F1 gap in points over grammaticality, "
+                                         "NER and dependency-parsing probes (G-C2)")
+
+
+_register()

@@ -96,34 +96,37 @@ def _pack_rows(docs: list[DocRequest], order: list[int], p: int, batch_size: int
 def _build_row(docs: list[DocRequest], idxs: list[int], p: int):
     """Token ids, position ids, allowed-attention matrix and score bookkeeping for one packed row.
 
-    Returns ``ids [L]``, ``pos [L]``, ``allowed [L, L] bool`` and ``targets``: for each doc a list (per
-    continuation) of ``(query_positions [n], target_ids [n])`` in row coordinates.
+    Each document contributes a context segment (its tokens after the shared prefix) followed by one
+    segment per continuation. A token attends to earlier tokens of its own segment and, for a
+    continuation, to its document's context segment: ``allowed[i, j] = j <= i and seg[j] in {seg[i],
+    parent[i]}`` (a context always precedes its continuations in the row).
+    Returns ``ids [L]``, ``pos [L]``, ``allowed [L, L] bool`` and ``targets``: per doc, per continuation,
+    ``(query_positions, target_ids)`` in row coordinates.
     """
-    ids, pos, spans = [], [], []   # spans: (start, length, attends_to_ctx_span or None)
-    targets = []
+    ids, pos, seg, parent, targets = [], [], [], [], []
+    n_seg = 0
     for i in idxs:
         ctx, conts = docs[i]
         suffix = ctx[p:]
-        s = len(ids)
+        ctx_seg, n_seg = n_seg, n_seg + 1
         ids += suffix
         pos += range(p, len(ctx))
-        spans.append((s, len(suffix), None))
-        last_ctx = s + len(suffix) - 1
+        seg += [ctx_seg] * len(suffix)
+        parent += [ctx_seg] * len(suffix)
+        last_ctx = len(ids) - 1
         doc_t = []
         for cont in conts:
             a = len(ids)
             ids += cont
             pos += range(len(ctx), len(ctx) + len(cont))
-            spans.append((a, len(cont), (s, len(suffix))))
-            q = [last_ctx] + list(range(a, a + len(cont) - 1))
-            doc_t.append((q, cont))
+            seg += [n_seg] * len(cont)
+            parent += [ctx_seg] * len(cont)
+            n_seg += 1
+            doc_t.append(([last_ctx] + list(range(a, a + len(cont) - 1)), cont))
         targets.append(doc_t)
-    n = len(ids)
-    allowed = torch.zeros(n, n, dtype=torch.bool)
-    for start, length, parent in spans:
-        allowed[start:start + length, start:start + length] = torch.ones(length, length, dtype=torch.bool).tril()
-        if parent is not None:
-            allowed[start:start + length, parent[0]:parent[0] + parent[1]] = True
+    seg_t, par_t = torch.tensor(seg), torch.tensor(parent)
+    causal = torch.ones(len(ids), len(ids), dtype=torch.bool).tril_()
+    allowed = causal & ((seg_t[None, :] == seg_t[:, None]) | (seg_t[None, :] == par_t[:, None]))
     return ids, pos, allowed, targets
 
 

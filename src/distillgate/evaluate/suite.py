@@ -22,7 +22,7 @@ import glob
 import os
 import time
 from pathlib import Path
-from typing import Literal, Union
+from typing import Annotated, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -71,13 +71,14 @@ class TeacherKLTask(_Task):
     top_k: int | None = Field(256, ge=1)
 
 
-TaskSpec = Union[PerplexityTask, MinimalPairsTask, ChoiceTask, LmEvalTask, TeacherKLTask]
+TaskSpec = Annotated[Union[PerplexityTask, MinimalPairsTask, ChoiceTask, LmEvalTask, TeacherKLTask],
+                     Field(discriminator="type")]
 
 
 class SuiteSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: str
-    tasks: list[TaskSpec] = Field(discriminator="type")  # type: ignore[call-overload]
+    tasks: list[TaskSpec] = Field(min_length=1)
 
 
 _QUICK = [

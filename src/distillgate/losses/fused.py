@@ -65,8 +65,12 @@ def _compute_dtype(h: torch.Tensor, w: torch.Tensor) -> torch.dtype:
 def _teacher_slicer(teacher, cd: torch.dtype):
     """``rows(s, e)`` -> the teacher for positions s:e (TopKTargets slice, or dense float32 logits)."""
     if isinstance(teacher, TopKTargets):
-        return lambda s, e: dataclasses.replace(teacher, indices=teacher.indices[s:e],
-                                                logprobs=teacher.logprobs[s:e])
+        def topk_rows(s, e):
+            rows = {"indices": teacher.indices[s:e], "logprobs": teacher.logprobs[s:e]}
+            if getattr(teacher, "log_tail", None) is not None:                 # optional exact tail [N]
+                rows["log_tail"] = teacher.log_tail[s:e]
+            return dataclasses.replace(teacher, **rows)
+        return topk_rows
     if isinstance(teacher, TeacherHidden):
         tw = teacher.weight.detach().to(cd)
 

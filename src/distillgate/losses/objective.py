@@ -80,7 +80,7 @@ class DistillObjective:
     Args:
         loss_spec: ``distillgate.config.LossSpec``.
         teacher: a :class:`TeacherProvider` (cached top-k targets or online teacher hidden states).
-        vocab_size: expected student vocabulary (lm-head rows); checked against the model when given.
+        vocab_size: the tokenizer's vocabulary; the student's lm-head must have at least this many rows.
         t2_scale: multiply the KD channel by T^2 (Hinton); on by default.
         confidence: teacher confidence used by difficulty weighting: 'top1' (top-1 probability) or
             'entropy' (1 - normalised entropy).
@@ -103,9 +103,9 @@ class DistillObjective:
         bsz = input_ids.shape[0]
         weight = output_head(model)
         vocab = weight.shape[0]
-        if self.vocab_size is not None and vocab != self.vocab_size:
-            raise InputError(f"student lm-head has {vocab} rows but the objective expects vocab_size "
-                             f"{self.vocab_size}")
+        if self.vocab_size is not None and vocab < self.vocab_size:       # padded heads (more rows) are fine
+            raise InputError(f"student lm-head has {vocab} rows but the vocabulary has {self.vocab_size} "
+                             f"tokens")
         b_idx, t_idx = prediction_positions(batch)
         b_idx, t_idx = b_idx.to(input_ids.device), t_idx.to(input_ids.device)
         n = int(b_idx.shape[0])

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import logging
 import math
 import re
 import time
@@ -39,6 +40,7 @@ from .info import param_counts
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 LAYER_SELECTIONS = ("greedy_ppl", "block_influence", "uniform")
 MLP_SELECTIONS = ("activation", "magnitude")
+log = logging.getLogger(__name__)
 _LOGIT_CHUNK_BYTES = 256 << 20  # cap on one chunk of [rows, T, V] float32 logits
 
 
@@ -282,6 +284,8 @@ def greedy_ppl_layers(model, calib_ids: torch.Tensor, keep: int, candidates: int
         inputs = inputs[:pos] + tail
         trace.append({"removed": blk, "ppl": math.exp(nll), "trials": len(tries),
                       "seconds": round(time.perf_counter() - t0, 3)})
+        log.info("greedy_ppl: removed block %d -> %d blocks, PPL %.3f (%d trials, %.1f s)", blk, len(S),
+                 math.exp(nll), len(tries), trace[-1]["seconds"])
     return S, first, trace
 
 

@@ -77,15 +77,25 @@ def train(model: torch.nn.Module, loss_fn: LossFn, batches: BatchSource | Callab
         # a fresh run would interleave its checkpoints with stale ones that a later resume/rollback picks up
         raise ArtifactError(f"{ckpt_root}: holds checkpoints of an earlier run; pass resume_from={str(out_dir)!r} "
                             f"to continue it, or choose an empty out_dir")
+    prev_threads, was_training = torch.get_num_threads(), model.training
+    try:
+        return _run(model, loss_fn, batch_fn, spec, out_dir, resume_from, list(callbacks), on_nonfinite,
+                    max_consecutive_nonfinite, max_rollbacks, progress, tensorboard, keep_checkpoints)
+    finally:
+        model.train(was_training)
+        torch.set_num_threads(prev_threads)
+
+
+def _run(model, loss_fn, batch_fn, spec, out_dir, resume_from, callbacks, on_nonfinite,
+         max_consecutive_nonfinite, max_rollbacks, progress, tensorboard, keep_checkpoints) -> TrainResult:
+    """The body of :func:`train` after validation (threads and train mode are restored by the caller)."""
+    ckpt_root = out_dir / "checkpoints"
     main = dist.is_main()
     world, rank = dist.world_size(), dist.rank()
-    device_type = params[0].device.type
-    autocast = dict(device_type=device_type, dtype=torch.bfloat16, enabled=spec.precision == "bf16")
-
-    prev_threads = torch.get_num_threads()
+    params = [p for p in model.parameters() if p.requires_grad]
+    autocast = dict(device_type=params[0].device.type, dtype=torch.bfloat16, enabled=spec.precision == "bf16")
     if spec.threads:
         torch.set_num_threads(spec.threads)
-    was_training = model.training
     model.train()
     optimizer = make_optimizer(params, spec)
     sched = WarmupCosine(spec.lr, spec.steps, spec.warmup_steps, spec.min_lr_ratio)
@@ -122,7 +132,6 @@ def train(model: torch.nn.Module, loss_fn: LossFn, batches: BatchSource | Callab
         metrics.event(ev)
 
     def rollback(reason: str) -> None:
-        nonlocal snapshot
         if list_checkpoints(ckpt_root):
             ckpt, _ = load_latest(ckpt_root, model, optimizer)
             source = str(ckpt.path)
@@ -245,8 +254,6 @@ def train(model: torch.nn.Module, loss_fn: LossFn, batches: BatchSource | Callab
                 last_ckpt = (list_checkpoints(ckpt_root) or [None])[-1]
     finally:
         metrics.close()
-        model.train(was_training)
-        torch.set_num_threads(prev_threads)
 
     hist = st["history"]
     result = TrainResult(

@@ -1,0 +1,105 @@
+"""Scorecard, metric registry, suite files and the `distillgate eval` command on a tiny model."""
+
+import json
+
+import pytest
+
+from distillgate.errors import ConfigError, InputError
+from distillgate.evaluate.metrics import Scorecard, metric_info, register_metric
+from distillgate.evaluate.suite import load_suite, run_suite
+from distillgate.testing import TINY_CORPUS
+
+COPA_XML = """<?xml version="1.0"?><copa-corpus version="1.0">
+<item id="1" asks-for="cause" most-plausible-alternative="1"><p>The man got a refund.</p>
+<a1>His order arrived damaged.</a1><a2>The flight departs at 9:40.</a2></item>
+<item id="2" asks-for="effect" most-plausible-alternative="2"><p>The student read chapter three.</p>
+<a1>The dog barked.</a1><a2>She passed the exam on Monday.</a2></item>
+<item id="3" asks-for="effect" most-plausible-alternative="1"><p>It rained all day.</p>
+<a1>The mat got wet.</a1><a2>The laptop has 16 GB of memory.</a2></item>
+</copa-corpus>"""
+
+
+@pytest.fixture
+def data_dir(tmp_path):
+    (tmp_path / "wikitext2").mkdir()
+    (tmp_path / "wikitext2" / "valid.txt").write_text("\n".join(TINY_CORPUS[:10]))
+    (tmp_path / "blimp").mkdir()
+    (tmp_path / "blimp" / "agr.jsonl").write_text(
+        json.dumps({"sentence_good": "The cat sat on the mat.", "sentence_bad": "The cat sit on the mat.",
+                    "UID": "agr"}) + "\n"
+        + json.dumps({"sentence_good": "It rained all day.", "sentence_bad": "It rain all day.", "UID": "agr"}) + "\n")
+    (tmp_path / "copa").mkdir()
+    (tmp_path / "copa" / "copa-dev.xml").write_text(COPA_XML)
+    return tmp_path
+
+
+def test_registry_metadata_and_unknown_metric():
+    assert metric_info("wikitext/ppl_token").higher_is_better is False
+    assert metric_info("copa/acc").capability_tier == "high"
+    assert metric_info("blimp/accuracy").capability_tier == "mid"
+    with pytest.raises(ConfigError, match="metric"):
+        metric_info("copa/bleurt")
+    with pytest.raises(ConfigError, match="capability_tier"):
+        register_metric("x", True, "top")
+
+
+def test_scorecard_round_trip(tmp_path):
+    card = Scorecard(model="m", suite="s")
+    card.add("copa", "acc", 0.75, n=40, stderr=0.07, domain="commonsense")
+    card.add("wikitext", "ppl_token", 14.2, n=1023)
+    path = tmp_path / "card.json"
+    card.save(path)
+    back = Scorecard.load(path)
+    assert back == card
+    assert back.metrics["copa/acc"] == {"value": 0.75, "higher_is_better": True, "n": 40, "stderr": 0.07,
+                                        "task": "copa", "capability_tier": "high", "domain": "commonsense"}
+    assert set(back.by_tier("lm")) == {"wikitext/ppl_token"}
+    card.add("wikitext", "ppl_word", float("nan"), n=1)
+    with pytest.raises(InputError, match="non-finite"):
+        card.save(tmp_path / "bad.json")
+
+
+def test_suite_yaml_validation(tmp_path):
+    f = tmp_path / "s.yaml"
+    f.write_text("tasks:\n  - {type: choice, name: c, loader: xml, file: a.xml}\n")
+    with pytest.raises(ConfigError, match="loader"):
+        load_suite(f)
+    with pytest.raises(ConfigError, match="--suite"):
+        load_suite("nope")
+    assert [t.name for t in load_suite("quick").tasks] == ["wikitext", "blimp", "copa", "teacher_kl"]
+
+
+def test_run_quick_suite_on_tiny_models(data_dir, tiny_model_factory, tiny_tokenizer):
+    student, teacher = tiny_model_factory(seed=1), tiny_model_factory(num_layers=4, seed=0)
+    card = run_suite(student, tiny_tokenizer, "quick", teacher=teacher, data_dir=data_dir, model_name="s")
+    m = card.metrics
+    assert set(m) == {"wikitext/ppl_token", "wikitext/ppl_word", "blimp/accuracy", "copa/acc", "copa/acc_norm",
+                      "teacher_kl/kl_forward_mean", "teacher_kl/kl_reverse_mean", "teacher_kl/top1_agreement"}
+    assert m["wikitext/ppl_token"]["value"] > 1 and m["wikitext/ppl_token"]["higher_is_better"] is False
+    assert m["copa/acc"]["n"] == 3 and m["blimp/accuracy"]["n"] == 2
+    assert m["teacher_kl/kl_forward_mean"]["value"] > 0
+    assert card.details["blimp"]["per_paradigm_n"] == {"agr": 2}
+    json.dumps(card.to_dict())
+    no_teacher = run_suite(student, tiny_tokenizer, "quick", data_dir=data_dir, limit=2)
+    assert "teacher_kl/top1_agreement" not in no_teacher.metrics and no_teacher.metrics["copa/acc"]["n"] == 2
+
+
+def test_suite_needs_data_dir(tiny_model_factory, tiny_tokenizer, monkeypatch):
+    monkeypatch.delenv("DISTILLGATE_DATA", raising=False)
+    with pytest.raises(ConfigError, match="--data-dir"):
+        run_suite(tiny_model_factory(), tiny_tokenizer, "quick")
+
+
+def test_eval_command(data_dir, tiny_student_dir, tiny_teacher_dir, tmp_path, capsys):
+    from distillgate.cli import main
+
+    out = tmp_path / "card.json"
+    rc = main(["eval", "--model", str(tiny_student_dir), "--teacher", str(tiny_teacher_dir), "--suite", "quick",
+               "--data-dir", str(data_dir), "--limit", "2", "--json", str(out)])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "copa/acc" in printed and "delta" in printed
+    card = Scorecard.load(out)
+    assert card.metrics["copa/acc"]["n"] == 2
+    assert json.loads(out.read_text())["teacher"]["metrics"]["copa/acc"]["n"] == 2
+    assert main(["eval", "--model", str(tiny_student_dir), "--suite", "nope"]) == 2
