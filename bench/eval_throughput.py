@@ -1,7 +1,7 @@
 """Native multiple-choice scoring vs lm-evaluation-harness's HF backend: same model, same data, same batch.
 
     python bench/eval_throughput.py --data-dir ../shared/datasets [--copa 100] [--mmlu marketing:16]
-                                    [--batch-size 8] [--dtype float32] [--repeats 3]
+                                    [--batch-size 8] [--dtype float32] [--repeats 3] [--threads N]
 
 For each task, repeats alternate the two engines (native, lm-eval, native, ...) and the median wall time
 is kept. Both sides start from the same documents and include their own tokenisation:
@@ -58,9 +58,14 @@ def main() -> int:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, help="torch CPU threads for both engines (default: torch's choice; "
+                                                 "1 is much faster on an oversubscribed machine)")
     args = ap.parse_args()
 
     import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
     from lm_eval.models.huggingface import HFLM
 
     from distillgate.evaluate.choice import evaluate_mc, load_copa, load_mmlu

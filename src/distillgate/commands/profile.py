@@ -17,6 +17,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--suite", default="none", help="evaluation suite whose scores join the profile "
                                                    "(none, quick, standard, or a suite YAML)")
     p.add_argument("--data-dir", help="folder of evaluation datasets for --suite")
+    p.add_argument("--limit", type=int, help="cap every suite task at N documents")
     p.add_argument("--against", help="a saved profile to diff this model against (student vs teacher)")
     p.add_argument("--out", help="folder to save the profile artifact (default: print only)")
     p.add_argument("--json", dest="json_out", help="write the profile (or diff) as JSON here")
@@ -63,13 +64,15 @@ def run(args) -> int:
     if args.suite != "none":
         from ..evaluate.suite import run_suite
 
-        card = run_suite(lm.model, lm.tokenizer, args.suite, data_dir=args.data_dir)
+        card = run_suite(lm.model, lm.tokenizer, args.suite, data_dir=args.data_dir, limit=args.limit)
         scores = {k: v["value"] for k, v in card.to_dict()["metrics"].items() if v.get("value") is not None}
     meta = {"model": args.model, "path": lm.path, "fingerprint": lm.fingerprint, "text": args.text or "builtin"}
     layer_map = None
     dg = Path(lm.path) / "distillgate.json"
     if dg.is_file():
         layer_map = json.loads(dg.read_text()).get("layer_map")
+        if isinstance(layer_map, dict):  # {student layer: teacher layer}, JSON keys are strings
+            layer_map = [int(layer_map[k]) for k in sorted(layer_map, key=int)]
     prof = build_profile(lm.model, ids, am, meta=meta, scores=scores)
     if args.out:
         save_profile(prof, args.out)

@@ -104,7 +104,8 @@ def generate_responses(model, tokenizer, prompts: Sequence[PromptRecord], *, max
     sampling = temperature > 0.0
     gen_cfg = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=sampling,
                                temperature=temperature if sampling else None, top_p=top_p if sampling else None,
-                               top_k=None, num_return_sequences=samples_per_prompt, eos_token_id=stops,
+                               top_k=0 if sampling else None,  # 0: no top-k cut (HF's default is 50)
+                               num_return_sequences=samples_per_prompt, eos_token_id=stops,
                                pad_token_id=pad, use_cache=True)
     device = next(model.parameters()).device
     results: dict[int, list[Example]] = {}

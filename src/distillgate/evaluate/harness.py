@@ -36,7 +36,8 @@ def default_data_dir(data_dir: str | os.PathLike | None = None) -> Path | None:
 
 
 def _template(name: str) -> dict:
-    return yaml.safe_load(resources.files("distillgate.tasks").joinpath(name).read_text())
+    # package data (pyproject: tasks/**/*); tasks/ is a data folder, not a Python package
+    return yaml.safe_load(resources.files("distillgate").joinpath("tasks", name).read_text())
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> str:
@@ -136,7 +137,7 @@ def run_lm_eval(model, tokenizer, tasks: list[str], *, data_dir: str | os.PathLi
         tm = TaskManager(include_path=tmp)
         lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
         out = lm_eval.simple_evaluate(model=lm, tasks=list(mapping.values()), limit=limit, task_manager=tm,
-                                      log_samples=log_samples, bootstrap_iters=0, verbosity="WARNING")
+                                      log_samples=log_samples, bootstrap_iters=100, verbosity="WARNING")
     results = {}
     for ours, theirs in mapping.items():
         raw = out["results"].get(theirs)
