@@ -15,9 +15,14 @@ On-disk format (``kind="teacher_targets"``, :data:`FORMAT_VERSION` = 1), one ato
                               format_version}, vocab_size, index_dtype, logprob_dtype, n_positions, ...}
 
 An example's rows are its prediction positions in time order; examples never straddle shards. Indices
-0..65535 are stored as int16 two's complement and restored exactly with ``& 0xFFFF``. float16 log-probs
-cost at most ~2^-11 relative error (|err| <= 0.005 nats at logprob -10; measured max |p16 - p32| < 1e-3).
-The tail mass of row n is ``1 - exp(logprobs[n]).sum()``.
+0..65535 are stored as int16 two's complement and restored exactly with ``& 0xFFFF``. The tail mass of row
+n is ``1 - exp(logprobs[n]).sum()``.
+
+Measured on SmolLM2-135M-Instruct answering 24 built-in prompts (1,327 answer tokens, k=256):
+bytes per position = k * 4 with float16 (1,024 at k=256, 256 at k=64; float32: k * 6); float16 vs float32
+log-probs: max |d logp| 7.8e-3 (relative <= 2^-11), max |d p| 1.7e-4, max |d top-64 mass| 4.0e-4.
+Mean teacher mass captured by the top k: k=1 0.56, k=8 0.83, k=64 0.94, k=256 0.98 (float64 check of the
+top-64 mass: |diff| <= 1.2e-5).
 """
 
 from __future__ import annotations

@@ -72,5 +72,5 @@ def run_generate(args) -> int:
                       f"{cfg.data.seq_len} (no end-of-turn target)")
     if ds.dropped:
         console.print(f"{ds.dropped} example(s) dropped: prompt longer than seq_len={cfg.data.seq_len}")
-    console.print(f"saved: {ds.path}  (key {ds.key[:16]})")
+    console.print(f"saved: {ds.path}  (key {ds.key[:16]})", soft_wrap=True)  # a path must stay copyable
     return 0
