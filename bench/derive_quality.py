@@ -35,7 +35,11 @@ def main() -> None:
     ap.add_argument("--selections", default="uniform,block_influence,greedy_ppl")
     ap.add_argument("--mlp-width", type=int, default=None)
     ap.add_argument("--candidates", type=int, default=8, help="greedy re-tries per step; 0 = all (exact greedy)")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default). On a shared, "
+                    "oversubscribed 2-core machine 1 thread was ~10x faster than 2 (OpenMP spin-waits)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     logging.basicConfig(format="  %(message)s")
     logging.getLogger("distillgate.models.derive").setLevel(logging.INFO)  # one line per greedy step

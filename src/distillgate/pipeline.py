@@ -128,26 +128,23 @@ def pad_id(tokenizer) -> int:
 
 
 class MultiTargets:
-    """Several target caches behind one provider: each example is looked up in the cache that holds it."""
+    """Several target caches behind one provider (the loop adds one cache per iteration's new examples):
+    each example is looked up in the cache that holds it."""
 
     def __init__(self, caches):
         self.caches = list(caches)
         self.k = self.caches[0].k
 
-    def __call__(self, batch):
-        from .targets import TopKTargets
+    def rows(self, example_id: str):
+        for cache in self.caches:
+            if example_id in cache:
+                return cache.rows(example_id)
+        raise InputError(f"no teacher targets for example {example_id!r}")
 
-        counts = (batch["loss_mask"][:, 1:] != 0).sum(1).tolist()
-        parts = []
-        for ex_id, c in zip(batch["example_ids"], counts):
-            cache = next((cc for cc in self.caches if ex_id in cc), None)
-            if cache is None:
-                raise InputError(f"no teacher targets for example {ex_id!r}")
-            r = cache.rows(ex_id)
-            if r.indices.shape[0] != c:
-                raise InputError(f"example {ex_id!r}: {c} target tokens in the batch, {r.indices.shape[0]} cached")
-            parts.append(r)
-        return TopKTargets(torch.cat([p.indices for p in parts]), torch.cat([p.logprobs for p in parts]))
+    def __call__(self, batch):
+        from .targets import gather_topk
+
+        return gather_topk(self.rows, batch, self.k, where="run target caches")
 
 
 def teacher_provider(cfg: DistillConfig, teacher, examples, *, root=None, progress=True):

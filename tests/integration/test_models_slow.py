@@ -12,6 +12,16 @@ import torch
 
 pytestmark = pytest.mark.slow
 
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models are per-op-overhead bound, and on the shared 2-core machine two OpenMP threads spin-wait
+    each other: a SmolLM2 forward took 15 s with 2 threads vs 1.3 s with 1 under load. Restored afterwards."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
 RELOAD = r"""
 import json, sys, torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -44,7 +54,7 @@ def test_derive_smollm2_save_reload_generate(smollm2_dir, datasets_dir, tmp_path
 
     out = save_model(student, lm.tokenizer, tmp_path / "student", meta={"layer_map": layer_map(rep)})
     proc = subprocess.run([sys.executable, "-c", RELOAD, str(out)], capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+                          env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-2000:]
     got = json.loads(proc.stdout.strip().splitlines()[-1])
     assert (got["layers"], got["mlp"], got["tied"], got["distillgate_imported"]) == (28, 1024, True, False)

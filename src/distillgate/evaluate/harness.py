@@ -10,7 +10,7 @@ which needs the hub or a warm datasets cache.
 Local names: ``copa``; ``mmlu`` (every subject with dev+test CSVs) or ``mmlu:<subject>``; ``bbh`` (every
 task file) or ``bbh:<task>``; ``gsm8k``; ``mc:<path.jsonl>`` (a user's multiple-choice file, see
 :func:`distillgate.evaluate.choice.load_jsonl_mc`). A user points a task at their own file with
-``copa=/path/to/copa.xml``-style overrides in ``files``.
+``copa:/path/to/copa.xml`` or ``gsm8k:/path/to/test.jsonl`` (same formats as the shared datasets).
 """
 
 from __future__ import annotations

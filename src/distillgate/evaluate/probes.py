@@ -254,8 +254,12 @@ def head_scores(params: dict[str, torch.Tensor], h: torch.Tensor, mask: torch.Te
 
     ``score(i, j) = (U h_i).(V h_j) + b.h_j``, ``score(i, ROOT) = (U h_i).r``; self and padding are -inf.
     """
-    dep, head = h @ params["U"], h @ params["V"]                         # [S, L, R]
-    words = dep @ head.transpose(1, 2) + (h @ params["b"])[:, None, :]   # [S, L, L]
+    def proj(w: torch.Tensor) -> torch.Tensor:   # project real words only: padding is ~3/4 of [S, L] on UD
+        out = h.new_zeros(*mask.shape, *w.shape[1:])
+        out[mask] = h[mask] @ w
+        return out
+    dep, head = proj(params["U"]), proj(params["V"])                     # [S, L, R]
+    words = dep @ head.transpose(1, 2) + proj(params["b"])[:, None, :]   # [S, L, L]
     root = dep @ params["r"]                                             # [S, L]
     s = torch.cat([root[..., None], words], dim=-1)
     L = h.shape[1]
