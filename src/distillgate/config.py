@@ -118,7 +118,10 @@ class LossSpec(_Strict):
     domain_weights: dict[str, float] = Field(default_factory=dict, description="domain -> loss weight (default 1)")
     difficulty_weighting: bool = Field(False, description="down-weight tokens where the teacher is unsure (S2.5.2)")
     difficulty_floor: float = Field(0.5, ge=0.0, le=1.0, description="lowest difficulty weight")
-    chunk_size: int = Field(1024, ge=16, description="tokens per chunk of the fused lm-head + loss")
+    chunk_size: int = Field(256, ge=16, description="tokens per chunk of the fused lm-head + loss (256: 0.40x the "
+                                                     "unfused peak memory at SmolLM2 size, bench/fused_loss.py)")
+    t2_scale: bool = Field(True, description="multiply token-level divergences by T^2 (Hinton), so gradients keep "
+                                             "their scale across temperatures")
 
     @field_validator("channels")
     @classmethod

@@ -209,7 +209,7 @@ def build_student(cfg: DistillConfig, teacher, calib: torch.Tensor | None):
 def make_objective(cfg: DistillConfig, provider, vocab_size: int):
     from .losses.objective import DistillObjective
 
-    return DistillObjective(cfg.loss, provider, vocab_size=vocab_size)
+    return DistillObjective(cfg.loss, provider, vocab_size=vocab_size, t2_scale=cfg.loss.t2_scale)
 
 
 def map_student(student, objective, dataset, train_spec, out_dir, *, seed: int, hard_weights=None,

@@ -242,3 +242,29 @@ def test_gate_provider(tmp_path, monkeypatch, tiny_teacher_dir, tiny_student_dir
     assert d["teacher"]["settings"]["layers"] == [1, 2, 3, 4] and d["student"]["settings"]["layers"] == [1, 2]
     with pytest.raises(InputError, match="missing"):
         probe_suite(ctx.student().model, ctx.student().tokenizer, tmp_path)
+
+
+@pytest.mark.parametrize("module,metric,fn,opt", [
+    ("distillgate.evaluate.inheritance", "inheritance", "capability_inheritance", ("inheritance_groups", "n_groups")),
+    ("distillgate.evaluate.decision_path", "path_consistency", "decision_path_consistency", ("path_instructions", "n")),
+])
+def test_g_c3_c4_providers_wiring(monkeypatch, tiny_teacher_dir, tiny_student_dir, module, metric, fn, opt):
+    import importlib
+
+    from distillgate.gates import METRIC_PROVIDERS, GateContext
+
+    mod = importlib.import_module(module)
+    calls = []
+
+    def fake(student, teacher, tokenizer, **kw):
+        calls.append((student, teacher, kw))
+        return {metric: 0.75}
+    monkeypatch.setattr(mod, fn, fake)
+    prov = METRIC_PROVIDERS[metric]
+    assert prov.higher_is_better and prov.module == module
+    ctx = GateContext(student_spec=str(tiny_student_dir), teacher_spec=str(tiny_teacher_dir),
+                      options={opt[0]: 3, "seed": 2})
+    assert prov.fn(ctx) == 0.75 and ctx.details[metric] == {metric: 0.75}
+    (student, teacher, kw), = calls
+    assert student is ctx.student().model and teacher is ctx.teacher().model
+    assert kw == {opt[1]: 3, "seed": 2, "teacher_fingerprint": ctx.teacher().fingerprint}

@@ -145,7 +145,7 @@ def run_lm_eval(model, tokenizer, tasks: list[str], *, data_dir: str | os.PathLi
             raise InputError(f"lm-eval returned no result for task {theirs!r} (asked as {ours!r})")
         metrics = {}
         for key, value in raw.items():
-            if key == "alias" or not isinstance(value, (int, float)):
+            if key in ("alias", "sample_len") or not isinstance(value, (int, float)):
                 continue
             metric, _, _filter = key.partition(",")
             metrics[metric] = float(value)
