@@ -93,7 +93,8 @@ def main() -> None:
     for n, sel, used, ppl, secs, cpu, params, kept, trials in rows:
         bi = summary.get(f"ppl_block_influence_{n}")
         ratio = f"{ppl / bi:7.3f}" if bi else "      -"
-        print(f"{n:>6} {sel:<16} {used:<16} {ppl:>13.2f} {ratio} {secs:>8.1f} {cpu:>7.1f} {params:>11,} {trials:>6}  {kept}")
+        print(f"{n:>6} {sel:<16} {used:<16} {ppl:>13.2f} {ratio} {secs:>8.1f} {cpu:>7.1f} {params:>11,} "
+              f"{trials:>6}  {kept}")
     kv = {"teacher_ppl": teacher_ppl, **{k: v for k, v in summary.items() if not k.startswith("kept_")}}
     print(" ".join(f"{k}={v:.4g}" for k, v in kv.items()))
 

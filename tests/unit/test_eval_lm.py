@@ -110,3 +110,15 @@ def test_minimal_pairs_names_bad_row(tmp_path, tiny_model_factory, tiny_tokenize
     f.write_text(json.dumps({"good": "x"}) + "\n")
     with pytest.raises(InputError, match="bad.jsonl:1"):
         minimal_pairs(tiny_model_factory(), tiny_tokenizer, [f])
+
+
+def test_metrics_run_in_eval_mode_and_restore_training_flag(tiny_model_factory, tiny_tokenizer):
+    m = tiny_model_factory()
+    m.config.attention_dropout = 0.5
+    for layer in m.model.layers:
+        layer.self_attn.attention_dropout = 0.5
+    m.train()
+    a = perplexity(m, tiny_tokenizer, TEXT, max_tokens=30)["nll_sum"]
+    assert m.training                                         # flag restored
+    b = perplexity(m, tiny_tokenizer, TEXT, max_tokens=30)["nll_sum"]
+    assert a == b                                             # no dropout while measuring

@@ -20,7 +20,8 @@ COPA_XML = """<?xml version="1.0"?><copa-corpus version="1.0">
 
 
 @pytest.fixture
-def data_dir(tmp_path):
+def data_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv("DISTILLGATE_HOME", str(tmp_path / "home"))     # teacher cache stays in the test folder
     (tmp_path / "wikitext2").mkdir()
     (tmp_path / "wikitext2" / "valid.txt").write_text("\n".join(TINY_CORPUS[:10]))
     (tmp_path / "blimp").mkdir()
@@ -79,6 +80,7 @@ def test_run_quick_suite_on_tiny_models(data_dir, tiny_model_factory, tiny_token
     assert m["copa/acc"]["n"] == 3 and m["blimp/accuracy"]["n"] == 2
     assert m["teacher_kl/kl_forward_mean"]["value"] > 0
     assert card.details["blimp"]["per_paradigm_n"] == {"agr": 2}
+    assert len(list((data_dir / "home" / "eval_cache").glob("teacher-*"))) == 1
     json.dumps(card.to_dict())
     no_teacher = run_suite(student, tiny_tokenizer, "quick", data_dir=data_dir, limit=2)
     assert "teacher_kl/top1_agreement" not in no_teacher.metrics and no_teacher.metrics["copa/acc"]["n"] == 2

@@ -186,6 +186,7 @@ def test_registry_and_collect_metrics():
     saved = dict(METRIC_PROVIDERS)
     try:
         METRIC_PROVIDERS.pop("ttft_ratio", None)
+        METRIC_PROVIDERS.pop("inheritance", None)  # registered by evaluate.inheritance when another test imported it
         register_metric_provider("ttft_ratio", ttft, higher_is_better=False, description="t")
         register_metric_provider("ttft_ratio", ttft, higher_is_better=False, description="t")  # idempotent
         with pytest.raises(ConfigError):

@@ -138,10 +138,12 @@ def _report_table(rep, out: str):
     t.add_column("field")
     t.add_column("value")
     fmt = lambda x: "-" if x is None else f"{x:.3f}"  # noqa: E731
-    t.add_row("selection", rep.selection + ("" if rep.selection_used == rep.selection else f" (used {rep.selection_used})"))
+    used = "" if rep.selection_used == rep.selection else f" (used {rep.selection_used})"
+    t.add_row("selection", rep.selection + used)
     t.add_row("kept layers", f"{len(rep.kept_layers)}/{rep.teacher_layers}: {rep.kept_layers}")
     t.add_row("dropped layers", str(rep.dropped_layers))
-    t.add_row("mlp width", f"{rep.mlp_width}/{rep.teacher_mlp_width}" + (f" ({rep.mlp_selection})" if rep.mlp_selection else ""))
+    how = f" ({rep.mlp_selection})" if rep.mlp_selection else ""
+    t.add_row("mlp width", f"{rep.mlp_width}/{rep.teacher_mlp_width}{how}")
     for who, c in (("teacher", rep.params_teacher), ("student", rep.params_student)):
         t.add_row(f"params {who}", f"{c['total']:,} (embedding {c['embedding']:,}, body {c['body']:,}"
                   + (f", lm_head {c['lm_head']:,}" if c["lm_head"] else "") + ")")

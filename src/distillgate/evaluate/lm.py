@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from ..errors import InputError
-from .scoring import encode_pair, score_requests
+from .scoring import encode_pair, in_eval_mode, score_requests
 from .teacher import compare_to_teacher, text_examples  # noqa: F401  (public API lives here too)
 
 
@@ -71,6 +71,7 @@ def window_plan(n_tokens: int, window: int, stride: int) -> list[tuple[int, int,
     return plan
 
 
+@in_eval_mode
 @torch.no_grad()
 def perplexity(model, tokenizer, text_or_file: str | Path, *, max_tokens: int | None = 4096, window: int = 512,
                stride: int = 256, batch_size: int = 4) -> dict:

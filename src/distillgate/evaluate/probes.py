@@ -269,7 +269,7 @@ def head_scores(params: dict[str, torch.Tensor], h: torch.Tensor, mask: torch.Te
 
 
 def train_head_probe(h: torch.Tensor, mask: torch.Tensor, heads: torch.Tensor, *, rank: int = 64,
-                     l2: float = 1e-3, max_iter: int = 150, seed: int = 0) -> dict[str, torch.Tensor]:
+                     l2: float = 1e-2, max_iter: int = 100, seed: int = 0) -> dict[str, torch.Tensor]:
     """Fit the bilinear head probe: h [S, L, H], mask [S, L], heads [S, L] long (0 = ROOT; padding ignored).
 
     Mean cross-entropy over real words + ``l2 * (|U|^2 + |V|^2 + |b|^2 + |r|^2)``; seeded small random init
@@ -429,7 +429,7 @@ def data_files(data_dir: str | Path) -> dict[str, list[Path]]:
 
 def probe_suite(model, tokenizer, data_dir: str | Path, *, limit_sentences: int | None = 400, blimp_pairs: int = 300,
                 seed: int = 0, layers: list[int] | None = None, max_words: int = 64, l2: float = 1e-3,
-                head_rank: int = 64, max_iter: int = 100, batch_tokens: int = 4096, probe_threads: int | None = 1,
+                head_rank: int = 64, head_l2: float = 1e-2, max_iter: int = 100, batch_tokens: int = 4096, probe_threads: int | None = 1,
                 cache: bool = False, fingerprint: str | None = None) -> dict:
     """All G-C2 probes of one frozen model (module docstring). Returns JSON-able
     ``{scores: {ner_f1, pos_micro_f1, pos_macro_f1, deprel_micro_f1, deprel_macro_f1, uas, grammaticality_f1,
@@ -449,7 +449,7 @@ def probe_suite(model, tokenizer, data_dir: str | Path, *, limit_sentences: int 
     files = data_files(data_dir)
     layers = sorted(set(layers)) if layers else default_layers(model.config.num_hidden_layers)
     settings = {"version": PROBE_VERSION, "limit_sentences": limit_sentences, "blimp_pairs": blimp_pairs,
-                "seed": seed, "layers": layers, "max_words": max_words, "l2": l2, "head_rank": head_rank,
+                "seed": seed, "layers": layers, "max_words": max_words, "l2": l2, "head_rank": head_rank, "head_l2": head_l2,
                 "max_iter": max_iter, "splits": SPLITS}
     data_sha = {str(p.relative_to(data_dir)): sha256_file(p) for v in files.values() for p in v}
     path = key = None
@@ -472,7 +472,7 @@ def probe_suite(model, tokenizer, data_dir: str | Path, *, limit_sentences: int 
             tasks = {"ner": token_task(feats, split, "ner", l2=l2, max_iter=max_iter)} if name == "ner" else {
                 "pos": token_task(feats, split, "pos", l2=l2, max_iter=max_iter),
                 "deprel": token_task(feats, split, "deprel", l2=l2, max_iter=max_iter),
-                "uas": head_task(feats, split, rank=head_rank, l2=l2, max_iter=max_iter, seed=seed)}
+                "uas": head_task(feats, split, rank=head_rank, l2=head_l2, max_iter=max_iter, seed=seed)}
         for task, r in tasks.items():
             res["layers"][task], res["dev"][task] = r["layer"], {str(k): v for k, v in r["dev"].items()}
             res["scores"].update({m if task == "uas" else f"{task}_{m}": v for m, v in r["test"].items()})

@@ -25,6 +25,8 @@ What makes it faster than lm-eval's HF backend without changing a number:
 
 from __future__ import annotations
 
+import contextlib
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -40,6 +42,20 @@ class ContinuationScore:
     logprob: float      # sum of log p(continuation token | everything before it), float32 math
     is_greedy: bool     # every continuation token is the argmax at its position
     n_tokens: int
+
+
+def in_eval_mode(fn):
+    """Run ``fn(model, ...)`` (and ``teacher=`` / 2nd model arg when it is a module) in eval mode, restoring
+    each model's training flag afterwards: a student evaluated mid-training must not see dropout."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        models = [a for a in args[:2] if isinstance(a, torch.nn.Module)]
+        with contextlib.ExitStack() as stack:
+            for m in models:
+                stack.callback(m.train, m.training)
+                m.eval()
+            return fn(*args, **kwargs)
+    return wrapper
 
 
 def prefix_token_id(tokenizer) -> int:
@@ -130,6 +146,7 @@ def _build_row(docs: list[DocRequest], idxs: list[int], p: int):
     return ids, pos, allowed, targets
 
 
+@in_eval_mode
 @torch.no_grad()
 def score_requests(model, docs: list[DocRequest], *, batch_size: int = 8, shared_prefix_min: int = 32,
                    max_row_tokens: int = 2048, max_length: int | None = None) -> list[list[ContinuationScore]]:

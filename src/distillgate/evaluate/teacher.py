@@ -27,6 +27,7 @@ import torch
 from ..errors import CacheMismatchError, InputError
 from ..io import atomic_dir, distillgate_home, sha256_json, verify_manifest
 from ..targets import prediction_positions
+from .scoring import in_eval_mode
 
 CACHE_KIND, CACHE_VERSION = "eval_teacher_topk", 1
 _EPS = 1e-12
@@ -144,6 +145,7 @@ def bucket_kl(t_idx: torch.Tensor, t_lp: torch.Tensor, s_lp: torch.Tensor) -> tu
     return fwd.clamp_min(0), rev.clamp_min(0)
 
 
+@in_eval_mode
 @torch.no_grad()
 def compare_to_teacher(student, teacher, examples, *, batch_size: int = 8, top_k: int | None = 256,
                        pad_id: int = 0, cache: bool = True, cache_dir: str | Path | None = None) -> dict:

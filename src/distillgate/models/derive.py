@@ -85,9 +85,9 @@ def check_supported(model) -> torch.nn.ModuleList:
         raise InputError(f"student derivation supports model_type in {list(SUPPORTED_MODEL_TYPES)}; "
                          f"got model_type={mt!r} ({type(model).__name__})")
     layers = getattr(getattr(model, "model", None), "layers", None)
+    mlp_names = ("gate_proj", "up_proj", "down_proj")
     ok = isinstance(layers, torch.nn.ModuleList) and len(layers) > 0 and all(
-        hasattr(b, "self_attn") and all(hasattr(getattr(b, "mlp", None), n) for n in ("gate_proj", "up_proj", "down_proj"))
-        for b in layers)
+        hasattr(b, "self_attn") and all(hasattr(getattr(b, "mlp", None), n) for n in mlp_names) for b in layers)
     if not ok:
         raise InputError(f"{type(model).__name__} (model_type={mt!r}): expected model.layers[*] with self_attn and "
                          "mlp.gate_proj/up_proj/down_proj (Llama-style blocks)")
@@ -246,6 +246,17 @@ def block_influence(model, calib_ids: torch.Tensor) -> tuple[list[float], float]
     return bi, _nll(model, final, calib_ids.to(model.device))
 
 
+def block_influence_layers(bi: list[float], keep: int) -> list[int]:
+    """The ``keep`` blocks with the largest BI (ties: lower index), in teacher order."""
+    return sorted(sorted(range(len(bi)), key=lambda i: (-bi[i], i))[:keep])
+
+
+def subset_ppl(model, kept: list[int], calib_ids: torch.Tensor) -> float:
+    """Calibration PPL of ``model`` running only blocks ``kept`` (full MLP width), without building a student."""
+    ids = calib_ids.to(model.device)
+    return math.exp(_nll(model, _run_suffix(model, kept, _embed(model, ids))[0], ids))
+
+
 def uniform_layers(n_layers: int, keep: int) -> list[int]:
     """Blocks floor(i * L / n) for i < n: every k-th block when n divides L."""
     return sorted({(i * n_layers) // keep for i in range(keep)})
@@ -265,7 +276,10 @@ def greedy_ppl_layers(model, calib_ids: torch.Tensor, keep: int, candidates: int
     trace = []
     while len(S) > keep:
         t0 = time.perf_counter()
-        tries = list(S) if (candidates is None or not last_nll) else sorted(S, key=lambda i: (last_nll[i], i))[:candidates]
+        if candidates is None or not last_nll:
+            tries = list(S)
+        else:
+            tries = sorted(S, key=lambda i: (last_nll[i], i))[:candidates]
         best = None
         for pos, blk in enumerate(S):
             if blk not in tries:
@@ -290,6 +304,7 @@ def greedy_ppl_layers(model, calib_ids: torch.Tensor, keep: int, candidates: int
 
 
 # ------------------------------------------------------------------------------------------ MLP selection
+@torch.no_grad()
 def mlp_unit_scores(model, kept: list[int], method: str, calib_ids: torch.Tensor | None) -> list[torch.Tensor]:
     """Importance [I] of each MLP unit of each kept block (float64), measured with only ``kept`` blocks active."""
     layers = model.model.layers
@@ -424,14 +439,13 @@ def derive_student(teacher, tokenizer, calib_ids: torch.Tensor | None, *, num_la
     elif layer_selection == "uniform":
         kept = uniform_layers(L, n)
     else:
-        bi_kept = sorted(sorted(range(L), key=lambda i: (-scores["block_influence"][i], i))[:n])
+        bi_kept = block_influence_layers(scores["block_influence"], n)
         kept = bi_kept
         if layer_selection == "greedy_ppl":
             kept, first, trace = greedy_ppl_layers(teacher, calib_ids, n, greedy_candidates)
             scores["removal_ppl"] = first
             sel_ppl["greedy_ppl"] = trace[-1]["ppl"]
-            sel_ppl["block_influence"] = math.exp(_nll(teacher, _run_suffix(teacher, bi_kept, _embed(teacher, calib_ids))[0],
-                                                       calib_ids))
+            sel_ppl["block_influence"] = subset_ppl(teacher, bi_kept, calib_ids)
             if sel_ppl["block_influence"] < sel_ppl["greedy_ppl"]:
                 kept, used = bi_kept, "block_influence"
     secs["layer_selection"] = time.perf_counter() - t0
