@@ -186,7 +186,7 @@ def build_student(cfg: DistillConfig, teacher, calib: torch.Tensor | None):
 
     s = cfg.student
     if s.init == "derive":
-        n = s.num_layers or max(1, teacher.model.config.num_hidden_layers // 2)
+        n = None if s.keep_layers is not None else (s.num_layers or max(1, teacher.model.config.num_hidden_layers // 2))
         student, report = derive_student(teacher.model, teacher.tokenizer, calib, num_layers=n,
                                          mlp_width=s.mlp_width, layer_selection=s.layer_selection,
                                          keep_layers=s.keep_layers, mlp_selection=s.mlp_selection)
