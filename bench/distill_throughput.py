@@ -200,12 +200,15 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--student-layers", type=int, default=15)
     ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--threads", type=int, default=None, help="torch threads in every process (default: torch's)")
     ap.add_argument("--work", default=None, help="scratch folder (default: a temp dir)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
     a = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if a.threads:
+        torch.set_num_threads(a.threads)
     if a.worker:
         worker(a.worker, Path(a.work), a.steps, Path(a.out))
         return
@@ -219,7 +222,7 @@ def main() -> None:
         for m in methods:
             out = work / f"{m}-{r}.json"
             cmd = [sys.executable, __file__, "--worker", m, "--work", str(work), "--steps", str(a.steps),
-                   "--out", str(out)]
+                   "--out", str(out)] + (["--threads", str(a.threads)] if a.threads else [])
             t0 = time.time()
             p = subprocess.run(cmd, capture_output=True, text=True)
             if p.returncode != 0:
@@ -237,7 +240,7 @@ def main() -> None:
         flops = (6 * ns + (0 if m == "distillgate_cached" else 2 * nt)) * tps
         rows[m] = {"tokens_per_s": tps, "peak_rss_gib": statistics.median(r["peak_rss_gib"] for r in rs),
                    "mfu": flops / (peak * 1e9), "heldout_kl": statistics.median(r["heldout_kl"] for r in rs)}
-    print(f"\nbf16 matmul peak {peak:.0f} GFLOP/s; student {ns / 1e6:.1f}M params ({info['student_layers']} layers), "
+    print(f"\n{torch.get_num_threads()} torch thread(s); bf16 matmul peak {peak:.0f} GFLOP/s; student {ns / 1e6:.1f}M params ({info['student_layers']} layers), "
           f"teacher {nt / 1e6:.1f}M; batch {BATCH}x{SEQ}; {a.steps} steps ({a.warmup} warm-up), {a.rounds} rounds; "
           f"cached top-{TOPK} targets precomputed in {info['targets_seconds']:.1f} s (one-time)")
     print(f"{'method':22s} {'tokens/s':>9s} {'peak RSS GiB':>13s} {'MFU':>6s} {'held-out KL':>12s}")

@@ -268,3 +268,17 @@ def test_g_c3_c4_providers_wiring(monkeypatch, tiny_teacher_dir, tiny_student_di
     (student, teacher, kw), = calls
     assert student is ctx.student().model and teacher is ctx.teacher().model
     assert kw == {opt[1]: 3, "seed": 2, "teacher_fingerprint": ctx.teacher().fingerprint}
+
+
+def test_sentence_logprobs_match_packed_scorer_and_float64(tiny_model_factory, tiny_tokenizer):
+    from distillgate.evaluate.scoring import encode_pair, score_requests
+
+    model = tiny_model_factory(num_layers=2).eval()
+    sents = ["The cat sat on the mat.", "A dog barked.", "Call the function with a list of integers please."]
+    lp = probes.sentence_logprobs(model, tiny_tokenizer, sents, batch_tokens=24)   # forces several batches
+    packed = score_requests(model, [(lambda e: (e[0], [e[1]]))(encode_pair(tiny_tokenizer, "", s)) for s in sents])
+    assert lp == pytest.approx([p[0].logprob for p in packed], abs=1e-4)
+    ids = sum(encode_pair(tiny_tokenizer, "", sents[2]), [])
+    with torch.no_grad():
+        ref = torch.log_softmax(model.double()(torch.tensor([ids])).logits[0, :-1], -1)
+    assert lp[2] == pytest.approx(ref.gather(-1, torch.tensor(ids[1:])[:, None]).sum().item(), abs=1e-3)

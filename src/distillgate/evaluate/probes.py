@@ -329,22 +329,38 @@ def grammaticality_f1(lp_good: list[float], lp_bad: list[float], paradigms: list
 
 
 @torch.no_grad()
-def pair_logprobs(model, tokenizer, pairs: list[tuple[str, str, str]], batch_size: int = 16):
-    """Total log-prob of each pair's good and bad sentence (after the prefix token) -> (good [P], bad [P])."""
-    from .scoring import encode_pair, score_requests
+def sentence_logprobs(model, tokenizer, sentences: list[str], *, batch_tokens: int = 1024) -> list[float]:
+    """Total log-prob of each sentence after the prefix token, tokenised like lm-eval (:func:`.scoring.encode_pair`).
 
-    reqs, split = [], []
-    for good, bad, _ in pairs:
-        g, b = encode_pair(tokenizer, "", good), encode_pair(tokenizer, "", bad)
-        split.append(g[0] != b[0])
-        reqs += [(g[0], [g[1]]), (b[0], [b[1]])] if split[-1] else [(g[0], [g[1], b[1]])]
-    it = iter(score_requests(model, reqs, batch_size=batch_size))
-    lg, lb = [], []
-    for sp in split:
-        first = next(it)
-        lg.append(first[0].logprob)
-        lb.append(next(it)[0].logprob if sp else first[1].logprob)
-    return lg, lb
+    Plain right-padded batches of similar length: for ~10-token sentences this was ~5x faster here than the
+    packed scorer (:func:`.scoring.score_requests`), which pays for long shared contexts BLiMP does not have.
+    """
+    from .scoring import encode_pair
+
+    seqs = [sum(encode_pair(tokenizer, "", s), []) for s in sentences]
+    device = next(model.parameters()).device
+    out = [0.0] * len(seqs)
+    order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
+    i = 0
+    while i < len(order):
+        T = len(seqs[order[i]])
+        batch = order[i:i + max(1, batch_tokens // T)]
+        i += len(batch)
+        ids = torch.zeros(len(batch), T, dtype=torch.long)
+        att = torch.zeros_like(ids)
+        for r, k in enumerate(batch):
+            ids[r, :len(seqs[k])], att[r, :len(seqs[k])] = torch.tensor(seqs[k]), 1
+        logp = torch.log_softmax(model(ids.to(device), attention_mask=att.to(device)).logits[:, :-1].float(), -1)
+        tok = logp.gather(-1, ids[:, 1:, None].to(device))[..., 0] * att[:, 1:].to(device)   # [B, T-1]
+        for r, k in enumerate(batch):
+            out[k] = float(tok[r].double().sum())
+    return out
+
+
+def pair_logprobs(model, tokenizer, pairs: list[tuple[str, str, str]]) -> tuple[list[float], list[float]]:
+    """Total log-prob of each pair's good and bad sentence -> (good [P], bad [P])."""
+    lp = sentence_logprobs(model, tokenizer, [s for g, b, _ in pairs for s in (g, b)])
+    return lp[0::2], lp[1::2]
 
 
 # ------------------------------------------------------------------------------------------------ tasks
