@@ -53,8 +53,8 @@ def prepare(work: Path, student_layers: int, n_train_rows: int, n_held_rows: int
     from distillgate.targets import get_or_compute_targets
 
     teacher = load_model("default")
-    spec = DataSpec(num_prompts=160, max_new_tokens=96, gen_batch_size=16, heldout_fraction=0.0)
-    ds = get_or_generate_dataset(teacher, builtin_prompts(160, spec.domains, 0), spec)
+    spec = DataSpec(num_prompts=112, max_new_tokens=96, gen_batch_size=16, heldout_fraction=0.0)
+    ds = get_or_generate_dataset(teacher, builtin_prompts(112, spec.domains, 0), spec)
     stream = [t for e in ds.examples("all") for t in e.input_ids]
     need = (n_train_rows + n_held_rows) * SEQ
     if len(stream) < need:
