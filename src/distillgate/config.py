@@ -153,8 +153,10 @@ class TrainSpec(_Strict):
     warmup_steps: int = Field(4, ge=0, description="linear warmup steps, then cosine decay")
     min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0, description="final lr as a fraction of the peak")
     max_grad_norm: float = Field(1.0, gt=0.0, description="gradient clipping norm")
-    precision: Literal["bf16", "fp32"] = Field("bf16", description="bf16 autocast (CPU ~2x faster) or fp32; "
-                                                                   "fp16 is not offered (unstable on CPU)")
+    precision: Literal["auto", "bf16", "fp32"] = Field(
+        "auto", description="auto: bf16 autocast where the hardware has native bf16 (CUDA, or a CPU with AVX512-BF16 "
+                            "/ AMX), else fp32 -- on a CPU without them bf16 matmuls are ~3.5x slower than fp32; "
+                            "fp16 is not offered (unstable on CPU)")
     seed: int = Field(0, description="training seed (init, shuffling)")
     checkpoint_every: int = Field(0, ge=0, description="save a resumable checkpoint every N steps (0: only at end)")
     log_every: int = Field(1, ge=1, description="metrics JSONL every N steps")

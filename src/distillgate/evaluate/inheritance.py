@@ -288,7 +288,8 @@ def inheritance_provider(ctx) -> float | None:
     t, s = ctx.teacher(), ctx.student()
     if t.tokenizer.get_vocab() != s.tokenizer.get_vocab():
         raise InputError("inheritance: teacher and student tokenizers differ; one tokenizer must serve both")
-    res = capability_inheritance(s.model, t.model, s.tokenizer, n_groups=int(ctx.options.get("inheritance_groups", 48)),
+    res = capability_inheritance(s.model, t.model, s.tokenizer,
+                                 n_groups=int(ctx.options.get("inheritance_groups", 48)),
                                  seed=int(ctx.options.get("seed", 0)), teacher_fingerprint=t.fingerprint)
     ctx.details["inheritance"] = res
     return res["inheritance"]

@@ -398,7 +398,8 @@ def token_task(feats: dict[int, torch.Tensor], split: dict[str, list[Sentence]],
             out.append(flat[i:i + len(s)])
             i += len(s)
         if kind == "ner":
-            return {"f1": f1_score(gold, out), "precision": precision_score(gold, out), "recall": recall_score(gold, out)}
+            return {"f1": f1_score(gold, out), "precision": precision_score(gold, out),
+                    "recall": recall_score(gold, out)}
         return label_f1([t for s in gold for t in s], flat)
 
     def fit_eval(layer):
@@ -447,8 +448,8 @@ def data_files(data_dir: str | Path) -> dict[str, list[Path]]:
 
 def probe_suite(model, tokenizer, data_dir: str | Path, *, limit_sentences: int | None = 400, blimp_pairs: int = 300,
                 seed: int = 0, layers: list[int] | None = None, max_words: int = 64, l2: float = 1e-3,
-                head_rank: int = 64, head_l2: float = 1e-2, max_iter: int = 100, batch_tokens: int = 4096, probe_threads: int | None = 1,
-                cache: bool = False, fingerprint: str | None = None) -> dict:
+                head_rank: int = 64, head_l2: float = 1e-2, max_iter: int = 100, batch_tokens: int = 4096,
+                probe_threads: int | None = 1, cache: bool = False, fingerprint: str | None = None) -> dict:
     """All G-C2 probes of one frozen model (module docstring). Returns JSON-able
     ``{scores: {ner_f1, pos_micro_f1, pos_macro_f1, deprel_micro_f1, deprel_macro_f1, uas, grammaticality_f1,
     grammaticality_accuracy, ...}, layers: {task: layer}, dev: {task: {layer: dev score}}, n: {...}, ...}``.
@@ -467,12 +468,14 @@ def probe_suite(model, tokenizer, data_dir: str | Path, *, limit_sentences: int 
     files = data_files(data_dir)
     layers = sorted(set(layers)) if layers else default_layers(model.config.num_hidden_layers)
     settings = {"version": PROBE_VERSION, "limit_sentences": limit_sentences, "blimp_pairs": blimp_pairs,
-                "seed": seed, "layers": layers, "max_words": max_words, "l2": l2, "head_rank": head_rank, "head_l2": head_l2,
+                "seed": seed, "layers": layers, "max_words": max_words, "l2": l2, "head_rank": head_rank,
+                "head_l2": head_l2,
                 "max_iter": max_iter, "splits": list(SPLITS)}
     data_sha = {str(p.relative_to(data_dir)): sha256_file(p) for v in files.values() for p in v}
     path = key = None
     if cache:
-        key = sha256_json([fingerprint or fingerprint_model(model), fingerprint_tokenizer(tokenizer), data_sha, settings])
+        key = sha256_json([fingerprint or fingerprint_model(model), fingerprint_tokenizer(tokenizer), data_sha,
+                           settings])
         path = distillgate_home() / "eval_cache" / f"probes-{key[:16]}.json"
         if path.is_file():
             hit = json.loads(path.read_text())

@@ -97,7 +97,8 @@ def summary_table(summary: dict):
     t.add_row("KL(teacher||student) / token", "0", f"{b['kl']:.4f}", f"{a['kl']:.4f}")
     t.add_row("top-1 agreement", "1.000", f"{b['top1_agreement']:.3f}", f"{a['top1_agreement']:.3f}")
     t.add_row("train tokens/s (loss tokens)", "", "", f"{tr['tokens_per_s']:.1f}")
-    t.add_row("train steps / skipped", "", "", f"{tr['steps']} / {tr['skipped_steps']}")
+    t.add_row("train steps / skipped / precision", "", "",
+              f"{tr['steps']} / {tr['skipped_steps']} / {tr.get('precision') or '?'}")
     t.add_row("peak RSS", "", "", f"{tr['peak_rss_mb']:.0f} MB")
     t.add_row("student saved to", "", "", summary["student"]["path"])
     return t

@@ -105,6 +105,7 @@ class TrainResult:
     metrics_path: Path
     peak_rss_mb: float
     stopped_early: bool = False
+    precision: str = ""  # what autocast ran with after resolving "auto"
 
     def to_json(self) -> dict:
         d = dict(self.__dict__)
