@@ -27,7 +27,8 @@ from pathlib import Path
 
 import torch
 
-SEQ, BATCH, LR, TOPK = 256, 4, 3e-4, 64
+SEQ, BATCH, LR = 256, 4, 3e-4
+TOPK = int(os.environ.get("DG_BENCH_TOPK", "64"))
 METHODS = ("distillgate_cached", "distillgate_online", "trl_gkd", "hf_trainer_kd")
 
 
@@ -111,7 +112,8 @@ def worker(method: str, work: Path, steps: int, out: Path) -> None:
 
     torch.manual_seed(0)
     train, held, pad, tdir, collate = _rows(work)
-    teacher = load_model("default")
+    # With cached targets the teacher is not needed while training: load it only for the held-out KL.
+    teacher = None if method == "distillgate_cached" else load_model("default")
     student = load_model(str(work / "student")).model
     student.train()
     batches = [collate(train[i:i + BATCH], pad) for i in range(0, len(train), BATCH)]
@@ -125,7 +127,7 @@ def worker(method: str, work: Path, steps: int, out: Path) -> None:
 
         provider = TargetCache.open(tdir) if method == "distillgate_cached" else OnlineTeacher(teacher.model)
         obj = DistillObjective(LossSpec(divergence="forward_kl", channels={"kd": 1.0}), provider,
-                               vocab_size=len(teacher.tokenizer))
+                               vocab_size=student.config.vocab_size)
         spec = TrainSpec(steps=steps, batch_size=BATCH, lr=LR, warmup_steps=0, min_lr_ratio=1.0, precision="bf16",
                          max_grad_norm=1.0)
         last = [time.perf_counter()]
@@ -186,6 +188,11 @@ def worker(method: str, work: Path, steps: int, out: Path) -> None:
             trainer = KDTrainer(model=student, args=TrainingArguments(**common), data_collator=collator,
                                 train_dataset=Dataset.from_list(rows), callbacks=[Timer()])
         trainer.train()
+    if teacher is None:
+        import gc
+
+        gc.collect()
+        teacher = load_model("default")
     kl = heldout_kl(student, teacher.model, held, pad, collate)
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 / 1024
     out.write_text(json.dumps({"method": method, "step_seconds": step_times, "loss_tokens_per_step": loss_tokens,
@@ -200,6 +207,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--student-layers", type=int, default=15)
     ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--topk", type=int, default=None, help="cached targets per token (default 64)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads in every process (default: torch's)")
     ap.add_argument("--work", default=None, help="scratch folder (default: a temp dir)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
@@ -209,6 +217,9 @@ def main() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if a.threads:
         torch.set_num_threads(a.threads)
+    if a.topk:
+        os.environ["DG_BENCH_TOPK"] = str(a.topk)  # workers inherit it
+        globals()["TOPK"] = a.topk
     if a.worker:
         worker(a.worker, Path(a.work), a.steps, Path(a.out))
         return

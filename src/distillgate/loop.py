@@ -153,20 +153,27 @@ class Loop:
         return used
 
     def _take(self, n: int, mix: dict[str, float], tier: str, used: set[str], seed: int) -> list:
-        """``n`` unused prompts, split over domains by ``mix`` and over complexity levels by the tier."""
+        """``n`` unused prompts, split over domains by ``mix`` and over complexity levels by the tier.
+
+        Counts per (domain, level) cell are allotted by largest remainders so they sum to exactly ``n`` (every
+        domain with a share gets its part); a cell short of prompts is topped up from the rest of the pool."""
         rng = random.Random(f"{self.cfg.data.seed}:{seed}")
         levels = TIER_LEVELS[tier]
         free = [self.pool[i] for i in self.pool_order if i not in used]
         by_key: dict[tuple, list] = {}
         for p in free:
             by_key.setdefault((p.domain, p.level), []).append(p)
+        total = sum(mix.values()) or 1.0
+        cells = [((d, lv), n * share / total * lshare) for d, share in sorted(mix.items()) for lv, lshare in levels.items()]
+        want = {k: int(x) for k, x in cells}
+        short = n - sum(want.values())
+        for k, x in sorted(cells, key=lambda c: -(c[1] - int(c[1])))[:max(short, 0)]:
+            want[k] += 1
         chosen: list = []
-        for d, share in sorted(mix.items()):
-            for lv, lshare in levels.items():
-                want = round(n * share * lshare)
-                bucket = by_key.get((d, lv), [])
-                chosen += bucket[:want]
-                by_key[(d, lv)] = bucket[want:]
+        for k, w in want.items():
+            bucket = by_key.get(k, [])
+            chosen += bucket[:w]
+            by_key[k] = bucket[w:]
         rest = [p for b in by_key.values() for p in b]
         rng.shuffle(rest)
         chosen += rest[: max(0, n - len(chosen))]
