@@ -81,11 +81,6 @@ def regressions(metrics: dict[str, float], prev: dict[str, float], meta: dict[st
     return sorted(out, key=lambda x: -x[1])
 
 
-def position_buckets(n_positions: int, n_buckets: int = 8) -> list[tuple[int, int]]:
-    edges = [round(i * n_positions / n_buckets) for i in range(n_buckets + 1)]
-    return [(a, b) for a, b in zip(edges, edges[1:]) if b > a]
-
-
 def divergence_heatmap(samples: list[SampleDivergence], n_buckets: int = 8) -> dict:
     """Mean KL by domain x relative response position (decile-like buckets of each answer's length)."""
     domains = sorted({s.domain for s in samples})

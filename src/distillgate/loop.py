@@ -123,6 +123,9 @@ class Loop:
     def setup(self, resume_state: dict | None = None, student_dir: Path | None = None) -> None:
         from .models import load_model
 
+        for stale in Path(self.store.dir).glob(".student-*"):  # staging of a commit that was killed
+            shutil.rmtree(stale, ignore_errors=True)
+
         self.teacher = pipeline.load_teacher(self.cfg)
         pool = self._pool()
         self.pool = {p.id: p for p in pool}
@@ -247,6 +250,9 @@ class Loop:
         spec = ctx.cfg.train.model_copy(update={"seed": self.cfg.train.seed + ctx.iteration, "checkpoint_every": 0})
         res = pipeline.map_student(self.student, objective, ds, spec, out, seed=spec.seed,
                                    hard_weights=ctx.recipe.get("hard_pool") or None, progress=self.progress)
+        # The iteration's result is committed as a version; its scratch checkpoints (weights + AdamW state,
+        # ~0.8 GB for a 68M student) are not needed once training returned.
+        shutil.rmtree(out, ignore_errors=True)
         ctx.train_terms = dict(res.final_terms)
         ctx.metrics.update({"train/tokens_per_s": res.tokens_per_s, "train/loss": res.final_loss,
                             "train/skipped_steps": res.skipped_steps, "train/rollbacks": res.rollbacks,
@@ -478,8 +484,10 @@ def run(cfg: RunConfig | None, *, resume_run: str | None = None, root: str | Non
             state, sdir, start = None, None, 0
         else:
             state = point.version.load_json("loop_state.json")
-            sdir = point.version.checkout("student", store.dir / "work" / "resume-student")
-            start = point.next_iteration
+            sdir = point.version.checkout("student", store.dir / "work" / "resume-student", replace=True)
+            # Continue after the iteration whose state we restored (after a rollback, `current` is an older
+            # iteration than the newest one committed: the run goes on from there, nothing is overwritten).
+            start = point.version.iteration + 1
     else:
         _preflight_run(cfg)  # nothing is created before this passes
         store = RunStore.create(root or cfg.store_root, cfg.model_dump(), run_id=cfg.run_id)

@@ -115,7 +115,7 @@ def next_recipe(recipe: dict, findings: list[Finding], *, iteration: int, last_g
         change("weak_domain", f"loss.domain_weights.{d}", round(min(spec.max_weight, w * spec.weight_factor), 4),
                f.message + f"; loss weight x{spec.weight_factor}")
         mix = _get(new, "data.mix")
-        if isinstance(mix, dict) and d in mix and f"data.mix.{d}" not in cooling:
+        if isinstance(mix, dict) and d in mix and "data.mix" not in cooling:
             boosted = dict(mix)
             boosted[d] = mix[d] * spec.weight_factor
             boosted = _normalise(boosted)

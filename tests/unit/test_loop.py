@@ -95,15 +95,31 @@ def test_kill_then_resume_gives_the_same_final_weights(tiny_teacher_dir, tmp_pat
 
 def test_rollback_then_resume_continues_from_the_restored_iteration(tiny_teacher_dir, tmp_path, capsys):
     summary = loop_mod.run(_cfg(tiny_teacher_dir, tmp_path / "runs", run_id="rb"), progress=False)
+    assert summary["status"] == "budget_exhausted"
+    before = {}
+    with RunStore.open(tmp_path / "runs", "rb") as s:
+        for r in s.versions():
+            before[r["version_id"]] = dict(s.get_version(r["version_id"]).files)
     assert main(["rollback", "rb", "--to", "1", "--root", str(tmp_path / "runs")]) == 0
     with RunStore.open(tmp_path / "runs", "rb") as s:
         cur = s.resolve("current")
         assert cur.kind == "rollback" and cur.iteration == 1
         one = [r for r in s.versions() if r["iteration"] == 1][0]
         assert cur.files == s.get_version(one["version_id"]).files
-        n_versions = len(s.versions())
-    assert n_versions == 4  # nothing overwritten: 3 iterations + the rollback version
-    assert summary["status"] == "budget_exhausted"
+        for vid, files in before.items():  # nothing overwritten
+            assert s.get_version(vid).files == files
+        s.get_version(max(before)).verify(deep=True)
+        assert len(s.versions()) == len(before) + 1
+    resumed = loop_mod.run(None, resume_run="rb", root=str(tmp_path / "runs"), progress=False)
+    # the restored state is iteration 1's: iteration 2 runs again from it (a new version, parent = the rollback)
+    assert [h["iteration"] for h in resumed["iterations"]] == [0, 1, 2]
+    with RunStore.open(tmp_path / "runs", "rb") as s:
+        rows = s.versions()
+        assert rows[-1]["iteration"] == 2 and rows[-1]["parent"] == rows[-2]["version_id"]
+        assert len(rows) == len(before) + 2
+    # resuming again after that (a second crash/restart) works too: nothing is left to run
+    again = loop_mod.run(None, resume_run="rb", root=str(tmp_path / "runs"), progress=False)
+    assert [h["iteration"] for h in again["iterations"]] == [0, 1, 2]
 
 
 class _Probe:
