@@ -200,7 +200,18 @@ class Loop:
         new = self._add_train(calib_prompts)
         calib = pipeline.calibration_ids(self.cfg, self.teacher.tokenizer, new) \
             if self.cfg.student.init == "derive" else None
+        s = self.cfg.student
+        if s.init == "derive":
+            self._say(f"  deriving the student: {s.layer_selection} to {s.num_layers or 'half the'} layers"
+                      f"{f', MLP {s.mlp_width}' if s.mlp_width else ''} on {calib.numel()} calibration tokens "
+                      f"(greedy selection tries each block: minutes on a CPU)")
+        t0 = time.time()
         self.student, info = pipeline.build_student(self.cfg, self.teacher, calib)
+        rep = info.get("report") or {}
+        if rep:
+            self._say(f"  kept teacher layers {rep.get('kept_layers')}; calibration PPL teacher "
+                      f"{rep.get('teacher_ppl') or float('nan'):.2f} -> student {rep.get('student_ppl') or float('nan'):.2f} "
+                      f"({time.time() - t0:.0f} s)")
         self.state["student_init"] = info
         self.state["layer_map"] = info.get("layer_map")
 
