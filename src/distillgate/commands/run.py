@@ -32,7 +32,11 @@ def run(args) -> int:
 
         print_config_reference(RunConfig)
         return 0
-    console = Console()
+    import sys
+
+    # Tables are wide (gate, metric, value, threshold, status, margin, note): don't fold them at 80 columns
+    # when the output is a pipe or a log file.
+    console = Console(width=None if sys.stdout.isatty() else 160)
     if args.resume:
         if args.config or args.overrides:
             raise ConfigError("--resume", args.resume, "no --config or overrides (a run resumes with its own config)")
