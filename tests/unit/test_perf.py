@@ -97,18 +97,22 @@ def test_compare_latency_volatility_tiny(tiny_model_factory, tiny_tokenizer):
 
 
 class _LeakyModel:
-    """generate() keeps 8 MiB per call, like a cache that is never evicted."""
+    """generate() keeps 32 MiB per call, like a cache that is never evicted (large enough that memory freed by
+    earlier tests during leak_rate's gc.collect() cannot mask it)."""
 
     def __init__(self):
         self.kept = []
 
     def generate(self, **kw):
-        self.kept.append(b"\x01" * (8 << 20))  # written, so resident
+        self.kept.append(b"\x01" * (32 << 20))  # written, so resident
 
 
 def test_leak_rate_detects_growth_and_bounds_clean_runs(tiny_model_factory, tiny_tokenizer):
+    import gc
+
+    gc.collect()
     leaky = perf.leak_rate(_LeakyModel(), tiny_tokenizer, iterations=8, warmup=1)
-    assert leaky["n"] == 8 and leaky["slope_bytes_per_s"] > 0 and leaky["rss_end"] - leaky["rss_start"] >= 16 << 20
+    assert leaky["n"] == 8 and leaky["slope_bytes_per_s"] > 0 and leaky["rss_end"] - leaky["rss_start"] >= 128 << 20
     assert leaky["pct_per_hour_upper95"] > leaky["pct_per_hour"] > 0.003
     clean = perf.leak_rate(tiny_model_factory(), tiny_tokenizer, iterations=3, warmup=1, prompt_len=8,
                            new_tokens=2)
