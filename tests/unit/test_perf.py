@@ -96,22 +96,32 @@ def test_compare_latency_volatility_tiny(tiny_model_factory, tiny_tokenizer):
     assert d["teacher"]["n"] == d["student"]["n"] == 6 and d["teacher"]["volatility"] >= 1.0
 
 
-class _LeakyModel:
-    """generate() keeps 32 MiB per call, like a cache that is never evicted (large enough that memory freed by
-    earlier tests during leak_rate's gc.collect() cannot mask it)."""
+LEAKY = """
+import json
+from distillgate import perf
+from distillgate.testing import make_tiny_tokenizer
 
+class Leaky:  # generate() keeps 32 MiB per call, like a cache that is never evicted
     def __init__(self):
         self.kept = []
 
     def generate(self, **kw):
-        self.kept.append(b"\x01" * (32 << 20))  # written, so resident
+        self.kept.append(b"\\x01" * (32 << 20))  # written, so resident
+
+print(json.dumps(perf.leak_rate(Leaky(), make_tiny_tokenizer(), iterations=8, warmup=1)))
+"""
 
 
 def test_leak_rate_detects_growth_and_bounds_clean_runs(tiny_model_factory, tiny_tokenizer):
-    import gc
+    # In a fresh process: in this long-lived one, memory freed by earlier tests stays resident and new
+    # allocations reuse it, so RSS would not move (seen in a full-suite run).
+    import json
+    import subprocess
+    import sys
 
-    gc.collect()
-    leaky = perf.leak_rate(_LeakyModel(), tiny_tokenizer, iterations=8, warmup=1)
+    out = subprocess.run([sys.executable, "-c", LEAKY], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    leaky = json.loads(out.stdout.strip().splitlines()[-1])
     assert leaky["n"] == 8 and leaky["slope_bytes_per_s"] > 0 and leaky["rss_end"] - leaky["rss_start"] >= 128 << 20
     assert leaky["pct_per_hour_upper95"] > leaky["pct_per_hour"] > 0.003
     clean = perf.leak_rate(tiny_model_factory(), tiny_tokenizer, iterations=3, warmup=1, prompt_len=8,
