@@ -25,15 +25,9 @@ from distillgate.models.derive import (
 from distillgate.testing import make_tiny_tokenizer
 from distillgate.testing.tiny import TINY_CORPUS
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models are per-op-overhead bound, and on the shared 2-core machine two OpenMP threads spin-wait
-    each other: a SmolLM2 forward took 15 s with 2 threads vs 1.3 s with 1 under load. Restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+
 
 
 @pytest.fixture(scope="module")

@@ -18,16 +18,11 @@ from distillgate.targets import (
 )
 from distillgate.testing import make_tiny_tokenizer
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 PAD = 3
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny models: intra-op threads only add contention on the shared 2-core machine
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _examples(n=6, seed=0, vocab=384):
