@@ -422,6 +422,10 @@ class Loop:
             self.state["best"] = {"iteration": ctx.iteration, "kl": kl}
         self.state["recipe"] = ctx.next_recipe or ctx.recipe
         aliases = ["current"] + (["best"] if best else []) + (["stable"] if not regressed and not nonfinite else [])
+        metrics_json = {"student": ctx.metrics, "teacher": ctx.teacher_metrics}
+        gates_json = ctx.gates.to_json() if ctx.gates is not None else None
+        findings = [self._finding_dict(f) for f in ctx.findings]
+        decisions = [d.to_dict() for d in ctx.decisions]
         tmp = Path(tempfile.mkdtemp(dir=self.store.dir, prefix=".student-"))
         try:
             self.student.eval()
@@ -438,25 +442,17 @@ class Loop:
                     (vw.add_dir(name, p) if p.is_dir() else vw.add_file(name, p))
                 vw.add_json("recipe.json", {**ctx.recipe, "stage": stage_code})
                 vw.add_json("next_recipe.json", self.state["recipe"])
-                vw.add_json("metrics.json", {"student": ctx.metrics, "teacher": ctx.teacher_metrics})
-                if ctx.gates is not None:
-                    vw.add_json("gates.json", ctx.gates.to_json())
-                vw.add_json("findings.json", [self._finding_dict(f) for f in ctx.findings])
-                vw.add_json("decisions.json", [d.to_dict() for d in ctx.decisions])
+                vw.add_json("metrics.json", metrics_json)
+                if gates_json is not None:
+                    vw.add_json("gates.json", gates_json)
+                vw.add_json("findings.json", findings)
+                vw.add_json("decisions.json", decisions)
                 vw.add_json("divergence.json", [s.__dict__ for s in ctx.samples])
                 vw.add_json("loop_state.json", self.state)
                 vid = vw.commit(aliases=tuple(aliases), reason=f"iteration {ctx.iteration}")
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-        self.store.record_metrics(vid, {k: v for k, v in ctx.metrics.items() if isinstance(v, (int, float))}, "val")
-        if ctx.teacher_metrics:
-            self.store.record_metrics(vid, {k: v for k, v in ctx.teacher_metrics.items() if v is not None}, "teacher")
-        if ctx.gates is not None:
-            self.store.record_gates(vid, [{"gate": g.id, "passed": g.passed, "value": g.value, "threshold": g.threshold,
-                                           "dimension": g.dimension, "detail": g.model_dump()} for g in ctx.gates.gates])
-        self.store.record_findings(ctx.iteration, [self._finding_dict(f) for f in ctx.findings], vid)
-        self.store.record_decisions(ctx.iteration, [{"knob": d.knob, "old": d.old, "new": d.new,
-                                                     "reason": f"[{d.rule}] {d.reason}"} for d in ctx.decisions])
+        record_catalog(self.store, vid, ctx.iteration, metrics_json, gates_json, findings, decisions)
         return vid
 
     @staticmethod
@@ -468,6 +464,50 @@ class Loop:
 
     def converged(self) -> bool:
         return self.state["pass_streak"] >= self.cfg.loop.converge_after
+
+
+def record_catalog(store, vid: int, iteration: int, metrics_json: dict | None, gates_json: dict | None,
+                   findings: list[dict] | None, decisions: list[dict] | None) -> None:
+    """The catalog rows of a committed version (metrics, gates, findings, decisions), from its own JSON files;
+    a ``None`` part is skipped.
+
+    The version is committed first and these rows follow, so a crash in between leaves a version without
+    rows; ``run --resume`` restores the missing ones for the version it continues from (:func:`repair_catalog`)."""
+    num = lambda d: {k: v for k, v in (d or {}).items() if isinstance(v, (int, float))}  # noqa: E731
+    if metrics_json is not None:
+        store.record_metrics(vid, num(metrics_json.get("student")), "val")
+        if metrics_json.get("teacher"):
+            store.record_metrics(vid, num(metrics_json["teacher"]), "teacher")
+    if gates_json is not None:
+        store.record_gates(vid, [{"gate": g["id"], "passed": g["passed"], "value": g["value"],
+                                  "threshold": g["threshold"], "dimension": g["dimension"], "detail": g}
+                                 for g in gates_json["gates"]])
+    if findings:
+        store.record_findings(iteration, findings, vid)
+    if decisions:
+        store.record_decisions(iteration, [{"knob": d["knob"], "old": d["old"], "new": d["new"],
+                                            "reason": f"[{d['rule']}] {d['reason']}"} for d in decisions])
+
+
+def repair_catalog(store, version) -> list[str]:
+    """Re-record whichever catalog rows of ``version`` a crash after its commit lost; returns what was rebuilt."""
+    if version.kind == "rollback":
+        return []
+    cat, vid, it = store.catalog, version.version_id, version.iteration
+    load = lambda n, default=None: version.load_json(n) if n in version.files else default  # noqa: E731
+    parts = {"metrics": not cat.metrics(vid), "gates": not cat.gate_results(vid),
+             "findings": not [f for f in cat.findings(it) if f.get("version_id") == vid],
+             "decisions": not cat.decisions(it)}
+    record_catalog(store, vid, it, load("metrics.json") if parts["metrics"] else None,
+                   load("gates.json") if parts["gates"] else None,
+                   load("findings.json", []) if parts["findings"] else None,
+                   load("decisions.json", []) if parts["decisions"] else None)
+    rebuilt = [k for k, missing in parts.items() if missing]
+    if rebuilt:
+        store.record_alert("warning", "loop", f"version {vid}: catalog rows rebuilt from its artifacts "
+                                              f"({', '.join(rebuilt)}): the previous process stopped between "
+                                              f"commit and catalog write", vid)
+    return rebuilt
 
 
 def _preflight_run(cfg: RunConfig) -> None:
@@ -494,6 +534,7 @@ def run(cfg: RunConfig | None, *, resume_run: str | None = None, root: str | Non
         if point.version is None:
             state, sdir, start = None, None, 0
         else:
+            repair_catalog(store, point.version)
             state = point.version.load_json("loop_state.json")
             sdir = point.version.checkout("student", store.dir / "work" / "resume-student", replace=True)
             # Continue after the iteration whose state we restored (after a rollback, `current` is an older

@@ -148,3 +148,26 @@ def test_a_new_stage_plugs_in_without_touching_the_core(tiny_teacher_dir, tmp_pa
     finally:
         STAGES.pop("probe")
     assert _Probe.calls == [("extract", 1), ("map", 1), ("attribute", 1)]
+
+
+def test_resume_rebuilds_catalog_rows_lost_between_commit_and_catalog_write(tiny_teacher_dir, tmp_path):
+    import sqlite3
+
+    loop_mod.run(_cfg(tiny_teacher_dir, tmp_path / "runs", run_id="gap"), progress=False)
+    with RunStore.open(tmp_path / "runs", "gap") as s:
+        vid = s.resolve("current").version_id
+        want = s.catalog.metrics(vid)
+        n_findings = len(s.catalog.findings(2))
+        n_decisions = len(s.catalog.decisions())
+    assert want and n_findings
+    db = sqlite3.connect(tmp_path / "runs" / "gap" / "catalog.sqlite")  # as if the process died right after commit
+    with db:
+        for table in ("metrics", "gate_results", "findings"):
+            db.execute(f"DELETE FROM {table} WHERE version_id=?", (vid,))
+    db.close()
+    loop_mod.run(None, resume_run="gap", root=str(tmp_path / "runs"), progress=False)
+    with RunStore.open(tmp_path / "runs", "gap") as s:
+        assert s.catalog.metrics(vid) == want
+        assert len(s.catalog.findings(2)) == n_findings and s.catalog.gate_results(vid)
+        assert any("rebuilt" in a["message"] for a in s.catalog.alerts())
+        assert len(s.catalog.decisions()) == n_decisions  # rows that survived are not written twice
