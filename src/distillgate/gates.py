@@ -345,6 +345,13 @@ class GateContext:
     def student(self):
         return self._load("student")
 
+    def same_tokenizer_pair(self, metric: str, why: str):
+        """(teacher, student) for a metric that needs one tokenizer to serve both; InputError otherwise."""
+        t, s = self.teacher(), self.student()
+        if t.tokenizer.get_vocab() != s.tokenizer.get_vocab():
+            raise InputError(f"{metric}: teacher and student tokenizers differ; {why}")
+        return t, s
+
 
 @dataclass(frozen=True)
 class MetricProvider:
@@ -452,9 +459,7 @@ def perplexity_ratio(ctx: GateContext) -> float | None:
         ctx.details["ppl_ratio"] = {"note": "no text: pass --ppl-text FILE"}
         return None
     n_tokens = int(ctx.options.get("ppl_tokens", 2048))
-    t, s = ctx.teacher(), ctx.student()
-    if t.tokenizer.get_vocab() != s.tokenizer.get_vocab():
-        raise InputError("ppl_ratio: teacher and student tokenizers differ; perplexities are not comparable")
+    t, s = ctx.same_tokenizer_pair("ppl_ratio", "perplexities are not comparable")
     head = _text_head(Path(text), t.tokenizer, n_tokens)
     pt = perplexity(t.model, t.tokenizer, head, max_tokens=n_tokens)
     ps = perplexity(s.model, s.tokenizer, head, max_tokens=n_tokens)

@@ -220,9 +220,7 @@ def decision_path_consistency(student, teacher, tokenizer, *, n: int = 60, seed:
 def path_consistency_provider(ctx) -> float | None:
     """G-C4 metric provider: :func:`decision_path_consistency` over ``options['path_instructions']`` (30)
     instructions; teacher paths cached by the teacher's fingerprint. Needs one tokenizer for both models."""
-    t, s = ctx.teacher(), ctx.student()
-    if t.tokenizer.get_vocab() != s.tokenizer.get_vocab():
-        raise InputError("path_consistency: teacher and student tokenizers differ; one tokenizer must serve both")
+    t, s = ctx.same_tokenizer_pair("path_consistency", "one tokenizer must serve both")
     res = decision_path_consistency(s.model, t.model, s.tokenizer, n=int(ctx.options.get("path_instructions", 30)),
                                     seed=int(ctx.options.get("seed", 0)), teacher_fingerprint=t.fingerprint)
     ctx.details["path_consistency"] = res

@@ -285,9 +285,7 @@ def capability_inheritance(student, teacher, tokenizer, *, n_groups: int = 300, 
 def inheritance_provider(ctx) -> float | None:
     """G-C3 metric provider: :func:`capability_inheritance` over ``options['inheritance_groups']`` (48) groups;
     teacher answers cached by the teacher's fingerprint. Needs teacher and student to share a tokenizer."""
-    t, s = ctx.teacher(), ctx.student()
-    if t.tokenizer.get_vocab() != s.tokenizer.get_vocab():
-        raise InputError("inheritance: teacher and student tokenizers differ; one tokenizer must serve both")
+    t, s = ctx.same_tokenizer_pair("inheritance", "one tokenizer must serve both")
     res = capability_inheritance(s.model, t.model, s.tokenizer,
                                  n_groups=int(ctx.options.get("inheritance_groups", 48)),
                                  seed=int(ctx.options.get("seed", 0)), teacher_fingerprint=t.fingerprint)
