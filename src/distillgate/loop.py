@@ -587,5 +587,7 @@ def _print_iteration(loop: Loop, ctx: IterationContext, seconds: float) -> None:
     loop.console.print(f"  KL {m.get('kl', float('nan')):.4f}  top-1 {m.get('top1_agreement', float('nan')):.3f}  "
                        f"PPL ratio {m.get('ppl_ratio', float('nan')):.3f}  "
                        f"({len(ctx.findings)} findings, {len(ctx.decisions)} decisions, {seconds:.0f} s)")
-    for d in ctx.decisions:
-        loop.console.print(f"  [cyan]decision[/] {d.knob}: {d.old} -> {d.new}  ({d.rule})", highlight=False)
+    short = lambda v: f"{len(v)} entries" if isinstance(v, (dict, list)) and len(v) > 4 else v  # noqa: E731
+    for d in ctx.decisions:  # full values are in the decision log (catalog, report)
+        loop.console.print(f"  [cyan]decision[/] {d.knob}: {short(d.old)} -> {short(d.new)}  ({d.rule})",
+                           highlight=False)
