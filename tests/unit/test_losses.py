@@ -273,6 +273,77 @@ def test_chunked_equals_unchunked_loss_and_gradients(teacher_kind, kind):
             torch.testing.assert_close(pt[c], ref_pt[c], rtol=1e-5, atol=1e-6)
 
 
+def _autograd_chunk(hs, w, teacher, tgt, tw, temp, ch, kind):
+    """The generic path the closed-form top-k gradient replaces: full-vocabulary autograd (its divergences
+    are checked against float64 numpy above); logits formed in float64."""
+    from distillgate.losses.fused import channel_losses
+    from distillgate.weighting import combine_sum
+
+    z = (hs.detach().double() @ w.detach().double().T).requires_grad_(True)
+    t64 = TopKTargets(indices=teacher.indices, logprobs=teacher.logprobs.double())
+    per = channel_losses(z, t64, tgt, None if temp is None else temp.double(), tuple(ch), kind, 0.3, True)
+    tot = combine_sum({k: v.double() for k, v in per.items()}, ch, None if tw is None else tw.double())
+    (g,) = torch.autograd.grad(tot, z)
+    g = g.double()
+    return tot.detach().double(), {k: v.detach().double() for k, v in per.items()}, g @ w.detach().double(), \
+        g.T @ hs.detach().double()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("k,with_temp", [(8, True), (8, False), (50, True), (1, False)])
+def test_closed_form_topk_gradient_matches_float64_autograd(kind, k, with_temp):
+    """The top-k fast path (one exp pass, gradient in closed form) against float64 autograd: k < V, k = V
+    (no tail bucket), k = 1, with and without temperature, 'ce' on targets inside and outside the top-k."""
+    hs, w, teachers, tgt, tw, temp = _fused_inputs(k=k)
+    temp = temp if with_temp else None
+    teacher = teachers["topk"] if k == 8 else _topk(hs.detach() @ w.detach().T * 0.7, k)
+    ch = {"kd": 1.0, "ce": 0.3}
+    ref, ref_pt, gh_ref, gw_ref = _autograd_chunk(hs, w, teacher, tgt, tw, temp, ch, kind)
+    tot, pt = fused_distill_loss(hs, w, teacher, tgt, tw, temp, ch, kind, 0.3, 16)
+    gh, gw = torch.autograd.grad(tot, [hs, w])
+    torch.testing.assert_close(tot.double(), ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(gh.double(), gh_ref, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(gw.double(), gw_ref, rtol=1e-4, atol=1e-5)
+    for c in ch:
+        torch.testing.assert_close(pt[c].double(), ref_pt[c].double(), rtol=1e-5, atol=1e-6)
+
+
+def test_closed_form_path_falls_back_to_exact_tail_when_student_tail_underflows():
+    """Rows whose student tail is below float32 range next to its top-k (logit gap > 100 nats) take the exact
+    masked-logsumexp path; values and gradients stay finite and equal to float64 autograd."""
+    hs, w, teachers, tgt, tw, temp = _fused_inputs()
+    teacher = teachers["topk"]
+    with torch.no_grad():
+        w2 = w.detach().clone()
+        hs2 = hs.detach().clone()
+        hs2[:3] = 0.0
+        hs2[:3, 0] = 1.0
+        w2[:, 0] = -60.0
+        w2[teacher.indices[0], 0] = 60.0                                  # row 0: tail 120 nats below its top-k
+    hs2.requires_grad_(True)
+    w2.requires_grad_(True)
+    ch = {"kd": 1.0, "ce": 0.3}
+    ref, ref_pt, gh_ref, gw_ref = _autograd_chunk(hs2, w2, teacher, tgt, tw, None, ch, "forward_kl")
+    tot, pt = fused_distill_loss(hs2, w2, teacher, tgt, tw, None, ch, "forward_kl", 0.3, 16)
+    gh, gw = torch.autograd.grad(tot, [hs2, w2])
+    assert torch.isfinite(gh).all() and torch.isfinite(gw).all()
+    torch.testing.assert_close(tot.double(), ref, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(pt["kd"].double(), ref_pt["kd"].double(), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(gh.double(), gh_ref, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(gw.double(), gw_ref, rtol=1e-4, atol=1e-4)
+
+
+def test_fused_without_grad_returns_the_same_values():
+    hs, w, teachers, tgt, tw, temp = _fused_inputs()
+    ch = {"kd": 1.0, "ce": 0.3}
+    a, pa = fused_distill_loss(hs, w, teachers["topk"], tgt, tw, temp, ch, "gjsd", 0.3, 8)
+    with torch.no_grad():
+        b, pb = fused_distill_loss(hs, w, teachers["topk"], tgt, tw, temp, ch, "gjsd", 0.3, 8)
+    assert not b.requires_grad
+    torch.testing.assert_close(a.detach(), b)
+    torch.testing.assert_close(pa["kd"], pb["kd"])
+
+
 def test_teacher_hidden_equals_dense_teacher_logits():
     hs, w, teachers, tgt, tw, temp = _fused_inputs()
     a, pa = fused_distill_loss(hs, w, teachers["hidden"], tgt, tw, temp, {"kd": 1.0}, "forward_kl", 0.5, 10)

@@ -215,8 +215,9 @@ def test_rollback_without_checkpoint_uses_start_state_and_raise_mode(tmp_path):
     cb.model = model
     r = train(model, Poisoned(nan_steps=[2, 3]), EpochBatches(), spec(steps=3, grad_accum=1), tmp_path / "a",
               callbacks=[cb], max_consecutive_nonfinite=2, progress=False, tensorboard=False)
-    assert r.rollbacks == 1 and "in memory" in r.events[-1]["restored"]
+    assert r.rollbacks == 1 and r.events[-1]["restored"] == "start of this run"
     assert all(torch.equal(seen[3][2][k], init[k]) for k in init)
+    assert not list((tmp_path / "a").glob("rollback-start*"))          # the on-disk start snapshot is removed
     with pytest.raises(NonFiniteError, match="step 2: non-finite loss"):
         train(tiny_model(), Poisoned(nan_steps=[2]), EpochBatches(), spec(steps=3, grad_accum=1), tmp_path / "b",
               on_nonfinite="raise", progress=False, tensorboard=False)

@@ -26,7 +26,7 @@ def optimizer_to_parts(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torc
     for idx, pstate in sd["state"].items():
         for name, value in pstate.items():
             if isinstance(value, torch.Tensor):
-                tensors[f"{idx}.{name}"] = value.detach().contiguous().clone()
+                tensors[f"{idx}.{name}"] = value.detach().contiguous()  # no copy: written before the next step
             else:
                 scalars.setdefault(str(idx), {})[name] = value
     groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()} for g in sd["param_groups"]]
