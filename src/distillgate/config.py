@@ -89,6 +89,9 @@ class TargetSpec(_Strict):
     mode: Literal["cached", "online"] = Field("cached", description="cached: teacher top-k computed once and "
                                               "stored; online: teacher forward every step (dense)")
     top_k: int = Field(64, ge=1, description="teacher log-probs kept per token (plus the tail mass)")
+    tail_samples: int = Field(16, ge=0, le=4096, description="tokens drawn per position from the teacher's "
+                              "distribution outside the top k (4 bytes each): forward KL at T = 1 then trains "
+                              "the tail shape too, unbiasedly; 0: the tail is one bucket (its mass only)")
     batch_size: int = Field(8, ge=1, description="sequences per teacher forward when computing targets")
 
 

@@ -154,7 +154,8 @@ def teacher_provider(cfg: DistillConfig, teacher, examples, *, root=None, progre
     if cfg.targets.mode == "online":
         return OnlineTeacher(teacher.model)
     return get_or_compute_targets(teacher, examples, k=cfg.targets.top_k, batch_size=cfg.targets.batch_size,
-                                  pad_id=pad_id(teacher.tokenizer), root=root, progress=progress)
+                                  pad_id=pad_id(teacher.tokenizer), root=root, progress=progress,
+                                  tail_samples=cfg.targets.tail_samples)
 
 
 # ------------------------------------------------------------------------------------------ student

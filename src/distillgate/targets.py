@@ -4,15 +4,20 @@ Alignment (architecture.md): a token t with ``loss_mask[b, t] == 1`` is predicte
 prediction positions of a batch are the (b, t-1), flattened row-major; :func:`prediction_positions` is the
 one implementation. Every ``[N, ...]`` tensor here is in that order.
 
-On-disk format (``kind="teacher_targets"``, :data:`FORMAT_VERSION` = 1), one atomic folder::
+On-disk format (``kind="teacher_targets"``, :data:`FORMAT_VERSION` = 2; format 1 is format 2 without tail
+samples and is still read), one atomic folder::
 
     shard_00000.safetensors   "indices"  [n, k]  int16 (uint16 bit pattern, vocab <= 65536) or int32
                               "logprobs" [n, k]  float16 or float32, log-softmax at temperature 1, sorted
                                                  descending per row
+                              "tail_indices"  [n, m]  (only when tail_samples m > 0) tokens drawn with
+                                                 replacement from the teacher's distribution outside the top k
+                              "tail_logprobs" [n, m]  their teacher log-probs (same dtypes as above)
                               "offsets"  [E+1]   int64, rows of the shard's e-th example: offsets[e]:offsets[e+1]
     index.json                {"shards": [[example ids of shard 0], [ids of shard 1], ...]}
     MANIFEST.json             sha256 of every file + meta {key, key_parts {teacher, tokenizer, data, k,
-                              format_version}, vocab_size, index_dtype, logprob_dtype, n_positions, ...}
+                              tail_samples, format_version}, vocab_size, index_dtype, logprob_dtype,
+                              n_positions, bytes_per_position, ...}
 
 An example's rows are its prediction positions in time order; examples never straddle shards. Indices
 0..65535 are stored as int16 two's complement and restored exactly with ``& 0xFFFF``. The tail mass of row
@@ -42,17 +47,26 @@ from .io import atomic_dir, distillgate_home, sha256_json, verify_manifest
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_FORMATS = (1, 2)
+"""Format 2 added the optional tail samples; format 1 caches (no tail samples) are still read."""
 KIND = "teacher_targets"
 _LP_DTYPES = {"float16": torch.float16, "float32": torch.float32}
 
 
 @dataclass
 class TopKTargets:
-    """Teacher top-k over N prediction positions: ``indices`` [N,k] long, ``logprobs`` [N,k] float32."""
+    """Teacher top-k over N prediction positions: ``indices`` [N,k] long, ``logprobs`` [N,k] float32.
+
+    Optional ``tail_indices`` [N,m] long / ``tail_logprobs`` [N,m] float32: m tokens drawn (with replacement)
+    from the teacher's distribution *outside* the top k, with their log-probs. They make the forward-KL
+    training loss an unbiased estimate of the dense one (see ``losses.fused``); None: the tail is one bucket.
+    """
 
     indices: torch.Tensor
     logprobs: torch.Tensor
+    tail_indices: torch.Tensor | None = None
+    tail_logprobs: torch.Tensor | None = None
 
     def tail_mass(self) -> torch.Tensor:
         """[N] probability mass outside the top k, clamped to >= 0."""
@@ -113,21 +127,39 @@ def teacher_hidden(model, batch: dict) -> torch.Tensor:
 
 
 @torch.no_grad()
-def topk_from_hidden(hidden: torch.Tensor, weight: torch.Tensor, k: int, chunk: int = 256) -> TopKTargets:
+def topk_from_hidden(hidden: torch.Tensor, weight: torch.Tensor, k: int, chunk: int = 256, tail_samples: int = 0,
+                     generator: torch.Generator | None = None) -> TopKTargets:
     """Top-k of ``log_softmax(hidden @ weight.T)`` in float32, ``chunk`` positions at a time so the
-    [N, V] logits never exist (chunk 256 x V 49,152 x 4 B = 50 MB). hidden [N,H], weight [V,H]."""
-    if not 1 <= k <= weight.shape[0]:
-        raise ConfigError("targets.top_k", k, f"an integer in [1, vocab size {weight.shape[0]}]")
+    [N, V] logits never exist (chunk 256 x V 49,152 x 4 B = 50 MB). hidden [N,H], weight [V,H].
+
+    ``tail_samples`` m > 0 (and k < V): also draw m tokens per position from the teacher's distribution
+    restricted to the other V - k tokens (with replacement, ``generator``), returned with their log-probs.
+    """
+    v_size = weight.shape[0]
+    if not 1 <= k <= v_size:
+        raise ConfigError("targets.top_k", k, f"an integer in [1, vocab size {v_size}]")
+    m = tail_samples if k < v_size else 0
     w = weight.float()
-    idx, lps = [], []
+    idx, lps, t_idx, t_lps = [], [], [], []
     for s in range(0, hidden.shape[0], chunk):
         lp = torch.log_softmax(hidden[s:s + chunk].float() @ w.T, dim=-1)
         v, i = lp.topk(k, dim=-1)
         idx.append(i)
         lps.append(v)
+        if m:
+            p = lp.exp().scatter_(1, i, 0.0)
+            empty = p.sum(1) <= 0                           # all mass in the top k: draw anything (weight 0)
+            p[empty] = 1.0
+            p[empty.nonzero().squeeze(1)[:, None], i[empty]] = 0.0
+            j = torch.multinomial(p, m, replacement=True, generator=generator)
+            t_idx.append(j)
+            t_lps.append(lp.gather(1, j))
     if not idx:
-        return TopKTargets(torch.zeros(0, k, dtype=torch.long), torch.zeros(0, k))
-    return TopKTargets(torch.cat(idx), torch.cat(lps))
+        z = torch.zeros(0, m, dtype=torch.long) if m else None
+        return TopKTargets(torch.zeros(0, k, dtype=torch.long), torch.zeros(0, k), z,
+                           torch.zeros(0, m) if m else None)
+    return TopKTargets(torch.cat(idx), torch.cat(lps), torch.cat(t_idx) if m else None,
+                       torch.cat(t_lps) if m else None)
 
 
 class OnlineTeacher:
@@ -152,6 +184,7 @@ class TargetKey:
     tokenizer: str
     data: str
     k: int
+    tail_samples: int = 0
     format_version: int = FORMAT_VERSION
 
     @property
@@ -159,13 +192,13 @@ class TargetKey:
         return sha256_json(asdict(self))
 
 
-def targets_key(teacher, examples: Sequence, k: int) -> TargetKey:
+def targets_key(teacher, examples: Sequence, k: int, tail_samples: int = 0) -> TargetKey:
     from .data.dataset import examples_hash
     from .models import fingerprint_tokenizer
 
     _, tok, fp = _unwrap(teacher)
     return TargetKey(teacher=fp, tokenizer=fingerprint_tokenizer(tok) if tok is not None else "",
-                     data=examples_hash(examples), k=k)
+                     data=examples_hash(examples), k=k, tail_samples=tail_samples)
 
 
 def _encode_indices(idx: torch.Tensor, vocab: int) -> torch.Tensor:
@@ -180,10 +213,11 @@ def _decode_indices(idx: torch.Tensor) -> torch.Tensor:
 
 def compute_targets(teacher, examples: Sequence, *, k: int, batch_size: int, out_dir: str | os.PathLike,
                     pad_id: int, logprob_dtype: str = "float16", shard_rows: int = 1 << 16,
-                    progress: bool = False, overwrite: bool = False) -> "TargetCache":
+                    progress: bool = False, overwrite: bool = False, tail_samples: int = 0) -> "TargetCache":
     """Run the teacher over ``examples`` (data.generate.Example) and write their top-k cache to ``out_dir``.
 
-    Batches are length-sorted (less padding); rows are stored per example in the given order.
+    Batches are length-sorted (less padding); rows are stored per example in the given order. Tail samples
+    are drawn from one generator seeded with the cache key, so the same inputs give the same cache.
     """
     import time
 
@@ -199,9 +233,13 @@ def compute_targets(teacher, examples: Sequence, *, k: int, batch_size: int, out
     model, _, _ = _unwrap(teacher)
     weight = _check_plain_head(model)
     vocab = weight.shape[0]
-    key = targets_key(teacher, examples, k)
+    if tail_samples < 0:
+        raise ConfigError("targets.tail_samples", tail_samples, "an integer >= 0")
     if not 1 <= k <= vocab:
         raise ConfigError("targets.top_k", k, f"an integer in [1, vocab size {vocab}]")
+    tail_samples = tail_samples if k < vocab else 0
+    key = targets_key(teacher, examples, k, tail_samples)
+    gen = torch.Generator().manual_seed(int(key.digest[:15], 16))
     model.eval()
     order = sorted(range(len(examples)), key=lambda i: -len(examples[i].input_ids))
     rows: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -211,13 +249,17 @@ def compute_targets(teacher, examples: Sequence, *, k: int, batch_size: int, out
         for s in range(0, len(order), batch_size):
             idx = order[s:s + batch_size]
             batch = collate([examples[i] for i in idx], pad_id)
-            tk = topk_from_hidden(teacher_hidden(model, batch), weight, k)
+            tk = topk_from_hidden(teacher_hidden(model, batch), weight, k, tail_samples=tail_samples,
+                                  generator=gen)
             counts = (batch["loss_mask"][:, 1:] != 0).sum(1).tolist()
             start = 0
+            lp_min, lp_dtype = torch.finfo(_LP_DTYPES[logprob_dtype]).min, _LP_DTYPES[logprob_dtype]
             for i, c in zip(idx, counts):
-                rows[i] = (_encode_indices(tk.indices[start:start + c], vocab),
-                           tk.logprobs[start:start + c].clamp_min(torch.finfo(_LP_DTYPES[logprob_dtype]).min)
-                           .to(_LP_DTYPES[logprob_dtype]))
+                sl = slice(start, start + c)
+                rows[i] = (_encode_indices(tk.indices[sl], vocab), tk.logprobs[sl].clamp_min(lp_min).to(lp_dtype))
+                if tail_samples:
+                    rows[i] += (_encode_indices(tk.tail_indices[sl], vocab),
+                                tk.tail_logprobs[sl].clamp_min(lp_min).to(lp_dtype))
                 start += c
             n_tok += int(batch["attention_mask"].sum())
             if bar is not None:
@@ -241,16 +283,22 @@ def _write_cache(out_dir, examples, rows, key: TargetKey, vocab, logprob_dtype, 
         shards[-1].append(i)
         n_rows += c
     n_pos = sum(r[0].shape[0] for r in rows.values())
+    per_entry = (2 if vocab <= 65536 else 4) + (2 if logprob_dtype == "float16" else 4)
     meta = {"key": key.digest, "key_parts": asdict(key), "vocab_size": vocab, "k": key.k,
+            "tail_samples": key.tail_samples,
             "index_dtype": "uint16-as-int16" if vocab <= 65536 else "int32", "logprob_dtype": logprob_dtype,
             "n_positions": n_pos, "n_examples": len(examples),
-            "bytes_per_position": key.k * ((2 if vocab <= 65536 else 4) + (2 if logprob_dtype == "float16" else 4))}
+            "bytes_per_position": (key.k + key.tail_samples) * per_entry}
     with atomic_dir(out_dir, kind=KIND, format_version=FORMAT_VERSION, meta=meta, overwrite=overwrite) as tmp:
         for s, members in enumerate(shards):
             counts = torch.tensor([0] + [rows[i][0].shape[0] for i in members], dtype=torch.int64)
-            save_file({"indices": torch.cat([rows[i][0] for i in members]).contiguous(),
+            tensors = {"indices": torch.cat([rows[i][0] for i in members]).contiguous(),
                        "logprobs": torch.cat([rows[i][1] for i in members]).contiguous(),
-                       "offsets": counts.cumsum(0)}, str(tmp / f"shard_{s:05d}.safetensors"))
+                       "offsets": counts.cumsum(0)}
+            if key.tail_samples:
+                tensors["tail_indices"] = torch.cat([rows[i][2] for i in members]).contiguous()
+                tensors["tail_logprobs"] = torch.cat([rows[i][3] for i in members]).contiguous()
+            save_file(tensors, str(tmp / f"shard_{s:05d}.safetensors"))
         (tmp / "index.json").write_text(json.dumps({"shards": [[examples[i].id for i in m] for m in shards]}))
     return TargetCache.open(out_dir, key)
 
@@ -268,7 +316,12 @@ def gather_topk(rows, batch: dict, k: int, where: str = "targets") -> TopKTarget
         parts.append(r)
     if not parts:
         return TopKTargets(torch.zeros(0, k, dtype=torch.long), torch.zeros(0, k))
-    return TopKTargets(torch.cat([p.indices for p in parts]), torch.cat([p.logprobs for p in parts]))
+    # tail samples only when every part has the same number (caches of one run agree; else: one-bucket tail)
+    m = {None if p.tail_indices is None else p.tail_indices.shape[1] for p in parts}
+    tails = len(m) == 1 and None not in m
+    return TopKTargets(torch.cat([p.indices for p in parts]), torch.cat([p.logprobs for p in parts]),
+                       torch.cat([p.tail_indices for p in parts]) if tails else None,
+                       torch.cat([p.tail_logprobs for p in parts]) if tails else None)
 
 
 class TargetCache:
@@ -288,12 +341,13 @@ class TargetCache:
         m = verify_manifest(path, kind=KIND)
         meta = m["meta"]
         stored = meta.get("key_parts", {})
-        if m.get("format_version") != FORMAT_VERSION:
+        if m.get("format_version") not in READABLE_FORMATS:
             raise CacheMismatchError(f"{path}: targets format_version {m.get('format_version')}, "
-                                     f"this distillgate reads {FORMAT_VERSION}; recompute the targets")
+                                     f"this distillgate reads {list(READABLE_FORMATS)}; recompute the targets")
         if expected_key is not None and meta.get("key") != expected_key.digest:
             want = asdict(expected_key)
-            diff = [f for f in ("teacher", "tokenizer", "data", "k", "format_version") if stored.get(f) != want[f]]
+            diff = [f for f in ("teacher", "tokenizer", "data", "k", "tail_samples", "format_version")
+                    if stored.get(f, 0 if f == "tail_samples" else None) != want[f]]
             detail = "; ".join(f"{f}: cached {str(stored.get(f))[:12]} vs expected {str(want[f])[:12]}" for f in diff)
             raise CacheMismatchError(f"{path}: teacher targets were computed for a different "
                                      f"{' and '.join(diff) or 'key'} ({detail}); recompute them")
@@ -323,7 +377,10 @@ class TargetCache:
             raise CacheMismatchError(f"{self.path}: no targets for example {example_id!r} (data differs)")
         s, a, n = self._where[example_id]
         sh = self._shards[s]
-        return TopKTargets(_decode_indices(sh["indices"][a:a + n]), sh["logprobs"][a:a + n].float())
+        tails = "tail_indices" in sh
+        return TopKTargets(_decode_indices(sh["indices"][a:a + n]), sh["logprobs"][a:a + n].float(),
+                           _decode_indices(sh["tail_indices"][a:a + n]) if tails else None,
+                           sh["tail_logprobs"][a:a + n].float() if tails else None)
 
     def topk_for(self, batch: dict) -> TopKTargets:
         """[N, k] targets of ``batch`` in :func:`prediction_positions` order."""
@@ -334,10 +391,12 @@ class TargetCache:
 
 def get_or_compute_targets(teacher, examples: Sequence, *, k: int, batch_size: int, pad_id: int,
                            root: str | os.PathLike | None = None, logprob_dtype: str = "float16",
-                           progress: bool = True) -> TargetCache:
+                           progress: bool = True, tail_samples: int = 0) -> TargetCache:
     """The cache for (teacher, tokenizer, examples, k) under ``<root or $DISTILLGATE_HOME/targets>/<key[:16]>``,
     computed on first use and reused while none of them changes."""
-    key = targets_key(teacher, examples, k)
+    vocab = _check_plain_head(_unwrap(teacher)[0]).shape[0]
+    tail_samples = tail_samples if k < vocab else 0
+    key = targets_key(teacher, examples, k, tail_samples)
     folder = (Path(root) if root else distillgate_home() / "targets") / key.digest[:16]
     if folder.exists():
         try:
@@ -347,4 +406,5 @@ def get_or_compute_targets(teacher, examples: Sequence, *, k: int, batch_size: i
         except Exception as e:  # uncommitted or corrupted: recompute
             log.warning("%s: unusable targets cache (%s); recomputing", folder, e)
     return compute_targets(teacher, examples, k=k, batch_size=batch_size, out_dir=folder, pad_id=pad_id,
-                           logprob_dtype=logprob_dtype, progress=progress, overwrite=folder.exists())
+                           logprob_dtype=logprob_dtype, progress=progress, overwrite=folder.exists(),
+                           tail_samples=tail_samples)

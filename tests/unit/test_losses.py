@@ -4,6 +4,7 @@ Every divergence is checked against an independent float64 numpy reference writt
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -208,7 +209,7 @@ def test_exact_teacher_log_tail_is_used_when_targets_carry_it():
     s = torch.randn(4, v) * 2
     lp = torch.log_softmax(t, -1)
     log_tail = torch.logsumexp(lp[:, k:], -1).float()
-    exact = TopKWithTail(torch.arange(k).expand(4, k).clone(), lp[:, :k].float(), log_tail)
+    exact = TopKWithTail(torch.arange(k).expand(4, k).clone(), lp[:, :k].float(), log_tail=log_tail)
     temp = torch.full((4,), 2.0)
     ref = _bucket_ref("forward_kl", s, t, k, temp.numpy())
     got = forward_kl(s, exact, temp)
@@ -273,15 +274,15 @@ def test_chunked_equals_unchunked_loss_and_gradients(teacher_kind, kind):
             torch.testing.assert_close(pt[c], ref_pt[c], rtol=1e-5, atol=1e-6)
 
 
-def _autograd_chunk(hs, w, teacher, tgt, tw, temp, ch, kind):
+def _autograd_chunk(hs, w, teacher, tgt, tw, temp, ch, kind, beta=0.3):
     """The generic path the closed-form top-k gradient replaces: full-vocabulary autograd (its divergences
     are checked against float64 numpy above); logits formed in float64."""
     from distillgate.losses.fused import channel_losses
     from distillgate.weighting import combine_sum
 
     z = (hs.detach().double() @ w.detach().double().T).requires_grad_(True)
-    t64 = TopKTargets(indices=teacher.indices, logprobs=teacher.logprobs.double())
-    per = channel_losses(z, t64, tgt, None if temp is None else temp.double(), tuple(ch), kind, 0.3, True)
+    t64 = dataclasses.replace(teacher, logprobs=teacher.logprobs.double())
+    per = channel_losses(z, t64, tgt, None if temp is None else temp.double(), tuple(ch), kind, beta, True)
     tot = combine_sum({k: v.double() for k, v in per.items()}, ch, None if tw is None else tw.double())
     (g,) = torch.autograd.grad(tot, z)
     g = g.double()
@@ -373,7 +374,10 @@ def test_fused_all_masked_gives_zero_and_finite_gradients():
     assert w.grad is not None and float(w.grad.abs().max()) == 0.0
 
 
-def test_fused_under_bf16_autocast_matches_unfused_autocast():
+def test_fused_under_bf16_autocast_matches_unfused_autocast(monkeypatch):
+    import distillgate.losses.fused as fused_mod
+
+    monkeypatch.setattr(fused_mod, "native_bf16", lambda dev="cpu": True)      # as on hardware with native bf16
     hs, w, teachers, tgt, tw, temp = _fused_inputs(n=40, h=32, v=64)
     ch = {"kd": 1.0, "ce": 0.1}
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -387,6 +391,20 @@ def test_fused_under_bf16_autocast_matches_unfused_autocast():
     torch.testing.assert_close(gw, gw_r, rtol=2e-2, atol=2e-2)
     fp32, _ = fused_distill_loss(hs, w, teachers["topk"], tgt, tw, temp, ch, "forward_kl", 0.5, 16)
     assert float(tot.detach()) == pytest.approx(float(fp32.detach()), rel=3e-2)       # bf16 matmul, fp32 softmax
+
+
+def test_fused_head_runs_in_fp32_under_bf16_autocast_without_native_bf16(monkeypatch):
+    """Without native bf16 (emulated, 3.5x slower than fp32 here) the lm-head keeps float32 under autocast."""
+    import distillgate.losses.fused as fused_mod
+
+    monkeypatch.setattr(fused_mod, "native_bf16", lambda dev="cpu": False)
+    hs, w, teachers, tgt, tw, temp = _fused_inputs(n=40, h=32, v=64)
+    ch = {"kd": 1.0, "ce": 0.1}
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        tot, _ = fused_distill_loss(hs, w, teachers["topk"], tgt, tw, temp, ch, "forward_kl", 0.5, 16)
+    fp32, _ = fused_distill_loss(hs, w, teachers["topk"], tgt, tw, temp, ch, "forward_kl", 0.5, 16)
+    torch.testing.assert_close(tot, fp32)
+    torch.testing.assert_close(torch.autograd.grad(tot, hs)[0], torch.autograd.grad(fp32, hs)[0])
 
 
 def test_fused_rejects_channels_it_does_not_compute():
@@ -557,3 +575,58 @@ def test_objective_rejects_unknown_channel_and_mismatched_teacher(tiny_model_fac
     from distillgate.errors import InputError
     with pytest.raises(InputError, match="2 positions.*3 prediction positions"):
         DistillObjective(LossSpec(), bad)(student, batch)
+
+
+# ------------------------------------------------------------------------------------------ tail samples
+
+def _with_samples(teacher_logits, k, m, seed=0):
+    from distillgate.targets import topk_from_hidden
+
+    v = teacher_logits.shape[1]
+    return topk_from_hidden(teacher_logits, torch.eye(v), k, tail_samples=m,
+                            generator=torch.Generator().manual_seed(seed))
+
+
+def test_sampled_tail_fast_path_equals_autograd_and_only_applies_to_forward_kl_at_t1():
+    hs, w, teachers, tgt, tw, temp = _fused_inputs()
+    g = torch.Generator().manual_seed(5)
+    t_logits = torch.randn(37, 50, generator=g) * 2
+    sampled = _with_samples(t_logits, 8, 5)
+    ch = {"kd": 1.0, "ce": 0.3}
+    for kind, beta in (("forward_kl", 0.3), ("gjsd", 0.0)):
+        ref, ref_pt, gh_ref, gw_ref = _autograd_chunk(hs, w, sampled, tgt, tw, None, ch, kind, beta)
+        tot, pt = fused_distill_loss(hs, w, sampled, tgt, tw, None, ch, kind, beta, 16)
+        gh, gw = torch.autograd.grad(tot, [hs, w])
+        torch.testing.assert_close(tot.double(), ref, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(gh.double(), gh_ref, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(gw.double(), gw_ref, rtol=1e-4, atol=1e-5)
+    bucket = TopKTargets(sampled.indices, sampled.logprobs)
+    for kind, t in (("reverse_kl", None), ("tv", None), ("forward_kl", temp)):   # samples ignored there
+        a, _ = fused_distill_loss(hs, w, sampled, tgt, tw, t, ch, kind, 0.3, 16)
+        b, _ = fused_distill_loss(hs, w, bucket, tgt, tw, t, ch, kind, 0.3, 16)
+        torch.testing.assert_close(a, b)
+    a, _ = fused_distill_loss(hs, w, sampled, tgt, tw, None, ch, "forward_kl", 0.3, 16)
+    b, _ = fused_distill_loss(hs, w, bucket, tgt, tw, None, ch, "forward_kl", 0.3, 16)
+    assert not torch.allclose(a, b)
+
+
+def test_sampled_tail_kl_is_unbiased_for_dense_forward_kl():
+    """Averaged over draws, the sampled-tail loss and its gradient equal the dense forward KL's; the one-bucket
+    tail's gradient does not (it only matches the tail's total mass)."""
+    g = torch.Generator().manual_seed(2)
+    t_logits = torch.randn(6, 40, generator=g) * 1.5
+    s_logits = (torch.randn(6, 40, generator=g) * 1.5).requires_grad_(True)
+    dense = forward_kl(s_logits, t_logits).sum()
+    (g_dense,) = torch.autograd.grad(dense, s_logits)
+    m = 20000
+    tk = _with_samples(t_logits, 4, m)
+    hs = s_logits.detach().clone().requires_grad_(True)                        # logits = hs @ I
+    est, _ = fused_distill_loss(hs, torch.eye(40), tk, torch.zeros(6, dtype=torch.long), None, None,
+                                {"kd": 1.0}, "forward_kl", 0.5, 8)
+    (g_est,) = torch.autograd.grad(est, hs)
+    assert float(est.detach()) == pytest.approx(float(dense.detach()), rel=0.01)
+    assert float((g_est - g_dense).abs().max()) < 0.01
+    bucket, _ = fused_distill_loss(hs, torch.eye(40), TopKTargets(tk.indices, tk.logprobs),
+                                   torch.zeros(6, dtype=torch.long), None, None, {"kd": 1.0}, "forward_kl", 0.5, 8)
+    (g_b,) = torch.autograd.grad(bucket, hs)
+    assert float((g_b - g_dense).abs().max()) > 0.03

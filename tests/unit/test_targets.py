@@ -142,3 +142,46 @@ def test_online_teacher_hidden_forms_the_logits(teacher):
         logits = teacher.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[b, t]
     torch.testing.assert_close((th.hidden.double() @ th.weight.double().T).float(), logits, atol=1e-4, rtol=1e-4)
     assert not th.hidden.requires_grad
+
+
+# ------------------------------------------------------------------------------------------ tail samples
+
+def test_tail_samples_come_from_the_teacher_tail_distribution():
+    """Draws never hit the top k, carry the teacher's exact log-probs, and follow p restricted to the tail."""
+    from distillgate.targets import topk_from_hidden
+
+    g = torch.Generator().manual_seed(0)
+    hidden, weight = torch.randn(2, 6, generator=g), torch.randn(40, 6, generator=g) * 0.7
+    rows = hidden.repeat(4000, 1)                                              # 4,000 draws x 2 positions
+    tk = topk_from_hidden(rows, weight, 5, tail_samples=1, generator=torch.Generator().manual_seed(1))
+    assert tk.tail_indices.shape == (8000, 1) and tk.tail_logprobs.shape == (8000, 1)
+    lp = torch.log_softmax(hidden @ weight.T, -1)
+    for r in range(2):
+        top = set(tk.indices[r].tolist())
+        draws = tk.tail_indices[r::2, 0]
+        assert not (set(draws.tolist()) & top)
+        torch.testing.assert_close(tk.tail_logprobs[r::2, 0], lp[r, draws], rtol=0, atol=1e-5)
+        p_tail = lp[r].exp().clone()
+        p_tail[list(top)] = 0
+        p_tail /= p_tail.sum()
+        freq = torch.bincount(draws, minlength=40).double() / draws.numel()
+        assert float((freq - p_tail.double()).abs().max()) < 0.03                # 4,000 draws: sd <= 0.008
+    assert topk_from_hidden(hidden, weight, 40, tail_samples=8).tail_indices is None   # k = V: no tail
+
+
+def test_cache_stores_tail_samples_and_keys_on_their_number(tmp_path, teacher):
+    ex = _examples()
+    a = compute_targets(teacher, ex, k=4, batch_size=3, out_dir=tmp_path / "a", pad_id=PAD, tail_samples=6,
+                        shard_rows=20)
+    b = compute_targets(teacher, ex, k=4, batch_size=3, out_dir=tmp_path / "b", pad_id=PAD, tail_samples=6)
+    assert a.meta["tail_samples"] == 6 and a.bytes_per_position == (4 + 6) * 4
+    batch = collate([ex[3], ex[0]], PAD)
+    ta, tb = a.topk_for(batch), b.topk_for(batch)
+    n = int(batch["loss_mask"][:, 1:].sum())
+    assert ta.tail_indices.shape == (n, 6) and ta.tail_indices.dtype == torch.long
+    assert torch.equal(ta.tail_indices, tb.tail_indices)                       # seeded by the cache key
+    assert not (ta.tail_indices.unsqueeze(2) == ta.indices.unsqueeze(1)).any()
+    plain = compute_targets(teacher, ex, k=4, batch_size=3, out_dir=tmp_path / "c", pad_id=PAD)
+    assert plain.topk_for(batch).tail_indices is None
+    with pytest.raises(CacheMismatchError, match=r"different tail_samples \("):
+        TargetCache.open(tmp_path / "a", targets_key(teacher, ex, 4, 0))

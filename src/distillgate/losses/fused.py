@@ -23,6 +23,7 @@ import dataclasses
 import torch
 
 from ..errors import ConfigError
+from ..hardware import native_bf16
 from ..targets import TeacherHidden, TopKTargets
 from ..weighting import CHANNELS, check_channels, combine_sum
 from .divergence import (DIVERGENCES, _inv_temperature, _t2, cross_entropy, divergence as divergence_fn,
@@ -46,7 +47,12 @@ def channel_losses(logits: torch.Tensor, teacher, target_ids: torch.Tensor, temp
     """
     out = {}
     for name in names:
-        if name == "kd":
+        if name == "kd" and isinstance(teacher, TopKTargets) and teacher.indices.shape[1] < logits.shape[1] \
+                and uses_tail_samples(teacher, divergence, beta, temperature):
+            lq = torch.log_softmax(logits.float(), dim=-1)
+            idx, s_idx = (t.to(logits.device, torch.long) for t in (teacher.indices, teacher.tail_indices))
+            out[name] = sampled_forward_kl(lq.gather(1, idx), lq.gather(1, s_idx), teacher, logits.shape[1])
+        elif name == "kd":
             out[name] = divergence_fn(divergence, logits, teacher, beta=beta, temperature=temperature,
                                       t2_scale=t2_scale)
         elif name == "ce":
@@ -57,9 +63,15 @@ def channel_losses(logits: torch.Tensor, teacher, target_ids: torch.Tensor, temp
 
 
 def _compute_dtype(h: torch.Tensor, w: torch.Tensor) -> torch.dtype:
+    """The lm-head matmuls' dtype: autocast's, except bf16 autocast on a CPU without native bf16, where the
+    head runs in float32 -- PyTorch emulates bf16 matmuls there (3.5x slower than fp32, measured), the head is
+    about a third of a small student's FLOPs, and float32 logits are also the more precise ones."""
     dev = h.device.type
     if torch.is_autocast_enabled(dev):
-        return torch.get_autocast_dtype(dev)
+        dt = torch.get_autocast_dtype(dev)
+        if dt == torch.bfloat16 and dev == "cpu" and not native_bf16("cpu"):
+            return torch.float32
+        return dt
     return torch.promote_types(h.dtype, w.dtype)
 
 
@@ -70,6 +82,9 @@ def _teacher_slicer(teacher, cd: torch.dtype):
             rows = {"indices": teacher.indices[s:e], "logprobs": teacher.logprobs[s:e]}
             if getattr(teacher, "log_tail", None) is not None:                 # optional exact tail [N]
                 rows["log_tail"] = teacher.log_tail[s:e]
+            if teacher.tail_indices is not None:                               # optional tail samples [N, m]
+                rows["tail_indices"] = teacher.tail_indices[s:e]
+                rows["tail_logprobs"] = teacher.tail_logprobs[s:e]
             return dataclasses.replace(teacher, **rows)
         return topk_rows
     if isinstance(teacher, TeacherHidden):
@@ -82,6 +97,38 @@ def _teacher_slicer(teacher, cd: torch.dtype):
     if isinstance(teacher, torch.Tensor):
         return lambda s, e: teacher[s:e].detach()
     raise TypeError(f"teacher: expected TopKTargets, TeacherHidden or dense logits, got {type(teacher).__name__}")
+
+
+def uses_tail_samples(targets: TopKTargets, divergence: str, beta: float, temperature: torch.Tensor | None) -> bool:
+    """Whether the KD loss uses the targets' tail samples: forward KL (``gjsd`` with beta 0 is forward KL) at
+    temperature 1. Other divergences and tempered rows use the one-bucket tail."""
+    if targets.tail_indices is None or targets.tail_indices.shape[1] == 0:
+        return False
+    if not (divergence == "forward_kl" or (divergence == "gjsd" and beta == 0.0)):
+        return False
+    return temperature is None or bool((temperature == 1).all())
+
+
+def sampled_forward_kl(student_top: torch.Tensor, student_samples: torch.Tensor, targets: TopKTargets,
+                       vocab_size: int) -> torch.Tensor:
+    """Forward KL per token ``[N]`` with the tail estimated from samples (unbiased, value and gradient).
+
+    ``KL = sum_i p_i (log p_i - log q_i) + r * E_{j ~ p_tail}[log p_j - log q_j]``, the tail expectation
+    replaced by the mean over the m stored draws (r: the teacher's tail mass). Equivalently the student is
+    pulled towards ``p_hat``, exact on the top k and with ``r / m`` on each drawn token: its expected
+    gradient is the dense forward-KL gradient, where the one-bucket tail only fixes the tail's total mass.
+    ``student_top [N, k]`` / ``student_samples [N, m]``: the student's log-probs at those tokens.
+    """
+    from .divergence import LOGP_FLOOR
+
+    lp = targets.logprobs.to(student_top.device, torch.float32).clamp_min(LOGP_FLOOR)
+    p = lp.exp()
+    log_r = topk_teacher_buckets(targets.logprobs.to(student_top.device), vocab_size, None,
+                                 getattr(targets, "log_tail", None))[:, -1]
+    lps = targets.tail_logprobs.to(student_top.device, torch.float32).clamp_min(LOGP_FLOOR)
+    m = lps.shape[1]
+    top = (p * (lp - student_top)).sum(-1)
+    return top + log_r.exp() / m * (lps - student_samples).sum(-1)
 
 
 _TAIL_UNDERFLOW = 1e-30
@@ -108,7 +155,8 @@ def _topk_chunk(logits: torch.Tensor, targets: TopKTargets, target_ids: torch.Te
     c, v = logits.shape
     idx = targets.indices.to(logits.device, torch.long)
     k = idx.shape[1]
-    has_tail = k < v
+    sampled = k < v and "kd" in names and uses_tail_samples(targets, divergence, beta, temperature)
+    has_tail = k < v and not sampled            # sampled tail: no bucket leaf, the samples stand for the tail
     z = logits.detach()
     m = z.amax(dim=1, keepdim=True)                                              # [c, 1]
     z_top = z.gather(1, idx)                                                     # [c, k]
@@ -126,10 +174,15 @@ def _topk_chunk(logits: torch.Tensor, targets: TopKTargets, target_ids: torch.Te
     if "ce" in names:
         tgt = target_ids.to(z.device, torch.long)
         leaves["ce"] = (z.gather(1, tgt.unsqueeze(1)).squeeze(1) - lse).requires_grad_(need_grad)
+    if sampled:
+        s_idx = targets.tail_indices.to(z.device, torch.long)
+        leaves["samples"] = (z.gather(1, s_idx) - lse.unsqueeze(1)).requires_grad_(need_grad)
     with torch.enable_grad():
         per: dict[str, torch.Tensor] = {}
         for name in names:
-            if name == "kd":
+            if name == "kd" and sampled:
+                per[name] = sampled_forward_kl(leaves["top"], leaves["samples"], targets, v)
+            elif name == "kd":
                 inv_t = _inv_temperature(temperature, c, z.device)
                 q = temper_buckets(leaves["top"], leaves.get("tail"), v - k, inv_t)
                 with torch.no_grad():
@@ -171,6 +224,8 @@ def _topk_chunk(logits: torch.Tensor, targets: TopKTargets, target_ids: torch.Te
     g_tail = grads.get("tail") if grads.get("tail") is not None else zero
     g_ce = grads.get("ce") if grads.get("ce") is not None else zero
     big_g = g_top.sum(dim=1) + g_tail + g_ce
+    if sampled and grads["samples"] is not None:
+        big_g = big_g + grads["samples"].sum(dim=1)
     inv_s = 1.0 / s_all
     c_tail = torch.where(s_tail > 0, g_tail / s_tail.clamp_min(torch.finfo(torch.float32).tiny), zero) \
         if has_tail else zero
@@ -178,6 +233,8 @@ def _topk_chunk(logits: torch.Tensor, targets: TopKTargets, target_ids: torch.Te
     grad.scatter_(1, idx, e_top * (-big_g * inv_s).unsqueeze(1) + g_top)        # top-k tokens
     if "ce" in leaves:
         grad.scatter_add_(1, tgt.unsqueeze(1), g_ce.unsqueeze(1))
+    if sampled and grads["samples"] is not None:          # samples are outside the top k; repeats accumulate
+        grad.scatter_add_(1, s_idx, grads["samples"])
     if tot_r is not None:
         (g_r,) = torch.autograd.grad(tot_r, zr)
         grad[rows] = g_r

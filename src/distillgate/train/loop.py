@@ -34,6 +34,7 @@ from safetensors.torch import load_file, load_model, save_file, save_model
 
 from ..config import TrainSpec
 from ..errors import ArtifactError, ConfigError
+from ..hardware import native_bf16
 from . import distributed as dist
 from .checkpoint import list_checkpoints, load_latest, save_checkpoint
 from .cursor import DataCursor, input_token_count, loss_token_count
@@ -47,15 +48,10 @@ log = logging.getLogger(__name__)
 
 
 def resolve_precision(precision: str, device: torch.device | None = None) -> str:
-    """'auto' -> 'bf16' where bf16 matmuls are native (CUDA with bf16, a CPU with AVX512-BF16 or AMX), else
-    'fp32'. Measured on this project's AVX512 CPU without BF16: bf16 matmul 14.9 vs fp32 52 GFLOP/s (1 thread)."""
+    """'auto' -> 'bf16' where bf16 matmuls are native (:func:`distillgate.hardware.native_bf16`), else 'fp32'."""
     if precision != "auto":
         return precision
-    if device is not None and device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-    cpu = torch.cpu
-    native = any(getattr(cpu, f, lambda: False)() for f in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
-    return "bf16" if native else "fp32"
+    return "bf16" if native_bf16(device.type if device is not None else "cpu") else "fp32"
 
 
 def make_optimizer(params: list[torch.nn.Parameter], spec: TrainSpec) -> torch.optim.AdamW:
