@@ -1,7 +1,8 @@
 """Fused chunked lm-head + KD loss vs the unfused path: forward+backward time and peak memory.
 
 Default shape is the SmolLM2 student's head on one micro-batch: N = 1024 prediction positions (4 x 256),
-H = 576, V = 49,152, bf16 autocast, cached top-64 targets, forward KL + 0.1 CE.
+H = 576, V = 49,152, bf16 autocast, cached top-64 targets, forward KL + 0.1 CE, T = 1.5. ``--autograd`` adds
+the fused path with per-chunk autograd (what the closed-form top-k gradient replaced).
 
 Each variant runs in its own subprocess so peak memory is not polluted by the allocator's cache of an earlier
 variant. Peak memory on CPU is the process's peak RSS (VmHWM, reset through /proc/self/clear_refs) above the
@@ -48,6 +49,7 @@ def run_variant(args) -> dict:
 
     import torch
 
+    import distillgate.losses.fused as fused_mod
     from distillgate.losses.fused import fused_distill_loss, unfused_distill_loss
     from distillgate.targets import TopKTargets
 
@@ -71,6 +73,10 @@ def run_variant(args) -> dict:
         with torch.autocast(dev.type, dtype=dtype, enabled=args.dtype == "bf16"):
             if args.variant == "unfused":
                 loss, _ = unfused_distill_loss(hs, w, teacher, tgt, tw, temp, channels, "forward_kl", 0.5)
+            elif args.variant.startswith("autograd="):                 # chunked, autograd per chunk
+                fused_mod.CLOSED_FORM = False
+                loss, _ = fused_distill_loss(hs, w, teacher, tgt, tw, temp, channels, "forward_kl", 0.5,
+                                             int(args.variant.split("=")[1]))
             else:
                 loss, _ = fused_distill_loss(hs, w, teacher, tgt, tw, temp, channels, "forward_kl", 0.5,
                                              int(args.variant.split("=")[1]))
@@ -109,6 +115,9 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--chunks", default="1024,256,128", help="chunk sizes of the fused variants")
     p.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
+    p.add_argument("--autograd", action="store_true",
+                   help="also time the first chunk size with per-chunk autograd instead of the closed-form "
+                        "top-k gradient")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--variant", default=None, help=argparse.SUPPRESS)      # internal: run one variant
@@ -120,7 +129,8 @@ def main(argv=None) -> int:
         print(json.dumps(run_variant(args)))
         return 0
 
-    variants = ["unfused"] + [f"chunk={c}" for c in args.chunks.split(",")]
+    variants = ["unfused"] + [f"chunk={c}" for c in args.chunks.split(",")] + \
+        [f"autograd={c}" for c in args.chunks.split(",")[:1] if args.autograd]
     rows = []
     for var in variants:
         cmd = [sys.executable, __file__, "--variant", var] + [a for a in (argv or sys.argv[1:])]
@@ -142,6 +152,9 @@ def main(argv=None) -> int:
     kv = [f"unfused_s={base['seconds']:.3f}", f"unfused_peak_mib={base['peak_mib']:.0f}"]
     for r in rows[1:]:
         c = r["variant"].split("=")[1]
+        if r["variant"].startswith("autograd="):
+            kv += [f"autograd{c}_s={r['seconds']:.3f}", f"autograd{c}_peak_mib={r['peak_mib']:.0f}"]
+            continue
         kv += [f"chunk{c}_s={r['seconds']:.3f}", f"chunk{c}_peak_mib={r['peak_mib']:.0f}",
                f"chunk{c}_mem_ratio={r['peak_mib'] / base['peak_mib']:.3f}",
                f"chunk{c}_time_ratio={r['seconds'] / base['seconds']:.3f}"]

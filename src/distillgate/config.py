@@ -90,8 +90,9 @@ class TargetSpec(_Strict):
                                               "stored; online: teacher forward every step (dense)")
     top_k: int = Field(64, ge=1, description="teacher log-probs kept per token (plus the tail mass)")
     tail_samples: int = Field(16, ge=0, le=4096, description="tokens drawn per position from the teacher's "
-                              "distribution outside the top k (4 bytes each): forward KL at T = 1 then trains "
-                              "the tail shape too, unbiasedly; 0: the tail is one bucket (its mass only)")
+                              "distribution outside the top k (4 bytes each): the forward-KL loss then trains "
+                              "the tail's shape too (unbiased at T = 1, importance-weighted otherwise); other "
+                              "divergences, and 0, treat the tail as one bucket (its mass only)")
     batch_size: int = Field(8, ge=1, description="sequences per teacher forward when computing targets")
 
 

@@ -587,46 +587,53 @@ def _with_samples(teacher_logits, k, m, seed=0):
                             generator=torch.Generator().manual_seed(seed))
 
 
-def test_sampled_tail_fast_path_equals_autograd_and_only_applies_to_forward_kl_at_t1():
+@pytest.mark.parametrize("tempered", [False, True])
+def test_sampled_tail_fast_path_equals_autograd_and_only_applies_to_forward_kl(tempered):
     hs, w, teachers, tgt, tw, temp = _fused_inputs()
+    temp = temp if tempered else None
     g = torch.Generator().manual_seed(5)
     t_logits = torch.randn(37, 50, generator=g) * 2
     sampled = _with_samples(t_logits, 8, 5)
     ch = {"kd": 1.0, "ce": 0.3}
     for kind, beta in (("forward_kl", 0.3), ("gjsd", 0.0)):
-        ref, ref_pt, gh_ref, gw_ref = _autograd_chunk(hs, w, sampled, tgt, tw, None, ch, kind, beta)
-        tot, pt = fused_distill_loss(hs, w, sampled, tgt, tw, None, ch, kind, beta, 16)
+        ref, ref_pt, gh_ref, gw_ref = _autograd_chunk(hs, w, sampled, tgt, tw, temp, ch, kind, beta)
+        tot, pt = fused_distill_loss(hs, w, sampled, tgt, tw, temp, ch, kind, beta, 16)
         gh, gw = torch.autograd.grad(tot, [hs, w])
         torch.testing.assert_close(tot.double(), ref, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(gh.double(), gh_ref, rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(gw.double(), gw_ref, rtol=1e-4, atol=1e-5)
+        for c in ch:
+            torch.testing.assert_close(pt[c].double(), ref_pt[c], rtol=1e-5, atol=1e-5)
     bucket = TopKTargets(sampled.indices, sampled.logprobs)
-    for kind, t in (("reverse_kl", None), ("tv", None), ("forward_kl", temp)):   # samples ignored there
-        a, _ = fused_distill_loss(hs, w, sampled, tgt, tw, t, ch, kind, 0.3, 16)
-        b, _ = fused_distill_loss(hs, w, bucket, tgt, tw, t, ch, kind, 0.3, 16)
+    for kind in ("reverse_kl", "tv"):                                        # samples are ignored there
+        a, _ = fused_distill_loss(hs, w, sampled, tgt, tw, temp, ch, kind, 0.3, 16)
+        b, _ = fused_distill_loss(hs, w, bucket, tgt, tw, temp, ch, kind, 0.3, 16)
         torch.testing.assert_close(a, b)
-    a, _ = fused_distill_loss(hs, w, sampled, tgt, tw, None, ch, "forward_kl", 0.3, 16)
-    b, _ = fused_distill_loss(hs, w, bucket, tgt, tw, None, ch, "forward_kl", 0.3, 16)
+    a, _ = fused_distill_loss(hs, w, sampled, tgt, tw, temp, ch, "forward_kl", 0.3, 16)
+    b, _ = fused_distill_loss(hs, w, bucket, tgt, tw, temp, ch, "forward_kl", 0.3, 16)
     assert not torch.allclose(a, b)
 
 
-def test_sampled_tail_kl_is_unbiased_for_dense_forward_kl():
-    """Averaged over draws, the sampled-tail loss and its gradient equal the dense forward KL's; the one-bucket
-    tail's gradient does not (it only matches the tail's total mass)."""
+@pytest.mark.parametrize("t", [None, 1.5])
+def test_sampled_tail_kl_is_unbiased_for_dense_forward_kl(t):
+    """Averaged over draws, the sampled-tail loss and its gradient equal the dense forward KL's (at T = 1.5,
+    the importance-weighted estimate converges to the dense tempered KL); the one-bucket tail's gradient does
+    not match (it only fixes the tail's total mass)."""
     g = torch.Generator().manual_seed(2)
     t_logits = torch.randn(6, 40, generator=g) * 1.5
     s_logits = (torch.randn(6, 40, generator=g) * 1.5).requires_grad_(True)
-    dense = forward_kl(s_logits, t_logits).sum()
+    temp = None if t is None else torch.full((6,), t)
+    dense = forward_kl(s_logits, t_logits, temp).sum()
     (g_dense,) = torch.autograd.grad(dense, s_logits)
     m = 20000
     tk = _with_samples(t_logits, 4, m)
     hs = s_logits.detach().clone().requires_grad_(True)                        # logits = hs @ I
-    est, _ = fused_distill_loss(hs, torch.eye(40), tk, torch.zeros(6, dtype=torch.long), None, None,
+    est, _ = fused_distill_loss(hs, torch.eye(40), tk, torch.zeros(6, dtype=torch.long), None, temp,
                                 {"kd": 1.0}, "forward_kl", 0.5, 8)
     (g_est,) = torch.autograd.grad(est, hs)
     assert float(est.detach()) == pytest.approx(float(dense.detach()), rel=0.01)
     assert float((g_est - g_dense).abs().max()) < 0.01
     bucket, _ = fused_distill_loss(hs, torch.eye(40), TopKTargets(tk.indices, tk.logprobs),
-                                   torch.zeros(6, dtype=torch.long), None, None, {"kd": 1.0}, "forward_kl", 0.5, 8)
+                                   torch.zeros(6, dtype=torch.long), None, temp, {"kd": 1.0}, "forward_kl", 0.5, 8)
     (g_b,) = torch.autograd.grad(bucket, hs)
     assert float((g_b - g_dense).abs().max()) > 0.03

@@ -9,16 +9,21 @@ Backward then only scales the stored gradients by the incoming scalar. Cost: the
 unfused path; memory: one chunk's logits graph plus ``[N, H]`` and ``[V, H]`` float32 gradient buffers.
 
 Mixed precision: under ``torch.autocast`` (or with bf16 inputs) the matmuls run in the autocast dtype, the
-softmax/losses in float32, exactly what autocast does for the unfused ``F.linear`` + ``float()`` path.
+softmax/losses in float32, exactly what autocast does for the unfused ``F.linear`` + ``float()`` path -- except
+bf16 autocast on a CPU without native bf16, where the head stays float32 (:func:`_compute_dtype`).
 The temperature and token weights are constants (no gradient flows to them).
 
-Teacher: :class:`TopKTargets` rows are sliced per chunk; for :class:`TeacherHidden` the teacher's logits are
-formed per chunk from ``hidden @ weight.T`` under no_grad.
+Teacher: :class:`TopKTargets` rows are sliced per chunk and take the closed-form path (:func:`_topk_chunk`:
+the gradient w.r.t. the chunk's logits from one exp pass, no autograd over ``[c, V]``; 2.1x less time in this
+function on SmolLM2's 49k vocabulary, see ``bench/fused_loss.py``); tail samples, when the targets carry
+them, make forward KL unbiased (:func:`sampled_forward_kl`). For :class:`TeacherHidden` (online teacher) the
+teacher's logits are formed per chunk from ``hidden @ weight.T`` under no_grad and autograd runs per chunk.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import torch
 
@@ -28,6 +33,10 @@ from ..targets import TeacherHidden, TopKTargets
 from ..weighting import CHANNELS, check_channels, combine_sum
 from .divergence import (DIVERGENCES, _inv_temperature, _t2, cross_entropy, divergence as divergence_fn,
                          temper_buckets, topk_teacher_buckets)
+
+CLOSED_FORM = True
+"""Top-k targets take the closed-form chunk gradient (:func:`_topk_chunk`); False forces per-chunk autograd
+(same values; ``bench/fused_loss.py`` switches it off to measure the difference)."""
 
 LM_HEAD = "lm_head"
 """``Channel.computed_by`` value of the channels this module computes (kd, ce)."""
@@ -48,10 +57,12 @@ def channel_losses(logits: torch.Tensor, teacher, target_ids: torch.Tensor, temp
     out = {}
     for name in names:
         if name == "kd" and isinstance(teacher, TopKTargets) and teacher.indices.shape[1] < logits.shape[1] \
-                and uses_tail_samples(teacher, divergence, beta, temperature):
-            lq = torch.log_softmax(logits.float(), dim=-1)
+                and uses_tail_samples(teacher, divergence, beta):
+            it = _inv_temperature(temperature, logits.shape[0], logits.device)
+            lq = torch.log_softmax(logits.float() if it is None else logits.float() * it, dim=-1)
             idx, s_idx = (t.to(logits.device, torch.long) for t in (teacher.indices, teacher.tail_indices))
-            out[name] = sampled_forward_kl(lq.gather(1, idx), lq.gather(1, s_idx), teacher, logits.shape[1])
+            out[name] = _t2(sampled_forward_kl(lq.gather(1, idx), lq.gather(1, s_idx), teacher, logits.shape[1],
+                                               temperature), temperature, t2_scale)
         elif name == "kd":
             out[name] = divergence_fn(divergence, logits, teacher, beta=beta, temperature=temperature,
                                       t2_scale=t2_scale)
@@ -99,36 +110,42 @@ def _teacher_slicer(teacher, cd: torch.dtype):
     raise TypeError(f"teacher: expected TopKTargets, TeacherHidden or dense logits, got {type(teacher).__name__}")
 
 
-def uses_tail_samples(targets: TopKTargets, divergence: str, beta: float, temperature: torch.Tensor | None) -> bool:
-    """Whether the KD loss uses the targets' tail samples: forward KL (``gjsd`` with beta 0 is forward KL) at
-    temperature 1. Other divergences and tempered rows use the one-bucket tail."""
+def uses_tail_samples(targets: TopKTargets, divergence: str, beta: float) -> bool:
+    """Whether the KD loss uses the targets' tail samples: forward KL (``gjsd`` with beta 0 is forward KL).
+    Other divergences use the one-bucket tail."""
     if targets.tail_indices is None or targets.tail_indices.shape[1] == 0:
         return False
-    if not (divergence == "forward_kl" or (divergence == "gjsd" and beta == 0.0)):
-        return False
-    return temperature is None or bool((temperature == 1).all())
+    return divergence == "forward_kl" or (divergence == "gjsd" and beta == 0.0)
 
 
 def sampled_forward_kl(student_top: torch.Tensor, student_samples: torch.Tensor, targets: TopKTargets,
-                       vocab_size: int) -> torch.Tensor:
-    """Forward KL per token ``[N]`` with the tail estimated from samples (unbiased, value and gradient).
+                       vocab_size: int, temperature: torch.Tensor | None = None) -> torch.Tensor:
+    """Forward KL per token ``[N]`` with the tail estimated from samples (value and gradient).
 
-    ``KL = sum_i p_i (log p_i - log q_i) + r * E_{j ~ p_tail}[log p_j - log q_j]``, the tail expectation
-    replaced by the mean over the m stored draws (r: the teacher's tail mass). Equivalently the student is
-    pulled towards ``p_hat``, exact on the top k and with ``r / m`` on each drawn token: its expected
-    gradient is the dense forward-KL gradient, where the one-bucket tail only fixes the tail's total mass.
-    ``student_top [N, k]`` / ``student_samples [N, m]``: the student's log-probs at those tokens.
+    At T = 1: ``KL = sum_i p_i (log p_i - log q_i) + r * E_{j ~ p_tail}[log p_j - log q_j]``, the tail
+    expectation replaced by the mean over the m stored draws (r: the teacher's tail mass). Equivalently the
+    student is pulled towards ``p_hat``, exact on the top k and with ``r / m`` on each drawn token: unbiased,
+    its expected gradient is the dense forward-KL gradient, where the one-bucket tail only fixes the tail's
+    total mass. At T != 1 the tempered teacher ``p^(1/T) / Z`` is formed by importance weighting the same
+    draws (each stands for ``(r / m) p_j^(1/T - 1)`` of the tail's ``sum p^(1/T)``; Z includes that estimate):
+    self-normalised, so consistent rather than exactly unbiased. ``student_top [N, k]`` / ``student_samples
+    [N, m]``: the student's log-probs at those tokens, at the same temperature. No T^2 factor here.
     """
     from .divergence import LOGP_FLOOR
 
-    lp = targets.logprobs.to(student_top.device, torch.float32).clamp_min(LOGP_FLOOR)
-    p = lp.exp()
-    log_r = topk_teacher_buckets(targets.logprobs.to(student_top.device), vocab_size, None,
-                                 getattr(targets, "log_tail", None))[:, -1]
-    lps = targets.tail_logprobs.to(student_top.device, torch.float32).clamp_min(LOGP_FLOOR)
+    dev = student_top.device
+    lp = targets.logprobs.to(dev, torch.float32).clamp_min(LOGP_FLOOR)
+    log_r = topk_teacher_buckets(targets.logprobs.to(dev), vocab_size, None, getattr(targets, "log_tail", None))[:, -1]
+    lps = targets.tail_logprobs.to(dev, torch.float32).clamp_min(LOGP_FLOOR)
     m = lps.shape[1]
-    top = (p * (lp - student_top)).sum(-1)
-    return top + log_r.exp() / m * (lps - student_samples).sum(-1)
+    if temperature is None:
+        return (lp.exp() * (lp - student_top)).sum(-1) + log_r.exp() / m * (lps - student_samples).sum(-1)
+    it = _inv_temperature(temperature, lp.shape[0], dev)                          # [N, 1]
+    a_top = lp * it                                                                # log p_i^(1/T)
+    a_s = (log_r - math.log(m)).unsqueeze(1) + lps * (it - 1.0)                    # each draw's share of the tail
+    log_z = torch.logsumexp(torch.cat([a_top, a_s], dim=1), dim=1, keepdim=True)
+    p_top, w_s = (a_top - log_z).exp(), (a_s - log_z).exp()
+    return (p_top * (a_top - log_z - student_top)).sum(-1) + (w_s * (lps * it - log_z - student_samples)).sum(-1)
 
 
 _TAIL_UNDERFLOW = 1e-30
@@ -149,39 +166,54 @@ def _topk_chunk(logits: torch.Tensor, targets: TopKTargets, target_ids: torch.Te
     the logits is closed-form: ``d b_i / d z_j = [j = idx_i] - q_j``, ``d b_tail / d z_j = [j in tail]
     q_j / Q_tail - q_j``. So ``grad = e * (g_tail / S_tail - G / S)`` on tail tokens, ``-q G + g_i`` at the
     top-k tokens (``+ g_ce`` at the target), with ``e = exp(z - max)``, ``S = sum e``, ``G`` the sum of all
-    bucket gradients. Same values as the autograd path (tested against float64); about a third of its
-    passes over ``[c, V]``. Returns ``(chunk_total, per_token, grad_logits or None)``.
+    bucket gradients. With tail samples (forward KL) the samples' log-probs are leaves like the top-k ones and
+    there is no tail bucket; at T != 1 the leaves are log-probs of ``z / T`` (one exp pass over ``(z - max) / T``,
+    a 1/T factor on the gradient) and 'ce' gets its T = 1 softmax from a second pass. Same values as the
+    autograd path (tested in float64); about a third of its passes over ``[c, V]``. Returns
+    ``(chunk_total, per_token, grad_logits or None)``.
     """
     c, v = logits.shape
     idx = targets.indices.to(logits.device, torch.long)
     k = idx.shape[1]
-    sampled = k < v and "kd" in names and uses_tail_samples(targets, divergence, beta, temperature)
+    sampled = k < v and "kd" in names and uses_tail_samples(targets, divergence, beta)
     has_tail = k < v and not sampled            # sampled tail: no bucket leaf, the samples stand for the tail
     z = logits.detach()
+    # With tail samples at T != 1 the leaves are tempered log-probs log softmax(z / T) (the bucket path tempers
+    # its k+1 buckets instead), so the exp pass runs on (z - max) / T and the gradient gets a 1/T factor.
+    scale = _inv_temperature(temperature, c, z.device) if sampled and temperature is not None \
+        and not bool((temperature == 1).all()) else None
     m = z.amax(dim=1, keepdim=True)                                              # [c, 1]
     z_top = z.gather(1, idx)                                                     # [c, k]
-    e_top = (z_top - m).exp()
-    e = torch.sub(z, m).exp_()                                                   # [c, V] (becomes the grad)
+    if scale is None:
+        e_top = (z_top - m).exp()
+        e = torch.sub(z, m).exp_()                                               # [c, V] (becomes the grad)
+    else:
+        e_top = ((z_top - m) * scale).exp()
+        e = torch.sub(z, m).mul_(scale).exp_()
     e.scatter_(1, idx, 0.0)
     s_tail = e.sum(dim=1)                                                        # exact tail sum, no cancellation
     s_all = e_top.sum(dim=1) + s_tail
-    lse = m.squeeze(1) + s_all.log()
+    zs = z_top if scale is None else z_top * scale
+    lse = (m if scale is None else m * scale).squeeze(1) + s_all.log()         # of z (or of z / T)
     bad = (s_tail < _TAIL_UNDERFLOW) if has_tail else torch.zeros(c, dtype=torch.bool, device=z.device)
-    leaves = {"top": (z_top - lse.unsqueeze(1)).requires_grad_(need_grad)}
+    leaves = {"top": (zs - lse.unsqueeze(1)).requires_grad_(need_grad)}
     if has_tail:
         leaves["tail"] = (s_tail.clamp_min(torch.finfo(torch.float32).tiny).log() + m.squeeze(1) - lse
                           ).requires_grad_(need_grad)
-    if "ce" in names:
+    if "ce" in names:                                                            # never tempered
         tgt = target_ids.to(z.device, torch.long)
-        leaves["ce"] = (z.gather(1, tgt.unsqueeze(1)).squeeze(1) - lse).requires_grad_(need_grad)
+        lse1 = lse if scale is None else torch.logsumexp(z, dim=1)
+        leaves["ce"] = (z.gather(1, tgt.unsqueeze(1)).squeeze(1) - lse1).requires_grad_(need_grad)
     if sampled:
         s_idx = targets.tail_indices.to(z.device, torch.long)
-        leaves["samples"] = (z.gather(1, s_idx) - lse.unsqueeze(1)).requires_grad_(need_grad)
+        z_s = z.gather(1, s_idx)
+        leaves["samples"] = ((z_s if scale is None else z_s * scale) - lse.unsqueeze(1)).requires_grad_(need_grad)
     with torch.enable_grad():
         per: dict[str, torch.Tensor] = {}
         for name in names:
             if name == "kd" and sampled:
-                per[name] = sampled_forward_kl(leaves["top"], leaves["samples"], targets, v)
+                per[name] = _t2(sampled_forward_kl(leaves["top"], leaves["samples"], targets, v,
+                                                   None if scale is None else temperature), temperature, t2_scale)
             elif name == "kd":
                 inv_t = _inv_temperature(temperature, c, z.device)
                 q = temper_buckets(leaves["top"], leaves.get("tail"), v - k, inv_t)
@@ -223,18 +255,26 @@ def _topk_chunk(logits: torch.Tensor, targets: TopKTargets, target_ids: torch.Te
     g_top = grads["top"] if grads["top"] is not None else torch.zeros_like(z_top)
     g_tail = grads.get("tail") if grads.get("tail") is not None else zero
     g_ce = grads.get("ce") if grads.get("ce") is not None else zero
-    big_g = g_top.sum(dim=1) + g_tail + g_ce
-    if sampled and grads["samples"] is not None:
-        big_g = big_g + grads["samples"].sum(dim=1)
+    g_s = grads.get("samples") if grads.get("samples") is not None else None
+    ce_apart = "ce" in leaves and scale is not None          # CE's softmax is at T = 1, the leaves' at T
+    big_g = g_top.sum(dim=1) + g_tail + (0.0 if ce_apart else g_ce)
+    if g_s is not None:
+        big_g = big_g + g_s.sum(dim=1)
     inv_s = 1.0 / s_all
     c_tail = torch.where(s_tail > 0, g_tail / s_tail.clamp_min(torch.finfo(torch.float32).tiny), zero) \
         if has_tail else zero
-    grad = e.mul_((c_tail - big_g * inv_s).unsqueeze(1))                         # tail tokens
-    grad.scatter_(1, idx, e_top * (-big_g * inv_s).unsqueeze(1) + g_top)        # top-k tokens
+    row = (c_tail - big_g * inv_s).unsqueeze(1)
+    top_vals = e_top * (-big_g * inv_s).unsqueeze(1) + g_top
+    if scale is not None:                                    # d(z / T) / dz = 1 / T
+        row, top_vals = row * scale, top_vals * scale
+    grad = e.mul_(row)                                                           # tail tokens
+    grad.scatter_(1, idx, top_vals)                                              # top-k tokens
+    if g_s is not None:                                      # samples are outside the top k; repeats accumulate
+        grad.scatter_add_(1, s_idx, g_s if scale is None else g_s * scale)
+    if ce_apart:
+        grad.sub_(torch.sub(z, lse1.unsqueeze(1)).exp_().mul_(g_ce.unsqueeze(1)))
     if "ce" in leaves:
         grad.scatter_add_(1, tgt.unsqueeze(1), g_ce.unsqueeze(1))
-    if sampled and grads["samples"] is not None:          # samples are outside the top k; repeats accumulate
-        grad.scatter_add_(1, s_idx, grads["samples"])
     if tot_r is not None:
         (g_r,) = torch.autograd.grad(tot_r, zr)
         grad[rows] = g_r
@@ -263,7 +303,7 @@ class _FusedLMHeadLoss(torch.autograd.Function):
                 logits = (hc @ wc.T).float()                                       # [c, V]
                 tw = None if token_weight is None else token_weight[s:e]
                 temp = None if temperature is None else temperature[s:e]
-                if isinstance(teacher, TopKTargets):                               # closed-form gradient
+                if isinstance(teacher, TopKTargets) and CLOSED_FORM:               # closed-form gradient
                     chunk_total, per, g = _topk_chunk(logits, teacher_rows(s, e), target_ids[s:e], temp, names,
                                                       weights, tw, divergence, beta, t2_scale, need_h or need_w)
                 else:                                                              # dense teacher: autograd
