@@ -564,8 +564,8 @@ def run(cfg: RunConfig | None, *, resume_run: str | None = None, root: str | Non
                 status = "budget_exhausted"
                 loop._say(f"wall-clock budget of {cfg.loop.budget_minutes} min spent")
                 break
-        else:
-            status = "budget_exhausted"
+        else:                         # every scheduled iteration ran, the gates did not pass
+            status = "iterations_exhausted"
         store.set_run_status(status, converged=status == "converged")
     except BaseException:
         store.set_run_status("failed")

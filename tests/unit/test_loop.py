@@ -38,7 +38,7 @@ def _weights(store_root, run_id, alias="current"):
 def test_run_commits_every_iteration_with_aliases_and_records(tiny_teacher_dir, tmp_path):
     cfg = _cfg(tiny_teacher_dir, tmp_path / "runs")
     summary = loop_mod.run(cfg, progress=False)
-    assert summary["status"] == "budget_exhausted"  # business/operations gates are never measured here
+    assert summary["status"] == "iterations_exhausted"  # business/operations gates are never measured here
     assert [h["iteration"] for h in summary["iterations"]] == [0, 1, 2]
     with RunStore.open(tmp_path / "runs", summary["run_id"]) as s:
         rows = s.versions()
@@ -95,7 +95,7 @@ def test_kill_then_resume_gives_the_same_final_weights(tiny_teacher_dir, tmp_pat
 
 def test_rollback_then_resume_continues_from_the_restored_iteration(tiny_teacher_dir, tmp_path, capsys):
     summary = loop_mod.run(_cfg(tiny_teacher_dir, tmp_path / "runs", run_id="rb"), progress=False)
-    assert summary["status"] == "budget_exhausted"
+    assert summary["status"] == "iterations_exhausted"
     before = {}
     with RunStore.open(tmp_path / "runs", "rb") as s:
         for r in s.versions():

@@ -107,3 +107,23 @@ def test_cli_models_derive_refuses_existing_out(tiny_teacher_dir, tmp_path, caps
 def test_cli_choices_mirror_library():
     assert models_cmd.LAYER_SELECTIONS == derive.LAYER_SELECTIONS
     assert models_cmd.MLP_SELECTIONS == derive.MLP_SELECTIONS
+
+
+def test_gguf_import_folder_is_keyed_by_content_not_path_or_mtime(tmp_path, monkeypatch):
+    """A reinstalled wheel (another venv: new path, new mtime, same bytes) reuses the import; other bytes don't."""
+    import os
+
+    from distillgate.models.load import imported_dir_for
+
+    monkeypatch.setenv("DISTILLGATE_HOME", str(tmp_path / "home"))
+    a, b, c = tmp_path / "v1" / "m.gguf", tmp_path / "v2" / "m.gguf", tmp_path / "v3" / "m.gguf"
+    for f, data in ((a, b"GGUF same"), (b, b"GGUF same"), (c, b"GGUF diff")):
+        f.parent.mkdir()
+        f.write_bytes(data)
+    os.utime(b, (1_000_000, 1_000_000))
+    assert imported_dir_for(a) == imported_dir_for(b) != imported_dir_for(c)
+    assert imported_dir_for(a).name.startswith("m-")
+    memo = (tmp_path / "home" / "models" / "gguf-sha256.json").read_text()
+    assert str(a.resolve()) in memo and str(b.resolve()) in memo
+    a.write_bytes(b"GGUF changed")                                   # new size -> new stamp -> rehashed
+    assert imported_dir_for(a) != imported_dir_for(b)

@@ -53,11 +53,29 @@ def default_teacher_gguf() -> Path:
 
 
 def imported_dir_for(gguf: Path) -> Path:
-    # Keyed by the file's size+mtime+name to avoid hashing ~100 MB on every start; the import's manifest
-    # records the real sha256 of the GGUF it came from.
-    st = gguf.stat()
-    key = sha256_json([gguf.name, st.st_size, int(st.st_mtime)])[:12]
-    return distillgate_home() / "models" / f"{gguf.stem}-{key}"
+    """Where ``gguf``'s import lives: keyed by the file's sha256, so reinstalling the same wheel (a new venv: new
+    path and mtime) reuses the import instead of writing another ~540 MB copy. The hash (~0.3 s for 100 MB) is
+    memoised per (path, size, mtime) in ``models/gguf-sha256.json``, so a start costs a stat."""
+    st = Path(gguf).stat()
+    models = distillgate_home() / "models"
+    memo_path = models / "gguf-sha256.json"
+    stamp = f"{Path(gguf).resolve()}|{st.st_size}|{st.st_mtime_ns}"
+    try:
+        memo = json.loads(memo_path.read_text())
+    except (OSError, ValueError):
+        memo = {}
+    digest = memo.get(stamp) if isinstance(memo, dict) else None
+    if not isinstance(digest, str):
+        digest = sha256_file(gguf)
+        memo = {**(memo if isinstance(memo, dict) else {}), stamp: digest}
+        try:                                                       # a cache of a cache: best effort, atomic
+            models.mkdir(parents=True, exist_ok=True)
+            tmp = memo_path.with_name(f".{memo_path.name}.{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(memo, indent=1, sort_keys=True))
+            os.replace(tmp, memo_path)
+        except OSError as e:
+            log.debug("could not memoise the GGUF hash in %s: %s", memo_path, e)
+    return models / f"{Path(gguf).stem}-{digest[:12]}"
 
 
 def import_gguf(gguf: str | os.PathLike, out_dir: str | os.PathLike | None = None, overwrite: bool = False) -> Path:

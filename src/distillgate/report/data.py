@@ -33,7 +33,7 @@ PHASES = ("extract", "map", "validate", "attribute", "compensate", "commit")
 STAGES = {"S1": "knowledge anchoring", "S2": "joint distillation", "S3": "structure-aware pruning",
           "S4": "behaviour consistency"}
 DIMENSIONS = ("capability", "performance", "business", "operations")
-RUN_STATUSES = ("converged", "budget_exhausted", "running", "failed")
+RUN_STATUSES = ("converged", "budget_exhausted", "iterations_exhausted", "running", "failed")
 PHASE_STATUSES = ("pending", "running", "done", "failed", "skipped")
 GATE_STATUSES = ("pass", "fail", "missing", "not_measured", "error")
 SEVERITIES = ("info", "warning", "error", "critical")  # the store's three plus "critical" (a red alert, D3)

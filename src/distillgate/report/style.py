@@ -37,7 +37,7 @@ code { font:12px/1.4 ui-monospace,SFMono-Regular,Menlo,Consolas,monospace; }
   text-transform:uppercase; letter-spacing:.03em; }
 .status-converged, .gate-pass { background:var(--ok-bg); color:var(--ok); }
 .status-failed, .gate-fail, .gate-missing, .sev-critical, .sev-error { background:var(--bad-bg); color:var(--bad); }
-.status-budget_exhausted, .gate-error, .sev-warning { background:var(--warn-bg); color:var(--warn); }
+.status-budget_exhausted, .status-iterations_exhausted, .gate-error, .sev-warning { background:var(--warn-bg); color:var(--warn); }
 .status-running, .sev-info { background:var(--run-bg); color:var(--run); }
 .gate-not_measured { background:var(--idle-bg); color:var(--idle); }
 table { border-collapse:collapse; width:100%; margin:8px 0; }
