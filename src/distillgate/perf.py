@@ -150,12 +150,39 @@ def analytic_kv_cache_bytes(config, context_len: int, batch: int = 1, dtype: tor
     return 2 * config.num_hidden_layers * kv * head_dim * context_len * batch * torch.empty(0, dtype=dtype).element_size()
 
 
+@contextlib.contextmanager
+def _stderr_fd_silenced() -> Iterator[None]:
+    """Point file descriptor 2 at /dev/null: kineto prints ``USDT: ... profiler_start/stop`` lines from C++ at
+    every profiler start and stop, with no switch to turn them off. Only those two calls are wrapped."""
+    import sys
+
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError):                     # no real fd 2 (embedded interpreters): print as they do
+        yield
+        return
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 def _peak_extra_alloc(fn) -> tuple[int, object]:
     """Run ``fn()`` under torch.profiler(profile_memory); peak of net CPU allocations (bytes) and its result."""
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+    with _stderr_fd_silenced():
+        prof.start()
+    try:
         result = fn()
+    finally:
+        with _stderr_fd_silenced():
+            prof.stop()
     events = [(e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
     if not events:
         raise RuntimeError("torch.profiler recorded no CPU allocations (profile_memory unsupported?)")
