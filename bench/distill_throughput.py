@@ -9,7 +9,10 @@ median over rounds), peak RSS of training (recorded before the held-out evaluati
 time the matmul FLOPs would take at the matmul peaks measured first / the measured time), and the held-out
 KL(teacher||student) after the same tokens in the same order (exact, dense, fp32; same held-out rows; the HF
 Trainer's shuffling is replaced by sequential order, which alone moved this KL by ~2% after 10 steps).
-Precision: bf16 (default, as issue 2 prescribes) or fp32 for every method. On a CPU without native bf16
+Precision: bf16 (default, as issue 2 prescribes) or fp32 for every method. Allocator: by default every method
+runs with the glibc settings distillgate's trainer applies to itself (``hardware.tune_malloc``: it speeds TRL up
+too, +30% in fp32), so the comparison is between the tools, not their allocator settings (``--malloc``).
+On a CPU without native bf16
 (AVX512-BF16/AMX) distillgate runs its fused lm-head in fp32 inside bf16 autocast (see losses.fused).
 Teacher data: the teacher's own answers to built-in prompts, packed into 256-token rows (benchmark data are
 never the shared evaluation sets). Cached targets (top-64 + 16 tail samples by default, as the config's
@@ -226,6 +229,11 @@ def main() -> None:
     ap.add_argument("--topk", type=int, default=None, help="cached targets per token (default 64)")
     ap.add_argument("--tail-samples", type=int, default=None,
                     help="cached tail samples per token (default 16, as targets.tail_samples; 0: one-bucket tail)")
+    ap.add_argument("--malloc", choices=("tuned", "glibc", "as-shipped"), default="tuned",
+                    help="tuned (default): every method runs with the glibc settings distillgate's trainer applies "
+                         "(hardware.tune_malloc), so no tool gets an edge from the allocator; glibc: every method "
+                         "with glibc's defaults; as-shipped: distillgate tunes itself, the others run as users "
+                         "run them")
     ap.add_argument("--precision", choices=("bf16", "fp32"), default=None,
                     help="every method's precision (default bf16, as the issue prescribes; fp32 is faster on a CPU "
                          "without native bf16)")
@@ -250,6 +258,15 @@ def main() -> None:
     if a.worker:
         worker(a.worker, Path(a.work), a.steps, Path(a.out))
         return
+    from distillgate.hardware import MALLOC_MMAP_BYTES, MALLOC_TRIM_BYTES
+
+    if a.malloc == "tuned":
+        os.environ.update(MALLOC_MMAP_THRESHOLD_=str(MALLOC_MMAP_BYTES), MALLOC_TRIM_THRESHOLD_=str(MALLOC_TRIM_BYTES))
+    else:
+        for k in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_"):
+            os.environ.pop(k, None)
+        if a.malloc == "glibc":
+            os.environ["DISTILLGATE_MALLOC_TUNING"] = "0"
     work = Path(a.work or tempfile.mkdtemp(prefix="dg-bench-"))
     work.mkdir(parents=True, exist_ok=True)
     peak32 = matmul_peak_gflops(torch.float32)
@@ -290,7 +307,7 @@ def main() -> None:
         rows[m] = {"tokens_per_s": tps, "peak_rss_gib": statistics.median(r["peak_rss_gib"] for r in rs),
                    "mfu": ideal * tps, "heldout_kl": statistics.median(r["heldout_kl"] for r in rs)}
     print(f"\n{torch.get_num_threads()} torch thread(s); {PRECISION} matmul peak {peak:.0f} GFLOP/s (fp32 {peak32:.0f})"
-          f"{'; distillgate lm-head in fp32 (no native bf16)' if head32 else ''}; student {ns / 1e6:.1f}M params ({info['student_layers']} layers), "
+          f"{'; distillgate lm-head in fp32 (no native bf16)' if head32 else ''}; malloc {a.malloc}; student {ns / 1e6:.1f}M params ({info['student_layers']} layers), "
           f"teacher {nt / 1e6:.1f}M; batch {BATCH}x{SEQ}; {a.steps} steps ({a.warmup} warm-up), {a.rounds} rounds; "
           f"cached top-{TOPK} targets + {TAIL} tail samples precomputed in {info['targets_seconds']:.1f} s (one-time)")
     print(f"{'method':22s} {'tokens/s':>9s} {'peak RSS GiB':>13s} {'MFU':>6s} {'held-out KL':>12s}")

@@ -67,6 +67,8 @@ class TopKTargets:
     logprobs: torch.Tensor
     tail_indices: torch.Tensor | None = None
     tail_logprobs: torch.Tensor | None = None
+    log_tail: torch.Tensor | None = None
+    """[N] exact log tail mass when known (else it is derived as log(1 - sum exp(logprobs)))."""
 
     def tail_mass(self) -> torch.Tensor:
         """[N] probability mass outside the top k, clamped to >= 0."""

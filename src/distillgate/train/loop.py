@@ -34,7 +34,7 @@ from safetensors.torch import load_file, load_model, save_file, save_model
 
 from ..config import TrainSpec
 from ..errors import ArtifactError, ConfigError
-from ..hardware import native_bf16
+from ..hardware import native_bf16, tune_malloc
 from . import distributed as dist
 from .checkpoint import list_checkpoints, load_latest, save_checkpoint
 from .cursor import DataCursor, input_token_count, loss_token_count
@@ -106,6 +106,8 @@ def _run(model, loss_fn, batch_fn, spec, out_dir, resume_from, callbacks, on_non
     world, rank = dist.world_size(), dist.rank()
     params = [p for p in model.parameters() if p.requires_grad]
     precision = resolve_precision(spec.precision, params[0].device)
+    if params[0].device.type == "cpu":
+        tune_malloc()                        # reuse large freed blocks instead of page-faulting them in each step
     autocast = dict(device_type=params[0].device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
     if spec.threads:
         torch.set_num_threads(spec.threads)
