@@ -18,6 +18,7 @@ Teacher data: the teacher's own answers to built-in prompts, packed into 256-tok
 never the shared evaluation sets). Cached targets (top-64 + 16 tail samples by default, as the config's
 defaults) are computed once before timing (their one-time cost is printed). The last line is machine-readable.
 """
+
 from __future__ import annotations
 
 import argparse
