@@ -33,6 +33,7 @@ top-64 mass: |diff| <= 1.2e-5). On human text (wikitext2 valid, 1,020 positions)
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -69,6 +70,25 @@ class TopKTargets:
     tail_logprobs: torch.Tensor | None = None
     log_tail: torch.Tensor | None = None
     """[N] exact log tail mass when known (else it is derived as log(1 - sum exp(logprobs)))."""
+
+    def select(self, index) -> "TopKTargets":
+        """The rows ``index`` (a slice or an index tensor) of every field that is present."""
+        return dataclasses.replace(self, **{f.name: getattr(self, f.name)[index] for f in dataclasses.fields(self)
+                                            if getattr(self, f.name) is not None})
+
+    @classmethod
+    def cat(cls, parts: Sequence["TopKTargets"], k: int) -> "TopKTargets":
+        """Rows of ``parts`` one after another (``[0, k]`` when there are none). An optional field is kept only
+        when every part has it with the same width (e.g. tail samples: caches of one run agree; else the tail
+        falls back to one bucket)."""
+        if not parts:
+            return cls(torch.zeros(0, k, dtype=torch.long), torch.zeros(0, k))
+        out = {}
+        for f in dataclasses.fields(cls):
+            vals = [getattr(p, f.name) for p in parts]
+            if all(v is not None for v in vals) and len({v.shape[1:] for v in vals}) == 1:
+                out[f.name] = torch.cat(vals)
+        return cls(**out)
 
     def tail_mass(self) -> torch.Tensor:
         """[N] probability mass outside the top k, clamped to >= 0."""
@@ -316,14 +336,7 @@ def gather_topk(rows, batch: dict, k: int, where: str = "targets") -> TopKTarget
             raise CacheMismatchError(f"{where}: example {ex_id!r} has {c} target tokens in the batch but "
                                      f"{r.indices.shape[0]} cached (different data or seq_len)")
         parts.append(r)
-    if not parts:
-        return TopKTargets(torch.zeros(0, k, dtype=torch.long), torch.zeros(0, k))
-    # tail samples only when every part has the same number (caches of one run agree; else: one-bucket tail)
-    m = {None if p.tail_indices is None else p.tail_indices.shape[1] for p in parts}
-    tails = len(m) == 1 and None not in m
-    return TopKTargets(torch.cat([p.indices for p in parts]), torch.cat([p.logprobs for p in parts]),
-                       torch.cat([p.tail_indices for p in parts]) if tails else None,
-                       torch.cat([p.tail_logprobs for p in parts]) if tails else None)
+    return TopKTargets.cat(parts, k)
 
 
 class TargetCache:

@@ -185,3 +185,16 @@ def test_cache_stores_tail_samples_and_keys_on_their_number(tmp_path, teacher):
     assert plain.topk_for(batch).tail_indices is None
     with pytest.raises(CacheMismatchError, match=r"different tail_samples \("):
         TargetCache.open(tmp_path / "a", targets_key(teacher, ex, 4, 0))
+
+
+def test_topk_targets_select_and_cat_keep_optional_fields_only_when_all_parts_agree():
+    a = TopKTargets(torch.arange(6).reshape(3, 2), torch.zeros(3, 2), torch.ones(3, 4, dtype=torch.long),
+                    torch.zeros(3, 4))
+    sub = a.select(torch.tensor([2, 0]))
+    assert sub.indices.tolist() == [[4, 5], [0, 1]] and sub.tail_indices.shape == (2, 4) and sub.log_tail is None
+    both = TopKTargets.cat([a, a.select(slice(0, 1))], 2)
+    assert both.indices.shape == (4, 2) and both.tail_indices.shape == (4, 4)
+    plain = TopKTargets(torch.zeros(2, 2, dtype=torch.long), torch.zeros(2, 2))
+    mixed = TopKTargets.cat([a, plain], 2)                       # one part has no tail samples: bucket tail
+    assert mixed.indices.shape == (5, 2) and mixed.tail_indices is None and mixed.tail_logprobs is None
+    assert TopKTargets.cat([], 3).indices.shape == (0, 3)

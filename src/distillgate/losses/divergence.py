@@ -179,7 +179,7 @@ def teacher_student_logprobs(student_logits: torch.Tensor, teacher: Teacher,
         idx = teacher.indices.to(device=student_logits.device, dtype=torch.long)
         with torch.no_grad():
             p = topk_teacher_buckets(teacher.logprobs.to(student_logits.device), v, temperature,
-                                     getattr(teacher, "log_tail", None))
+                                     teacher.log_tail)
         return p, topk_student_buckets(student_logits, idx, temperature)
     if isinstance(teacher, torch.Tensor):
         return dense_logprobs(student_logits, teacher, temperature)

@@ -22,7 +22,6 @@ teacher's logits are formed per chunk from ``hidden @ weight.T`` under no_grad a
 
 from __future__ import annotations
 
-import dataclasses
 import math
 
 import torch
@@ -69,7 +68,7 @@ def channel_losses(logits: torch.Tensor, teacher, target_ids: torch.Tensor, temp
         elif name == "ce":
             out[name] = cross_entropy(logits, target_ids)
         else:
-            raise ConfigError(f"loss.channels.{name}", name, f"a channel computed from logits: ['ce', 'kd']")
+            raise ConfigError(f"loss.channels.{name}", name, "a channel computed from logits: ['ce', 'kd']")
     return out
 
 
@@ -89,15 +88,7 @@ def _compute_dtype(h: torch.Tensor, w: torch.Tensor) -> torch.dtype:
 def _teacher_slicer(teacher, cd: torch.dtype):
     """``rows(s, e)`` -> the teacher for positions s:e (TopKTargets slice, or dense float32 logits)."""
     if isinstance(teacher, TopKTargets):
-        def topk_rows(s, e):
-            rows = {"indices": teacher.indices[s:e], "logprobs": teacher.logprobs[s:e]}
-            if getattr(teacher, "log_tail", None) is not None:                 # optional exact tail [N]
-                rows["log_tail"] = teacher.log_tail[s:e]
-            if teacher.tail_indices is not None:                               # optional tail samples [N, m]
-                rows["tail_indices"] = teacher.tail_indices[s:e]
-                rows["tail_logprobs"] = teacher.tail_logprobs[s:e]
-            return dataclasses.replace(teacher, **rows)
-        return topk_rows
+        return lambda s, e: teacher.select(slice(s, e))
     if isinstance(teacher, TeacherHidden):
         tw = teacher.weight.detach().to(cd)
 
@@ -135,7 +126,7 @@ def sampled_forward_kl(student_top: torch.Tensor, student_samples: torch.Tensor,
 
     dev = student_top.device
     lp = targets.logprobs.to(dev, torch.float32).clamp_min(LOGP_FLOOR)
-    log_r = topk_teacher_buckets(targets.logprobs.to(dev), vocab_size, None, getattr(targets, "log_tail", None))[:, -1]
+    log_r = topk_teacher_buckets(targets.logprobs.to(dev), vocab_size, None, targets.log_tail)[:, -1]
     lps = targets.tail_logprobs.to(dev, torch.float32).clamp_min(LOGP_FLOOR)
     m = lps.shape[1]
     if temperature is None:
@@ -219,7 +210,7 @@ def _topk_chunk(logits: torch.Tensor, targets: TopKTargets, target_ids: torch.Te
                 q = temper_buckets(leaves["top"], leaves.get("tail"), v - k, inv_t)
                 with torch.no_grad():
                     p = topk_teacher_buckets(targets.logprobs.to(z.device), v, temperature,
-                                             getattr(targets, "log_tail", None))
+                                             targets.log_tail)
                 per[name] = _t2(DIVERGENCES[divergence](p, q, beta), temperature, t2_scale)
             elif name == "ce":
                 per[name] = -leaves["ce"]
@@ -228,9 +219,7 @@ def _topk_chunk(logits: torch.Tensor, targets: TopKTargets, target_ids: torch.Te
         chunk_total = combine_sum(per, weights, token_weight)
     if bad.any():      # rare: the student's tail under float32 range -> exact path for those rows
         rows = bad.nonzero().squeeze(1)
-        sub = TopKTargets(indices=targets.indices[rows], logprobs=targets.logprobs[rows])
-        if getattr(targets, "log_tail", None) is not None:
-            sub = dataclasses.replace(sub, log_tail=targets.log_tail[rows])
+        sub = targets.select(rows)           # its tail samples (if any) are unused: bad rows use the bucket
         zr = z[rows].clone().requires_grad_(need_grad)
         with torch.enable_grad():
             per_r = channel_losses(zr, sub, target_ids[rows], None if temperature is None else temperature[rows],
