@@ -215,10 +215,13 @@ class TargetKey:
 
 
 def targets_key(teacher, examples: Sequence, k: int, tail_samples: int = 0) -> TargetKey:
+    """The cache key; ``tail_samples`` counts as 0 when k covers the whole vocabulary (there is no tail)."""
     from .data.dataset import examples_hash
     from .models import fingerprint_tokenizer
 
-    _, tok, fp = _unwrap(teacher)
+    model, tok, fp = _unwrap(teacher)
+    if k >= _check_plain_head(model).shape[0]:
+        tail_samples = 0
     return TargetKey(teacher=fp, tokenizer=fingerprint_tokenizer(tok) if tok is not None else "",
                      data=examples_hash(examples), k=k, tail_samples=tail_samples)
 
@@ -259,8 +262,8 @@ def compute_targets(teacher, examples: Sequence, *, k: int, batch_size: int, out
         raise ConfigError("targets.tail_samples", tail_samples, "an integer >= 0")
     if not 1 <= k <= vocab:
         raise ConfigError("targets.top_k", k, f"an integer in [1, vocab size {vocab}]")
-    tail_samples = tail_samples if k < vocab else 0
     key = targets_key(teacher, examples, k, tail_samples)
+    tail_samples = key.tail_samples
     gen = torch.Generator().manual_seed(int(key.digest[:15], 16))
     model.eval()
     order = sorted(range(len(examples)), key=lambda i: -len(examples[i].input_ids))
@@ -409,8 +412,6 @@ def get_or_compute_targets(teacher, examples: Sequence, *, k: int, batch_size: i
                            progress: bool = True, tail_samples: int = 0) -> TargetCache:
     """The cache for (teacher, tokenizer, examples, k) under ``<root or $DISTILLGATE_HOME/targets>/<key[:16]>``,
     computed on first use and reused while none of them changes."""
-    vocab = _check_plain_head(_unwrap(teacher)[0]).shape[0]
-    tail_samples = tail_samples if k < vocab else 0
     key = targets_key(teacher, examples, k, tail_samples)
     folder = (Path(root) if root else distillgate_home() / "targets") / key.digest[:16]
     if folder.exists():

@@ -198,3 +198,10 @@ def test_topk_targets_select_and_cat_keep_optional_fields_only_when_all_parts_ag
     mixed = TopKTargets.cat([a, plain], 2)                       # one part has no tail samples: bucket tail
     assert mixed.indices.shape == (5, 2) and mixed.tail_indices is None and mixed.tail_logprobs is None
     assert TopKTargets.cat([], 3).indices.shape == (0, 3)
+
+
+def test_tail_samples_do_not_enter_the_key_when_k_covers_the_vocabulary(teacher):
+    V = teacher.model.get_output_embeddings().weight.shape[0]
+    ex = _examples(2)
+    assert targets_key(teacher, ex, V, 16) == targets_key(teacher, ex, V, 0)
+    assert targets_key(teacher, ex, 4, 16) != targets_key(teacher, ex, 4, 0)
