@@ -67,21 +67,39 @@ def save_checkpoint(root: str | Path, step: int, model: torch.nn.Module, optimiz
     if bad is not None:
         raise NonFiniteError(f"refusing to checkpoint step {step}: parameter {bad} holds NaN/Inf")
     final = Path(root) / checkpoint_name(step)
-    opt_tensors, opt_meta = optimizer_to_parts(optimizer)
     rng_tensors, rng_meta = capture_rng()
     state = dict(trainer_state, step=step,
                  param_names=[n for n, _ in model.named_parameters()])
     with atomic_dir(final, kind=CHECKPOINT_KIND, format_version=CHECKPOINT_FORMAT,
                     meta={"step": step}, overwrite=True) as tmp:
-        save_model(model, str(tmp / "model.safetensors"))
-        save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
+        write_weights_and_optimizer(tmp, model, optimizer)
         save_file(rng_tensors, str(tmp / "rng.safetensors"))
-        for name, obj in (("optimizer.json", opt_meta), ("rng.json", rng_meta),
-                          ("scheduler.json", scheduler_state), ("trainer.json", state)):
+        for name, obj in (("rng.json", rng_meta), ("scheduler.json", scheduler_state), ("trainer.json", state)):
             (tmp / name).write_text(json.dumps(obj, indent=1, sort_keys=True))
     for old in list_checkpoints(root)[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def write_weights_and_optimizer(folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """``model.safetensors``, ``optimizer.safetensors`` and ``optimizer.json`` into an existing ``folder``."""
+    opt_tensors, opt_meta = optimizer_to_parts(optimizer)
+    save_model(model, str(folder / "model.safetensors"))
+    save_file(opt_tensors, str(folder / "optimizer.safetensors"))
+    (folder / "optimizer.json").write_text(json.dumps(opt_meta, indent=1, sort_keys=True))
+
+
+def read_weights_and_optimizer(folder: Path, model: torch.nn.Module,
+                               optimizer: torch.optim.Optimizer | None) -> None:
+    """Load what :func:`write_weights_and_optimizer` wrote, in place; ArtifactError when it does not fit."""
+    opt_tensors = load_file(str(folder / "optimizer.safetensors"))
+    opt_meta = _read_json(folder / "optimizer.json")
+    try:
+        load_model(model, str(folder / "model.safetensors"), strict=True)
+    except RuntimeError as e:
+        raise ArtifactError(f"{folder}/model.safetensors: does not fit the model ({e})") from e
+    if optimizer is not None:
+        optimizer_from_parts(optimizer, opt_tensors, opt_meta, source=str(folder / "optimizer.json"))
 
 
 @dataclass
@@ -115,14 +133,7 @@ def load_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: torch.o
     if trainer_state.get("param_names") != names:
         raise ArtifactError(f"{path}/trainer.json: checkpoint of another model (parameter names differ from "
                             f"the model given; {len(trainer_state.get('param_names', []))} vs {len(names)})")
-    opt_tensors = load_file(str(path / "optimizer.safetensors"))
-    opt_meta = _read_json(path / "optimizer.json")
-    try:
-        missing, unexpected = load_model(model, str(path / "model.safetensors"), strict=True)
-    except RuntimeError as e:
-        raise ArtifactError(f"{path}/model.safetensors: does not fit the model ({e})") from e
-    if optimizer is not None:
-        optimizer_from_parts(optimizer, opt_tensors, opt_meta, source=str(path / "optimizer.json"))
+    read_weights_and_optimizer(path, model, optimizer)
     return LoadedCheckpoint(path=path, scheduler_state=_read_json(path / "scheduler.json"),
                             trainer_state=trainer_state, rng_tensors=load_file(str(path / "rng.safetensors")),
                             rng_meta=_read_json(path / "rng.json"))

@@ -21,7 +21,6 @@ that produced the NaNs are not replayed. More than ``max_rollbacks`` rollbacks r
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import shutil
@@ -30,18 +29,18 @@ from pathlib import Path
 from typing import Callable, Iterable, Literal
 
 import torch
-from safetensors.torch import load_file, load_model, save_file, save_model
 
 from ..config import TrainSpec
 from ..errors import ArtifactError, ConfigError
 from ..hardware import native_bf16, tune_malloc
 from . import distributed as dist
-from .checkpoint import list_checkpoints, load_latest, save_checkpoint
+from .checkpoint import (list_checkpoints, load_latest, read_weights_and_optimizer, save_checkpoint,
+                         write_weights_and_optimizer)
 from .cursor import DataCursor, input_token_count, loss_token_count
 from .metrics import MetricsLog, peak_rss_mb, steady_median
 from .progress import TrainProgress, print_summary
 from .schedule import WarmupCosine
-from .state import optimizer_from_parts, optimizer_to_parts, restore_rng, seed_everything
+from .state import restore_rng, seed_everything
 from .types import BatchSource, LossFn, NonFiniteError, StepInfo, StopTraining, TrainEvent, TrainResult, as_batch_fn
 
 log = logging.getLogger(__name__)
@@ -152,7 +151,7 @@ def _run(model, loss_fn, batch_fn, spec, out_dir, resume_from, callbacks, on_non
             ckpt, _ = load_latest(ckpt_root, model, optimizer)
             source = str(ckpt.path)
         else:
-            _restore_snapshot(snapshot, model, optimizer)
+            read_weights_and_optimizer(snapshot, model, optimizer)
             source = "start of this run"
         sched.scale *= 0.5
         st["rollbacks"] += 1
@@ -296,14 +295,5 @@ def _snapshot(model: torch.nn.Module, optimizer: torch.optim.Optimizer, path: Pa
     """Write weights and optimizer state to ``path`` (the rollback target before any checkpoint exists)."""
     shutil.rmtree(path, ignore_errors=True)
     path.mkdir(parents=True)
-    tensors, meta = optimizer_to_parts(optimizer)
-    save_model(model, str(path / "model.safetensors"))
-    save_file(tensors, str(path / "optimizer.safetensors"))
-    (path / "optimizer.json").write_text(json.dumps(meta))
+    write_weights_and_optimizer(path, model, optimizer)
     return path
-
-
-def _restore_snapshot(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
-    load_model(model, str(path / "model.safetensors"), strict=True)
-    optimizer_from_parts(optimizer, load_file(str(path / "optimizer.safetensors")),
-                         json.loads((path / "optimizer.json").read_text()), source=str(path))
