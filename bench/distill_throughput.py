@@ -35,9 +35,6 @@ from pathlib import Path
 import torch
 
 SEQ, BATCH, LR = 256, 4, 3e-4
-TOPK = int(os.environ.get("DG_BENCH_TOPK", "64"))
-PRECISION = os.environ.get("DG_BENCH_PRECISION", "bf16")
-TAIL = int(os.environ.get("DG_BENCH_TAIL", "16"))
 METHODS = ("distillgate_cached", "distillgate_online", "trl_gkd", "hf_trainer_kd")
 
 
@@ -53,7 +50,7 @@ def matmul_peak_gflops(dtype=torch.bfloat16, n=2048, repeats=5) -> float:
     return 2 * n ** 3 / statistics.median(ts) / 1e9
 
 
-def prepare(work: Path, student_layers: int, n_train_rows: int, n_held_rows: int) -> dict:
+def prepare(work: Path, student_layers: int, n_train_rows: int, n_held_rows: int, topk: int, tail: int) -> dict:
     from distillgate.config import DataSpec
     from distillgate.data.dataset import get_or_generate_dataset
     from distillgate.data.generate import Example
@@ -81,8 +78,8 @@ def prepare(work: Path, student_layers: int, n_train_rows: int, n_held_rows: int
         save_model(student, teacher.tokenizer, sdir)
     t0 = time.perf_counter()
     pad = teacher.tokenizer.pad_token_id
-    cache = get_or_compute_targets(teacher, train, k=TOPK, batch_size=8, pad_id=pad, root=work / "targets",
-                                   progress=False, tail_samples=TAIL)
+    cache = get_or_compute_targets(teacher, train, k=topk, batch_size=8, pad_id=pad, root=work / "targets",
+                                   progress=False, tail_samples=tail)
     (work / "rows.json").write_text(json.dumps({"train": [e.to_json() for e in train],
                                                 "held": [e.to_json() for e in held], "pad": pad,
                                                 "targets": str(cache.path)}))
@@ -116,7 +113,7 @@ def heldout_kl(student, teacher, held, pad, collate) -> float:
     return tot / n
 
 
-def worker(method: str, work: Path, steps: int, out: Path) -> None:
+def worker(method: str, work: Path, steps: int, out: Path, precision: str) -> None:
     from distillgate.models import load_model
 
     torch.manual_seed(0)
@@ -125,8 +122,6 @@ def worker(method: str, work: Path, steps: int, out: Path) -> None:
     teacher = None if method == "distillgate_cached" else load_model("default")
     student = load_model(str(work / "student")).model
     student.train()
-    if os.environ.get("DG_BENCH_FREEZE_EMB"):
-        student.get_input_embeddings().weight.requires_grad_(False)
     batches = [collate(train[i:i + BATCH], pad) for i in range(0, len(train), BATCH)]
     step_times: list[float] = []
     loss_tokens = BATCH * (SEQ - 1)
@@ -139,7 +134,7 @@ def worker(method: str, work: Path, steps: int, out: Path) -> None:
         provider = TargetCache.open(tdir) if method == "distillgate_cached" else OnlineTeacher(teacher.model)
         obj = DistillObjective(LossSpec(divergence="forward_kl", channels={"kd": 1.0}), provider,
                                vocab_size=student.config.vocab_size)
-        spec = TrainSpec(steps=steps, batch_size=BATCH, lr=LR, warmup_steps=0, min_lr_ratio=1.0, precision=PRECISION,
+        spec = TrainSpec(steps=steps, batch_size=BATCH, lr=LR, warmup_steps=0, min_lr_ratio=1.0, precision=precision,
                          max_grad_norm=1.0)
         last = [time.perf_counter()]
 
@@ -169,7 +164,7 @@ def worker(method: str, work: Path, steps: int, out: Path) -> None:
                 step_times.append(time.perf_counter() - self.t)
 
         common = dict(output_dir=str(out.parent / f"{method}-tmp"), per_device_train_batch_size=BATCH, max_steps=steps,
-                      learning_rate=LR, lr_scheduler_type="constant", warmup_steps=0, bf16=PRECISION == "bf16", use_cpu=True,
+                      learning_rate=LR, lr_scheduler_type="constant", warmup_steps=0, bf16=precision == "bf16", use_cpu=True,
                       report_to=[], save_strategy="no", logging_steps=1000, dataloader_num_workers=0, seed=0,
                       gradient_checkpointing=False, max_grad_norm=1.0, remove_unused_columns=False)
         def sequential(cls):
@@ -227,15 +222,15 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--student-layers", type=int, default=15)
     ap.add_argument("--methods", default=",".join(METHODS))
-    ap.add_argument("--topk", type=int, default=None, help="cached targets per token (default 64)")
-    ap.add_argument("--tail-samples", type=int, default=None,
+    ap.add_argument("--topk", type=int, default=64, help="cached targets per token (default 64)")
+    ap.add_argument("--tail-samples", type=int, default=16,
                     help="cached tail samples per token (default 16, as targets.tail_samples; 0: one-bucket tail)")
     ap.add_argument("--malloc", choices=("tuned", "glibc", "as-shipped"), default="tuned",
                     help="tuned (default): every method runs with the glibc settings distillgate's trainer applies "
                          "(hardware.tune_malloc), so no tool gets an edge from the allocator; glibc: every method "
                          "with glibc's defaults; as-shipped: distillgate tunes itself, the others run as users "
                          "run them")
-    ap.add_argument("--precision", choices=("bf16", "fp32"), default=None,
+    ap.add_argument("--precision", choices=("bf16", "fp32"), default="bf16",
                     help="every method's precision (default bf16, as the issue prescribes; fp32 is faster on a CPU "
                          "without native bf16)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads in every process (default: torch's)")
@@ -247,17 +242,8 @@ def main() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if a.threads:
         torch.set_num_threads(a.threads)
-    if a.topk:
-        os.environ["DG_BENCH_TOPK"] = str(a.topk)  # workers inherit it
-        globals()["TOPK"] = a.topk
-    if a.tail_samples is not None:
-        os.environ["DG_BENCH_TAIL"] = str(a.tail_samples)
-        globals()["TAIL"] = a.tail_samples
-    if a.precision:
-        os.environ["DG_BENCH_PRECISION"] = a.precision
-        globals()["PRECISION"] = a.precision
     if a.worker:
-        worker(a.worker, Path(a.work), a.steps, Path(a.out))
+        worker(a.worker, Path(a.work), a.steps, Path(a.out), a.precision)
         return
     from distillgate.hardware import MALLOC_MMAP_BYTES, MALLOC_TRIM_BYTES
 
@@ -271,15 +257,16 @@ def main() -> None:
     work = Path(a.work or tempfile.mkdtemp(prefix="dg-bench-"))
     work.mkdir(parents=True, exist_ok=True)
     peak32 = matmul_peak_gflops(torch.float32)
-    peak = matmul_peak_gflops(torch.bfloat16) if PRECISION == "bf16" else peak32
-    info = prepare(work, a.student_layers, n_train_rows=a.steps * BATCH, n_held_rows=8)
+    peak = matmul_peak_gflops(torch.bfloat16) if a.precision == "bf16" else peak32
+    info = prepare(work, a.student_layers, n_train_rows=a.steps * BATCH, n_held_rows=8, topk=a.topk,
+                   tail=a.tail_samples)
     methods = a.methods.split(",")
     results: dict[str, list[dict]] = {m: [] for m in methods}
     for r in range(a.rounds):
         for m in methods:
             out = work / f"{m}-{r}.json"
             cmd = [sys.executable, __file__, "--worker", m, "--work", str(work), "--steps", str(a.steps),
-                   "--out", str(out)] + (["--threads", str(a.threads)] if a.threads else [])
+                   "--out", str(out), "--precision", a.precision] + (["--threads", str(a.threads)] if a.threads else [])
             t0 = time.time()
             p = subprocess.run(cmd, capture_output=True, text=True)
             if p.returncode != 0:
@@ -294,7 +281,7 @@ def main() -> None:
     from distillgate.hardware import native_bf16
 
     ns, nt, emb = info["student_params"], info["teacher_params"], info["embedding_params"]
-    head32 = PRECISION == "bf16" and not native_bf16("cpu")
+    head32 = a.precision == "bf16" and not native_bf16("cpu")
     rows = {}
     for m, rs in results.items():
         tps = statistics.median(statistics.median(r["loss_tokens_per_step"] / s for s in r["step_seconds"][a.warmup:])
@@ -307,10 +294,10 @@ def main() -> None:
             ideal = (6 * ns + (2 * nt if teacher_runs else 0)) / (peak * 1e9)
         rows[m] = {"tokens_per_s": tps, "peak_rss_gib": statistics.median(r["peak_rss_gib"] for r in rs),
                    "mfu": ideal * tps, "heldout_kl": statistics.median(r["heldout_kl"] for r in rs)}
-    print(f"\n{torch.get_num_threads()} torch thread(s); {PRECISION} matmul peak {peak:.0f} GFLOP/s (fp32 {peak32:.0f})"
+    print(f"\n{torch.get_num_threads()} torch thread(s); {a.precision} matmul peak {peak:.0f} GFLOP/s (fp32 {peak32:.0f})"
           f"{'; distillgate lm-head in fp32 (no native bf16)' if head32 else ''}; malloc {a.malloc}; student {ns / 1e6:.1f}M params ({info['student_layers']} layers), "
           f"teacher {nt / 1e6:.1f}M; batch {BATCH}x{SEQ}; {a.steps} steps ({a.warmup} warm-up), {a.rounds} rounds; "
-          f"cached top-{TOPK} targets + {TAIL} tail samples precomputed in {info['targets_seconds']:.1f} s (one-time)")
+          f"cached top-{a.topk} targets + {a.tail_samples} tail samples precomputed in {info['targets_seconds']:.1f} s (one-time)")
     print(f"{'method':22s} {'tokens/s':>9s} {'peak RSS GiB':>13s} {'MFU':>6s} {'held-out KL':>12s}")
     for m, r in rows.items():
         print(f"{m:22s} {r['tokens_per_s']:9.1f} {r['peak_rss_gib']:13.2f} {100 * r['mfu']:5.1f}% {r['heldout_kl']:12.4f}")

@@ -73,11 +73,8 @@ def run_variant(args) -> dict:
         with torch.autocast(dev.type, dtype=dtype, enabled=args.dtype == "bf16"):
             if args.variant == "unfused":
                 loss, _ = unfused_distill_loss(hs, w, teacher, tgt, tw, temp, channels, "forward_kl", 0.5)
-            elif args.variant.startswith("autograd="):                 # chunked, autograd per chunk
-                fused_mod.CLOSED_FORM = False
-                loss, _ = fused_distill_loss(hs, w, teacher, tgt, tw, temp, channels, "forward_kl", 0.5,
-                                             int(args.variant.split("=")[1]))
-            else:
+            else:                              # chunk=N: closed-form top-k gradient; autograd=N: autograd per chunk
+                fused_mod.CLOSED_FORM = not args.variant.startswith("autograd=")
                 loss, _ = fused_distill_loss(hs, w, teacher, tgt, tw, temp, channels, "forward_kl", 0.5,
                                              int(args.variant.split("=")[1]))
         loss.backward()
