@@ -14,8 +14,8 @@ bf16 autocast on a CPU without native bf16, where the head stays float32 (:func:
 The temperature and token weights are constants (no gradient flows to them).
 
 Teacher: :class:`TopKTargets` rows are sliced per chunk and take the closed-form path (:func:`_topk_chunk`:
-the gradient w.r.t. the chunk's logits from one exp pass, no autograd over ``[c, V]``; 2.1x less time in this
-function on SmolLM2's 49k vocabulary, see ``bench/fused_loss.py``); tail samples, when the targets carry
+the gradient w.r.t. the chunk's logits from one exp pass, no autograd over ``[c, V]``: 0.94 s vs 2.38 s per
+1,024 x 49,152 forward+backward in fp32, ``bench/fused_loss.py --dtype fp32 --autograd``); tail samples, when the targets carry
 them, make forward KL unbiased (:func:`sampled_forward_kl`). For :class:`TeacherHidden` (online teacher) the
 teacher's logits are formed per chunk from ``hidden @ weight.T`` under no_grad and autograd runs per chunk.
 """

@@ -64,10 +64,12 @@ def imported_dir_for(gguf: Path) -> Path:
         memo = json.loads(memo_path.read_text())
     except (OSError, ValueError):
         memo = {}
-    digest = memo.get(stamp) if isinstance(memo, dict) else None
+    if not isinstance(memo, dict):
+        memo = {}
+    digest = memo.get(stamp)
     if not isinstance(digest, str):
         digest = sha256_file(gguf)
-        memo = {**(memo if isinstance(memo, dict) else {}), stamp: digest}
+        memo[stamp] = digest
         try:                                                       # a cache of a cache: best effort, atomic
             models.mkdir(parents=True, exist_ok=True)
             tmp = memo_path.with_name(f".{memo_path.name}.{os.getpid()}.tmp")
