@@ -335,8 +335,9 @@ def leak_rate(model, tokenizer, seconds: float = 60.0, iterations: int | None = 
     """G-P4: RSS growth over repeated ``generate`` calls, as % of RSS per hour (linear extrapolation).
 
     Runs ``iterations`` calls (or as many as fit in ``seconds``) after ``warmup`` calls, sampling RSS after a
-    ``gc.collect()`` each time. ``pct_per_hour_upper95`` = (slope + 2 SE + page/duration) * 3600 / RSS: the
-    page term is RSS's resolution, so a run too short to resolve the threshold cannot pass.
+    ``gc.collect()`` each time. ``pct_per_hour_upper95`` = (max(slope + 2 SE, 0) + page/duration) * 3600 / RSS:
+    the page term is RSS's resolution, so a run too short to resolve the threshold cannot pass, and a flat or
+    shrinking RSS does not bring the bound below that resolution.
     """
     ids = prompt_ids(tokenizer, prompt_len)
     for _ in range(warmup):
@@ -360,7 +361,7 @@ def leak_rate(model, tokenizer, seconds: float = 60.0, iterations: int | None = 
     to_pct_h = 3600.0 * 100.0 / base
     page = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
     slope = float(slope)
-    return {"pct_per_hour": slope * to_pct_h, "pct_per_hour_upper95": (slope + 2 * se + page / duration) * to_pct_h,
+    return {"pct_per_hour": slope * to_pct_h, "pct_per_hour_upper95": (max(slope + 2 * se, 0.0) + page / duration) * to_pct_h,
             "resolution_pct_per_hour": page / duration * to_pct_h, "slope_bytes_per_s": slope,
             "slope_se": se, "duration_s": duration, "n": int(t.size), "rss_start": int(r[0]), "rss_end": int(r[-1]),
             "method": "RSS after gc per generate call, least squares, upper 95% bound, linear extrapolation"}
