@@ -22,6 +22,8 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any, Iterable
 
+from .schema import Finding  # noqa: F401  (the one Finding; attribution makes them)
+
 # Prior sensitivity of the student's held-out divergence to each knob, per unit of |log change| (or per
 # change for categorical knobs). Ordered by what we have seen move KL most on SmolLM2-sized students:
 # structure changes first (a cut removes capacity outright), then the learning rate and the temperature
@@ -41,6 +43,21 @@ class MetricMeta:
     tier: str = "lm"  # capability tier (SPEC L3): lm | mid | high
 
 
+def registry_meta(metrics, default_threshold: float) -> dict[str, MetricMeta]:
+    """:class:`MetricMeta` for every name in ``metrics`` that the metric registry
+    (:data:`distillgate.evaluate.providers.METRICS`) marks as a regression signal; the registry gives its
+    direction, tier and threshold (None there: ``default_threshold``)."""
+    from .evaluate.providers import METRICS
+
+    out = {}
+    for name in metrics:
+        info = METRICS.get(name)
+        if info is not None and info.regression:
+            thr = default_threshold if info.regression_threshold is None else info.regression_threshold
+            out[name] = MetricMeta(info.higher_is_better, thr, info.tier)
+    return out
+
+
 @dataclass
 class SampleDivergence:
     example_id: str
@@ -48,18 +65,6 @@ class SampleDivergence:
     kl_mean: float
     kl_by_position: list[float] = field(default_factory=list)
     text: str = ""
-
-
-@dataclass
-class Finding:
-    kind: str  # regression | stall | weak_domain | hard_samples | gate_fail | nonfinite
-    severity: str  # info | warning | error
-    metric: str | None
-    message: str
-    evidence: dict[str, Any] = field(default_factory=dict)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def _bad_direction_change(value: float, prev: float, higher_is_better: bool) -> float:
@@ -191,7 +196,18 @@ def attribute(*, iteration: int, metrics: dict[str, float], prev: dict[str, floa
               gate_failures: Iterable[dict] = (),
               plateau_threshold: float = 0.01, plateau_rounds: int = 3, weak_domain_factor: float = 1.25,
               hard_top_fraction: float = 0.1) -> list[Finding]:
-    """All findings for one iteration (see module docstring)."""
+    """All findings for one iteration (see module docstring); each carries ``iteration``."""
+    findings = _attribute(iteration, metrics, prev, teacher, meta, samples, recipe, last_good_recipe,
+                          channel_history, hard_candidates, layer_kl, gate_failures, plateau_threshold,
+                          plateau_rounds, weak_domain_factor, hard_top_fraction)
+    for f in findings:
+        f.iteration = iteration
+    return findings
+
+
+def _attribute(iteration, metrics, prev, teacher, meta, samples, recipe, last_good_recipe, channel_history,
+               hard_candidates, layer_kl, gate_failures, plateau_threshold, plateau_rounds, weak_domain_factor,
+               hard_top_fraction) -> list[Finding]:
     findings: list[Finding] = []
     heat = divergence_heatmap(samples) if samples else None
     dkl = domain_kl(samples)

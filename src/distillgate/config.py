@@ -15,6 +15,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import ConfigError
+from .evaluate.providers import CPU_PRESETS
+from .strategy import StrategySpec
 
 DOMAINS = ("finance_risk", "medical", "legal", "education", "customer_support", "ecommerce", "travel",
            "technical_docs")
@@ -278,8 +280,12 @@ def config_reference(model_cls: type[BaseModel], prefix: str = "") -> list[tuple
 
 class StageSpec(_Strict):
     name: str = Field(..., description="stage plug-in name: anchor (S1), joint (S2), or any stage registered "
-                                         "with distillgate.stages.register_stage")
-    iterations: int = Field(1, ge=0, description="iterations this stage runs for (anchor: 0 = profile only)")
+                                         "with distillgate.stages.register_stage or the `distillgate.stages` "
+                                         "entry-point group")
+    iterations: int = Field(1, ge=0, description="iterations this stage runs for (0: it takes part in the setup "
+                                                 "iteration 0 only, as anchor does)")
+    options: dict[str, Any] = Field(default_factory=dict, description="the stage's own options, validated by "
+                                                                      "its Options model at preflight")
 
 
 class LoopSpec(_Strict):
@@ -295,8 +301,8 @@ class LoopSpec(_Strict):
     heldout_prompts: int = Field(24, ge=1, description="fixed held-out prompts (extracted once, never trained on)")
     regression_threshold: float = Field(0.02, ge=0.0, description="relative worsening that counts as a "
                                                                   "regression (L2)")
-    plateau_threshold: float = Field(0.01, ge=0.0, description="relative loss slope under which a channel has "
-                                                               "stalled (S2.5.3)")
+    strategy: StrategySpec = Field(default_factory=StrategySpec,
+                                   description="the compensate phase's rules and every number they use")
     gates_spec: str | None = Field(None, description="gate spec YAML (default: the shipped SPEC thresholds)")
     perf_every_structure_change: bool = Field(True, description="measure TTFT/memory when the student's "
                                                                 "structure changes (else every iteration)")
@@ -304,19 +310,22 @@ class LoopSpec(_Strict):
     perf_repeats: int = Field(3, ge=1, description="TTFT repeats per length and model (median and P99 reported)")
     capability_checks: list[Literal["probes", "inheritance", "decision_path"]] = Field(
         default_factory=list, description="slower G-C2/G-C3/G-C4 checks to run in validate (CPU presets)")
-    inheritance_groups: int = Field(48, ge=8, description="G-C3 paired groups per check (SPEC: 300)")
-    path_instructions: int = Field(30, ge=3, description="G-C4 instructions per check (SPEC: 5,000)")
+    inheritance_groups: int = Field(CPU_PRESETS["inheritance_groups"], ge=8,
+                                    description="G-C3 paired groups per check (SPEC: 300)")
+    path_instructions: int = Field(CPU_PRESETS["path_instructions"], ge=3,
+                                   description="G-C4 instructions per check (SPEC: 5,000)")
     data_dir: str | None = Field(None, description="evaluation datasets folder for the G-C2 probes "
                                                    "(e.g. ../shared/datasets)")
 
     @field_validator("stages")
     @classmethod
     def _stages(cls, v):
-        from .stages import STAGES  # the registry: a new stage registers there, the loop core stays as it is
+        from .stages import available_stages  # the registry: a new stage registers there, the core stays
 
-        bad = [s.name for s in v if s.name not in STAGES]
+        stages = available_stages()
+        bad = [s.name for s in v if s.name not in stages]
         if bad:
-            raise ValueError(f"unknown stage(s) {bad}; registered: {sorted(STAGES)}")
+            raise ValueError(f"unknown stage(s) {bad}; registered: {sorted(stages)}")
         if not any(s.iterations > 0 for s in v):
             raise ValueError("at least one stage needs iterations >= 1")
         return v

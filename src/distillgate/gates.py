@@ -37,13 +37,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from .errors import ConfigError, InputError
 from .io import sha256_json
+from .schema import DIMENSIONS, GateResult
 
 log = logging.getLogger(__name__)
 
 REPORT_FORMAT_VERSION = 1
 Comparator = Literal["<=", "<", ">=", ">"]
 Dimension = Literal["capability", "performance", "business", "operations"]
-DIMENSIONS: tuple[str, ...] = ("capability", "performance", "business", "operations")
 _OPS = {"<=": operator.le, "<": operator.lt, ">=": operator.ge, ">": operator.gt}
 
 
@@ -149,25 +149,6 @@ def load_gate_spec(path: str | Path | None = None) -> GateSpec:
 
 
 # ------------------------------------------------------------------------------------------------ verdicts
-
-class GateResult(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    id: str
-    dimension: str
-    metric: str
-    comparator: str
-    threshold: float
-    unit: str
-    value: float | None
-    status: Literal["pass", "fail", "missing", "not_measured"]
-    passed: bool
-    counted: bool = Field(description="enters the dimension score and all_passed")
-    margin: float | None = None
-    rel_margin: float | None = None
-    closeness: float | None = None
-    requires: str | None = None
-    note: str = ""
-
 
 class DimensionScore(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -315,159 +296,7 @@ def evaluate_gates(spec: GateSpec, metrics: dict[str, float | None], notes: dict
 
 
 # ------------------------------------------------------------------------------------------------ providers
-
-@dataclass
-class GateContext:
-    """What a metric provider may use: lazily loaded teacher/student and the command's options.
-
-    Providers share expensive work through ``cache`` (e.g. one perf run yields two metrics) and put their
-    measurement details (per-length timings, memory breakdowns, perplexities) into ``details[metric]``.
-    """
-    student_spec: str
-    teacher_spec: str = "default"
-    dtype: str = "float32"
-    options: dict[str, Any] = field(default_factory=dict)
-    cache: dict[str, Any] = field(default_factory=dict)
-    details: dict[str, Any] = field(default_factory=dict)
-
-    def _load(self, which: str):
-        if which not in self.cache:
-            from .models import load_model
-
-            spec = self.teacher_spec if which == "teacher" else self.student_spec
-            self.cache[which] = load_model(spec, dtype=self.dtype,
-                                           trust_remote_code=bool(self.options.get("trust_remote_code")))
-        return self.cache[which]
-
-    def teacher(self):
-        return self._load("teacher")
-
-    def student(self):
-        return self._load("student")
-
-    def same_tokenizer_pair(self, metric: str, why: str):
-        """(teacher, student) for a metric that needs one tokenizer to serve both; InputError otherwise."""
-        t, s = self.teacher(), self.student()
-        if t.tokenizer.get_vocab() != s.tokenizer.get_vocab():
-            raise InputError(f"{metric}: teacher and student tokenizers differ; {why}")
-        return t, s
-
-
-@dataclass(frozen=True)
-class MetricProvider:
-    name: str
-    fn: Callable[[GateContext], float | None]
-    higher_is_better: bool
-    description: str
-    module: str
-
-
-METRIC_PROVIDERS: dict[str, MetricProvider] = {}
-# Modules that register providers when imported; each is optional (absent while it is being built).
-PROVIDER_MODULES = ("distillgate.perf", "distillgate.evaluate.probes", "distillgate.evaluate.inheritance",
-                    "distillgate.evaluate.decision_path")
-
-
-def register_metric_provider(name: str, fn: Callable[[GateContext], float | None], higher_is_better: bool,
-                             description: str) -> MetricProvider:
-    """Register ``fn(ctx) -> value`` as the provider of gate metric ``name`` (one provider per name)."""
-    old = METRIC_PROVIDERS.get(name)
-    if old is not None and (old.module, old.fn.__qualname__) != (fn.__module__, fn.__qualname__):
-        raise ConfigError("metric provider", name, f"a name not already registered (by {old.module})")
-    p = MetricProvider(name, fn, bool(higher_is_better), description, fn.__module__)
-    METRIC_PROVIDERS[name] = p
-    return p
-
-
-def load_providers(modules: tuple[str, ...] = PROVIDER_MODULES) -> dict[str, str]:
-    """Import the provider modules that exist; returns ``{module: reason}`` for those that could not load."""
-    problems = {}
-    for mod in modules:
-        try:
-            importlib.import_module(mod)
-        except ModuleNotFoundError as e:
-            if e.name and mod.startswith(e.name):  # the module itself is absent (not one of its imports)
-                problems[mod] = "not present"
-            else:
-                problems[mod] = f"import failed: {e}"
-        except Exception as e:  # a broken optional module must not take the gate run down
-            problems[mod] = f"import failed: {type(e).__name__}: {e}"
-    return problems
-
-
-def collect_metrics(spec: GateSpec, ctx: GateContext, given: dict[str, float | None] | None = None,
-                    skip: set[str] = frozenset()) -> tuple[dict[str, float | None], dict[str, str]]:
-    """Values for every gate metric: ``given`` first, else its registered provider (unless in ``skip``).
-
-    Returns ``(metrics, notes)``; a metric with no value gets a note saying why (skipped, no provider,
-    provider error). ConfigError from a provider propagates (a usage error); other errors become notes.
-    """
-    metrics: dict[str, float | None] = dict(given or {})
-    notes: dict[str, str] = {}
-    for g in spec.gates:
-        m = g.metric
-        if metrics.get(m) is not None or m in notes:
-            continue
-        prov = METRIC_PROVIDERS.get(m)
-        if m in skip:
-            notes[m] = "skipped (--skip)"
-        elif prov is None:
-            if not g.requires:
-                notes[m] = "no provider registered"
-        else:
-            if prov.higher_is_better != higher_is_better(g.comparator):
-                raise ConfigError(f"gate {g.id}.comparator", g.comparator,
-                                  f"a comparator matching {m}'s higher_is_better={prov.higher_is_better}")
-            try:
-                metrics[m] = prov.fn(ctx)
-            except ConfigError:
-                raise
-            except Exception as e:  # one broken metric fails its gate (loudly, in the table), not the run
-                log.warning("metric %s failed: %s", m, e, exc_info=log.isEnabledFor(logging.DEBUG))
-                notes[m] = f"provider error: {type(e).__name__}: {e}"
-                metrics[m] = None
-            if metrics.get(m) is None and m not in notes:
-                d = ctx.details.get(m)
-                notes[m] = d.get("note", "provider returned no value") if isinstance(d, dict) else \
-                    "provider returned no value"
-    return metrics, notes
-
-
-# ------------------------------------------------------------------------------------------------ G-C1
-
-def _text_head(path: Path, tokenizer, n_tokens: int) -> str:
-    """The shortest prefix of the file (read in growing chunks) holding >= n_tokens tokens, or all of it:
-    tokenizing a whole corpus (WikiText-2 valid: 1.2 MB) to keep 2,048 tokens is wasted work."""
-    if not path.is_file():
-        raise InputError(f"{path}: perplexity text file not found")
-    chars = 8 * n_tokens
-    with open(path, encoding="utf-8") as f:
-        text = f.read(chars)
-        while len(tokenizer(text, add_special_tokens=False)["input_ids"]) < n_tokens and (more := f.read(chars)):
-            text += more
-            chars *= 2
-    return text
-
-
-def perplexity_ratio(ctx: GateContext) -> float | None:
-    """G-C1: student / teacher token perplexity on the same tokens of ``options['ppl_text']``, computed by
-    :func:`distillgate.evaluate.lm.perplexity` (rolling windows: window 512, stride 256)."""
-    from .evaluate.lm import perplexity
-
-    text = ctx.options.get("ppl_text")
-    if not text:
-        ctx.details["ppl_ratio"] = {"note": "no text: pass --ppl-text FILE"}
-        return None
-    n_tokens = int(ctx.options.get("ppl_tokens", 2048))
-    t, s = ctx.same_tokenizer_pair("ppl_ratio", "perplexities are not comparable")
-    head = _text_head(Path(text), t.tokenizer, n_tokens)
-    pt = perplexity(t.model, t.tokenizer, head, max_tokens=n_tokens)
-    ps = perplexity(s.model, s.tokenizer, head, max_tokens=n_tokens)
-    if pt["n_tokens"] != ps["n_tokens"]:
-        raise InputError(f"ppl_ratio: teacher scored {pt['n_tokens']} tokens, student {ps['n_tokens']}")
-    ctx.details["ppl_ratio"] = {"teacher": pt, "student": ps, "text": str(text)}
-    return ps["ppl_token"] / pt["ppl_token"]
-
-
-register_metric_provider("ppl_ratio", perplexity_ratio, higher_is_better=False,
-                         description="student / teacher perplexity on a text slice (G-C1)")
+# The metric registry lives in evaluate/providers.py (the loop and `distillgate gates` both measure through
+# it); these names stay importable from here.
+from .evaluate.providers import (METRIC_PROVIDERS, PROVIDER_MODULES, GateContext, MetricProvider,  # noqa: E402,F401
+                                 collect_metrics, load_providers, register_metric_provider)

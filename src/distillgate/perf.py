@@ -369,9 +369,8 @@ def leak_rate(model, tokenizer, seconds: float = 60.0, iterations: int | None = 
 
 # ------------------------------------------------------------------------------------------------ providers
 
-def _opt(ctx: GateContext, key: str, default):
-    v = ctx.options.get(key)
-    return default if v is None else v
+def _opt(ctx: GateContext, key: str, default=None):
+    return ctx.opt(key, default)
 
 
 def _perf(ctx: GateContext) -> dict:
@@ -379,8 +378,8 @@ def _perf(ctx: GateContext) -> dict:
         t, s = ctx.teacher(), ctx.student()
         ctx.cache["perf"] = compare_perf(
             t.model, s.model, t.tokenizer, lengths=_opt(ctx, "lengths", DEFAULT_LENGTHS),
-            repeats=_opt(ctx, "repeats", 5), warmup=_opt(ctx, "warmup", 1),
-            context_len=_opt(ctx, "context_len", 512), threads=ctx.options.get("threads"))
+            repeats=_opt(ctx, "repeats"), warmup=_opt(ctx, "warmup"),
+            context_len=_opt(ctx, "context_len"), threads=ctx.options.get("threads"))
         ctx.details["perf"] = ctx.cache["perf"]["details"]
     return ctx.cache["perf"]
 
@@ -395,8 +394,8 @@ def _peak_memory_ratio(ctx: GateContext) -> float:
 
 def _latency_volatility_ratio(ctx: GateContext) -> float:
     t, s = ctx.teacher(), ctx.student()
-    r = compare_latency_volatility(t.model, s.model, t.tokenizer, n_requests=_opt(ctx, "volatility_requests", 24),
-                                   seed=_opt(ctx, "seed", 0), max_context=_opt(ctx, "context_len", 512),
+    r = compare_latency_volatility(t.model, s.model, t.tokenizer, n_requests=_opt(ctx, "volatility_requests"),
+                                   seed=_opt(ctx, "seed"), max_context=_opt(ctx, "context_len"),
                                    threads=ctx.options.get("threads"))
     ctx.details["latency_volatility_ratio"] = r["details"]
     return r["latency_volatility_ratio"]

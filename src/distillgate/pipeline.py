@@ -6,13 +6,13 @@ load       -> the teacher (safetensors; the default is imported once from its GG
 extract    -> prompts -> teacher answers (cached dataset) -> teacher top-k targets (cached) or online
 student    -> derive by importance / load / from config, with its report and layer map
 map        -> the training loop on the objective
-validate   -> held-out KL, top-1 agreement, perplexities (teacher text and a text file), per sample/domain
+validate   -> held-out KL, top-1 agreement, perplexities (teacher text and a text file), per sample/domain,
+              through the metric registry (evaluate/providers.py) the loop and `distillgate gates` use
 """
 
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -230,95 +230,29 @@ def map_student(student, objective, dataset, train_spec, out_dir, *, seed: int, 
 
 # ------------------------------------------------------------------------------------------ validate
 
-@torch.inference_mode()
-def _target_logprobs(model, batch):
-    """log-softmax over the vocabulary at prediction positions [N, V] (float32) and the targets [N]."""
-    from .targets import prediction_positions
-
-    b, t = prediction_positions(batch)
-    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-    logits = out.logits[b, t].float()
-    return torch.log_softmax(logits, -1), batch["input_ids"][b, t + 1]
-
-
 @dataclass
 class Validation:
     metrics: dict[str, float]
     samples: list  # attribution.SampleDivergence per held-out example
 
 
-@torch.inference_mode()
-def heldout_divergence(student, teacher_model, examples, pad: int, *, batch_size: int = 8, teacher_cache=None):
-    """Exact KL(teacher||student), reverse KL, top-1 agreement and NLL of both models on teacher-answered
-    examples, per position. ``teacher_cache`` (a dict) keeps the teacher's [N, V] log-probs of these
-    examples between calls when memory allows (it is keyed by example id)."""
-    from .attribution import SampleDivergence
-    from .data.dataset import collate
+def validate(student, teacher, heldout_examples, cfg: DistillConfig, *, teacher_cache: dict | None = None):
+    """Measurements of one student against the teacher (SPEC L1.3) through the metric registry, exactly as the
+    loop's validate takes them: the exact held-out comparison (KL, reverse KL, top-1, perplexities, per domain)
+    and G-C1's ``ppl_ratio`` (student/teacher perplexity on ``eval.text_file`` when given, else on the held-out
+    teacher answers). ``teacher_cache``: a dict kept between calls with the same teacher and data."""
+    from types import SimpleNamespace
 
-    was_training = student.training
+    from .evaluate.providers import HELDOUT_METRICS, GateContext, measure
+
+    s = SimpleNamespace(model=student, tokenizer=teacher.tokenizer, fingerprint=None, path=None)
+    ctx = GateContext.with_models(teacher, s, {"heldout": heldout_examples, "ppl_text": cfg.eval.text_file,
+                                               "ppl_tokens": cfg.eval.max_tokens}, teacher_cache)
+    was = student.training
     student.eval()
-    tot = {"kl": 0.0, "rkl": 0.0, "top1": 0.0, "nll_s": 0.0, "nll_t": 0.0, "n": 0}
-    samples = []
     try:
-        for i in range(0, len(examples), batch_size):
-            group = examples[i:i + batch_size]
-            batch = collate(group, pad)
-            s_lp, tgt = _target_logprobs(student, batch)
-            t_lp, _ = _target_logprobs(teacher_model, batch)
-            kl = (t_lp.exp() * (t_lp - s_lp)).sum(-1).clamp_min(0)
-            rkl = (s_lp.exp() * (s_lp - t_lp)).sum(-1).clamp_min(0)
-            top1 = (s_lp.argmax(-1) == t_lp.argmax(-1)).double()
-            nll_s = -s_lp.gather(1, tgt[:, None]).squeeze(1)
-            nll_t = -t_lp.gather(1, tgt[:, None]).squeeze(1)
-            tot["kl"] += float(kl.double().sum()); tot["rkl"] += float(rkl.double().sum())
-            tot["top1"] += float(top1.sum()); tot["nll_s"] += float(nll_s.double().sum())
-            tot["nll_t"] += float(nll_t.double().sum()); tot["n"] += len(kl)
-            counts = (batch["loss_mask"][:, 1:] != 0).sum(1).tolist()
-            off = 0
-            for e, c in zip(group, counts):
-                k = kl[off:off + c].tolist()
-                off += c
-                samples.append(SampleDivergence(e.id, e.domain, sum(k) / max(len(k), 1), k, e.response[:200]))
+        values, _ = measure(ctx, list(HELDOUT_METRICS) + ["ppl_ratio"])
     finally:
-        student.train(was_training)
-    n = max(tot["n"], 1)
-    return {"kl": tot["kl"] / n, "reverse_kl": tot["rkl"] / n, "top1_agreement": tot["top1"] / n,
-            "student_ppl_heldout": math.exp(tot["nll_s"] / n), "teacher_ppl_heldout": math.exp(tot["nll_t"] / n),
-            "heldout_tokens": tot["n"]}, samples
-
-
-def validate(student, teacher, heldout_examples, cfg: DistillConfig, *, teacher_text_ppl: float | None = None):
-    """Measurements of one student against the teacher (SPEC L1.3): held-out divergence and perplexities.
-
-    G-C1's ``ppl_ratio`` is student/teacher perplexity on ``eval.text_file`` when given, else on the held-out
-    teacher answers.
-    """
-    from .evaluate.lm import perplexity
-
-    metrics, samples = heldout_divergence(student, teacher.model, heldout_examples, pad_id(teacher.tokenizer))
-    metrics["ppl_ratio_heldout"] = metrics["student_ppl_heldout"] / metrics["teacher_ppl_heldout"]
-    for d, v in _by_domain(samples).items():
-        metrics[f"kl/domain/{d}"] = v
-    if cfg.eval.text_file:
-        was = student.training
-        student.eval()
-        try:
-            s = perplexity(student, teacher.tokenizer, cfg.eval.text_file, max_tokens=cfg.eval.max_tokens)
-        finally:
-            student.train(was)
-        if teacher_text_ppl is None:
-            teacher_text_ppl = perplexity(teacher.model, teacher.tokenizer, cfg.eval.text_file,
-                                          max_tokens=cfg.eval.max_tokens)["ppl_token"]
-        metrics["student_ppl_text"] = s["ppl_token"]
-        metrics["teacher_ppl_text"] = teacher_text_ppl
-        metrics["ppl_ratio"] = s["ppl_token"] / teacher_text_ppl
-    else:
-        metrics["ppl_ratio"] = metrics["ppl_ratio_heldout"]
-    return Validation(metrics=metrics, samples=samples)
-
-
-def _by_domain(samples) -> dict[str, float]:
-    acc: dict[str, list[float]] = {}
-    for s in samples:
-        acc.setdefault(s.domain, []).append(s.kl_mean)
-    return {d: sum(v) / len(v) for d, v in sorted(acc.items())}
+        student.train(was)
+    return Validation(metrics={k: v for k, v in values.items() if v is not None},
+                      samples=ctx.cache.get("heldout_samples") or [])

@@ -70,18 +70,18 @@ def test_bad_config_creates_no_run_folder(tiny_teacher_dir, tmp_path):
 
 def test_kill_then_resume_gives_the_same_final_weights(tiny_teacher_dir, tmp_path, monkeypatch):
     straight = loop_mod.run(_cfg(tiny_teacher_dir, tmp_path / "a"), progress=False)
-    real = loop_mod.Loop.train_iteration
+    real = loop_mod.Run.distil
 
-    def crash_in_iteration_2(self, ctx):
-        if ctx.iteration == 2:
-            real(self, ctx)  # training finished, the process dies before the commit
+    def crash_in_iteration_2(self, it, **kw):
+        if it.index == 2:
+            real(self, it, **kw)  # training finished, the process dies before the commit
             raise KeyboardInterrupt("simulated kill")
-        return real(self, ctx)
+        return real(self, it, **kw)
 
-    monkeypatch.setattr(loop_mod.Loop, "train_iteration", crash_in_iteration_2)
+    monkeypatch.setattr(loop_mod.Run, "distil", crash_in_iteration_2)
     with pytest.raises(KeyboardInterrupt):
         loop_mod.run(_cfg(tiny_teacher_dir, tmp_path / "b", run_id="crashy"), progress=False)
-    monkeypatch.setattr(loop_mod.Loop, "train_iteration", real)
+    monkeypatch.setattr(loop_mod.Run, "distil", real)
     with RunStore.open(tmp_path / "b", "crashy") as s:
         assert [r["iteration"] for r in s.versions()] == [0, 1]
     resumed = loop_mod.run(None, resume_run="crashy", root=str(tmp_path / "b"), progress=False)
@@ -126,15 +126,18 @@ class _Probe:
     name, code = "probe", "S2"
     calls = []
 
-    def extract(self, ctx):
-        _Probe.calls.append(("extract", ctx.iteration))
-        ctx.loop.extract_iteration(ctx)
+    def __init__(self, options):
+        self.options = options
 
-    def map(self, ctx):
-        _Probe.calls.append(("map", ctx.iteration))
+    def extract(self, it, run):
+        _Probe.calls.append(("extract", it.index))
+        run.training.add(it.index, run.training.take(4, it.recipe["data"]["mix"], "lm", it.index))
 
-    def attribute(self, ctx):
-        _Probe.calls.append(("attribute", ctx.iteration))
+    def map(self, it, run):
+        _Probe.calls.append(("map", it.index))
+
+    def attribute(self, it, run):
+        _Probe.calls.append(("attribute", it.index))
 
 
 def test_a_new_stage_plugs_in_without_touching_the_core(tiny_teacher_dir, tmp_path):

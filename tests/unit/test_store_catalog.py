@@ -9,7 +9,7 @@ import sqlite3
 import pytest
 
 from distillgate.errors import ArtifactError, ConfigError
-from distillgate.store import Decision, Finding, GateResult, RunStore, list_runs
+from distillgate.store import Decision, Finding, GateRow, RunStore, list_runs
 from distillgate.store.catalog import SCHEMA_VERSION
 
 
@@ -29,10 +29,10 @@ def test_records_survive_reopen(tmp_path):
         v1 = _v(s, 0, {"k": 0})
         s.record_metrics(v1, {"kl": 0.5, "loss": float("nan"), "ppl": math.inf})
         s.record_metrics(v1, {"acc": 0.75}, split="test")
-        s.record_gates(v1, [GateResult("G-Q1", True, 0.97, 0.95, "quality", {"n": 40}),
+        s.record_gates(v1, [GateRow("G-Q1", True, 0.97, 0.95, "quality", {"n": 40}),
                             {"gate": "G-O5", "passed": False, "value": 20.0, "threshold": 15.0}])
-        ids = s.record_findings(0, [Finding("regression", "kl", "kl up 10%", "warning", {"delta": 0.1})], v1)
-        s.record_decisions(0, [Decision("loss.weights.kl", 1.0, 1.5, "kl regressed")])
+        ids = s.record_findings(0, [Finding("regression", "warning", "kl", "kl up 10%", {"delta": 0.1})], v1)
+        s.record_decisions(0, [Decision(0, "", "loss.weights.kl", 1.0, 1.5, "kl regressed")])
         s.finish_iteration(0, "ok", converged=False)
         v2 = _v(s, 1, {"k": 1})
         s.record_metrics(v2, {"kl": 0.25})
@@ -66,12 +66,12 @@ def test_records_survive_reopen(tmp_path):
 def test_typed_records_fail_loudly(tmp_path):
     with RunStore.create(tmp_path, {}, run_id="r") as s:
         v = _v(s, 0, {})
-        with pytest.raises(ConfigError, match=r"GateResult.pased"):
+        with pytest.raises(ConfigError, match=r"GateRow.pased"):
             s.record_gates(v, [{"gate": "g", "pased": True}])
         with pytest.raises(ConfigError, match="severity"):
-            s.record_findings(0, [Finding("stall", "kl", "flat", severity="fatal")])
+            s.record_findings(0, [{"kind": "stall", "subject": "kl", "message": "flat", "severity": "fatal"}])
         with pytest.raises(ConfigError, match="reason"):
-            s.record_decisions(0, [Decision("lr", 1, 2, " ")])
+            s.record_decisions(0, [Decision(0, "", "lr", 1, 2, " ")])
         with pytest.raises(ConfigError, match="phase status"):
             s.record_phase(0, "map", 1.0, "done")
         with pytest.raises(ConfigError, match="seconds"):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from distillgate.cli import main
-from distillgate.store import GateResult, RunStore
+from distillgate.store import GateRow, RunStore
 
 
 def _make_run(root):
@@ -15,7 +15,7 @@ def _make_run(root):
             with s.begin_version(it) as vw:
                 vw.add_json("state.json", {"it": it})
                 vid = vw.commit(aliases=("current", "best") if it == 1 else ("current",))
-            s.record_gates(vid, [GateResult("G-Q1", it == 1, 0.9 + it / 100, 0.905)])
+            s.record_gates(vid, [GateRow("G-Q1", it == 1, 0.9 + it / 100, 0.905)])
             s.finish_iteration(it)
         s.set_run_status("finished", converged=False)
 

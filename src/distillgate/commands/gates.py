@@ -15,6 +15,8 @@ PERF_METRICS = ("ttft_ratio", "peak_memory_ratio", "latency_volatility_ratio", "
 
 
 def register(subparsers) -> None:
+    from ..evaluate.providers import CPU_PRESETS as P
+
     p = subparsers.add_parser(
         "gates", help="evaluate the acceptance gates (capability, performance, business, operations)",
         description="Measure the student against the teacher (perplexity ratio, TTFT, memory, latency "
@@ -38,17 +40,21 @@ def register(subparsers) -> None:
     g.add_argument("--ppl-text", default=None, metavar="FILE", help="UTF-8 text for the perplexity ratio (G-C1)")
     g.add_argument("--ppl-tokens", type=int, default=2048, help="tokens of --ppl-text to score")
     g.add_argument("--lengths", default="32,128,512", help="TTFT prompt lengths in tokens (G-P1)")
-    g.add_argument("--repeats", type=int, default=5, help="TTFT repeats per length and model (interleaved)")
-    g.add_argument("--warmup", type=int, default=1, help="TTFT warm-up calls per length and model")
-    g.add_argument("--context-len", type=int, default=512, help="context for the memory breakdown (G-P3) and "
+    g.add_argument("--repeats", type=int, default=P["repeats"], help="TTFT repeats per length and model (interleaved)")
+    g.add_argument("--warmup", type=int, default=P["warmup"], help="TTFT warm-up calls per length and model")
+    g.add_argument("--context-len", type=int, default=P["context_len"], help="context for the memory breakdown (G-P3) and "
                    "the longest request of the volatility load (G-P2)")
-    g.add_argument("--volatility-requests", type=int, default=24, help="requests in the G-P2 load")
+    g.add_argument("--volatility-requests", type=int, default=P["volatility_requests"], help="requests in the G-P2 load")
     g.add_argument("--leak-seconds", type=float, default=0.0, help="G-P4 soak length (0: not run)")
     g.add_argument("--threads", type=int, default=1, help="torch threads for every measurement of both models "
                    "(1 is stable on a shared CPU; use the serving thread count on a dedicated machine)")
     g.add_argument("--data-dir", default=None, metavar="DIR", help="evaluation data for the G-C2 probes "
                    "(wnut17/, ud_english_ewt/, blimp/; default: $DISTILLGATE_DATA)")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--inheritance-groups", type=int, default=P["inheritance_groups"],
+                   help="G-C3 paired groups (SPEC: 300; CPU preset shown)")
+    g.add_argument("--path-instructions", type=int, default=P["path_instructions"],
+                   help="G-C4 instructions (SPEC: 5,000; CPU preset shown)")
+    g.add_argument("--seed", type=int, default=P["seed"])
     g.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     g.add_argument("--trust-remote-code", action="store_true")
     p.set_defaults(func=run)
@@ -158,6 +164,7 @@ def run(args: argparse.Namespace) -> int:
         "ppl_text": args.ppl_text, "ppl_tokens": args.ppl_tokens, "lengths": lengths, "repeats": args.repeats,
         "warmup": args.warmup, "context_len": args.context_len, "volatility_requests": args.volatility_requests,
         "leak_seconds": args.leak_seconds, "threads": args.threads, "seed": args.seed, "data_dir": args.data_dir,
+        "inheritance_groups": args.inheritance_groups, "path_instructions": args.path_instructions,
         "trust_remote_code": args.trust_remote_code})
     from ..perf import torch_threads
 

@@ -221,9 +221,10 @@ def path_consistency_provider(ctx) -> float | None:
     """G-C4 metric provider: :func:`decision_path_consistency` over ``options['path_instructions']`` (30)
     instructions; teacher paths cached by the teacher's fingerprint. Needs one tokenizer for both models."""
     t, s = ctx.same_tokenizer_pair("path_consistency", "one tokenizer must serve both")
-    res = decision_path_consistency(s.model, t.model, s.tokenizer, n=int(ctx.options.get("path_instructions", 30)),
-                                    seed=int(ctx.options.get("seed", 0)), teacher_fingerprint=t.fingerprint)
+    res = decision_path_consistency(s.model, t.model, s.tokenizer, n=int(ctx.opt("path_instructions")),
+                                    seed=int(ctx.opt("seed")), teacher_fingerprint=t.fingerprint)
     ctx.details["path_consistency"] = res
+    ctx.extra.update({k: res[k] for k in ("path_consistency_lenient", "answer_agreement") if k in res})
     return res["path_consistency"]
 
 

@@ -287,9 +287,10 @@ def inheritance_provider(ctx) -> float | None:
     teacher answers cached by the teacher's fingerprint. Needs teacher and student to share a tokenizer."""
     t, s = ctx.same_tokenizer_pair("inheritance", "one tokenizer must serve both")
     res = capability_inheritance(s.model, t.model, s.tokenizer,
-                                 n_groups=int(ctx.options.get("inheritance_groups", 48)),
-                                 seed=int(ctx.options.get("seed", 0)), teacher_fingerprint=t.fingerprint)
+                                 n_groups=int(ctx.opt("inheritance_groups")),
+                                 seed=int(ctx.opt("seed")), teacher_fingerprint=t.fingerprint)
     ctx.details["inheritance"] = res
+    ctx.extra.update({f"inheritance/{k}": v for k, v in res.get("per_kind", {}).items()})
     return res["inheritance"]
 
 

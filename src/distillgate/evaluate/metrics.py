@@ -21,9 +21,9 @@ from pathlib import Path
 
 from ..errors import ConfigError, InputError
 from ..io import atomic_write_json
+from ..schema import TIERS
 
 SCORECARD_VERSION = 1
-TIERS = ("lm", "mid", "high")
 
 
 @dataclass(frozen=True)

@@ -549,8 +549,8 @@ def f1_gap_provider(ctx) -> float | None:
         ctx.details["f1_gap_points"] = {"note": "no probe data: pass --data-dir DIR (or set DISTILLGATE_DATA) "
                                                 "holding wnut17/, ud_english_ewt/ and blimp/"}
         return None
-    kw = {"limit_sentences": int(ctx.options.get("probe_sentences", 400)),
-          "blimp_pairs": int(ctx.options.get("blimp_pairs", 300)), "seed": int(ctx.options.get("seed", 0))}
+    kw = {"limit_sentences": int(ctx.opt("probe_sentences")), "blimp_pairs": int(ctx.opt("blimp_pairs")),
+          "seed": int(ctx.opt("seed"))}
     t, s = ctx.teacher(), ctx.student()
     tr = probe_suite(t.model, t.tokenizer, data_dir, cache=True, fingerprint=t.fingerprint, **kw)
     sr = probe_suite(s.model, s.tokenizer, data_dir, **kw)

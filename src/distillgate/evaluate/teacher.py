@@ -1,4 +1,6 @@
-"""Student vs teacher on held-out tokens: forward/reverse KL and top-1 agreement, teacher side cached.
+"""Student vs teacher on held-out tokens: forward/reverse KL, top-1 agreement and both models' NLL, teacher
+side cached. This is the ONE held-out teacher comparison: the loop's validate phase, ``distillgate distill`` and
+the eval suite's ``teacher_kl`` task all call :func:`compare_to_teacher`.
 
 Positions are the architecture's *prediction positions* (``distillgate.targets.prediction_positions``):
 ``(b, t-1)`` wherever ``loss_mask[b, t] == 1``, row-major. Plain token sequences get
@@ -10,11 +12,14 @@ folder, keyed by sha256(teacher fingerprint, data hash, k). A second student eva
 does no teacher forward.
 
 Approximation (documented, conservative): with top-k the vocabulary is coarse-grained into the teacher's k
-tokens plus one *tail bucket* holding the remaining mass of each distribution (teacher: ``1 - sum p_k``;
-student: ``1 - sum q`` over the same k tokens). KL on these k+1 buckets is a lower bound on the exact KL
-(data-processing inequality) and equals it when the tail is empty; on SmolLM2 real text k=256 covers ~96%
-of the teacher's mass. ``top_k=None`` computes the exact KL from full teacher distributions (no cache).
-Top-1 agreement is exact either way (the teacher's argmax is its first top-k index).
+tokens plus one *tail bucket* holding the remaining mass of each distribution, with exactly the bucket math the
+training losses use (:func:`distillgate.losses.divergence.topk_teacher_buckets` /
+:func:`~distillgate.losses.divergence.topk_student_buckets`: the student's tail is the exact logsumexp of its
+other logits). KL on these k+1 buckets is a lower bound on the exact KL (data-processing inequality) and equals
+it when the tail is empty; on SmolLM2 real text k=256 covers ~96% of the teacher's mass. ``top_k=None`` computes
+the exact KL from full teacher distributions; its teacher side can be kept in memory between calls
+(``teacher_cache``, a dict the caller owns, bounded by ``teacher_cache_bytes``), so a fixed held-out set costs one
+teacher forward per run. Top-1 agreement is exact either way (the teacher's argmax is its first top-k index).
 """
 
 from __future__ import annotations
@@ -45,6 +50,8 @@ def normalize_examples(examples) -> list[tuple[str, list[int], list[int]]]:
             for b in range(ids.shape[0]):
                 n = int(att[b].sum())
                 out.append((str(names[b]), ids[b, :n].tolist(), lm[b, :n].tolist()))
+        elif hasattr(ex, "input_ids") and hasattr(ex, "loss_mask"):  # a data.dataset.Example
+            out.append((str(ex.id), list(ex.input_ids), list(ex.loss_mask)))
         elif isinstance(ex, dict):
             ids = list(map(int, ex["input_ids"]))
             lm = list(map(int, ex.get("loss_mask") or [0] + [1] * (len(ids) - 1)))
@@ -79,10 +86,15 @@ def _batches(exs, batch_size: int, pad_id: int):
         yield list(range(s, s + len(chunk))), {"input_ids": ids, "attention_mask": att, "loss_mask": lm}
 
 
-def _logprobs_at_positions(model, batch) -> torch.Tensor:
-    """[N, V] float32 log-probs at the prediction positions (row-major)."""
+def _logprobs_at_positions(model, batch, *, full_logits: bool = False) -> torch.Tensor:
+    """[N, V] float32 log-probs at the prediction positions (row-major). ``full_logits``: run the lm-head on
+    every position and index afterwards (bit-identical to a plain forward; the exact path uses it), else only
+    on the kept positions (``logits_to_keep``: less memory)."""
     device = next(model.parameters()).device
     b, t = prediction_positions(batch)
+    if full_logits:
+        out = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device))
+        return torch.log_softmax(out.logits[b.to(device), t.to(device)].float(), dim=-1)
     keep = torch.zeros_like(batch["input_ids"], dtype=torch.bool)
     keep[b, t] = True
     logits = model(batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
@@ -131,46 +143,70 @@ def teacher_topk(teacher, exs, *, top_k: int, batch_size: int, pad_id: int, cach
 
 
 def bucket_kl(t_idx: torch.Tensor, t_lp: torch.Tensor, s_lp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Forward KL(T||S) and reverse KL(S||T) per position [N] on the teacher's top-k + one tail bucket.
+    """Forward KL(T||S) and reverse KL(S||T) per position [N] on the teacher's top-k + one tail bucket, with the
+    training losses' bucket math (see the module docstring).
 
-    t_idx, t_lp: [N, k] teacher top-k; s_lp: [N, V] student log-probs (float32). Exact when k == V.
+    t_idx, t_lp: [N, k] teacher top-k log-probs at T = 1; s_lp: [N, V] student log-probs (or logits: the buckets
+    are shift-invariant). Exact when k == V.
     """
-    s_k = s_lp.gather(1, t_idx)                                            # [N, k]
-    p, q = t_lp.exp(), s_k.exp()
-    p_tail = (1 - p.sum(-1)).clamp_min(0)
-    q_tail = (1 - q.sum(-1)).clamp_min(0)
-    lpt, lqt = p_tail.clamp_min(_EPS).log(), q_tail.clamp_min(_EPS).log()
-    fwd = (p * (t_lp - s_k)).sum(-1) + torch.where(p_tail > _EPS, p_tail * (lpt - lqt), 0.0)
-    rev = (q * (s_k - t_lp)).sum(-1) + torch.where(q_tail > _EPS, q_tail * (lqt - lpt), 0.0)
-    return fwd.clamp_min(0), rev.clamp_min(0)
+    from ..losses.divergence import kl_logprobs, topk_student_buckets, topk_teacher_buckets
+
+    p = topk_teacher_buckets(t_lp, s_lp.shape[-1])
+    q = topk_student_buckets(s_lp, t_idx.long())
+    return kl_logprobs(p, q).clamp_min(0), kl_logprobs(q, p).clamp_min(0)
+
+
+def _teacher_exact(teacher, rows, batch, teacher_cache, budget: int) -> torch.Tensor:
+    """The teacher's [n, V] log-probs of one batch (exact path), from/into ``teacher_cache``."""
+    if teacher_cache is None:
+        return _logprobs_at_positions(teacher, batch, full_logits=True)
+    key = sha256_json([batch["input_ids"].tolist(), batch["loss_mask"].tolist()])
+    hit = teacher_cache.get(key)
+    if hit is not None:
+        return hit
+    t_lp = _logprobs_at_positions(teacher, batch, full_logits=True)
+    used = teacher_cache.get("__bytes__", 0)
+    if used + t_lp.numel() * t_lp.element_size() <= budget:
+        teacher_cache[key] = t_lp
+        teacher_cache["__bytes__"] = used + t_lp.numel() * t_lp.element_size()
+    return t_lp
 
 
 @in_eval_mode
 @torch.no_grad()
 def compare_to_teacher(student, teacher, examples, *, batch_size: int = 8, top_k: int | None = 256,
-                       pad_id: int = 0, cache: bool = True, cache_dir: str | Path | None = None) -> dict:
-    """Forward/reverse KL and top-1 agreement of ``student`` against ``teacher`` (same vocabulary).
+                       pad_id: int = 0, cache: bool = True, cache_dir: str | Path | None = None,
+                       teacher_cache: dict | None = None, teacher_cache_bytes: int = 1 << 30,
+                       per_position: bool = False) -> dict:
+    """Forward/reverse KL and top-1 agreement of ``student`` against ``teacher`` (same vocabulary); on the exact
+    path (``top_k=None``) also both models' NLL of the data's tokens.
 
-    Returns ``{kl_forward_mean, kl_reverse_mean, top1_agreement, n_tokens, per_example, exact}``; means are
-    over prediction positions; ``per_example[i] = {example_id, kl_forward, kl_reverse, top1, n_tokens}``.
+    Returns ``{kl_forward_mean, kl_reverse_mean, top1_agreement, n_tokens, per_example, exact, top_k}`` and, when
+    exact, ``{student_nll_mean, teacher_nll_mean}``; means are over prediction positions;
+    ``per_example[i] = {example_id, kl_forward, kl_reverse, top1, n_tokens}`` (+ ``kl_by_position`` with
+    ``per_position``).
     """
     exs = normalize_examples(examples)
     exact = top_k is None
     if not exact:
         t_idx_all, t_lp_all = teacher_topk(teacher, exs, top_k=top_k, batch_size=batch_size, pad_id=pad_id,
                                            cache=cache, cache_dir=cache_dir)
-    per_example, fwd_all, rev_all, top1_all = [], [], [], []
+    per_example, fwd_all, rev_all, top1_all, nll_s_all, nll_t_all = [], [], [], [], [], []
     offset = 0
     for rows, batch in _batches(exs, batch_size, pad_id):
-        s_lp = _logprobs_at_positions(student, batch)                          # [n, V]
+        s_lp = _logprobs_at_positions(student, batch, full_logits=exact)        # [n, V]
         n = s_lp.shape[0]
         if exact:
-            t_lp = _logprobs_at_positions(teacher, batch)
+            t_lp = _teacher_exact(teacher, rows, batch, teacher_cache, teacher_cache_bytes).to(s_lp.device)
             if t_lp.shape[-1] != s_lp.shape[-1]:
                 raise InputError(f"teacher vocab {t_lp.shape[-1]} != student vocab {s_lp.shape[-1]}")
             p, q = t_lp.exp(), s_lp.exp()
             fwd, rev = (p * (t_lp - s_lp)).sum(-1).clamp_min(0), (q * (s_lp - t_lp)).sum(-1).clamp_min(0)
             t_top1 = t_lp.argmax(-1)
+            b, t = prediction_positions(batch)
+            tgt = batch["input_ids"][b, t + 1].to(s_lp.device)[:, None]
+            nll_s_all.append(-s_lp.gather(1, tgt).squeeze(1).double())
+            nll_t_all.append(-t_lp.gather(1, tgt).squeeze(1).double())
         else:
             t_idx, t_lp = t_idx_all[offset:offset + n].to(s_lp.device), t_lp_all[offset:offset + n].to(s_lp.device)
             if t_idx.numel() and int(t_idx.max()) >= s_lp.shape[-1]:
@@ -183,10 +219,13 @@ def compare_to_teacher(student, teacher, examples, *, batch_size: int = 8, top_k
         for r, i in enumerate(rows):
             sel = b == r
             k = int(sel.sum())
-            per_example.append({"example_id": exs[i][0], "n_tokens": k,
-                                "kl_forward": float(fwd[sel].double().mean()) if k else float("nan"),
-                                "kl_reverse": float(rev[sel].double().mean()) if k else float("nan"),
-                                "top1": float(top1[sel].double().mean()) if k else float("nan")})
+            row = {"example_id": exs[i][0], "n_tokens": k,
+                   "kl_forward": float(fwd[sel].double().mean()) if k else float("nan"),
+                   "kl_reverse": float(rev[sel].double().mean()) if k else float("nan"),
+                   "top1": float(top1[sel].double().mean()) if k else float("nan")}
+            if per_position:
+                row["kl_by_position"] = fwd[sel].tolist()
+            per_example.append(row)
         fwd_all.append(fwd.double())
         rev_all.append(rev.double())
         top1_all.append(top1.double())
@@ -195,6 +234,10 @@ def compare_to_teacher(student, teacher, examples, *, batch_size: int = 8, top_k
     fwd, rev, top1 = torch.cat(fwd_all), torch.cat(rev_all), torch.cat(top1_all)
     if len(fwd) == 0:
         raise InputError("compare_to_teacher: no prediction positions (every loss_mask is 0)")
-    return {"kl_forward_mean": float(fwd.mean()), "kl_reverse_mean": float(rev.mean()),
-            "top1_agreement": float(top1.mean()), "n_tokens": len(fwd), "per_example": per_example,
-            "exact": exact, "top_k": top_k}
+    out = {"kl_forward_mean": float(fwd.mean()), "kl_reverse_mean": float(rev.mean()),
+           "top1_agreement": float(top1.mean()), "n_tokens": len(fwd), "per_example": per_example,
+           "exact": exact, "top_k": top_k}
+    if exact:
+        out["student_nll_mean"] = float(torch.cat(nll_s_all).mean())
+        out["teacher_nll_mean"] = float(torch.cat(nll_t_all).mean())
+    return out

@@ -84,3 +84,18 @@ def format_info(info: dict, title: str | None = None):
             continue
         table.add_row(k, _fmt(k, v))
     return table
+
+
+def structure(model: torch.nn.Module) -> dict:
+    """The shape the loop tracks (recipe ``student.structure``): what a prune or a derivation changes.
+
+    ``{layers, heads, kv_heads, head_dim, intermediate_size, hidden_size, params}`` from the HF config (counts
+    are uniform per layer, so a stock config describes the model) and the parameter count."""
+    cfg = model.config
+    heads = getattr(cfg, "num_attention_heads", None)
+    hidden = getattr(cfg, "hidden_size", None)
+    return {"layers": getattr(cfg, "num_hidden_layers", None), "heads": heads,
+            "kv_heads": getattr(cfg, "num_key_value_heads", heads),
+            "head_dim": getattr(cfg, "head_dim", None) or (hidden // heads if heads and hidden else None),
+            "intermediate_size": getattr(cfg, "intermediate_size", None), "hidden_size": hidden,
+            "params": param_counts(model)["total"]}

@@ -47,7 +47,8 @@ def distill(cfg: DistillConfig, *, progress: bool | None = None, resume: bool = 
     # 3. student: derived from the teacher by measured importance (or loaded / built from a config).
     calib = calibration_ids(cfg, teacher.tokenizer, train_ex) if cfg.student.init == "derive" else None
     student, sinfo = build_student(cfg, teacher, calib)
-    before = validate(student, teacher, held, cfg)
+    teacher_side: dict = {}  # the teacher's held-out log-probs and text perplexity, measured once
+    before = validate(student, teacher, held, cfg, teacher_cache=teacher_side)
 
     # 4. map: train on the teacher's targets.
     provider = teacher_provider(cfg, teacher, train_ex, progress=progress is not False)
@@ -57,7 +58,7 @@ def distill(cfg: DistillConfig, *, progress: bool | None = None, resume: bool = 
                          resume_from=resume_from, progress=progress)
 
     # 5. validate and save.
-    after = validate(student, teacher, held, cfg, teacher_text_ppl=before.metrics.get("teacher_ppl_text"))
+    after = validate(student, teacher, held, cfg, teacher_cache=teacher_side)
     from ..models import save_model
     from ..models.info import model_info
 

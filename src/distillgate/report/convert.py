@@ -87,10 +87,11 @@ def evidence_from_dict(evidence: dict[str, Any]) -> Evidence:
 
 
 def finding_from_record(rec: dict[str, Any], iteration: int | None = None) -> Finding:
-    """An attribution ``Finding.to_dict()`` ({kind, severity, metric, message, evidence}) or a store row
+    """A :class:`distillgate.schema.Finding` dict ({kind, severity, subject, message, evidence}) or a store row
     ({iteration, kind, subject, severity, message, data}) as a report :class:`Finding`."""
     sev = str(rec.get("severity", "info"))
-    it = rec.get("iteration", iteration)
+    it = rec.get("iteration")
+    it = iteration if it is None else it
     if it is None:
         raise InputError(f"finding {rec.get('kind')!r}: no iteration given")
     return Finding(iteration=int(it), kind=str(rec.get("kind", "")), severity=SEVERITY_ALIASES.get(sev, sev),

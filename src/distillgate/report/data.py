@@ -27,12 +27,11 @@ from dataclasses import dataclass, field
 from typing import Any, Union
 
 from ..errors import InputError
+from ..schema import DIMENSIONS, RECORDED_PHASES, STAGE_CODES
 
 FORMAT_VERSION = 1
-PHASES = ("extract", "map", "validate", "attribute", "compensate", "commit")
-STAGES = {"S1": "knowledge anchoring", "S2": "joint distillation", "S3": "structure-aware pruning",
-          "S4": "behaviour consistency"}
-DIMENSIONS = ("capability", "performance", "business", "operations")
+PHASES = RECORDED_PHASES  # the five phases + commit, as recorded per iteration
+STAGES = STAGE_CODES
 RUN_STATUSES = ("converged", "budget_exhausted", "iterations_exhausted", "running", "failed")
 PHASE_STATUSES = ("pending", "running", "done", "failed", "skipped")
 GATE_STATUSES = ("pass", "fail", "missing", "not_measured", "error")

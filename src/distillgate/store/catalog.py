@@ -5,8 +5,9 @@ one ``BEGIN IMMEDIATE`` transaction. A row in ``versions`` is the *commit marker
 file and its blobs are written and fsynced before that row is inserted, and readers only see versions that
 have it. Non-finite metric values are stored as NULL and read back as NaN (a diverged loss is information).
 
-Typed rows accepted by the ``record_*`` methods: :class:`GateResult`, :class:`Finding`, :class:`Decision`
-(or plain dicts with exactly those fields; an unknown field fails loudly).
+Typed rows accepted by the ``record_*`` methods: the loop's one :class:`~distillgate.schema.GateResult`
+(stored as a :class:`GateRow`), :class:`~distillgate.schema.Finding` and :class:`~distillgate.schema.Decision` (or plain dicts with exactly
+their fields; an unknown field fails loudly).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping
 
 from ..errors import ArtifactError, ConfigError
+from ..schema import SEVERITIES, Decision, Finding, GateResult
 
 CATALOG_NAME = "catalog.sqlite"
 
@@ -57,34 +59,18 @@ MIGRATIONS: list[list[str]] = [
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 PHASE_STATUSES = ("ok", "failed", "skipped")
-SEVERITIES = ("info", "warning", "error")
 
 
 @dataclass(frozen=True)
-class GateResult:
+class GateRow:
+    """What the catalog keeps of one :class:`distillgate.schema.GateResult` (its verdict in ``detail``)."""
+
     gate: str
     passed: bool
     value: float | None = None
     threshold: float | None = None
     dimension: str = ""
     detail: dict = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class Finding:
-    kind: str            # e.g. "regression", "stall", "weak_domain", "hard_sample", "knob_blame"
-    subject: str         # what it is about: a metric, a domain, a knob
-    message: str
-    severity: str = "info"
-    data: dict = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class Decision:
-    knob: str            # e.g. "loss.weights.kl"
-    old: Any
-    new: Any
-    reason: str
 
 
 def _coerce(cls, item):
@@ -102,6 +88,14 @@ def _coerce(cls, item):
         return cls(**item)
     except TypeError as e:
         raise ConfigError(cls.__name__, dict(item), f"fields {names} ({e})") from None
+
+
+def _mapping(cls, item) -> dict:
+    if dataclasses.is_dataclass(item):
+        return dataclasses.asdict(item)
+    if not isinstance(item, Mapping):
+        raise ConfigError(cls.__name__, type(item).__name__, f"a {cls.__name__} or a dict with its fields")
+    return dict(item)
 
 
 def _real(x) -> float | None:
@@ -300,8 +294,11 @@ class Catalog:
                       "WHERE m.name=? AND m.split=? ORDER BY m.version_id", name, split)
         return [{"version_id": r[0], "iteration": r[1], "value": _val(r[2])} for r in rows]
 
-    def record_gates(self, version_id: int, results: Iterable[GateResult | Mapping]) -> None:
-        rows = [_coerce(GateResult, r) for r in results]
+    def record_gates(self, version_id: int, results: Iterable[GateResult | GateRow | Mapping]) -> None:
+        """Gate rows of a version: :class:`~distillgate.schema.GateResult` verdicts (kept whole in ``detail``),
+        or rows with the :class:`GateRow` fields."""
+        rows = [GateRow(g.id, g.passed, g.value, g.threshold, g.dimension, g.model_dump(mode="json"))
+                if isinstance(g, GateResult) else _coerce(GateRow, g) for g in results]
         now = time.time()
         with self.tx() as c:
             for g in rows:
@@ -309,8 +306,8 @@ class Catalog:
                           (version_id, g.gate, int(bool(g.passed)), _real(g.value), _real(g.threshold),
                            g.dimension, json.dumps(g.detail, sort_keys=True, default=str), now))
 
-    def gate_results(self, version_id: int) -> list[GateResult]:
-        return [GateResult(r["gate"], bool(r["passed"]), r["value"], r["threshold"], r["dimension"],
+    def gate_results(self, version_id: int) -> list[GateRow]:
+        return [GateRow(r["gate"], bool(r["passed"]), r["value"], r["threshold"], r["dimension"],
                            json.loads(r["detail"]))
                 for r in self.q("SELECT * FROM gate_results WHERE version_id=? ORDER BY gate", version_id)]
 
@@ -320,16 +317,14 @@ class Catalog:
 
     def record_findings(self, iteration: int, findings: Iterable[Finding | Mapping],
                         version_id: int | None = None) -> list[int]:
-        rows = [_coerce(Finding, f) for f in findings]
-        for f in rows:
-            if f.severity not in SEVERITIES:
-                raise ConfigError("Finding.severity", f.severity, f"one of {SEVERITIES}")
+        rows = [f if isinstance(f, Finding) else Finding.from_dict(_mapping(Finding, f)) for f in findings]
         ids, now = [], time.time()
         with self.tx() as c:
             for f in rows:
                 cur = c.execute("INSERT INTO findings(iteration, version_id, kind, subject, severity, message, data, "
                                 "recorded) VALUES(?,?,?,?,?,?,?,?)", (iteration, version_id, f.kind, f.subject,
-                                f.severity, f.message, json.dumps(f.data, sort_keys=True, default=str), now))
+                                f.severity, f.message, json.dumps({**f.evidence, **({"uncertain": True} if f.uncertain else {})},
+                                sort_keys=True, default=str), now))
                 ids.append(cur.lastrowid)
         return ids
 
@@ -339,15 +334,21 @@ class Catalog:
         return [{**dict(r), "data": json.loads(r["data"])} for r in rows]
 
     def record_decisions(self, iteration: int, decisions: Iterable[Decision | Mapping]) -> None:
-        rows = [_coerce(Decision, d) for d in decisions]
+        """Decisions of ``iteration``; the reason column reads ``[rule] reason`` when the decision names its rule."""
+        rows = []
+        for d in decisions:
+            if not isinstance(d, Decision):
+                d = Decision.from_dict({"iteration": iteration, **_mapping(Decision, d)})
+            rows.append(d)
         now = time.time()
         with self.tx() as c:
             for d in rows:
-                if not d.reason.strip():
+                if not str(d.reason).strip():
                     raise ConfigError(f"Decision({d.knob}).reason", d.reason, "a non-empty reason for every change")
+                reason = f"[{d.rule}] {d.reason}" if d.rule else d.reason
                 c.execute("INSERT INTO decisions(iteration, knob, old, new, reason, recorded) VALUES(?,?,?,?,?,?)",
                           (iteration, d.knob, json.dumps(d.old, default=str), json.dumps(d.new, default=str),
-                           d.reason, now))
+                           reason, now))
 
     def decisions(self, iteration: int | None = None) -> list[dict]:
         where = "" if iteration is None else " WHERE iteration=?"

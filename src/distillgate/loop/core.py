@@ -1,0 +1,161 @@
+"""The loop core: one iteration's phases in causal order (SPEC L1) and the shared work of each.
+
+For each phase the iteration's stages' hooks run first, then the core's part:
+
+* map: the core makes sure a student exists (built once, before the first map);
+* validate: every metric the run measures, through the one registry (held-out comparison, G-C1 perplexity,
+  perf when the structure changed, the configured capability checks, what stages asked for), then the gates,
+  and the training samples the hard pool is drawn from;
+* attribute: findings from every registered metric (L2), gate failures, weak domains, stalls, hard samples;
+* compensate: the strategy's rules (core + every stage's) write the next recipe.
+
+The core knows no stage by name.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+
+from ..attribution import SampleDivergence, attribute, registry_meta
+from ..schema import PHASES, Decision
+from ..strategy import next_recipe, rule_list
+from .contract import Iteration
+from .run import apply_recipe
+
+CHECK_METRICS = {"probes": ["f1_gap_points"], "inheritance": ["inheritance"], "decision_path": ["path_consistency"]}
+TEACHER_SIDE = ("teacher_ppl_heldout", "teacher_ppl_text")
+PERF_METRICS = ("ttft_ratio", "peak_memory_ratio")
+
+
+def schedule(specs) -> list[tuple[int, list[int]]]:
+    """``[(iteration, [stage entry indices])]``: iteration 0 (setup) belongs to every entry with
+    ``iterations: 0``; then each entry runs its iterations in order."""
+    out = [(0, [i for i, s in enumerate(specs) if s.iterations == 0])]
+    k = 1
+    for i, s in enumerate(specs):
+        for _ in range(s.iterations):
+            out.append((k, [i]))
+            k += 1
+    return out
+
+
+def run_iteration(run, k: int, stages: list, all_stages: list) -> Iteration:
+    """Run iteration ``k`` with ``stages`` (their hooks), commit it, return it."""
+    from .commit import commit
+
+    recipe = copy.deepcopy(run.state.recipe)
+    it = Iteration(k, stages[0] if stages else None, recipe, apply_recipe(run.cfg, recipe))
+    run.current = it
+    run.store.begin_iteration(k)
+    for phase in PHASES:
+        t0 = time.time()
+        try:
+            if phase == "map":
+                run.ensure_student(it)
+            for st in stages:
+                hook = getattr(st, phase, None)
+                if hook is not None:
+                    hook(it, run)
+            if phase == "validate":
+                validate(it, run)
+            elif phase == "attribute":
+                attribute_phase(it, run)
+            elif phase == "compensate":
+                compensate(it, run, all_stages)
+        except BaseException:
+            run.store.record_phase(k, phase, time.time() - t0, "failed")
+            run.store.finish_iteration(k, "failed")
+            raise
+        run.store.record_phase(k, phase, time.time() - t0, "ok")
+    t0 = time.time()
+    vid = commit(run, it)
+    run.store.record_phase(k, "commit", time.time() - t0, "ok")
+    run.store.finish_iteration(k, "ok", converged=converged(run))
+    it.metrics["version"] = vid
+    return it
+
+
+def converged(run) -> bool:
+    return run.state.pass_streak >= run.cfg.loop.converge_after
+
+
+def validate(it: Iteration, run) -> None:
+    from ..evaluate.providers import HELDOUT_METRICS
+    from ..gates import evaluate_gates, load_gate_spec
+    from ..models.info import structure
+
+    cfg = run.cfg
+    names = list(HELDOUT_METRICS) + ["ppl_ratio"]
+    desc = structure(run.student)
+    perf_due = run.state.perf_structure != desc or not cfg.loop.perf_every_structure_change
+    if perf_due:
+        names += PERF_METRICS
+    for check in cfg.loop.capability_checks:
+        names += CHECK_METRICS[check]
+    names += [m for m in it.extra_metrics if m not in names]
+    m = run.measure(names, **it.measure_options)
+    values = {k: v for k, v in m.values.items() if v is not None}
+    for k in TEACHER_SIDE:
+        if k in values:
+            it.teacher_metrics[k] = values.pop(k)
+    if perf_due:
+        run.state.perf = {k: values.get(k) for k in PERF_METRICS}
+        run.state.perf_structure = desc
+    else:
+        values.update({k: v for k, v in (run.state.perf or {}).items() if v is not None})
+    it.metrics.update(values)
+    it.samples = m.samples
+    n = cfg.loop.strategy.hard_candidates
+    recent = run.training.examples[-n:] if n else []
+    if recent and it.index > 0:
+        it.hard_candidates = divergence_samples(run, recent)
+    spec = load_gate_spec(cfg.loop.gates_spec)
+    it.gates = evaluate_gates(spec, {k: v for k, v in it.metrics.items() if isinstance(v, (int, float))},
+                              {k: v for k, v in m.notes.items() if k not in it.metrics})
+
+
+def divergence_samples(run, examples) -> list[SampleDivergence]:
+    """Exact per-position KL of the student on ``examples`` (training samples: no teacher cache)."""
+    from .. import pipeline
+    from ..evaluate.teacher import compare_to_teacher
+
+    r = compare_to_teacher(run.student, run.teacher.model, examples, top_k=None,
+                           pad_id=pipeline.pad_id(run.teacher.tokenizer), per_position=True)
+    by_id = {e.id: e for e in examples}
+    out = []
+    for row in r["per_example"]:
+        e, k = by_id[row["example_id"]], row["kl_by_position"]
+        out.append(SampleDivergence(e.id, e.domain, sum(k) / max(len(k), 1), k, e.response[:200]))
+    return out
+
+
+def attribute_phase(it: Iteration, run) -> None:
+    cfg, st = run.cfg, run.state
+    prev = st.history[-1]["metrics"] if st.history else None
+    meta = registry_meta(it.metrics, cfg.loop.regression_threshold)
+    channels: dict[str, list[float]] = {}
+    for h in st.history + [{"terms": it.train_terms}]:
+        for ch, v in (h.get("terms") or {}).items():
+            channels.setdefault(ch, []).append(v)
+    failures = [g.model_dump() for g in it.gates.gates if g.status == "fail"] if it.gates else []
+    spec = cfg.loop.strategy
+    it.findings += attribute(iteration=it.index, metrics=it.metrics, prev=prev, teacher=it.teacher_metrics,
+                             meta=meta, samples=it.samples, hard_candidates=it.hard_candidates, recipe=it.recipe,
+                             last_good_recipe=st.last_good.recipe if st.last_good else None,
+                             channel_history=channels, gate_failures=failures,
+                             plateau_threshold=spec.plateau_threshold, plateau_rounds=spec.plateau_rounds,
+                             weak_domain_factor=spec.weak_domain_factor, hard_top_fraction=spec.hard_top_fraction)
+    for f in it.findings:
+        if f.iteration is None:
+            f.iteration = it.index
+
+
+def compensate(it: Iteration, run, all_stages: list) -> None:
+    st, spec = run.state, run.cfg.loop.strategy
+    status = {g.id: g.status for g in it.gates.gates} if it.gates else {}
+    recent = [Decision.from_dict(d) for d in st.decisions[-spec.recent_decisions:]]
+    extra = [r for stage in all_stages for r in (stage.rules() if hasattr(stage, "rules") else [])]
+    it.next_recipe, it.decisions = next_recipe(
+        it.recipe, it.findings, iteration=it.index, last_good=st.last_good.recipe if st.last_good else None,
+        gate_status=status, recent_decisions=recent, spec=spec, rules=rule_list(spec, extra))

@@ -1,0 +1,206 @@
+"""The run's services: what a stage (and the core) may use, and the only code that holds the run's models.
+
+:class:`Run` implements :class:`~distillgate.loop.contract.RunServices`: the teacher, the student
+(``replace_student`` / ``restore_student`` keep the structure descriptor, the layer map, the perf staleness and
+the recipe's ``student.structure`` right), the held-out examples, the training set (``run.training``), training
+(``distil``), measurement through the one metric registry (``measure``), each stage's namespaced state
+(``stage_state``) and a work folder.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
+
+from .. import pipeline
+from ..schema import Finding
+from .state import LoopState, StageState
+from .training_set import TrainingSet, prompt_pool
+
+log = logging.getLogger(__name__)
+
+
+def initial_recipe(cfg) -> dict:
+    share = round(1.0 / len(cfg.data.domains), 6)
+    return {"loss": {"channels": dict(cfg.loss.channels), "temperature": cfg.loss.temperature.model_dump(),
+                     "domain_weights": dict(cfg.loss.domain_weights), "divergence": cfg.loss.divergence},
+            "train": {"lr": cfg.train.lr, "steps": cfg.train.steps},
+            "data": {"mix": {d: share for d in cfg.data.domains}},
+            "hard_pool": {}, "curriculum": {"tier": "lm"}, "student": {"structure": None}}
+
+
+def apply_recipe(cfg, recipe: dict):
+    """The iteration's config: the run config with the recipe's knobs in place (validated again)."""
+    import copy
+
+    d = cfg.model_dump()
+    d["loss"].update({k: copy.deepcopy(v) for k, v in recipe["loss"].items()})
+    d["train"].update(recipe["train"])
+    return type(cfg).model_validate(d)
+
+
+@dataclass
+class Measurement:
+    values: dict
+    notes: dict = field(default_factory=dict)
+    details: dict = field(default_factory=dict)
+    samples: list = field(default_factory=list)   # SampleDivergence per held-out example (when measured)
+
+
+class Run:
+    def __init__(self, cfg, store, *, max_iterations: int, progress=None, console=None):
+        self.cfg, self.store, self.progress, self.console = cfg, store, progress, console
+        self.work = Path(store.dir) / "work"
+        self.max_iterations = max_iterations
+        self.state = LoopState()
+        self.teacher = None
+        self._student = None
+        self.heldout: list = []
+        self.training: TrainingSet | None = None
+        self.teacher_cache: dict = {}   # teacher-side measurements, valid for this teacher and data (one run)
+        self.current = None             # the Iteration being run
+
+    # ------------------------------------------------------------------------------------- basics
+    def say(self, msg: str) -> None:
+        if self.console is not None:
+            self.console.print(msg)
+
+    @property
+    def student(self):
+        return self._student
+
+    def stage_state(self, name: str) -> dict:
+        """Stage ``name``'s own state (a JSON-able dict): saved in every version, restored by ``--resume``."""
+        return self.state.stages.setdefault(name, StageState()).data
+
+    # ------------------------------------------------------------------------------------- setup
+    def setup(self, state: LoopState | None, student_dir: Path | None) -> None:
+        from ..models import load_model
+
+        for stale in Path(self.store.dir).glob(".student-*"):  # staging of a commit that was killed
+            shutil.rmtree(stale, ignore_errors=True)
+        self.teacher = pipeline.load_teacher(self.cfg)
+        show = self.progress is not False
+        fresh = state is None
+        self.state = LoopState(recipe=initial_recipe(self.cfg)) if fresh else state
+        self.training = TrainingSet(self.cfg, self.teacher, self.state, prompt_pool(self.cfg, self.max_iterations),
+                                    progress=show)
+        if fresh:
+            held = self.training.take(self.cfg.loop.heldout_prompts, self.state.recipe["data"]["mix"], "lm", seed=-1)
+            self.state.heldout_prompts = [p.id for p in held]
+        self.heldout = self.training.answers([self.training.pool[i] for i in self.state.heldout_prompts])
+        self.training.restore()
+        if student_dir is not None:
+            self._student = load_model(str(student_dir)).model
+            self._student.train()
+
+    def ensure_student(self, it) -> None:
+        """The initial student (once per run, before the first map): derived by importance from the teacher,
+        loaded, or built from a config (``student.init``), on 16 calibration prompts of the teacher's answers."""
+        if self._student is not None:
+            return
+        calib_prompts = self.training.take(16, it.recipe["data"]["mix"], "lm", seed=-2)
+        new = self.training.add(it.index, calib_prompts)
+        s = self.cfg.student
+        calib = pipeline.calibration_ids(self.cfg, self.teacher.tokenizer, new) if s.init == "derive" else None
+        if s.init == "derive":
+            self.say(f"  deriving the student: {s.layer_selection} to {s.num_layers or 'half the'} layers"
+                     f"{f', MLP {s.mlp_width}' if s.mlp_width else ''} on {calib.numel()} calibration tokens "
+                     f"(greedy selection tries each block: minutes on a CPU)")
+        t0 = time.time()
+        student, info = pipeline.build_student(self.cfg, self.teacher, calib)
+        rep = info.get("report") or {}
+        if rep:
+            self.say(f"  kept teacher layers {rep.get('kept_layers')}; calibration PPL teacher "
+                     f"{rep.get('teacher_ppl') or float('nan'):.2f} -> student {rep.get('student_ppl') or float('nan'):.2f} "
+                     f"({time.time() - t0:.0f} s)")
+        self.state.student_init = info
+        self.replace_student(student, f"initial student ({info.get('init')})", layer_map=info.get("layer_map"))
+
+    # ------------------------------------------------------------------------------------- the student
+    def replace_student(self, model, change: str, *, layer_map=None) -> None:
+        """Make ``model`` the student: the structure descriptor in this iteration's and the next recipe
+        (``student.structure``, which attribution can blame), the layer map, and perf marked stale when the
+        structure changed (validate re-measures it)."""
+        from ..models.info import structure
+
+        self._student = model
+        model.train()
+        desc = structure(model)
+        if layer_map is not None:
+            self.state.layer_map = layer_map
+        for recipe in (self.state.recipe, getattr(self.current, "recipe", None)):
+            if recipe is not None:
+                recipe.setdefault("student", {})["structure"] = desc
+        log.info("student replaced: %s (%s)", change, desc)
+
+    def restore_student(self, version) -> None:
+        """Bring back the student weights of ``version`` (an id, an alias or a Version) as the student."""
+        from ..models import load_model
+
+        v = version if hasattr(version, "checkout") else (
+            self.store.resolve(version) if isinstance(version, str) else self.store.get_version(int(version)))
+        folder = v.checkout("student", self.work / "restore-student", replace=True)
+        self.replace_student(load_model(str(folder)).model, f"restored from version {v.version_id}")
+
+    # ------------------------------------------------------------------------------------- training
+    def distil(self, it, *, steps: int | None = None, examples: list | None = None):
+        """Train the student in place on ``examples`` (default: the whole training set) with this iteration's
+        recipe (objective, lr, hard pool) for ``steps`` (default: the recipe's); metrics go to ``it``."""
+        from ..data.dataset import DistillDataset
+
+        exs = self.training.examples if examples is None else examples
+        ds = DistillDataset(exs, pad_id=pipeline.pad_id(self.teacher.tokenizer), seq_len=self.cfg.data.seq_len,
+                            heldout_fraction=0.0)
+        objective = pipeline.make_objective(it.cfg, self.training.provider(), vocab_size=len(self.teacher.tokenizer))
+        out = self.work / f"iter-{it.index:03d}"
+        shutil.rmtree(out, ignore_errors=True)  # a crashed attempt of this iteration restarts clean
+        update = {"seed": self.cfg.train.seed + it.index, "checkpoint_every": 0}
+        if steps is not None:
+            update["steps"] = steps
+        spec = it.cfg.train.model_copy(update=update)
+        res = pipeline.map_student(self._student, objective, ds, spec, out, seed=spec.seed,
+                                   hard_weights=it.recipe.get("hard_pool") or None, progress=self.progress)
+        # The iteration's result is committed as a version; its scratch checkpoints (weights + AdamW state,
+        # ~0.8 GB for a 68M student) are not needed once training returned.
+        shutil.rmtree(out, ignore_errors=True)
+        it.train_terms = dict(res.final_terms)
+        it.metrics.update({"train/tokens_per_s": res.tokens_per_s, "train/loss": res.final_loss,
+                           "train/skipped_steps": res.skipped_steps, "train/rollbacks": res.rollbacks,
+                           "train/examples": len(exs)})
+        for k, v in res.final_terms.items():
+            it.metrics[f"loss/{k}"] = v
+        if res.skipped_steps or res.rollbacks:
+            it.findings.append(Finding("nonfinite", "warning", "train",
+                                       f"{res.skipped_steps} non-finite step(s) skipped, {res.rollbacks} "
+                                       f"rollback(s) to the last good checkpoint", {"events": res.events}))
+        return res
+
+    # ------------------------------------------------------------------------------------- measurement
+    def measure_options(self, extra: dict | None = None) -> dict:
+        """Provider options from the run config (sizes of every check), plus ``extra``."""
+        c, lp = self.cfg, self.cfg.loop
+        return {"heldout": self.heldout, "ppl_text": c.eval.text_file, "ppl_tokens": c.eval.max_tokens,
+                "lengths": lp.perf_lengths, "repeats": lp.perf_repeats, "context_len": max(lp.perf_lengths),
+                "inheritance_groups": lp.inheritance_groups, "path_instructions": lp.path_instructions,
+                "data_dir": lp.data_dir, "seed": c.train.seed, **(extra or {})}
+
+    def measure(self, metrics: list[str], **options) -> Measurement:
+        """Measure ``metrics`` on the current student through the metric registry (the one ``distillgate
+        gates`` uses), with the run's options (``options`` override them); the student is in eval mode."""
+        from ..evaluate.providers import GateContext, load_providers, measure
+
+        load_providers()
+        student = SimpleNamespace(model=self._student, tokenizer=self.teacher.tokenizer, fingerprint=None, path=None)
+        ctx = GateContext.with_models(self.teacher, student, self.measure_options(options), self.teacher_cache)
+        was = self._student.training
+        self._student.eval()
+        try:
+            values, notes = measure(ctx, metrics)
+        finally:
+            self._student.train(was)
+        return Measurement(values, notes, ctx.details, ctx.cache.get("heldout_samples") or [])

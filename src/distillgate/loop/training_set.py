@@ -1,0 +1,111 @@
+"""The run's prompts and training examples: a fixed prompt pool, the held-out prompts, the prompts each
+iteration took, the teacher's answers to them and their cached targets (one cache per addition).
+
+Everything is deterministic from the config and the loop state (``heldout_prompts``, ``used_prompts``), so a
+resumed run rebuilds the same training set from the caches without asking the teacher again."""
+
+from __future__ import annotations
+
+import random
+
+from .. import pipeline
+
+# Level shares of new prompts per curriculum tier (SPEC L3): simple statements first, nested conditions last.
+TIER_LEVELS = {"lm": {1: 0.5, 2: 0.3, 3: 0.2}, "mid": {1: 0.2, 2: 0.5, 3: 0.3}, "high": {1: 0.1, 2: 0.3, 3: 0.6}}
+
+
+def prompt_pool(cfg, max_iterations: int) -> list:
+    """Every prompt the run may use, in a fixed order (deterministic from the config)."""
+    from ..data.prompts import builtin_prompts, prompts_from_spec
+
+    if cfg.data.source == "builtin":
+        need = cfg.loop.heldout_prompts + 16 + 3 * cfg.loop.prompts_per_iteration * max_iterations
+        return builtin_prompts(need, cfg.data.domains, cfg.data.seed)
+    pool = prompts_from_spec(cfg.data.model_copy(update={"num_prompts": 10 ** 9}))
+    random.Random(cfg.data.seed).shuffle(pool)
+    return pool
+
+
+class TrainingSet:
+    """Prompts -> teacher answers -> examples (+ cached targets), with the loop state's bookkeeping."""
+
+    def __init__(self, cfg, teacher, state, pool: list, *, progress: bool = True):
+        self.cfg, self.teacher, self.state, self.progress = cfg, teacher, state, progress
+        self.pool = {p.id: p for p in pool}
+        self.pool_order = [p.id for p in pool]
+        self.data_spec = cfg.data.model_copy(update={"heldout_fraction": 0.0})
+        self.examples: list = []
+        self.target_caches: list = []
+
+    def used(self) -> set[str]:
+        used = set(self.state.heldout_prompts)
+        for ids in self.state.used_prompts.values():
+            used |= set(ids)
+        return used
+
+    def take(self, n: int, mix: dict[str, float], tier: str, seed: int) -> list:
+        """``n`` unused prompts, split over domains by ``mix`` and over complexity levels by the tier.
+
+        Counts per (domain, level) cell are allotted by largest remainders so they sum to exactly ``n`` (every
+        domain with a share gets its part); a cell short of prompts is topped up from the rest of the pool."""
+        rng = random.Random(f"{self.cfg.data.seed}:{seed}")
+        levels = TIER_LEVELS[tier]
+        used = self.used()
+        free = [self.pool[i] for i in self.pool_order if i not in used]
+        by_key: dict[tuple, list] = {}
+        for p in free:
+            by_key.setdefault((p.domain, p.level), []).append(p)
+        total = sum(mix.values()) or 1.0
+        cells = [((d, lv), n * share / total * lshare) for d, share in sorted(mix.items()) for lv, lshare in levels.items()]
+        want = {k: int(x) for k, x in cells}
+        short = n - sum(want.values())
+        for k, x in sorted(cells, key=lambda c: -(c[1] - int(c[1])))[:max(short, 0)]:
+            want[k] += 1
+        chosen: list = []
+        for k, w in want.items():
+            bucket = by_key.get(k, [])
+            chosen += bucket[:w]
+            by_key[k] = bucket[w:]
+        rest = [p for b in by_key.values() for p in b]
+        rng.shuffle(rest)
+        chosen += rest[: max(0, n - len(chosen))]
+        return chosen[:n]
+
+    def answers(self, prompts) -> list:
+        """The teacher's answers to ``prompts`` as examples (generated once, then from the dataset cache)."""
+        if not prompts:
+            return []
+        ds = pipeline.extract(self.teacher, prompts, self.data_spec, progress=self.progress)
+        return ds.examples("all")
+
+    def add(self, iteration: int, prompts) -> list:
+        """Record ``prompts`` as iteration ``iteration``'s and add their examples (and targets) to training."""
+        self.state.used_prompts[str(iteration)] = [p.id for p in prompts]
+        return self._extend(prompts)
+
+    def add_examples(self, examples) -> None:
+        """Add already answered examples (e.g. a stage's own) to training, with their targets."""
+        self._with_targets(list(examples))
+
+    def _extend(self, prompts) -> list:
+        new = self.answers(prompts)
+        self._with_targets(new)
+        return new
+
+    def _with_targets(self, new: list) -> None:
+        if not new:
+            return
+        self.examples += new
+        if self.cfg.targets.mode == "cached":
+            self.target_caches.append(pipeline.teacher_provider(self.cfg, self.teacher, new, progress=self.progress))
+
+    def restore(self) -> None:
+        """Rebuild the examples of every recorded iteration (resume): answers and targets come from caches."""
+        for k in sorted(self.state.used_prompts, key=int):
+            self._extend([self.pool[i] for i in self.state.used_prompts[k]])
+
+    def provider(self):
+        """The teacher side for training: every cache so far, or the online teacher."""
+        if self.cfg.targets.mode == "cached":
+            return pipeline.MultiTargets(self.target_caches)
+        return pipeline.teacher_provider(self.cfg, self.teacher, [])
