@@ -131,7 +131,7 @@ class _Probe:
 
     def extract(self, it, run):
         _Probe.calls.append(("extract", it.index))
-        run.training.add(it.index, run.training.take(4, it.recipe["data"]["mix"], "lm", it.index))
+        run.training.add_prompts(it.index, run.training.take(4, it.recipe["data"]["mix"], "lm", it.index))
 
     def map(self, it, run):
         _Probe.calls.append(("map", it.index))

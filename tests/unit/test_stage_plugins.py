@@ -38,7 +38,7 @@ STAGE_SOURCE = textwrap.dedent('''
             st["extracts"] = st.get("extracts", 0) + 1
             st.setdefault("iterations", []).append(it.index)
             new = run.training.take(self.options.prompts, it.recipe["data"]["mix"], "lm", it.index)
-            run.training.add(it.index, new)
+            run.training.add_prompts(it.index, new)
 
         def map(self, it, run):
             run.distil(it, steps=self.options.steps)
@@ -159,3 +159,85 @@ def test_the_core_knows_no_stage_by_name():
         for name in ('"anchor"', '"joint"', "AnchorStage", "JointStage", "from ..stages.", "import stages."):
             assert name not in text, f"{f.name} names {name}"
     assert json.dumps(sorted(stages_mod.available_stages())).count("anchor") == 1
+
+
+class _Restorer:
+    """Iteration 2 brings back iteration 1's weights instead of training (restore_student), and records it."""
+
+    name, code = "restorer", "S2"
+
+    def __init__(self, options):
+        self.options = options
+
+    def map(self, it, run):
+        if it.index == 1:
+            run.distil(it)
+        else:
+            run.restore_student(run.state.last_good.version)
+            run.stage_state(self.name)["restored_from"] = run.state.last_good.version
+
+
+def test_restore_student_brings_back_a_versions_weights(tiny_teacher_dir, tmp_path):
+    stages_mod.register_stage("restorer", _Restorer)
+    try:
+        cfg = _cfg(tiny_teacher_dir, tmp_path / "runs", "[{name: anchor, iterations: 0}, {name: restorer, iterations: 2}]",
+                   run_id="rs")
+        loop_mod.run(cfg, progress=False)
+    finally:
+        stages_mod.STAGES.pop("restorer")
+    with RunStore.open(tmp_path / "runs", "rs") as s:
+        rows = s.versions()
+        w = [{n: load_file(str(v.path_of(n))) for n in v.names("student/") if n.endswith(".safetensors")}
+             for v in (s.get_version(r["version_id"]) for r in rows)]
+        state = s.resolve("current").load_json("loop_state.json")
+    assert state["stages"]["restorer"]["data"]["restored_from"] == rows[1]["version_id"]
+    for f in w[1]:
+        for k in w[1][f]:
+            assert w[2][f][k].equal(w[1][f][k]), k
+    assert not all(w[1][f][k].equal(w[0][f][k]) for f in w[0] for k in w[0][f])  # iteration 1 trained
+    structure = state["history"][0]["recipe"]["student"]["structure"]
+    assert structure["layers"] == 1 and structure["intermediate_size"] == 32 and structure["params"] > 0
+    assert state["last_good"]["version"] is None or state["last_good"]["version"] == rows[2]["version_id"]
+
+
+def test_strategy_section_configures_rules_and_numbers(tiny_teacher_dir, tmp_path):
+    fixed = loop_mod.run(_cfg(tiny_teacher_dir, tmp_path / "runs", "[{name: anchor, iterations: 0}, {name: joint, iterations: 2}]",
+                              **{"loop.strategy.rules": "[]", "run_id": "fixed"}), progress=False)
+    with RunStore.open(tmp_path / "runs", fixed["run_id"]) as s:
+        assert s.catalog.decisions() == []  # a fixed recipe: no rule ran
+    joint = "[{name: anchor, iterations: 0}, {name: joint, iterations: 1}]"
+    with pytest.raises(ConfigError, match=r"loop\.strategy\.rules"):
+        _cfg(tiny_teacher_dir, tmp_path / "x", joint, **{"loop.strategy.rules": "[revert, nope]"})
+    with pytest.raises(ConfigError, match=r"loop\.strategy\.hard_weight"):
+        _cfg(tiny_teacher_dir, tmp_path / "x", joint, **{"loop.strategy.hard_weight": -1})
+
+
+def test_attribution_covers_any_registered_metric():
+    from distillgate.attribution import attribute, registry_meta
+    from distillgate.evaluate.providers import METRICS, register_metric
+
+    register_metric("flops_ratio_test", higher_is_better=False, description="student / teacher FLOPs per token",
+                    module=__name__)
+    try:
+        meta = registry_meta({"flops_ratio_test": 0.6, "kl": 1.0, "loss/kd": 3.0, "reverse_kl": 1.0}, 0.02)
+        assert set(meta) == {"flops_ratio_test", "kl"}  # loss terms are not registered; reverse_kl is no signal
+        found = attribute(iteration=3, metrics={"flops_ratio_test": 0.7, "kl": 1.0}, prev={"flops_ratio_test": 0.6,
+                          "kl": 1.0}, teacher={}, meta=meta, samples=[], recipe={}, last_good_recipe={},
+                          channel_history={})
+        (reg,) = [f for f in found if f.kind == "regression"]
+        assert reg.subject == "flops_ratio_test" and reg.iteration == 3
+    finally:
+        METRICS.pop("flops_ratio_test")
+
+
+def test_uncertain_findings_are_not_acted_on():
+    from distillgate.schema import Finding
+    from distillgate.strategy import next_recipe
+
+    recipe = {"loss": {"channels": {"kd": 1.0}, "domain_weights": {}}, "data": {"mix": {"legal": 0.5, "medical": 0.5}},
+              "hard_pool": {}, "curriculum": {"tier": "lm"}}
+    weak = Finding("weak_domain", "warning", "kl/domain/legal", "legal is weak", {"domain": "legal"})
+    _, acted = next_recipe(recipe, [weak], iteration=1, last_good=None, gate_status={}, recent_decisions=[])
+    weak.uncertain = True
+    _, ignored = next_recipe(recipe, [weak], iteration=1, last_good=None, gate_status={}, recent_decisions=[])
+    assert acted and not ignored

@@ -104,7 +104,7 @@ class Run:
         if self._student is not None:
             return
         calib_prompts = self.training.take(16, it.recipe["data"]["mix"], "lm", seed=-2)
-        new = self.training.add(it.index, calib_prompts)
+        new = self.training.add_prompts(it.index, calib_prompts)
         s = self.cfg.student
         calib = pipeline.calibration_ids(self.cfg, self.teacher.tokenizer, new) if s.init == "derive" else None
         if s.init == "derive":

@@ -78,7 +78,7 @@ class TrainingSet:
         ds = pipeline.extract(self.teacher, prompts, self.data_spec, progress=self.progress)
         return ds.examples("all")
 
-    def add(self, iteration: int, prompts) -> list:
+    def add_prompts(self, iteration: int, prompts) -> list:
         """Record ``prompts`` as iteration ``iteration``'s and add their examples (and targets) to training."""
         self.state.used_prompts[str(iteration)] = [p.id for p in prompts]
         return self._extend(prompts)

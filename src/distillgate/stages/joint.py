@@ -30,7 +30,7 @@ class JointStage:
         if n and not new:
             it.findings.append(Finding("data", "warning", "prompts",
                                        "the prompt pool is exhausted: no new prompts this iteration"))
-        run.training.add(it.index, new)
+        run.training.add_prompts(it.index, new)
 
     def map(self, it, run) -> None:
         run.distil(it, steps=self.options.steps)
