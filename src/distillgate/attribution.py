@@ -202,7 +202,24 @@ def attribute(*, iteration: int, metrics: dict[str, float], prev: dict[str, floa
                           plateau_rounds, weak_domain_factor, hard_top_fraction)
     for f in findings:
         f.iteration = iteration
+        f.uncertain = _uncertain(f, metrics, prev)
     return findings
+
+
+def _uncertain(f: Finding, metrics: dict, prev: dict | None) -> bool:
+    """A finding on a metric measured with a confidence interval (``<m>/ci_low``, ``<m>/ci_high`` in the
+    metrics) is uncertain when the CI crosses what the finding compares with: the gate's threshold for a gate
+    failure, the previous value for a regression. The strategy does not act on uncertain findings."""
+    lo, hi = metrics.get(f"{f.subject}/ci_low"), metrics.get(f"{f.subject}/ci_high")
+    if lo is None or hi is None:
+        return False
+    if f.kind == "gate_fail":
+        ref = (f.evidence.get("gate") or {}).get("threshold")
+    elif f.kind == "regression":
+        ref = (prev or {}).get(f.subject)
+    else:
+        return False
+    return ref is not None and lo <= ref <= hi
 
 
 def _attribute(iteration, metrics, prev, teacher, meta, samples, recipe, last_good_recipe, channel_history,

@@ -230,14 +230,40 @@ def compare_perf(teacher, student, tokenizer, lengths: Sequence[int] = DEFAULT_L
     tt, st = _ttft_stats(s["teacher"]), _ttft_stats(s["student"])
     per_len = {L: st["per_length"][L]["median_ms"] / tt["per_length"][L]["median_ms"] for L in prompts}
     ratio = math.exp(sum(math.log(r) for r in per_len.values()) / len(per_len))
-    return {"ttft_ratio": ratio,
+    ci = ttft_ratio_ci(s["teacher"], s["student"])
+    return {"ttft_ratio": ratio, "ttft_ratio_ci": ci,
             "peak_memory_ratio": mem["student"]["total_bytes"] / mem["teacher"]["total_bytes"],
             "details": {"ttft": {"teacher": tt, "student": st, "ratio_per_length": per_len,
                                  "ratio_max": max(per_len.values())},
                         "memory": mem, "threads": n, "repeats": repeats, "warmup": warmup,
+                        "ratio_ci95": ci,
                         # other tenants of the CPU inflate both models' times; interleaving keeps the ratio fair
                         "loadavg_1m": [load_before, os.getloadavg()[0] if load_before is not None else None],
                         "cpu_count": os.cpu_count()}}
+
+
+def ttft_ratio_ci(teacher: dict[int, list[float]], student: dict[int, list[float]], confidence: float = 0.95,
+                  n_resamples: int = 2000, seed: int = 0) -> list[float] | None:
+    """Percentile bootstrap CI (scipy) of the TTFT ratio (geometric mean over lengths of the per-length median
+    ratio). The unit resampled is one repeat: the teacher and student timings taken next to each other at
+    every length, so machine-load swings shared by both stay paired. None with fewer than 2 repeats."""
+    import numpy as np
+    from scipy.stats import bootstrap
+
+    lengths = sorted(teacher)
+    r = min(len(teacher[L]) for L in lengths)
+    if r < 2:
+        return None
+    t = np.array([[teacher[L][i] for L in lengths] for i in range(r)])
+    s = np.array([[student[L][i] for L in lengths] for i in range(r)])
+
+    def stat(idx):
+        idx = idx.astype(int)
+        return float(np.exp(np.mean(np.log(np.median(s[idx], axis=0) / np.median(t[idx], axis=0)))))
+
+    res = bootstrap((np.arange(r, dtype=float),), stat, vectorized=False, paired=True, n_resamples=n_resamples,
+                    confidence_level=confidence, method="percentile", random_state=seed)
+    return [float(res.confidence_interval.low), float(res.confidence_interval.high)]
 
 
 # ------------------------------------------------------------------------------------------------ G-P2
@@ -385,7 +411,10 @@ def _perf(ctx: GateContext) -> dict:
 
 
 def _ttft_ratio(ctx: GateContext) -> float:
-    return _perf(ctx)["ttft_ratio"]
+    p = _perf(ctx)
+    if p.get("ttft_ratio_ci"):  # findings on a ratio whose CI crosses their threshold are 'uncertain'
+        ctx.extra["ttft_ratio/ci_low"], ctx.extra["ttft_ratio/ci_high"] = p["ttft_ratio_ci"]
+    return p["ttft_ratio"]
 
 
 def _peak_memory_ratio(ctx: GateContext) -> float:

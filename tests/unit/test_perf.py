@@ -128,3 +128,25 @@ def test_leak_rate_detects_growth_and_bounds_clean_runs(tiny_model_factory, tiny
                            new_tokens=2)
     # a few seconds cannot certify 0.003 %/h: the bound includes RSS's page resolution over the run
     assert clean["pct_per_hour_upper95"] >= clean["resolution_pct_per_hour"] > 0.003
+
+
+def test_ttft_ratio_ci_brackets_the_ratio_and_marks_noisy_findings_uncertain():
+    from distillgate.attribution import MetricMeta, attribute
+    from distillgate.perf import ttft_ratio_ci
+
+    teacher = {32: [10.0, 11.0, 9.0, 10.5, 30.0], 128: [20.0, 21.0, 19.0, 20.0, 60.0]}
+    student = {32: [5.0, 5.5, 4.5, 5.2, 16.0], 128: [10.0, 10.5, 9.5, 10.0, 31.0]}
+    lo, hi = ttft_ratio_ci(teacher, student)
+    assert lo <= 0.5 <= hi and hi - lo < 0.2           # paired repeats: the load spike in repeat 5 cancels
+    assert ttft_ratio_ci({32: [1.0]}, {32: [1.0]}) is None
+    metrics = {"ttft_ratio": 0.66, "ttft_ratio/ci_low": 0.4, "ttft_ratio/ci_high": 0.9}
+    gate = {"id": "G-P1", "metric": "ttft_ratio", "value": 0.66, "comparator": "<", "threshold": 0.65}
+    found = attribute(iteration=2, metrics=metrics, prev={"ttft_ratio": 0.5}, teacher={},
+                      meta={"ttft_ratio": MetricMeta(False, 0.02)}, samples=[], recipe={}, last_good_recipe={},
+                      channel_history={}, gate_failures=[gate])
+    assert {f.kind for f in found} == {"gate_fail", "regression"} and all(f.uncertain for f in found)
+    narrow = {**metrics, "ttft_ratio/ci_low": 0.655, "ttft_ratio/ci_high": 0.67}
+    found = attribute(iteration=2, metrics=narrow, prev={"ttft_ratio": 0.5}, teacher={},
+                      meta={"ttft_ratio": MetricMeta(False, 0.02)}, samples=[], recipe={}, last_good_recipe={},
+                      channel_history={}, gate_failures=[gate])
+    assert not any(f.uncertain for f in found)

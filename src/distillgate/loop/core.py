@@ -100,7 +100,7 @@ def validate(it: Iteration, run) -> None:
         if k in values:
             it.teacher_metrics[k] = values.pop(k)
     if perf_due:
-        run.state.perf = {k: values.get(k) for k in PERF_METRICS}
+        run.state.perf = {k: v for k, v in values.items() if k in PERF_METRICS or k.split("/")[0] in PERF_METRICS}
         run.state.perf_structure = desc
     else:
         values.update({k: v for k, v in (run.state.perf or {}).items() if v is not None})
