@@ -244,19 +244,10 @@ def heldout_comparison(ctx: GateContext) -> dict | None:
         for m in HELDOUT_METRICS:
             ctx.details[m] = {"note": "no held-out set (the loop and `distill` provide one)"}
         return None
-    from ..attribution import SampleDivergence
-    from .teacher import compare_to_teacher
-
     t, s = ctx.same_tokenizer_pair("kl", "KL needs one vocabulary")
     pad = t.tokenizer.pad_token_id if t.tokenizer.pad_token_id is not None else t.tokenizer.eos_token_id
-    tc = ctx.teacher_cache.setdefault("heldout_logprobs", {})
-    r = compare_to_teacher(s.model, t.model, examples, batch_size=int(ctx.opt("heldout_batch_size", 8)),
-                           top_k=None, pad_id=pad, teacher_cache=tc, per_position=True)
-    by_id = {e.id: e for e in examples}
-    samples = []
-    for row in r["per_example"]:
-        e, k = by_id[row["example_id"]], row["kl_by_position"]
-        samples.append(SampleDivergence(e.id, e.domain, sum(k) / max(len(k), 1), k, e.response[:200]))
+    r, samples = divergence_samples(s.model, t.model, examples, pad, batch_size=int(ctx.opt("heldout_batch_size", 8)),
+                                    teacher_cache=ctx.teacher_cache.setdefault("heldout_logprobs", {}))
     vals = {"kl": r["kl_forward_mean"], "reverse_kl": r["kl_reverse_mean"], "top1_agreement": r["top1_agreement"],
             "student_ppl_heldout": math.exp(r["student_nll_mean"]),
             "teacher_ppl_heldout": math.exp(r["teacher_nll_mean"]), "heldout_tokens": r["n_tokens"]}
@@ -268,6 +259,22 @@ def heldout_comparison(ctx: GateContext) -> dict | None:
         ctx.extra[f"kl/domain/{d}"] = sum(v) / len(v)
     ctx.cache["heldout"], ctx.cache["heldout_samples"] = vals, samples
     return vals
+
+
+def divergence_samples(student, teacher_model, examples, pad_id: int, *, batch_size: int = 8, teacher_cache=None):
+    """The exact comparison of ``examples`` (teacher-answered :class:`~distillgate.data.dataset.Example`) and
+    their per-sample divergences (attribution's :class:`~distillgate.attribution.SampleDivergence`)."""
+    from ..attribution import SampleDivergence
+    from .teacher import compare_to_teacher
+
+    r = compare_to_teacher(student, teacher_model, examples, batch_size=batch_size, top_k=None, pad_id=pad_id,
+                           teacher_cache=teacher_cache, per_position=True)
+    by_id = {e.id: e for e in examples}
+    samples = []
+    for row in r["per_example"]:
+        e, k = by_id[row["example_id"]], row["kl_by_position"]
+        samples.append(SampleDivergence(e.id, e.domain, sum(k) / max(len(k), 1), k, e.response[:200]))
+    return r, samples
 
 
 def _heldout_metric(name: str):

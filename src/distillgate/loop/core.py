@@ -17,7 +17,7 @@ from __future__ import annotations
 import copy
 import time
 
-from ..attribution import SampleDivergence, attribute, registry_meta
+from ..attribution import attribute, registry_meta
 from ..schema import PHASES, Decision
 from ..strategy import next_recipe, rule_list
 from .contract import Iteration
@@ -109,25 +109,14 @@ def validate(it: Iteration, run) -> None:
     n = cfg.loop.strategy.hard_candidates
     recent = run.training.examples[-n:] if n else []
     if recent and it.index > 0:
-        it.hard_candidates = divergence_samples(run, recent)
+        from .. import pipeline
+        from ..evaluate.providers import divergence_samples
+
+        _, it.hard_candidates = divergence_samples(run.student, run.teacher.model, recent,
+                                                   pipeline.pad_id(run.teacher.tokenizer))
     spec = load_gate_spec(cfg.loop.gates_spec)
     it.gates = evaluate_gates(spec, {k: v for k, v in it.metrics.items() if isinstance(v, (int, float))},
                               {k: v for k, v in m.notes.items() if k not in it.metrics})
-
-
-def divergence_samples(run, examples) -> list[SampleDivergence]:
-    """Exact per-position KL of the student on ``examples`` (training samples: no teacher cache)."""
-    from .. import pipeline
-    from ..evaluate.teacher import compare_to_teacher
-
-    r = compare_to_teacher(run.student, run.teacher.model, examples, top_k=None,
-                           pad_id=pipeline.pad_id(run.teacher.tokenizer), per_position=True)
-    by_id = {e.id: e for e in examples}
-    out = []
-    for row in r["per_example"]:
-        e, k = by_id[row["example_id"]], row["kl_by_position"]
-        out.append(SampleDivergence(e.id, e.domain, sum(k) / max(len(k), 1), k, e.response[:200]))
-    return out
 
 
 def attribute_phase(it: Iteration, run) -> None:
