@@ -56,8 +56,10 @@ def main(argv: list[str] | None = None) -> int:
         rc = args.func(args)
     except DistillgateError as e:
         from rich.console import Console
+        from rich.markup import escape
 
-        Console(stderr=True).print(f"[bold red]error:[/] {e}", highlight=False, markup=True)
+        # soft_wrap: one error is one line, whatever the terminal width (logs and scripts grep for it)
+        Console(stderr=True, soft_wrap=True).print(f"[bold red]error:[/] {escape(str(e))}", highlight=False)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -21,6 +22,10 @@ from .errors import ArtifactError
 
 MANIFEST = "MANIFEST.json"
 _CHUNK = 1 << 20
+_MEMO_NAME = "sha256-memo.json"
+_MEMO_MAX = 4096
+_memo: dict[str, str] = {}
+log = logging.getLogger(__name__)
 
 
 def sha256_file(path: str | os.PathLike) -> str:
@@ -29,6 +34,46 @@ def sha256_file(path: str | os.PathLike) -> str:
         while chunk := f.read(_CHUNK):
             h.update(chunk)
     return h.hexdigest()
+
+
+def file_stamp(path: str | os.PathLike) -> str:
+    """What identifies one version of a file without reading it: resolved path, size, mtime, ctime, inode.
+    ctime is in it because a rewrite that restores mtime (``cp -p``, ``touch -r``) still moves ctime."""
+    p = Path(path).resolve()
+    st = p.stat()
+    return f"{p}|{st.st_size}|{st.st_mtime_ns}|{st.st_ctime_ns}|{st.st_ino}"
+
+
+def sha256_file_cached(path: str | os.PathLike) -> str:
+    """sha256 of a file's content, memoised by :func:`file_stamp` in ``$DISTILLGATE_HOME/sha256-memo.json``
+    (a start then costs a stat per file instead of a read: SmolLM2's 540 MB take ~1.5 s to hash here).
+    A changed file has a new stamp, so a stale hash is never returned for it."""
+    stamp = file_stamp(path)
+    if stamp in _memo:
+        return _memo[stamp]
+    memo_path = distillgate_home() / _MEMO_NAME
+    try:
+        disk = json.loads(memo_path.read_text())
+        disk = disk if isinstance(disk, dict) else {}
+    except (OSError, ValueError):
+        disk = {}
+    digest = disk.get(stamp)
+    if not (isinstance(digest, str) and len(digest) == 64):
+        digest = sha256_file(path)
+        if file_stamp(path) != stamp:                 # changed while we read it: hash it, never memoise it
+            return digest
+        disk[stamp] = digest
+        if len(disk) > _MEMO_MAX:
+            disk = dict(list(disk.items())[-_MEMO_MAX:])
+        try:                                          # a cache of a cache: best effort, atomic
+            memo_path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = memo_path.with_name(f".{memo_path.name}.{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(disk, indent=0))
+            os.replace(tmp, memo_path)
+        except OSError as e:
+            log.debug("could not memoise sha256 in %s: %s", memo_path, e)
+    _memo[stamp] = digest
+    return digest
 
 
 def sha256_bytes(data: bytes) -> str:
@@ -123,18 +168,32 @@ def verify_manifest(
     return m
 
 
+def _same_files(a: dict, b: dict) -> bool:
+    return {k: v["sha256"] for k, v in a.get("files", {}).items()} == \
+        {k: v["sha256"] for k, v in b.get("files", {}).items()}
+
+
 @contextlib.contextmanager
 def atomic_dir(final: str | os.PathLike, kind: str, format_version: int, meta: dict | None = None,
-               overwrite: bool = False) -> Iterator[Path]:
+               overwrite: bool = False, exist_ok: bool = False) -> Iterator[Path]:
     """Build a directory artifact in a temp sibling; on success write its manifest and rename into place.
 
     >>> with atomic_dir(out, kind="student", format_version=1) as tmp:
     ...     model.save_pretrained(tmp)
     On an exception the temp folder is removed and ``final`` is untouched.
+
+    Publishing is create-exclusive: ``rename(tmp, final)`` fails when ``final`` exists (a non-empty folder), so
+    two writers never interleave. Then:
+
+    * ``exist_ok=True`` (caches keyed by their inputs): a committed ``final`` that verifies wins and ours is
+      dropped (a concurrent writer computed the same key first); one that does not verify (a crash leftover,
+      corruption) is replaced. Entering with a committed ``final`` is fine too.
+    * ``overwrite=True``: ``final`` is swapped out (renamed to a unique sibling, then deleted) and ours goes in.
+    * neither: :class:`ArtifactError` "already exists", at entry or when another writer got there first.
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    if final.exists() and not overwrite:
+    if final.exists() and not (overwrite or exist_ok):
         raise ArtifactError(f"{final}: already exists (refusing to overwrite)")
     tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.", suffix=".tmp"))
     try:
@@ -143,19 +202,45 @@ def atomic_dir(final: str | os.PathLike, kind: str, format_version: int, meta: d
             if p.is_file():
                 with open(p, "rb") as f:
                     os.fsync(f.fileno())
-        write_manifest(tmp, kind, format_version, meta)
-        if final.exists():
-            old = final.with_name(f".{final.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
-        fsync_dir(final.parent)
-    except BaseException:
+        ours = write_manifest(tmp, kind, format_version, meta)
+        _publish(tmp, final, ours, overwrite, exist_ok)
+    finally:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+
+def _publish(tmp: Path, final: Path, ours: dict, overwrite: bool, exist_ok: bool) -> None:
+    for _ in range(16):  # each retry means another writer moved ``final`` between our two calls
+        try:
+            os.rename(tmp, final)  # atomic; EEXIST/ENOTEMPTY when final is a non-empty folder
+            fsync_dir(final.parent)
+            return
+        except FileNotFoundError:
+            raise
+        except OSError as e:
+            if not final.exists():
+                if isinstance(e, (IsADirectoryError, NotADirectoryError, PermissionError)):
+                    raise
+                continue
+        if exist_ok and not overwrite:
+            try:
+                theirs = verify_manifest(final, kind=ours["kind"], format_version=ours["format_version"])
+            except ArtifactError as e:
+                log.warning("%s: replacing an unusable artifact (%s)", final, e)
+            else:
+                if not _same_files(theirs, ours):
+                    log.info("%s: a concurrent writer committed it first (other bytes, same key); using theirs",
+                             final)
+                return
+        elif not overwrite:
+            raise ArtifactError(f"{final}: already exists (refusing to overwrite; another writer committed it "
+                                f"first)")
+        old = final.with_name(f".{final.name}.old-{os.getpid()}-{os.urandom(4).hex()}")
+        try:
+            os.rename(final, old)
+        except FileNotFoundError:
+            continue
+        shutil.rmtree(old, ignore_errors=True)
+    raise ArtifactError(f"{final}: could not publish after 16 attempts (other writers keep replacing it)")
 
 
 def distillgate_home() -> Path:
