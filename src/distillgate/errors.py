@@ -29,3 +29,8 @@ class CacheMismatchError(ArtifactError):
 
 class LockHeldError(DistillgateError):
     """Another process holds the writer lock of a run."""
+
+
+class LockLostError(DistillgateError):
+    """This process held a run's writer lock, but the lock file was deleted or replaced under it: another
+    writer may have taken the run, so nothing more is committed."""

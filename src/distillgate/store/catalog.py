@@ -129,9 +129,10 @@ def _val(x) -> float:
 class Catalog:
     """Typed access to ``catalog.sqlite``. ``writable=False`` refuses every write with a clear error."""
 
-    def __init__(self, path: str | Path, writable: bool):
+    def __init__(self, path: str | Path, writable: bool, guard=None):
         self.path = Path(path)
         self.writable = writable
+        self.guard = guard  # called inside every write transaction (the store checks its writer lock there)
         if not self.path.is_file():
             raise ArtifactError(f"{self.path}: run catalog missing (not a distillgate run folder?)")
         # one connection shared by the writer's threads; self._mu serialises transactions and queries
@@ -176,6 +177,8 @@ class Catalog:
         with self._mu:
             self.conn.execute("BEGIN IMMEDIATE")
             try:
+                if self.guard is not None:
+                    self.guard()
                 yield self.conn
             except BaseException:
                 self.conn.execute("ROLLBACK")

@@ -62,7 +62,8 @@ class RunStore:
         if writer:
             self.lock.acquire()
         try:
-            self.catalog = Catalog(self.dir / CATALOG_NAME, writable=writer)
+            self.catalog = Catalog(self.dir / CATALOG_NAME, writable=writer,
+                                   guard=self.lock.check if writer else None)
             self.blobs = BlobStore(self.dir)
             self._active_writer: VersionWriter | None = None
             if writer:
