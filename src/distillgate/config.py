@@ -65,6 +65,9 @@ class DataSpec(_Strict):
     gen_batch_size: int = Field(16, ge=1, description="prompts per batched generation")
     heldout_fraction: float = Field(0.125, ge=0.0, lt=1.0, description="share of prompts held out (split by prompt)")
     seq_len: int = Field(256, ge=8, description="max tokens per training sequence")
+    max_prompt_tokens: int = Field(1024, ge=1, le=32768, description="longest prompt accepted, in tokens of the "
+                                   "teacher's chat template; a longer one is refused at preflight (before any "
+                                   "compute: a 1 MB prompt once tried to allocate 360 GB)")
 
     @field_validator("domains")
     @classmethod

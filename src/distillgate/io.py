@@ -22,6 +22,9 @@ from .errors import ArtifactError
 
 MANIFEST = "MANIFEST.json"
 _CHUNK = 1 << 20
+# Documented input limits (README "Reliability"): checked before anything reads the file.
+MAX_CONFIG_BYTES = 1 << 20          # a run YAML
+MAX_INPUT_FILE_BYTES = 256 << 20    # a prompts JSONL, an eval text file, a calibration file
 _MEMO_NAME = "sha256-memo.json"
 _MEMO_MAX = 4096
 _memo: dict[str, str] = {}

@@ -52,3 +52,140 @@ def test_fingerprint_is_from_content_and_memoised_by_stat(tmp_path, tiny_tokeniz
     w.write_bytes(bytes(data))
     os.utime(w, ns=(st.st_atime_ns, st.st_mtime_ns))
     assert fingerprint_folder(a) != fp and calls
+
+
+# ---------------------------------------------------------------------------------------- hostile weight files
+import json  # noqa: E402
+
+import torch  # noqa: E402
+from safetensors.torch import load_file, save_file  # noqa: E402
+
+from distillgate.cli import main  # noqa: E402
+from distillgate.models.check import check_safetensors  # noqa: E402
+
+
+def _rewrite_header(path, mutate):
+    raw = path.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8:8 + n])
+    mutate(header)
+    h = json.dumps(header).encode()
+    path.write_bytes(len(h).to_bytes(8, "little") + h + raw[8 + n:])
+
+
+def _huge_header(p):
+    raw = p.read_bytes()
+    p.write_bytes((1 << 40).to_bytes(8, "little") + raw[8:])
+
+
+def _bad_offsets(p):
+    def m(h):
+        name = sorted(k for k in h if k != "__metadata__")[0]
+        h[name]["data_offsets"][1] += 4
+    _rewrite_header(p, m)
+
+
+def _truncated(p):
+    p.write_bytes(p.read_bytes()[:-100])
+
+
+def _nonfinite(value):
+    def f(p):
+        t = load_file(str(p))
+        name = sorted(t)[-1]
+        t[name] = t[name].clone()
+        t[name].view(-1)[3] = value
+        save_file(t, str(p))
+    return f
+
+
+HOSTILE = {"huge header length": (_huge_header, "header length"), "bad offsets": (_bad_offsets, "data_offsets"),
+           "truncated body": (_truncated, "truncated"), "NaN weights": (_nonfinite(float("nan")), "NaN/inf"),
+           "Inf weights": (_nonfinite(float("inf")), "NaN/inf")}
+
+
+def _run_args(teacher, root, *extra):
+    return ["run", f"teacher.path={teacher}", "student.init=config",
+            "student.config={num_hidden_layers: 1, intermediate_size: 32}", "data.max_new_tokens=8",
+            "train.steps=1", "targets.top_k=8", f"store_root={root}", *extra, "--no-report", "--no-progress"]
+
+
+def _one_line_exit_2(capsys, argv, match):
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and "\n" not in err and "Traceback" not in err, err
+    assert match in err, err
+    return err
+
+
+def _hostile_teacher(tmp_path, tiny_teacher_dir, mutate):
+    t = tmp_path / "teacher"
+    shutil.copytree(tiny_teacher_dir, t)
+    os.unlink(t / "MANIFEST.json")          # a hand-made folder: only the files themselves can be checked
+    mutate(t / "model.safetensors")
+    return t
+
+
+@pytest.mark.parametrize("case", sorted(HOSTILE))
+def test_hostile_teacher_weights_fail_preflight_before_any_folder(case, tmp_path, tiny_teacher_dir, capsys):
+    mutate, match = HOSTILE[case]
+    t = _hostile_teacher(tmp_path, tiny_teacher_dir, mutate)
+    root = tmp_path / "runs"
+    _one_line_exit_2(capsys, _run_args(t, root), match)
+    assert not root.exists()
+    with pytest.raises(InputError, match=match.replace("/", ".")):
+        check_safetensors(t / "model.safetensors")
+
+
+def test_nonfinite_student_fails_preflight(tmp_path, tiny_teacher_dir, tiny_student_dir, capsys):
+    s = tmp_path / "student"
+    shutil.copytree(tiny_student_dir, s)
+    os.unlink(s / "MANIFEST.json")
+    _nonfinite(float("inf"))(s / "model.safetensors")
+    root = tmp_path / "runs"
+    argv = [a for a in _run_args(tiny_teacher_dir, root, "student.init=model", f"student.path={s}")
+            if not a.startswith("student.config")]
+    _one_line_exit_2(capsys, argv, "NaN/inf")
+    assert not root.exists()
+
+
+def test_gates_on_a_broken_weight_file_exits_2(tmp_path, tiny_teacher_dir, tiny_student_dir, capsys):
+    s = tmp_path / "student"
+    shutil.copytree(tiny_student_dir, s)
+    os.unlink(s / "MANIFEST.json")
+    _truncated(s / "model.safetensors")
+    _one_line_exit_2(capsys, ["gates", "--student", str(s), "--teacher", str(tiny_teacher_dir), "--skip-perf"],
+                     "truncated")
+
+
+def _jsonl(tmp_path, text):
+    p = tmp_path / "prompts.jsonl"
+    p.write_text(json.dumps({"prompt": text, "domain": "legal"}) + "\n")
+    return p
+
+
+BAD_VALUES = {
+    "unknown channel": (["loss.channels={bogus: 1}"], "loss.channels.bogus"),
+    "top_k over the vocabulary": (["targets.top_k=100000"], "targets.top_k"),
+    "negative layers": (["student.config={num_hidden_layers: -1}"], "student.config.num_hidden_layers"),
+    "unknown student key": (["student.config={num_hidden_layerz: 1}"], "student.config.num_hidden_layerz"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_VALUES))
+def test_bad_config_values_fail_preflight_before_any_folder(case, tmp_path, tiny_teacher_dir, capsys):
+    extra, match = BAD_VALUES[case]
+    root = tmp_path / "runs"
+    _one_line_exit_2(capsys, _run_args(tiny_teacher_dir, root, *extra), match)
+    assert not root.exists()
+
+
+def test_a_1mb_prompt_is_refused_at_preflight_unread(tmp_path, tiny_teacher_dir, capsys):
+    import time
+
+    p = _jsonl(tmp_path, "why " * 250_000)
+    root = tmp_path / "runs"
+    t0 = time.perf_counter()
+    _one_line_exit_2(capsys, _run_args(tiny_teacher_dir, root, "data.source=jsonl", f"data.path={p}"),
+                     "data.max_prompt_tokens")
+    assert time.perf_counter() - t0 < 10 and not root.exists()

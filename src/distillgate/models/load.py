@@ -206,15 +206,19 @@ def load_model(spec: str, dtype: str | torch.dtype = "float32", trust_remote_cod
     """Load a causal LM and its tokenizer from 'default', a local folder, a GGUF file, or a hub id."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from .check import check_weight_folder
+
     path = resolve_model_path(spec)
     dt = parse_dtype(dtype)
+    if Path(path).is_dir():
+        check_weight_folder(path)  # header, offsets, dtypes and finiteness, before anything trusts the file
     try:
         model = AutoModelForCausalLM.from_pretrained(
             path, dtype=dt, use_safetensors=True, trust_remote_code=trust_remote_code
         )
         tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-    except OSError as e:
-        raise InputError(f"{spec}: could not load a safetensors causal LM ({e})") from e
+    except Exception as e:  # OSError, and transformers' ValueError/KeyError/TypeError on a bad config.json
+        raise InputError(f"{spec}: could not load a safetensors causal LM ({type(e).__name__}: {e})"[:500]) from None
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     model.to(device).eval()
