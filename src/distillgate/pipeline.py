@@ -106,13 +106,61 @@ def _check_prompts(cfg: DistillConfig, tokenizer, tconf, prompts) -> None:
                               f"at most {ctx - n}: prompt {p.id!r} has {n} tokens and the teacher's context is {ctx}")
 
 
+COLLAPSE_SECOND_PROB = 1e-7   # below fp32's epsilon next to 1: the runner-up carries nothing, the gradient is 0
+COLLAPSE_SHARE = 0.5          # refused when at least this share of the measured positions collapse
+
+
+@torch.inference_mode()
+def collapsed_share(model, tokenizer, prompts, temperature: float, max_tokens: int = 64) -> float:
+    """Share of the teacher's next-token distributions on ``prompts`` (first 4, 64 tokens each) that are one-hot
+    in float32 at ``temperature``: the runner-up probability under :data:`COLLAPSE_SECOND_PROB`. At such a
+    temperature the distillation loss and its gradient are exactly 0 (``loss.temperature.value=0.001`` trained
+    five iterations without changing a weight)."""
+    from .data.generate import encode_prompt
+
+    n = bad = 0
+    for p in prompts[:4]:
+        ids = encode_prompt(tokenizer, p.messages) if getattr(tokenizer, "chat_template", None) else \
+            tokenizer(" ".join(str(m.get("content", "")) for m in p.messages))["input_ids"]
+        ids = list(ids)[:max_tokens]
+        if not ids:
+            continue
+        logits = model(input_ids=torch.tensor([ids])).logits[0].float()
+        top2 = torch.softmax(logits / temperature, -1).topk(2, -1).values
+        bad += int((top2[:, 1] < COLLAPSE_SECOND_PROB).sum())
+        n += len(ids)
+    return bad / n if n else 0.0
+
+
+def _check_temperature(cfg: DistillConfig, tpath: str, tokenizer, prompts) -> None:
+    """Refuse a temperature at which the teacher's distribution collapses to one token (measured on the teacher)."""
+    from transformers import AutoModelForCausalLM
+
+    t = cfg.loss.temperature
+    lowest = t.value if t.policy == "fixed" else t.min
+    # T >= 1 only softens the teacher's own distribution: not measured (it saves a teacher load at preflight).
+    # Measured here (share of one-hot positions): SmolLM2 T=0.05 61%, 0.1 36%, 0.3 14%; a tiny random teacher
+    # T=0.3 90%, T=1 0%.
+    if cfg.loss.channels.get("kd", 0) <= 0 or not prompts or lowest >= 1.0:
+        return
+    model = AutoModelForCausalLM.from_pretrained(tpath, dtype=torch.float32, use_safetensors=True,
+                                                 trust_remote_code=cfg.teacher.trust_remote_code).eval()
+    share = collapsed_share(model, tokenizer, prompts, lowest)
+    if share >= COLLAPSE_SHARE:
+        fld = "loss.temperature.value" if t.policy == "fixed" else "loss.temperature.min"
+        raise ConfigError(fld, lowest, f"a temperature at which the teacher's distribution is not one-hot: at "
+                                       f"T={lowest:g}, {share:.0%} of its next-token distributions collapse to "
+                                       f"one token in float32, so the loss and its gradient are exactly 0")
+
+
 def preflight(cfg: DistillConfig) -> Preflight:
     """Validate everything that can be checked without compute; raise ConfigError/InputError naming the field.
 
     Checked here, before any folder is created: input files exist and fit their size limits; the teacher's
     (and a given student's) weight files are sound (``models.check``: header, offsets, dtypes, finiteness);
     loss channels are registered; ``targets.top_k`` fits the vocabulary; ``student.config`` keeps every size
-    positive; every prompt fits ``data.max_prompt_tokens`` and the teacher's context."""
+    positive; every prompt fits ``data.max_prompt_tokens`` and the teacher's context; the lowest temperature
+    does not collapse the teacher's distribution (measured on a few prompts when T < 1)."""
     from transformers import AutoConfig, AutoTokenizer
 
     from .data.prompts import prompts_from_spec
@@ -194,6 +242,7 @@ def preflight(cfg: DistillConfig) -> Preflight:
     except Exception as e:
         raise ConfigError("teacher.path", cfg.teacher.path, f"a model with a loadable tokenizer ({e})"[:300]) from None
     _check_prompts(cfg, ttok, tconf, every)
+    _check_temperature(cfg, tpath, ttok, every)
     return Preflight(teacher_path=tpath, teacher_config=tconf, teacher_params=tparams, prompts=prompts)
 
 

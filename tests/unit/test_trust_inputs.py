@@ -189,3 +189,21 @@ def test_a_1mb_prompt_is_refused_at_preflight_unread(tmp_path, tiny_teacher_dir,
     _one_line_exit_2(capsys, _run_args(tiny_teacher_dir, root, "data.source=jsonl", f"data.path={p}"),
                      "data.max_prompt_tokens")
     assert time.perf_counter() - t0 < 10 and not root.exists()
+
+
+def test_a_collapsing_temperature_is_refused_at_preflight(tmp_path, tiny_teacher_dir, capsys):
+    root = tmp_path / "runs"
+    err = _one_line_exit_2(capsys, _run_args(tiny_teacher_dir, root, "loss.temperature.value=0.001"),
+                           "loss.temperature.value")
+    assert "collapse" in err and not root.exists()
+    # the measurement itself: nothing collapses at T = 1, everything at T = 0.001
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from distillgate.data.prompts import builtin_prompts
+    from distillgate.pipeline import collapsed_share
+
+    m = AutoModelForCausalLM.from_pretrained(str(tiny_teacher_dir)).eval()
+    tok = AutoTokenizer.from_pretrained(str(tiny_teacher_dir))
+    prompts = builtin_prompts(4, ["legal", "medical"], 0)
+    assert collapsed_share(m, tok, prompts, 1.0) == 0.0
+    assert collapsed_share(m, tok, prompts, 0.001) == 1.0
