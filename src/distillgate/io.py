@@ -18,7 +18,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
-from .errors import ArtifactError
+from .errors import ArtifactError, InputError
 
 MANIFEST = "MANIFEST.json"
 _CHUNK = 1 << 20
@@ -77,6 +77,43 @@ def sha256_file_cached(path: str | os.PathLike) -> str:
             log.debug("could not memoise sha256 in %s: %s", memo_path, e)
     _memo[stamp] = digest
     return digest
+
+
+def _not_utf8(path, e: UnicodeDecodeError, data: bytes, line_base: int = 1) -> InputError:
+    line = line_base + data.count(b"\n", 0, e.start)
+    col = e.start - (data.rfind(b"\n", 0, e.start) + 1) + 1
+    return InputError(f"{path}: line {line}, column {col}: not UTF-8 text (byte 0x{data[e.start]:02x}); "
+                      f"save the file as UTF-8")
+
+
+def read_text_utf8(path: str | os.PathLike, max_bytes: int | None = None) -> str:
+    """The file's text; :class:`InputError` naming the file and where, for non-UTF-8 bytes, a file over
+    ``max_bytes`` (checked before reading it) or an unreadable file."""
+    try:
+        if max_bytes is not None and os.stat(path).st_size > max_bytes:
+            raise InputError(f"{path}: {os.stat(path).st_size:,} bytes, over the limit of {max_bytes:,}")
+        data = Path(path).read_bytes()
+    except OSError as e:
+        raise InputError(f"{path}: unreadable ({e.strerror or e})") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise _not_utf8(path, e, data) from None
+
+
+def iter_utf8_lines(path: str | os.PathLike) -> Iterator[tuple[int, str]]:
+    """(line number, text) of a UTF-8 text file, streamed; :class:`InputError` naming the line and column of a
+    non-UTF-8 byte (instead of a raw ``UnicodeDecodeError``)."""
+    try:
+        f = open(path, "rb")
+    except OSError as e:
+        raise InputError(f"{path}: unreadable ({e.strerror or e})") from None
+    with f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                yield lineno, raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise _not_utf8(path, e, raw, lineno) from None
 
 
 def sha256_bytes(data: bytes) -> str:

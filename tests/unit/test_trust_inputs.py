@@ -207,3 +207,56 @@ def test_a_collapsing_temperature_is_refused_at_preflight(tmp_path, tiny_teacher
     prompts = builtin_prompts(4, ["legal", "medical"], 0)
     assert collapsed_share(m, tok, prompts, 1.0) == 0.0
     assert collapsed_share(m, tok, prompts, 0.001) == 1.0
+
+
+# ---------------------------------------------------------------------------------------- YAML and text input
+from distillgate.config import RunConfig, load_config  # noqa: E402
+from distillgate.errors import ConfigError  # noqa: E402
+
+BOMB = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
+    f"{chr(98 + i)}: &{chr(98 + i)} [" + ", ".join([f"*{chr(97 + i)}"] * 9) + "]\n" for i in range(8))
+
+
+def test_yaml_alias_bomb_is_refused_fast(tmp_path):
+    import time
+
+    p = tmp_path / "bomb.yaml"
+    p.write_text(BOMB)
+    assert len(BOMB) < 1100
+    t0 = time.perf_counter()
+    with pytest.raises(ConfigError, match="alias"):
+        load_config(RunConfig, p)
+    assert time.perf_counter() - t0 < 1.0
+
+
+def test_yaml_duplicate_keys_are_refused(tmp_path):
+    p = tmp_path / "dup.yaml"
+    p.write_text("train:\n  steps: 3\n  lr: 0.1\n  steps: 5\n")
+    with pytest.raises(ConfigError, match=r"duplicate key 'steps' \(first at line 2\)"):
+        load_config(RunConfig, p)
+    with pytest.raises(ConfigError, match="duplicate key"):
+        load_config(RunConfig, None, ["loss.channels={kd: 1, kd: 2}"])
+    p.write_text("a: &x 1\nb: *x\n")                  # an alias or two are still fine
+    with pytest.raises(ConfigError, match="^a: "):      # (then the schema speaks)
+        load_config(RunConfig, p)
+
+
+def test_non_utf8_yaml_and_jsonl_name_the_file(tmp_path):
+    from distillgate.data.prompts import load_jsonl_prompts
+
+    y = tmp_path / "bad.yaml"
+    y.write_bytes(b"train:\n  steps: 3 # caf\xe9\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml.*line 2, column 17: not UTF-8 text \(byte 0xe9\)"):
+        load_config(RunConfig, y)
+    j = tmp_path / "bad.jsonl"
+    j.write_bytes(b'{"prompt": "fine"}\n{"prompt": "caf\xe9"}\n')
+    with pytest.raises(InputError, match=r"bad.jsonl: line 2, column 16: not UTF-8"):
+        load_jsonl_prompts(j)
+
+
+def test_non_utf8_jsonl_through_the_cli_is_one_line_exit_2(tmp_path, tiny_teacher_dir, capsys):
+    j = tmp_path / "bad.jsonl"
+    j.write_bytes(b'{"prompt": "caf\xe9"}\n')
+    root = tmp_path / "runs"
+    _one_line_exit_2(capsys, _run_args(tiny_teacher_dir, root, "data.source=jsonl", f"data.path={j}"), "not UTF-8")
+    assert not root.exists()

@@ -176,8 +176,9 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
 
 
 def _read_jsonl(path: Path) -> list[dict]:
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+    from ..io import iter_utf8_lines
+
+    return [json.loads(line) for _, line in iter_utf8_lines(path) if line.strip()]
 
 
 def dataset_key(teacher_fp: str, tokenizer_fp: str, prompts: Sequence[PromptRecord], gen: dict) -> tuple[str, dict]:
