@@ -45,3 +45,100 @@ def test_replaced_lock_file_is_detected(tmp_path):
     with pytest.raises(LockLostError, match="now inode"):
         _commit(a, "x")
     a.close()
+
+
+# ---------------------------------------------------------------------------------------- read-only, garbage catalog
+import contextlib  # noqa: E402
+import shutil  # noqa: E402
+import subprocess  # noqa: E402
+
+from distillgate.cli import main  # noqa: E402
+from distillgate.errors import ArtifactError  # noqa: E402
+
+
+@contextlib.contextmanager
+def _read_only(path):
+    """``path`` read-only for this process: chmod for a normal user; a read-only bind mount for root (root
+    ignores permission bits)."""
+    if os.geteuid() != 0:
+        modes = {p: p.stat().st_mode for p in [path, *path.rglob("*")]}
+        for p in modes:
+            p.chmod(modes[p] & ~0o222)
+        try:
+            yield
+        finally:
+            for p, m in modes.items():
+                p.chmod(m)
+        return
+    r = subprocess.run(["mount", "--bind", str(path), str(path)], capture_output=True)
+    if r.returncode != 0:
+        pytest.skip(f"root without a read-only bind mount: {r.stderr.decode()[:200]}")
+    try:
+        subprocess.run(["mount", "-o", "remount,ro,bind", str(path)], check=True, capture_output=True)
+        yield
+    finally:
+        subprocess.run(["umount", str(path)], check=True)
+
+
+@pytest.fixture(scope="module")
+def loop_run(tmp_path_factory, tiny_teacher_dir):
+    """One finished tiny loop run (root, run id); tests copy it before changing anything."""
+    from distillgate import loop as loop_mod
+    from distillgate.config import RunConfig, load_config
+
+    base = tmp_path_factory.mktemp("looprun")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("DISTILLGATE_HOME", str(base / "home"))
+    over = [f"teacher.path={tiny_teacher_dir}", "student.init=config",
+            "student.config={num_hidden_layers: 1, intermediate_size: 32}", "data.max_new_tokens=8",
+            "train.steps=1", "train.batch_size=2", "train.warmup_steps=0", "train.precision=fp32", "targets.top_k=8",
+            "loop.prompts_per_iteration=4", "loop.heldout_prompts=2",
+            "loop.stages=[{name: anchor, iterations: 0}, {name: joint, iterations: 1}]", "loop.perf_lengths=[8]",
+            "loop.perf_repeats=1", f"store_root={base / 'runs'}", "run_id=r"]
+    loop_mod.run(load_config(RunConfig, None, over), progress=False)
+    yield base / "runs", "r"
+    mp.undo()
+
+
+def _copy(loop_run, tmp_path):
+    root = tmp_path / "runs"
+    shutil.copytree(loop_run[0], root)
+    return root
+
+
+def test_read_only_store_can_be_shown_and_reported(loop_run, tmp_path, capsys):
+    root = _copy(loop_run, tmp_path)
+    for p in root.rglob("catalog.sqlite-*"):  # a clean copy: no WAL index next to the catalog
+        p.unlink()
+    out = tmp_path / "elsewhere" / "report.html"
+    out.parent.mkdir()
+    with _read_only(root):
+        assert main(["runs", "show", "r", "--root", str(root)]) == 0
+        assert "versions" in capsys.readouterr().out
+        assert main(["report", "r", "--root", str(root), "--out", str(out), "--no-param-diff"]) == 0
+    assert out.stat().st_size > 1000
+
+
+def test_garbage_catalog_is_a_typed_error_and_runs_repair_rebuilds_it(loop_run, tmp_path, capsys):
+    root = _copy(loop_run, tmp_path)
+    with RunStore.open(root, "r") as s:
+        want = [(r["version_id"], r["iteration"], r["manifest_sha256"]) for r in s.versions()]
+        cur = s.aliases()["current"]
+    cat = root / "r" / "catalog.sqlite"
+    for p in root.rglob("catalog.sqlite-*"):
+        p.unlink()
+    cat.write_bytes(os.urandom(8192))
+    with pytest.raises(ArtifactError, match="not a readable run catalog.*runs repair r"):
+        RunStore.open(root, "r")
+    assert main(["runs", "show", "r", "--root", str(root)]) == 2
+    assert "runs repair" in capsys.readouterr().err
+    assert main(["runs", "repair", "r", "--root", str(root)]) == 0
+    assert "catalog rebuilt from 2 version manifests (0 corrupt)" in capsys.readouterr().out
+    with RunStore.open(root, "r") as s:
+        assert [(r["version_id"], r["iteration"], r["manifest_sha256"]) for r in s.versions()] == want
+        assert s.aliases()["current"] == cur
+        assert s.config["teacher"]["path"]                       # the config came back from config.json
+        assert s.catalog.metrics(cur)                            # and the loop's rows from the versions' JSON
+        s.resolve("current").verify(deep=True)
+    assert list((root / "r").glob("catalog.sqlite.damaged-*"))
+    assert main(["run", "--resume", "r", "--root", str(root), "--no-report", "--no-progress"]) == 0

@@ -3,6 +3,7 @@
 Layout of ``<root>/<run_id>/``::
 
     run.lock              flock of the single writer (holder pid/host/since inside)
+    config.json           the run's config (a copy of the catalog's, for `distillgate runs repair`)
     catalog.sqlite        runs, iterations, phases, versions (commit markers), metrics, gate_results,
                           findings, decisions, alerts, aliases, alias_history
     objects/sha256/ab/..  content-addressed blobs, shared by every version of the run
@@ -30,6 +31,7 @@ from ..errors import ArtifactError, ConfigError
 from .artifacts import BlobStore
 from .catalog import CATALOG_NAME, Catalog
 from .lock import LOCK_NAME, RunLock, read_holder
+from .repair import write_config
 from .versions import CrashHook, Version, VersionWriter, manifest_path, read_version
 
 log = logging.getLogger(__name__)
@@ -96,6 +98,7 @@ class RunStore:
             cat = Catalog.initialize(tmp / CATALOG_NAME)
             cat.init_run(run_id, config)
             cat.close()
+            write_config(tmp, config)  # a copy outside SQLite: `runs repair` rebuilds the catalog from it
             for sub in ("objects", "versions", "tmp"):
                 (tmp / sub).mkdir()
             os.rename(tmp, final)  # fails if a concurrent create won the race
