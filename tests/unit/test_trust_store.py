@@ -142,3 +142,91 @@ def test_garbage_catalog_is_a_typed_error_and_runs_repair_rebuilds_it(loop_run, 
         s.resolve("current").verify(deep=True)
     assert list((root / "r").glob("catalog.sqlite.damaged-*"))
     assert main(["run", "--resume", "r", "--root", str(root), "--no-report", "--no-progress"]) == 0
+
+
+# ---------------------------------------------------------------------------------------- corrupt shared blobs
+def _flip(path):
+    os.chmod(path, 0o644)
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def _shared_store(root, run_id="r"):
+    """Versions 1-3 share the blob of tok.json (like student/tokenizer.json); each has its own weights."""
+    s = RunStore.create(root, {}, run_id=run_id)
+    for i in range(3):
+        with s.begin_version(i) as vw:
+            vw.add_json("tok.json", {"vocab": list(range(50))})
+            vw.add_json("w.json", {"w": i})
+            vw.commit()
+    return s
+
+
+def test_one_flipped_byte_in_a_shared_blob_is_reported_not_restarted(tmp_path):
+    s = _shared_store(tmp_path)
+    v = s.resolve("current")
+    _flip(v.blobs.path(v.files["tok.json"]["sha256"]))
+    s.close()
+    s = RunStore.open(tmp_path, "r", writer=True)
+    with pytest.raises(ArtifactError, match=r"none of its 3 versions verifies.*tok.json.*no good copy found"):
+        s.resume_point()                              # before: ResumePoint(None, ...): restart at iteration 0
+    assert {r["status"] for r in s.catalog.version_rows(status=None)} == {"corrupt"}
+    # a good copy appears (another run holds the same blob): repaired, and every version is usable again
+    _shared_store(tmp_path, "other").close()
+    point = s.resume_point()
+    assert point.version.version_id == 3 and point.next_iteration == 3
+    assert {r["status"] for r in s.catalog.version_rows(status=None)} == {"committed"}
+    assert any("repaired from a good copy" in a["message"] for a in s.catalog.alerts())
+    assert s.rollback(version=1) == 4                 # old versions can be rolled back to again
+    s.close()
+
+
+def test_rewritten_blob_makes_corrupt_versions_usable_again(tmp_path):
+    s = _shared_store(tmp_path)
+    v = s.resolve("current")
+    blob = v.blobs.path(v.files["tok.json"]["sha256"])
+    good = blob.read_bytes()
+    _flip(blob)
+    assert s.latest_valid_version() is None           # every version marked corrupt
+    with s.begin_version(3) as vw:                    # a later commit writes the same tokenizer: the blob is
+        vw.add_json("tok.json", {"vocab": list(range(50))})  # re-admitted (repaired) ...
+        vw.add_json("w.json", {"w": 3})
+        vw.commit()
+    assert blob.read_bytes() == good
+    assert s.latest_valid_version().version_id == 4
+    assert s.rollback(version=2) == 5                 # ... and version 2 is usable again
+    assert s.catalog.version_row(2)["status"] == "committed"
+    s.close()
+
+
+def test_fallback_lineage_names_the_version_resumed_from(tmp_path):
+    s = _shared_store(tmp_path)
+    v3 = s.resolve("current")
+    _flip(v3.blobs.path(v3.files["w.json"]["sha256"]))  # only version 3's own blob
+    s.close()
+    s = RunStore.open(tmp_path, "r", writer=True)
+    point = s.resume_point()
+    assert point.version.version_id == 2
+    assert s.aliases()["current"] == 2
+    with s.begin_version(2) as vw:
+        vw.add_json("w.json", {"w": "2 again"})
+        vid = vw.commit()
+    assert s.catalog.version_row(vid)["parent"] == 2  # before: 3, the corrupt version
+    s.close()
+
+
+def test_loop_resume_after_a_flipped_tokenizer_blob(loop_run, tmp_path, tiny_teacher_dir, capsys):
+    root = _copy(loop_run, tmp_path)
+    with RunStore.open(root, "r") as s:
+        v = s.resolve("current")
+        blob = v.blobs.path(v.files["student/tokenizer.json"]["sha256"])
+        n = len(s.versions())
+    _flip(blob)
+    rc = main(["run", "--resume", "r", "--root", str(root), "--no-report", "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 0, err
+    with RunStore.open(root, "r") as s:  # the teacher folder holds the same tokenizer.json: the good copy
+        assert any("repaired from a good copy" in a["message"] for a in s.catalog.alerts())
+        assert len(s.versions()) == n and s.info()["status"] != "running"
+        s.resolve("current").verify(deep=True)
