@@ -81,7 +81,7 @@ def check_resume_teacher(root: str, run_id: str, allow_change: bool = False) -> 
     from ..guard import check_resume_identity, teacher_identity
     from ..store import RunStore
 
-    with RunStore.open(root, run_id, writer=allow_change) as store:
+    with RunStore.open(root, run_id, writer=True) as store:  # the writer repairs a bad blob from a good copy
         cfg = RunConfig.model_validate(store.config)
         version = store.resume_point().version
         if version is None:
