@@ -27,6 +27,11 @@ class CacheMismatchError(ArtifactError):
     """A cached artifact was built from other inputs (teacher, tokenizer, data, k) than the ones asked for."""
 
 
+class StorageError(DistillgateError):
+    """Writing to disk failed (no space left, a file-size limit, an I/O error, a read-only file system): the
+    message names the file and the cause. What was committed before stays committed."""
+
+
 class LockHeldError(DistillgateError):
     """Another process holds the writer lock of a run."""
 

@@ -18,7 +18,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
-from .errors import ArtifactError, InputError
+from .errors import ArtifactError, InputError, StorageError
 
 MANIFEST = "MANIFEST.json"
 _CHUNK = 1 << 20
@@ -37,6 +37,55 @@ def sha256_file(path: str | os.PathLike) -> str:
         while chunk := f.read(_CHUNK):
             h.update(chunk)
     return h.hexdigest()
+
+
+_CAUSES = {"ENOSPC": "no space left on the device", "EFBIG": "file too large (a file-size limit, e.g. ulimit -f)",
+           "EDQUOT": "disk quota exceeded", "EROFS": "read-only file system", "EIO": "I/O error of the device",
+           "EACCES": "permission denied", "EPERM": "operation not permitted"}
+
+
+def io_cause(exc: BaseException) -> str | None:
+    """A short cause for a write failure (OSError, safetensors' IoError, SQLite's "disk is full"), or None
+    when ``exc`` is not one."""
+    import errno as _errno
+    import re
+
+    code = getattr(exc, "errno", None) if isinstance(exc, OSError) else None
+    if code is None:
+        m = re.search(r"(?:code: |os error )(\d+)", str(exc))  # safetensors: "I/O error: ... (os error 27)"
+        if m and type(exc).__name__ == "SafetensorError":
+            code = int(m.group(1))
+    if code is not None:
+        name = _errno.errorcode.get(code, str(code))
+        return f"{_CAUSES.get(name, os.strerror(code).lower())} ({name})"
+    if type(exc).__name__ == "OperationalError" and ("disk is full" in str(exc) or "disk I/O" in str(exc)):
+        return f"{exc} (SQLite)"
+    return None
+
+
+def storage_error(exc: BaseException, path: str | os.PathLike) -> StorageError | None:
+    """:class:`StorageError` "``<file>``: could not write: ``<cause>``" for a write failure, else None.
+    The file is the one the exception names when it names one, else ``path``."""
+    cause = io_cause(exc)
+    if cause is None:
+        return None
+    where = getattr(exc, "filename", None) or path
+    return StorageError(f"{where}: could not write: {cause}")
+
+
+@contextlib.contextmanager
+def writing(path: str | os.PathLike) -> Iterator[None]:
+    """Turn a write failure inside the block into a :class:`StorageError` naming ``path`` (or the file the
+    error names) and the cause; other errors pass through unchanged."""
+    try:
+        yield
+    except Exception as e:
+        if isinstance(e, StorageError):
+            raise
+        err = storage_error(e, path)
+        if err is None:
+            raise
+        raise err from e
 
 
 def file_stamp(path: str | os.PathLike) -> str:
@@ -235,15 +284,17 @@ def atomic_dir(final: str | os.PathLike, kind: str, format_version: int, meta: d
     final.parent.mkdir(parents=True, exist_ok=True)
     if final.exists() and not (overwrite or exist_ok):
         raise ArtifactError(f"{final}: already exists (refusing to overwrite)")
-    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.", suffix=".tmp"))
+    with writing(final):
+        tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.", suffix=".tmp"))
     try:
-        yield tmp
-        for p in tmp.rglob("*"):
-            if p.is_file():
-                with open(p, "rb") as f:
-                    os.fsync(f.fileno())
-        ours = write_manifest(tmp, kind, format_version, meta)
-        _publish(tmp, final, ours, overwrite, exist_ok)
+        with writing(final):  # a full disk or a file-size limit while the caller writes: one typed error
+            yield tmp
+            for p in tmp.rglob("*"):
+                if p.is_file():
+                    with open(p, "rb") as f:
+                        os.fsync(f.fileno())
+            ours = write_manifest(tmp, kind, format_version, meta)
+            _publish(tmp, final, ours, overwrite, exist_ok)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

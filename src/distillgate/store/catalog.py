@@ -165,6 +165,10 @@ class Catalog:
             c.row_factory = sqlite3.Row
             if writable:
                 c.execute("PRAGMA synchronous=FULL")
+                # Checkpoint the WAL every 32 pages (128 KB) instead of SQLite's 1000 (4 MB): the catalog's files
+                # stay small, so a file-size limit or a nearly full disk hits the data files first, while the
+                # catalog can still record the failure (a tiny run's WAL reached 150 KB with the default).
+                c.execute("PRAGMA wal_autocheckpoint=32")
             c.execute("PRAGMA foreign_keys=ON")
             return c
 
@@ -181,6 +185,11 @@ class Catalog:
             return conn(base + "?immutable=1")
 
     def _damaged(self, e: Exception) -> ArtifactError:
+        from ..io import storage_error
+
+        full = storage_error(e, self.path)  # disk full / I/O error: the catalog is fine, the disk is not
+        if full is not None:
+            return full
         run = self.path.parent.name
         return ArtifactError(f"{self.path}: not a readable run catalog ({type(e).__name__}: {e}); rebuild it from "
                              f"the version manifests with `distillgate runs repair {run} --root "
@@ -256,9 +265,14 @@ class Catalog:
         return d
 
     def set_run_status(self, status: str, converged: bool | None = None) -> None:
+        """Set the run's status; a run that stops (any status but ``running``) leaves no iteration ``running``:
+        one still open is closed as ``failed`` (``interrupted`` when the run was), in the same transaction."""
         with self.tx() as c:
             c.execute("UPDATE runs SET status=?, updated=?, converged=COALESCE(?, converged)",
                       (status, time.time(), None if converged is None else int(converged)))
+            if status != "running":
+                c.execute("UPDATE iterations SET status=?, finished=? WHERE status='running'",
+                          ("interrupted" if status == "interrupted" else "failed", time.time()))
 
     def _ensure_iteration(self, c, iteration: int) -> None:
         if not isinstance(iteration, int) or iteration < 0:

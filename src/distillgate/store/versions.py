@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Sequence
 
 from ..errors import ArtifactError, ConfigError
-from ..io import fsync_dir, sha256_bytes
+from ..io import fsync_dir, sha256_bytes, writing
 from .artifacts import (
     BlobStore,
     NonFiniteError,
@@ -304,10 +304,14 @@ class VersionWriter:
         final.parent.mkdir(exist_ok=True)
         self._hook("before_manifest")
         tmp = final.with_name(f".{final.name}.{os.getpid()}.tmp")
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        try:
+            with writing(final), open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
         self._hook("after_manifest_tmp")
         try:
             store.lock.check()            # a lost lock: another writer may own versions/<id>.json now
