@@ -55,8 +55,11 @@ def _student_config(tconf, overrides: dict):
         if k not in base:
             raise ConfigError(f"student.config.{k}", v, f"a key of the teacher's {type(tconf).__name__} "
                                                         f"(e.g. {', '.join(_POSITIVE_CONFIG_KEYS[:4])})")
-        if k in _POSITIVE_CONFIG_KEYS and not (type(v) is int and 1 <= v <= 1 << 20):
-            raise ConfigError(f"student.config.{k}", v, "an integer in [1, 1048576]")
+        if k in _POSITIVE_CONFIG_KEYS:
+            # bounded by the teacher before anything is built: 2**20 layers took minutes even on the meta device
+            top = base[k] if isinstance(base[k], int) and base[k] >= 1 else 1 << 20
+            if not (type(v) is int and 1 <= v <= top):
+                raise ConfigError(f"student.config.{k}", v, f"an integer in [1, {top}] (at most the teacher's)")
         if isinstance(base[k], (int, float)) and not isinstance(base[k], bool) and \
                 (isinstance(v, bool) or not isinstance(v, (int, float))):
             raise ConfigError(f"student.config.{k}", v, f"a number like the teacher's {base[k]!r}")

@@ -70,7 +70,7 @@ def _check_entries(path: Path, header: dict, data_len: int) -> list[tuple[str, s
         if not isinstance(e, dict) or set(e) - {"dtype", "shape", "data_offsets"} or len(e) != 3:
             raise InputError(f"{where}: entry must be {{dtype, shape, data_offsets}}, got {str(e)[:80]}")
         dt, shape, off = e["dtype"], e["shape"], e["data_offsets"]
-        if dt not in DTYPES:
+        if not isinstance(dt, str) or dt not in DTYPES:
             raise InputError(f"{where}: unknown dtype {dt!r} (one of {sorted(DTYPES)})")
         if not (isinstance(shape, list) and all(type(d) is int and 0 <= d < 1 << 48 for d in shape)
                 and len(shape) <= 8):
