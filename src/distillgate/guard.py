@@ -44,10 +44,10 @@ def recorded_identity(version) -> tuple[str | None, str | None]:
     tok_fp = None
     if any(n.startswith("student/tokenizer") for n in version.files):
         with tempfile.TemporaryDirectory(prefix="dg-tok-") as d:
-            for n in version.names("student/"):
-                if n.startswith("student/tokenizer") or n.endswith(("special_tokens_map.json", "vocab.json",
-                                                                     "merges.txt", "chat_template.jinja")):
-                    (Path(d) / Path(n).name).write_bytes(version.path_of(n).read_bytes())
+            for n in version.names("student/"):  # every file but the weights: what a tokenizer may read
+                if not n.endswith(".safetensors"):
+                    (Path(d) / n[len("student/"):]).parent.mkdir(parents=True, exist_ok=True)
+                    (Path(d) / n[len("student/"):]).write_bytes(version.path_of(n).read_bytes())
             tok = AutoTokenizer.from_pretrained(d)
             if tok.pad_token is None:
                 tok.pad_token = tok.eos_token

@@ -40,10 +40,15 @@ def _weights(root, run_id):
 
 
 def _trials(teacher, tmp_path, trials):
-    seq_home = tmp_path / "home-seq"
-    r = subprocess.run([sys.executable, "-c", CLI, *_args(teacher, tmp_path / "seq", "s")], env=_env(seq_home),
-                       capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-2000:]
+    from distillgate.cli import main
+
+    seq_home = tmp_path / "home-seq"                  # the sequential reference runs in this process
+    mp = pytest.MonkeyPatch()
+    mp.setenv("DISTILLGATE_HOME", str(seq_home))
+    try:
+        assert main(_args(teacher, tmp_path / "seq", "s")) == 0
+    finally:
+        mp.undo()
     assert any((seq_home / "profiles").iterdir()) and any((seq_home / "targets").iterdir())  # the caches raced for
     want = _weights(tmp_path / "seq", "s")
     for t in range(trials):
@@ -59,6 +64,36 @@ def _trials(teacher, tmp_path, trials):
             for f in want:
                 assert got[f].keys() == want[f].keys()
                 assert all(bool((got[f][k] == want[f][k]).all()) for k in want[f]), f"trial {t} c{i}: {f} differs"
+
+
+def _publish(args):
+    """One process: build a cache folder for ``key`` and publish it (all of them start at the same moment)."""
+    final, barrier_file, i = args
+    import time as _time
+
+    from distillgate.io import atomic_dir
+
+    while not os.path.exists(barrier_file):
+        _time.sleep(0.001)
+    with atomic_dir(final, kind="cache", format_version=1, meta={"writer": i}, exist_ok=True) as tmp:
+        (tmp / "data.bin").write_bytes(b"same content" * 1000)
+        _time.sleep(0.05)                              # widen the race: everyone is past the existence check
+    return i
+
+
+def test_concurrent_publishers_of_one_cache_key_all_succeed(tmp_path):
+    import multiprocessing as mpc
+
+    from distillgate.io import verify_manifest
+
+    for trial in range(5):
+        final, go = tmp_path / f"key-{trial}", tmp_path / f"go-{trial}"
+        with mpc.get_context("fork").Pool(4) as pool:
+            res = pool.map_async(_publish, [(final, go, i) for i in range(4)])
+            go.write_text("")
+            assert sorted(res.get(timeout=60)) == [0, 1, 2, 3]    # before: 3 of them "already exists"
+        verify_manifest(final, kind="cache")
+        assert not [p for p in tmp_path.iterdir() if p.name.startswith(f".key-{trial}")]  # no temp left
 
 
 def test_three_concurrent_runs_on_one_empty_cache_home(tiny_teacher_dir, tmp_path):

@@ -17,7 +17,7 @@ import os
 import time
 from pathlib import Path
 
-from ..errors import ArtifactError, ConfigError
+from ..errors import ConfigError
 from ..io import atomic_write_json, sha256_bytes
 from .artifacts import BlobStore
 from .catalog import CATALOG_NAME, Catalog
@@ -96,7 +96,5 @@ def rebuild_catalog(root: str | os.PathLike, run_id: str) -> dict:
             Path(f"{tmp}{suffix}").unlink(missing_ok=True)
         return {"versions": adopted, "corrupt": corrupt, "skipped": skipped,
                 "current": adopted[-1] if adopted else None, "kept": kept, "config": isinstance(config, dict)}
-    except ArtifactError:
-        raise
     finally:
         lock.release()
