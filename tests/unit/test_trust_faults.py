@@ -111,3 +111,32 @@ def test_sigterm_stops_like_sigint_and_records_the_run_status(reference, tmp_pat
     monkeypatch.setenv("DISTILLGATE_HOME", str(home))
     assert main(["run", "--resume", "r", "--root", str(root), "--no-report", "--no-progress"]) == 0
     assert _same(_weights(root), want)
+
+
+def test_enospc_on_a_small_tmpfs_is_one_line_with_statuses_and_resume_gives_the_uninterrupted_weights(
+        reference, tmp_path, monkeypatch, capsys):
+    """A real full disk: the run store on a 700 KB tmpfs (root only; elsewhere RLIMIT_FSIZE above stands in)."""
+    import shutil
+
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root; the RLIMIT_FSIZE tests cover the same path")
+    teacher, want = reference
+    small = tmp_path / "small"
+    small.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=700k", "tmpfs", str(small)], capture_output=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.decode()[:200]}")
+    try:
+        monkeypatch.setenv("DISTILLGATE_HOME", str(tmp_path / "home"))  # caches on the big disk
+        assert main(_args(teacher, small / "runs")) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        errors = [line for line in err if line.startswith("error:")]
+        assert len(errors) == 1 and "no space left on the device (ENOSPC)" in errors[0], err[-5:]
+        with RunStore.open(small / "runs", "r") as s:
+            assert s.info()["status"] == "failed"
+            assert not [i for i in s.catalog.iterations() if i["status"] == "running"]
+        shutil.copytree(small / "runs", tmp_path / "runs")           # the disk is "freed": resume elsewhere
+    finally:
+        subprocess.run(["umount", str(small)], check=True)
+    assert main(["run", "--resume", "r", "--root", str(tmp_path / "runs"), "--no-report", "--no-progress"]) == 0
+    assert _same(_weights(tmp_path / "runs"), want)
