@@ -100,7 +100,7 @@ _STUDENT_KEYS = ["num_hidden_layers", "intermediate_size", "hidden_size", "num_a
 
 
 def _mutated_config(rng: random.Random, teacher) -> dict:
-    from distillgate.config import apply_overrides, _parse_override  # noqa: F401
+    from distillgate.config import apply_overrides
 
     d = apply_overrides({}, [f"teacher.path={teacher}", *_BASE])
     deep = rng.random() < 0.5  # half the cases: well-typed values in the fields only preflight can judge

@@ -57,7 +57,6 @@ def test_fingerprint_is_from_content_and_memoised_by_stat(tmp_path, tiny_tokeniz
 # ---------------------------------------------------------------------------------------- hostile weight files
 import json  # noqa: E402
 
-import torch  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 
 from distillgate.cli import main  # noqa: E402
