@@ -46,22 +46,54 @@ def _quiet_libraries() -> None:
         pass
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the main thread is, so that it unwinds like Ctrl-C: ``finally`` blocks run, the
+    open store transaction rolls back and the run records its status (instead of dying as ``running``)."""
+
+
+def _raise_terminated(signum, frame) -> None:
+    raise Terminated()
+
+
+def _error(text: str) -> None:
+    from rich.console import Console
+    from rich.markup import escape
+
+    # soft_wrap: one error is one line, whatever the terminal width (logs and scripts grep for it)
+    Console(stderr=True, soft_wrap=True).print(f"[bold red]error:[/] {escape(text)}", highlight=False)
+
+
 def main(argv: list[str] | None = None) -> int:
+    import signal
+    import threading
+
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     _quiet_libraries()
+    on_main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _raise_terminated) if on_main else None
     try:
         rc = args.func(args)
     except DistillgateError as e:
-        from rich.console import Console
-
-        Console(stderr=True).print(f"[bold red]error:[/] {e}", highlight=False, markup=True)
+        _error(str(e))
         return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        print("terminated (SIGTERM)" if isinstance(e, Terminated) else "interrupted", file=sys.stderr)
+        return 143 if isinstance(e, Terminated) else 130
+    except Exception as e:  # an I/O failure no library call turned into a StorageError: still one line, exit 2
+        from .io import io_cause
+
+        cause = io_cause(e)
+        if cause is None and not isinstance(e, OSError):
+            raise
+        where = getattr(e, "filename", None) or "a file"
+        _error(f"{where}: {cause or (e.strerror or str(e))}")
+        return 2
+    finally:
+        if on_main:
+            signal.signal(signal.SIGTERM, previous)
     return int(rc or 0)
 
 

@@ -67,6 +67,9 @@ class DataSpec(_Strict):
     gen_batch_size: int = Field(16, ge=1, description="prompts per batched generation")
     heldout_fraction: float = Field(0.125, ge=0.0, lt=1.0, description="share of prompts held out (split by prompt)")
     seq_len: int = Field(256, ge=8, description="max tokens per training sequence")
+    max_prompt_tokens: int = Field(1024, ge=1, le=32768, description="longest prompt accepted, in tokens of the "
+                                   "teacher's chat template; a longer one is refused at preflight (before any "
+                                   "compute: a 1 MB prompt once tried to allocate 360 GB)")
 
     @field_validator("domains")
     @classmethod
@@ -195,11 +198,59 @@ class DistillConfig(_Strict):
 
 # ---------------------------------------------------------------------------------------------- loading
 
+MAX_YAML_ALIASES = 32  # a config needs a few anchors at most; a ~1 KB alias bomb expands to billions of nodes
+
+
+class _GuardedLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses duplicate mapping keys (last-wins silently drops a setting) and more
+    than :data:`MAX_YAML_ALIASES` alias references (a "billion laughs" document: each alias is cheap to parse
+    but the config's validation and JSON dump expand the shared tree; one took 67 s and all memory)."""
+
+    def __init__(self, stream):
+        super().__init__(stream)
+        self._aliases = 0
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            self._aliases += 1
+            if self._aliases > MAX_YAML_ALIASES:
+                mark = self.peek_event().start_mark
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"more than {MAX_YAML_ALIASES} alias references (*name): refused (alias bomb?)", mark)
+        return super().compose_node(parent, index)
+
+    def construct_mapping(self, node, deep=False):
+        seen = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            try:
+                hash(key)
+            except TypeError:
+                continue  # the base class reports unhashable keys
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    "while constructing a mapping", node.start_mark,
+                    f"duplicate key {key!r} (first at line {seen[key].line + 1})", key_node.start_mark)
+            seen[key] = key_node.start_mark
+        return super().construct_mapping(node, deep=deep)
+
+
+def safe_yaml(text: str, where: str):
+    """Parse YAML text with :class:`_GuardedLoader`; :class:`ConfigError` naming ``where`` on any problem."""
+    try:
+        return yaml.load(text, Loader=_GuardedLoader)  # noqa: S506 (a SafeLoader subclass)
+    except yaml.YAMLError as e:
+        raise ConfigError(where, text[:80] if len(text) < 80 else f"{text[:60]}...", f"valid YAML ({e})"
+                          .replace("\n", " ")) from None
+    except RecursionError:
+        raise ConfigError(where, f"{text[:60]}...", "YAML nested less deeply") from None
+
+
 def _parse_override(item: str) -> tuple[list[str], Any]:
     if "=" not in item:
         raise ConfigError(item, item, "overrides of the form key.sub=value")
     key, raw = item.split("=", 1)
-    return key.strip().split("."), yaml.safe_load(raw) if raw != "" else ""
+    return key.strip().split("."), safe_yaml(raw, key.strip()) if raw != "" else ""
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
@@ -231,13 +282,21 @@ def _validation_to_config_error(e: ValidationError, data: dict) -> ConfigError:
 def load_yaml(path: str | os.PathLike | None) -> dict:
     if path is None:
         return {}
+    from .errors import InputError
+    from .io import MAX_CONFIG_BYTES, read_text_utf8
+
     p = Path(path)
     if not p.is_file():
         raise ConfigError("--config", str(path), "an existing YAML file")
     try:
-        data = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError("--config", str(path), f"valid YAML ({e})") from e
+        text = read_text_utf8(p, max_bytes=MAX_CONFIG_BYTES)
+    except InputError as e:
+        raise ConfigError("--config", str(path), f"a UTF-8 YAML file of at most {MAX_CONFIG_BYTES >> 10} KB "
+                                                 f"({e})") from None
+    try:
+        data = safe_yaml(text, "--config") or {}
+    except ConfigError as e:
+        raise ConfigError("--config", str(path), e.allowed) from None
     if not isinstance(data, dict):
         raise ConfigError("--config", str(path), "a YAML mapping at the top level")
     return data

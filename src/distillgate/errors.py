@@ -27,5 +27,15 @@ class CacheMismatchError(ArtifactError):
     """A cached artifact was built from other inputs (teacher, tokenizer, data, k) than the ones asked for."""
 
 
+class StorageError(DistillgateError):
+    """Writing to disk failed (no space left, a file-size limit, an I/O error, a read-only file system): the
+    message names the file and the cause. What was committed before stays committed."""
+
+
 class LockHeldError(DistillgateError):
     """Another process holds the writer lock of a run."""
+
+
+class LockLostError(DistillgateError):
+    """This process held a run's writer lock, but the lock file was deleted or replaced under it: another
+    writer may have taken the run, so nothing more is committed."""

@@ -42,24 +42,153 @@ class Preflight:
     prompts: list = field(default_factory=list)
 
 
-def preflight(cfg: DistillConfig) -> Preflight:
-    """Validate everything that can be checked without compute; raise ConfigError/InputError naming the field."""
-    from transformers import AutoConfig, AutoTokenizer
+# Size-like keys of a Hugging Face config: a student.config override must keep them positive integers.
+_POSITIVE_CONFIG_KEYS = ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads",
+                         "num_key_value_heads", "head_dim", "vocab_size", "max_position_embeddings")
 
-    from .data.prompts import prompts_from_spec
-    from .models.load import resolve_model_path
+
+def _student_config(tconf, overrides: dict):
+    """The teacher's config with ``student.config`` overrides, every key known to the teacher's config and
+    every size a positive integer (a bad value is a ConfigError here, not a traceback in iteration 0)."""
+    base = tconf.to_dict()
+    for k, v in overrides.items():
+        if k not in base:
+            raise ConfigError(f"student.config.{k}", v, f"a key of the teacher's {type(tconf).__name__} "
+                                                        f"(e.g. {', '.join(_POSITIVE_CONFIG_KEYS[:4])})")
+        if k in _POSITIVE_CONFIG_KEYS:
+            # bounded by the teacher before anything is built: 2**20 layers took minutes even on the meta device
+            top = base[k] if isinstance(base[k], int) and base[k] >= 1 else 1 << 20
+            if not (type(v) is int and 1 <= v <= top):
+                raise ConfigError(f"student.config.{k}", v, f"an integer in [1, {top}] (at most the teacher's)")
+        if isinstance(base[k], (int, float)) and not isinstance(base[k], bool) and \
+                (isinstance(v, bool) or not isinstance(v, (int, float))):
+            raise ConfigError(f"student.config.{k}", v, f"a number like the teacher's {base[k]!r}")
+    try:
+        conf = tconf.__class__.from_dict({**base, **overrides})
+        params = _param_count_from_config(conf)
+    except Exception as e:  # transformers' own checks (e.g. hidden_size not a multiple of the heads)
+        raise ConfigError("student.config", overrides, f"a configuration transformers accepts "
+                                                       f"({type(e).__name__}: {e})"[:300]) from None
+    return conf, params
+
+
+def _check_files(cfg: DistillConfig) -> None:
+    from .io import MAX_INPUT_FILE_BYTES
 
     for fld, path in (("data.path", cfg.data.path if cfg.data.source == "jsonl" else None),
                       ("eval.text_file", cfg.eval.text_file), ("student.calib_file", cfg.student.calib_file)):
-        if path and not Path(path).is_file():
+        if not path:
+            continue
+        if not Path(path).is_file():
             raise ConfigError(fld, path, "an existing file")
+        size = Path(path).stat().st_size
+        if size > MAX_INPUT_FILE_BYTES:
+            raise ConfigError(fld, path, f"a file of at most {MAX_INPUT_FILE_BYTES >> 20} MB (it has {size >> 20} MB)")
+
+
+def _check_prompts(cfg: DistillConfig, tokenizer, tconf, prompts) -> None:
+    """Every prompt fits ``data.max_prompt_tokens`` and, with its answer, the teacher's context."""
+    from .data.generate import encode_prompt
+
+    limit = cfg.data.max_prompt_tokens
+    ctx = getattr(tconf, "max_position_embeddings", None)
+    if isinstance(ctx, int) and cfg.data.max_new_tokens >= ctx:
+        raise ConfigError("data.max_new_tokens", cfg.data.max_new_tokens, f"fewer than the teacher's context of "
+                                                                          f"{ctx} tokens")
+    for p in prompts:
+        chars = sum(len(str(m.get("content", ""))) for m in p.messages)
+        if chars > 16 * limit:  # no tokenizer yields fewer than 1 token per 16 characters: refuse unread
+            raise ConfigError("data.max_prompt_tokens", limit, f"at least the length of prompt {p.id!r} "
+                                                               f"({chars:,} characters)")
+        n = len(encode_prompt(tokenizer, p.messages)) if getattr(tokenizer, "chat_template", None) else \
+            len(tokenizer(" ".join(str(m.get("content", "")) for m in p.messages))["input_ids"])
+        if n > limit:
+            raise ConfigError("data.max_prompt_tokens", limit, f"at least the {n} tokens of prompt {p.id!r}")
+        if isinstance(ctx, int) and n + cfg.data.max_new_tokens > ctx:
+            raise ConfigError("data.max_new_tokens", cfg.data.max_new_tokens,
+                              f"at most {ctx - n}: prompt {p.id!r} has {n} tokens and the teacher's context is {ctx}")
+
+
+COLLAPSE_SECOND_PROB = 1e-7   # below fp32's epsilon next to 1: the runner-up carries nothing, the gradient is 0
+COLLAPSE_SHARE = 0.5          # refused when at least this share of the measured positions collapse
+
+
+@torch.inference_mode()
+def collapsed_share(model, tokenizer, prompts, temperature: float, max_tokens: int = 64) -> float:
+    """Share of the teacher's next-token distributions on ``prompts`` (first 4, 64 tokens each) that are one-hot
+    in float32 at ``temperature``: the runner-up probability under :data:`COLLAPSE_SECOND_PROB`. At such a
+    temperature the distillation loss and its gradient are exactly 0 (``loss.temperature.value=0.001`` trained
+    five iterations without changing a weight)."""
+    from .data.generate import encode_prompt
+
+    n = bad = 0
+    for p in prompts[:4]:
+        ids = encode_prompt(tokenizer, p.messages) if getattr(tokenizer, "chat_template", None) else \
+            tokenizer(" ".join(str(m.get("content", "")) for m in p.messages))["input_ids"]
+        ids = list(ids)[:max_tokens]
+        if not ids:
+            continue
+        logits = model(input_ids=torch.tensor([ids])).logits[0].float()
+        top2 = torch.softmax(logits / temperature, -1).topk(2, -1).values
+        bad += int((top2[:, 1] < COLLAPSE_SECOND_PROB).sum())
+        n += len(ids)
+    return bad / n if n else 0.0
+
+
+def _check_temperature(cfg: DistillConfig, tpath: str, tokenizer, prompts) -> None:
+    """Refuse a temperature at which the teacher's distribution collapses to one token (measured on the teacher)."""
+    from transformers import AutoModelForCausalLM
+
+    t = cfg.loss.temperature
+    lowest = t.value if t.policy == "fixed" else t.min
+    # T >= 1 only softens the teacher's own distribution: not measured (it saves a teacher load at preflight).
+    # Measured here (share of one-hot positions): SmolLM2 T=0.05 61%, 0.1 36%, 0.3 14%; a tiny random teacher
+    # T=0.3 90%, T=1 0%.
+    if cfg.loss.channels.get("kd", 0) <= 0 or not prompts or lowest >= 1.0:
+        return
+    model = AutoModelForCausalLM.from_pretrained(tpath, dtype=torch.float32, use_safetensors=True,
+                                                 trust_remote_code=cfg.teacher.trust_remote_code).eval()
+    share = collapsed_share(model, tokenizer, prompts, lowest)
+    if share >= COLLAPSE_SHARE:
+        fld = "loss.temperature.value" if t.policy == "fixed" else "loss.temperature.min"
+        raise ConfigError(fld, lowest, f"a temperature at which the teacher's distribution is not one-hot: at "
+                                       f"T={lowest:g}, {share:.0%} of its next-token distributions collapse to "
+                                       f"one token in float32, so the loss and its gradient are exactly 0")
+
+
+def preflight(cfg: DistillConfig) -> Preflight:
+    """Validate everything that can be checked without compute; raise ConfigError/InputError naming the field.
+
+    Checked here, before any folder is created: input files exist and fit their size limits; the teacher's
+    (and a given student's) weight files are sound (``models.check``: header, offsets, dtypes, finiteness);
+    loss channels are registered; ``targets.top_k`` fits the vocabulary; ``student.config`` keeps every size
+    positive; every prompt fits ``data.max_prompt_tokens`` and the teacher's context; the lowest temperature
+    does not collapse the teacher's distribution (measured on a few prompts when T < 1)."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from .data.prompts import prompts_from_spec
+    from .models.check import check_weight_folder
+    from .models.load import resolve_model_path
+    from .weighting import check_channels
+
+    check_channels(cfg.loss.channels)
+    _check_files(cfg)
     try:
         tpath = resolve_model_path(cfg.teacher.path)
         tconf = AutoConfig.from_pretrained(tpath, trust_remote_code=cfg.teacher.trust_remote_code)
     except Exception as e:  # missing folder, no config.json, unreadable GGUF, offline hub id
         raise ConfigError("teacher.path", cfg.teacher.path, f"'default', a model folder, a .gguf file or a "
                                                             f"reachable hub id ({e})") from None
-    tparams = _param_count_from_config(tconf)
+    if Path(tpath).is_dir():
+        check_weight_folder(tpath)
+    try:
+        tparams = _param_count_from_config(tconf)
+    except Exception as e:
+        raise InputError(f"{tpath}/config.json: transformers cannot build this model ({type(e).__name__}: {e})"[:400]) \
+            from None
+    vocab = getattr(tconf, "vocab_size", None)
+    if cfg.targets.mode == "cached" and isinstance(vocab, int) and cfg.targets.top_k > vocab:
+        raise ConfigError("targets.top_k", cfg.targets.top_k, f"an integer in [1, the teacher's vocabulary size {vocab}]")
     s = cfg.student
     L, inter = getattr(tconf, "num_hidden_layers", None), getattr(tconf, "intermediate_size", None)
     if s.init == "derive":
@@ -76,12 +205,12 @@ def preflight(cfg: DistillConfig) -> Preflight:
             raise ConfigError("student.num_layers", n, f"fewer than the teacher's {L} layers (or a smaller "
                                                        f"mlp_width): the student would not be smaller than its teacher")
     elif s.init == "config":
-        conf = tconf.__class__.from_dict({**tconf.to_dict(), **(s.config or {})})
+        conf, sparams = _student_config(tconf, s.config or {})
         if getattr(conf, "vocab_size", None) != getattr(tconf, "vocab_size", None):
             raise ConfigError("student.config.vocab_size", conf.vocab_size,
                               f"the teacher's vocabulary size {tconf.vocab_size} (cross-vocabulary distillation "
                               f"is not supported yet)")
-        if _param_count_from_config(conf) >= tparams:
+        if sparams >= tparams:
             raise ConfigError("student.config", s.config, f"a configuration smaller than the teacher "
                                                           f"({tparams:,} parameters)")
     else:
@@ -90,6 +219,8 @@ def preflight(cfg: DistillConfig) -> Preflight:
             sconf = AutoConfig.from_pretrained(spath, trust_remote_code=cfg.teacher.trust_remote_code)
         except Exception as e:
             raise ConfigError("student.path", s.path, f"a model folder, a .gguf file or a reachable hub id ({e})") from None
+        if Path(spath).is_dir():
+            check_weight_folder(spath)
         ttok = AutoTokenizer.from_pretrained(tpath)
         stok = AutoTokenizer.from_pretrained(spath)
         from .models.derive import check_same_vocab
@@ -105,6 +236,16 @@ def preflight(cfg: DistillConfig) -> Preflight:
     prompts = prompts_from_spec(cfg.data) if cfg.data.source != "hf" else []
     if cfg.data.source != "hf" and not prompts:
         raise ConfigError("data", cfg.data.path or cfg.data.source, "at least one prompt")
+    if cfg.data.source == "jsonl":  # the loop draws from the whole file, not only the first num_prompts
+        every = prompts_from_spec(cfg.data.model_copy(update={"num_prompts": 10 ** 9}))
+    else:
+        every = prompts
+    try:
+        ttok = AutoTokenizer.from_pretrained(tpath, trust_remote_code=cfg.teacher.trust_remote_code)
+    except Exception as e:
+        raise ConfigError("teacher.path", cfg.teacher.path, f"a model with a loadable tokenizer ({e})"[:300]) from None
+    _check_prompts(cfg, ttok, tconf, every)
+    _check_temperature(cfg, tpath, ttok, every)
     return Preflight(teacher_path=tpath, teacher_config=tconf, teacher_params=tparams, prompts=prompts)
 
 

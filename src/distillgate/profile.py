@@ -231,7 +231,10 @@ def build_profile(model, input_ids: torch.Tensor, attention_mask: torch.Tensor |
     return Profile(meta=meta, layers=stats, arrays=arrays, scores=dict(scores or {}))
 
 
-def save_profile(profile: Profile, out_dir: str | Path, overwrite: bool = False) -> Path:
+def save_profile(profile: Profile, out_dir: str | Path, overwrite: bool = False, exist_ok: bool = True) -> Path:
+    """Commit ``profile`` to ``out_dir``. Profiles are cached by a key of their inputs, so by default
+    (``exist_ok``) a committed profile already there -- e.g. from a concurrent run -- is kept and ours dropped;
+    ``exist_ok=False`` refuses an existing folder, ``overwrite=True`` replaces it."""
     import json
 
     from safetensors.torch import save_file
@@ -239,7 +242,8 @@ def save_profile(profile: Profile, out_dir: str | Path, overwrite: bool = False)
     for k, v in profile.layers.items():
         if not all(math.isfinite(x) for x in v):
             raise ArtifactError(f"profile stat {k} holds a non-finite value; refusing to commit")
-    with atomic_dir(out_dir, kind=KIND, format_version=FORMAT_VERSION, meta=profile.meta, overwrite=overwrite) as tmp:
+    with atomic_dir(out_dir, kind=KIND, format_version=FORMAT_VERSION, meta=profile.meta, overwrite=overwrite,
+                    exist_ok=exist_ok and not overwrite) as tmp:
         (tmp / "profile.json").write_text(json.dumps(
             {"meta": profile.meta, "layers": profile.layers, "scores": profile.scores, "stat_info": STAT_INFO},
             indent=1, sort_keys=True))

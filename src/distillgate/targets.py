@@ -314,7 +314,9 @@ def _write_cache(out_dir, examples, rows, key: TargetKey, vocab, logprob_dtype, 
             "index_dtype": "uint16-as-int16" if vocab <= 65536 else "int32", "logprob_dtype": logprob_dtype,
             "n_positions": n_pos, "n_examples": len(examples),
             "bytes_per_position": (key.k + key.tail_samples) * per_entry}
-    with atomic_dir(out_dir, kind=KIND, format_version=FORMAT_VERSION, meta=meta, overwrite=overwrite) as tmp:
+    # exist_ok: a concurrent run that committed this key first wins (same inputs); ours is dropped
+    with atomic_dir(out_dir, kind=KIND, format_version=FORMAT_VERSION, meta=meta, overwrite=overwrite,
+                    exist_ok=True) as tmp:
         for s, members in enumerate(shards):
             counts = torch.tensor([0] + [rows[i][0].shape[0] for i in members], dtype=torch.int64)
             tensors = {"indices": torch.cat([rows[i][0] for i in members]).contiguous(),
@@ -422,5 +424,5 @@ def get_or_compute_targets(teacher, examples: Sequence, *, k: int, batch_size: i
         except Exception as e:  # uncommitted or corrupted: recompute
             log.warning("%s: unusable targets cache (%s); recomputing", folder, e)
     return compute_targets(teacher, examples, k=k, batch_size=batch_size, out_dir=folder, pad_id=pad_id,
-                           logprob_dtype=logprob_dtype, progress=progress, overwrite=folder.exists(),
+                           logprob_dtype=logprob_dtype, progress=progress, overwrite=False,
                            tail_samples=tail_samples)

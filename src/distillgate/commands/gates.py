@@ -157,6 +157,11 @@ def run(args: argparse.Namespace) -> int:
         skip |= set(PERF_METRICS)
     teacher_spec = resolve_teacher(args.teacher)
     student_path, teacher_path = resolve_model_path(args.student), resolve_model_path(teacher_spec)
+    from ..models.check import check_weight_folder
+
+    for p in (student_path, teacher_path):  # a broken weight file is a usage error (2), not a failed gate (1)
+        if Path(p).is_dir():
+            check_weight_folder(p)
 
     # ---- measure (models load lazily: nothing loads when --metrics covers every gate)
     problems = load_providers()

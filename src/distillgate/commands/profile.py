@@ -75,7 +75,7 @@ def run(args) -> int:
             layer_map = [int(layer_map[k]) for k in sorted(layer_map, key=int)]
     prof = build_profile(lm.model, ids, am, meta=meta, scores=scores)
     if args.out:
-        save_profile(prof, args.out)
+        save_profile(prof, args.out, exist_ok=False)
     if against is not None:
         diff = diff_profiles(prof, against, layer_map=layer_map)
         t = Table(title=f"{args.model} vs {against.meta.get('model')} (layer map {diff['layer_map']})")

@@ -13,6 +13,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. loop.budget_minutes=10")
     p.add_argument("--resume", metavar="RUN", help="continue run RUN from its last committed iteration")
     p.add_argument("--root", help="run store folder (default: store_root of the config, 'runs')")
+    p.add_argument("--allow-teacher-change", action="store_true",
+                   help="with --resume: go on although the teacher's weights or tokenizer changed since the "
+                        "last committed version (recorded as an alert and a lineage note); refused otherwise")
     p.add_argument("--help-config", action="store_true", help="print every config key with its default and exit")
     p.add_argument("--no-report", action="store_true", help="skip the HTML report at the end")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -41,7 +44,10 @@ def run(args) -> int:
         if args.config or args.overrides:
             raise ConfigError("--resume", args.resume, "no --config or overrides (a run resumes with its own config)")
         cfg = None
+        check_resume_teacher(args.root or "runs", args.resume, allow_change=args.allow_teacher_change)
     else:
+        if args.allow_teacher_change:
+            raise ConfigError("--allow-teacher-change", True, "only with --resume")
         cfg = load_config(RunConfig, args.config, args.overrides)
     from ..loop import run as run_loop
 
@@ -66,6 +72,23 @@ def run(args) -> int:
     console.print(f"run {summary['run_id']}: [bold]{summary['status']}[/] after {summary['seconds']} s "
                   f"({summary['run_dir']})")
     return 0
+
+
+def check_resume_teacher(root: str, run_id: str, allow_change: bool = False) -> dict | None:
+    """Before ``--resume``: the teacher must be the one the run's resume version was distilled from
+    (weights and tokenizer fingerprints), see :func:`distillgate.guard.check_resume_identity`."""
+    from ..config import RunConfig
+    from ..guard import check_resume_identity, teacher_identity
+    from ..store import RunStore
+
+    with RunStore.open(root, run_id, writer=True) as store:  # the writer repairs a bad blob from a good copy
+        cfg = RunConfig.model_validate(store.config)
+        version = store.resume_point().version
+        if version is None:
+            return None
+        fp, tok_fp = teacher_identity(cfg.teacher.path, cfg.teacher.trust_remote_code)
+        return check_resume_identity(store, version, fp, tok_fp, allow_change=allow_change,
+                                     teacher_spec=cfg.teacher.path)
 
 
 def _trajectory(console, summary: dict) -> None:

@@ -1,4 +1,5 @@
-"""`distillgate runs list|show`: what the run store holds (read-only; safe while a run is writing)."""
+"""`distillgate runs list|show|repair`: what the run store holds (list/show are read-only and safe while a run
+is writing; repair rebuilds a damaged catalog from the version manifests and takes the writer lock)."""
 
 from __future__ import annotations
 
@@ -21,6 +22,32 @@ def register(sub) -> None:
     ps.add_argument("run", help="run id")
     ps.add_argument("--root", default=DEFAULT_ROOT, help="folder holding the runs (default: ./runs)")
     ps.set_defaults(func=run_show)
+    pr = rsub.add_parser("repair", help="rebuild a damaged catalog.sqlite from the run's version manifests "
+                                        "(the old file is kept beside it)")
+    pr.add_argument("run", help="run id")
+    pr.add_argument("--root", default=DEFAULT_ROOT, help="folder holding the runs (default: ./runs)")
+    pr.set_defaults(func=run_repair)
+
+
+def run_repair(args) -> int:
+    from ..store import RunStore
+    from ..store.repair import rebuild_catalog
+
+    r = rebuild_catalog(args.root, args.run)
+    rebuilt = 0
+    try:  # the loop's rows (metrics, gates, findings, decisions) come back from each version's JSON files
+        from ..loop import repair_catalog
+    except ImportError:
+        repair_catalog = None
+    if repair_catalog is not None and r["versions"]:
+        with RunStore.open(args.root, args.run, writer=True) as store:
+            for vid in r["versions"]:
+                rebuilt += bool(repair_catalog(store, store.get_version(vid)))
+    print(f"run {args.run}: catalog rebuilt from {len(r['versions']) + len(r['corrupt'])} version manifests "
+          f"({len(r['corrupt'])} corrupt{', ' + str(r['corrupt']) if r['corrupt'] else ''}); current -> "
+          f"v{r['current']}; records restored for {rebuilt} version(s); old catalog kept as "
+          f"{', '.join(r['kept']) or 'nothing (none was there)'}")
+    return 0
 
 
 def run_list(args) -> int:

@@ -145,12 +145,13 @@ class DistillDataset:
 
     # --------------------------------------------------------------------------------------- persistence
 
-    def save(self, out: str | os.PathLike, meta: dict | None = None, overwrite: bool = False) -> Path:
-        """Write prompts + (truncated) examples as a committed artifact."""
+    def save(self, out: str | os.PathLike, meta: dict | None = None, overwrite: bool = False,
+             exist_ok: bool = False) -> Path:
+        """Write prompts + (truncated) examples as a committed artifact (``exist_ok``: see ``io.atomic_dir``)."""
         meta = {"key": self.key, "pad_id": self.pad_id, "tokenizer": self.tokenizer_fingerprint,
                 "counts": self.counts(), **(meta or {})}
         with atomic_dir(out, kind="dataset", format_version=DATASET_FORMAT_VERSION, meta=meta,
-                        overwrite=overwrite) as tmp:
+                        overwrite=overwrite, exist_ok=exist_ok) as tmp:
             _write_jsonl(tmp / "prompts.jsonl", [p.to_json() for p in self.prompts])
             _write_jsonl(tmp / "examples.jsonl", [e.to_json() for e in self._split["all"]])
         return Path(out)
@@ -175,8 +176,9 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
 
 
 def _read_jsonl(path: Path) -> list[dict]:
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+    from ..io import iter_utf8_lines
+
+    return [json.loads(line) for _, line in iter_utf8_lines(path) if line.strip()]
 
 
 def dataset_key(teacher_fp: str, tokenizer_fp: str, prompts: Sequence[PromptRecord], gen: dict) -> tuple[str, dict]:
@@ -221,11 +223,8 @@ def get_or_generate_dataset(teacher, prompts: Sequence[PromptRecord], spec, *, r
     # Saved at full length (seq_len is applied on load), so a later run with a longer seq_len reuses it.
     full = DistillDataset(examples, pad_id=pad, seq_len=1 << 30, heldout_fraction=0.0, tokenizer_fingerprint=tok_fp,
                           prompts=prompts, key=key)
-    try:
-        full.save(folder, meta={"key_parts": parts}, overwrite=folder.exists())
-    except ArtifactError:
-        if not folder.exists():  # another process committed the same key first: use theirs
-            raise
+    # exist_ok: a concurrent run that committed this key first wins (same inputs); an unusable folder is replaced
+    full.save(folder, meta={"key_parts": parts}, exist_ok=True)
     return DistillDataset.load(folder, **opts)
 
 

@@ -183,25 +183,30 @@ def load_jsonl_prompts(path: str | os.PathLike) -> list[PromptRecord]:
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: prompt file not found")
+    from ..io import MAX_INPUT_FILE_BYTES, iter_utf8_lines
+
+    if path.stat().st_size > MAX_INPUT_FILE_BYTES:
+        raise InputError(f"{path}: {path.stat().st_size:,} bytes, over the prompt file limit of "
+                         f"{MAX_INPUT_FILE_BYTES:,}")
     out, seen = [], set()
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise _bad(path, lineno, f"invalid JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(obj, dict):
-                raise _bad(path, lineno, f"a JSON {type(obj).__name__}, expected an object")
-            messages = _parse_messages(obj, path, lineno)
-            domain = obj.get("domain", GENERAL)
-            if domain not in DOMAINS and domain != GENERAL:
-                raise _bad(path, lineno, f"unknown domain {domain!r}")
-            rec = make_record(messages, domain, f"jsonl:{path.name}", meta={"line": lineno})
-            if rec.id not in seen:
-                seen.add(rec.id)
-                out.append(rec)
+    for lineno, line in iter_utf8_lines(path):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except (json.JSONDecodeError, RecursionError) as e:
+            why = f"{e.msg} at column {e.colno}" if isinstance(e, json.JSONDecodeError) else "nested too deeply"
+            raise _bad(path, lineno, f"invalid JSON ({why})") from None
+        if not isinstance(obj, dict):
+            raise _bad(path, lineno, f"a JSON {type(obj).__name__}, expected an object")
+        messages = _parse_messages(obj, path, lineno)
+        domain = obj.get("domain", GENERAL)
+        if not isinstance(domain, str) or (domain not in DOMAINS and domain != GENERAL):
+            raise _bad(path, lineno, f"unknown domain {domain!r}")
+        rec = make_record(messages, domain, f"jsonl:{path.name}", meta={"line": lineno})
+        if rec.id not in seen:
+            seen.add(rec.id)
+            out.append(rec)
     if not out:
         raise InputError(f"{path}: no prompts (empty file); each line must be {_JSONL_ALLOWED}")
     return out

@@ -17,8 +17,9 @@ from pathlib import Path
 
 import torch
 
-from ..errors import InputError
-from ..io import atomic_dir, distillgate_home, read_manifest, sha256_file, sha256_json, verify_manifest
+from ..errors import ArtifactError, InputError
+from ..io import (MANIFEST, atomic_dir, distillgate_home, read_manifest, sha256_file, sha256_file_cached, sha256_json,
+                  verify_manifest)
 
 log = logging.getLogger(__name__)
 
@@ -144,17 +145,36 @@ class LoadedModel:
     fingerprint: str
 
 
+def _identity_file(rel: str) -> bool:
+    """The files a model's identity is made of: weights and configs (``config.json``, ``generation_config.json``)."""
+    return rel.endswith((".safetensors", "config.json"))
+
+
 def fingerprint_folder(path: str | os.PathLike) -> str:
-    """sha256 identity of a model folder's weights+config: from its manifest when it has one, else hashed."""
+    """sha256 identity of a model folder's weights and configs, from the files' content.
+
+    Every file is hashed (the hash memoised by path/size/mtime/ctime/inode, ``io.sha256_file_cached``, so a
+    start costs a stat per file). When the folder has a ``MANIFEST.json`` (a committed artifact), the hashes
+    must match it: weights replaced under a kept manifest raise :class:`InputError` instead of reusing caches
+    built from the old weights (the manifest is never trusted on its own)."""
     path = Path(path)
-    try:
-        m = read_manifest(path)
-        files = {k: v["sha256"] for k, v in m["files"].items() if k.endswith((".safetensors", "config.json"))}
-        return sha256_json(files)
-    except Exception:
-        files = {p.name: sha256_file(p) for p in sorted(path.glob("*.safetensors")) + [path / "config.json"]
-                 if p.is_file()}
-        return sha256_json(files)
+    files = {}
+    for p in sorted(path.rglob("*")):
+        rel = p.relative_to(path).as_posix()
+        if p.is_file() and p.name != MANIFEST and not p.name.endswith(".tmp") and _identity_file(rel):
+            files[rel] = sha256_file_cached(p)
+    if (path / MANIFEST).is_file():
+        try:
+            listed = {k: v["sha256"] for k, v in read_manifest(path)["files"].items() if _identity_file(k)}
+        except (ArtifactError, KeyError, TypeError, AttributeError) as e:
+            raise InputError(f"{path / MANIFEST}: unreadable manifest ({e}); delete it or re-save the model") from None
+        for rel in sorted(set(files) | set(listed)):
+            if files.get(rel) != listed.get(rel):
+                what = ("not in the manifest" if rel not in listed else "listed in the manifest but missing"
+                        if rel not in files else "content differs from its manifest sha256")
+                raise InputError(f"{path / rel}: {what}: {MANIFEST} is stale (the folder changed after it was "
+                                 f"committed); re-save the model, or delete {MANIFEST} to use the files as they are")
+    return sha256_json(files)
 
 
 def fingerprint_model(model: torch.nn.Module) -> str:
@@ -186,15 +206,19 @@ def load_model(spec: str, dtype: str | torch.dtype = "float32", trust_remote_cod
     """Load a causal LM and its tokenizer from 'default', a local folder, a GGUF file, or a hub id."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from .check import check_weight_folder
+
     path = resolve_model_path(spec)
     dt = parse_dtype(dtype)
+    if Path(path).is_dir():
+        check_weight_folder(path)  # header, offsets, dtypes and finiteness, before anything trusts the file
     try:
         model = AutoModelForCausalLM.from_pretrained(
             path, dtype=dt, use_safetensors=True, trust_remote_code=trust_remote_code
         )
         tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-    except OSError as e:
-        raise InputError(f"{spec}: could not load a safetensors causal LM ({e})") from e
+    except Exception as e:  # OSError, and transformers' ValueError/KeyError/TypeError on a bad config.json
+        raise InputError(f"{spec}: could not load a safetensors causal LM ({type(e).__name__}: {e})"[:500]) from None
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     model.to(device).eval()

@@ -23,7 +23,7 @@ import tempfile
 from pathlib import Path
 
 from ..errors import ArtifactError, ConfigError
-from ..io import fsync_dir
+from ..io import fsync_dir, writing
 
 _CHUNK = 1 << 20
 _NAME = re.compile(r"^[A-Za-z0-9_.@+=-]+(/[A-Za-z0-9_.@+=-]+)*$")
@@ -128,8 +128,11 @@ class BlobStore:
 
     def put_file(self, src: str | os.PathLike, move: bool = False) -> tuple[str, int]:
         """Admit the file ``src``; returns (sha256, bytes). ``move=True`` renames it in instead of copying
-        (same file system; the caller gives the file up)."""
-        src = Path(src)
+        (same file system; the caller gives the file up). A write failure is a StorageError naming the file."""
+        with writing(f"{self.tmp} (blob of {src})"):
+            return self._put_file(Path(src), move)
+
+    def _put_file(self, src: Path, move: bool) -> tuple[str, int]:
         if not src.is_file():
             raise ArtifactError(f"{src}: not a file")
         self.tmp.mkdir(parents=True, exist_ok=True)
@@ -147,7 +150,7 @@ class BlobStore:
                 os.replace(src, tmp)
             except OSError:  # other file system: fall back to a copy
                 tmp.unlink(missing_ok=True)
-                return self.put_file(src, move=False)
+                return self._put_file(src, move=False)
         else:
             fd, name = tempfile.mkstemp(dir=self.tmp, prefix="blob.", suffix=".tmp")
             tmp = Path(name)
@@ -168,6 +171,10 @@ class BlobStore:
         return sha, n
 
     def put_bytes(self, data: bytes) -> tuple[str, int]:
+        with writing(f"{self.tmp} (a {len(data):,}-byte blob)"):
+            return self._put_bytes(data)
+
+    def _put_bytes(self, data: bytes) -> tuple[str, int]:
         self.tmp.mkdir(parents=True, exist_ok=True)
         fd, name = tempfile.mkstemp(dir=self.tmp, prefix="blob.", suffix=".tmp")
         with os.fdopen(fd, "wb") as out:

@@ -16,6 +16,7 @@ import contextlib
 import dataclasses
 import json
 import math
+import os
 import sqlite3
 import threading
 import time
@@ -123,18 +124,20 @@ def _val(x) -> float:
 class Catalog:
     """Typed access to ``catalog.sqlite``. ``writable=False`` refuses every write with a clear error."""
 
-    def __init__(self, path: str | Path, writable: bool):
+    def __init__(self, path: str | Path, writable: bool, guard=None):
         self.path = Path(path)
         self.writable = writable
+        self.guard = guard  # called inside every write transaction (the store checks its writer lock there)
         if not self.path.is_file():
             raise ArtifactError(f"{self.path}: run catalog missing (not a distillgate run folder?)")
-        # one connection shared by the writer's threads; self._mu serialises transactions and queries
-        self.conn = sqlite3.connect(str(self.path), isolation_level=None, timeout=30.0, check_same_thread=False)
         self._mu = threading.RLock()
-        self.conn.row_factory = sqlite3.Row
-        self.conn.execute("PRAGMA synchronous=FULL")
-        self.conn.execute("PRAGMA foreign_keys=ON")
-        have = self.conn.execute("PRAGMA user_version").fetchone()[0]
+        try:
+            self.conn = self._connect(writable)
+            have = self.conn.execute("PRAGMA user_version").fetchone()[0]
+            if have:
+                self.conn.execute("SELECT COUNT(*) FROM runs").fetchone()  # a garbage file fails here, typed
+        except sqlite3.DatabaseError as e:
+            raise self._damaged(e) from None
         if have > SCHEMA_VERSION:
             raise ArtifactError(f"{self.path}: catalog schema {have} is newer than this distillgate reads "
                                 f"({SCHEMA_VERSION}); upgrade distillgate")
@@ -143,6 +146,48 @@ class Catalog:
                 raise ArtifactError(f"{self.path}: catalog schema {have} needs migration to {SCHEMA_VERSION}; "
                                     f"open the run once as its writer")
             self._migrate(have)
+
+    def _connect(self, writable: bool) -> sqlite3.Connection:
+        """One connection shared by the writer's threads (``self._mu`` serialises transactions and queries).
+        A reader opens ``mode=ro``; in a folder it may not write (a read-only copy or mount, where SQLite cannot
+        create the WAL index) it opens ``immutable=1``: nobody can be writing there."""
+        from urllib.parse import quote
+
+        def conn(uri: str | None) -> sqlite3.Connection:
+            c = sqlite3.connect(uri or str(self.path), isolation_level=None, timeout=30.0, check_same_thread=False,
+                                uri=uri is not None)
+            c.row_factory = sqlite3.Row
+            if writable:
+                c.execute("PRAGMA synchronous=FULL")
+                # Checkpoint the WAL every 32 pages (128 KB) instead of SQLite's 1000 (4 MB): the catalog's files
+                # stay small, so a file-size limit or a nearly full disk hits the data files first, while the
+                # catalog can still record the failure (a tiny run's WAL reached 150 KB with the default).
+                c.execute("PRAGMA wal_autocheckpoint=32")
+            c.execute("PRAGMA foreign_keys=ON")
+            return c
+
+        if writable:
+            return conn(None)
+        base = f"file:{quote(str(self.path.resolve()))}"
+        try:
+            c = conn(base + "?mode=ro")
+            c.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()
+            return c
+        except sqlite3.OperationalError:
+            if os.access(self.path.parent, os.W_OK) and os.access(self.path, os.W_OK):
+                raise
+            return conn(base + "?immutable=1")
+
+    def _damaged(self, e: Exception) -> ArtifactError:
+        from ..io import storage_error
+
+        full = storage_error(e, self.path)  # disk full / I/O error: the catalog is fine, the disk is not
+        if full is not None:
+            return full
+        run = self.path.parent.name
+        return ArtifactError(f"{self.path}: not a readable run catalog ({type(e).__name__}: {e}); rebuild it from "
+                             f"the version manifests with `distillgate runs repair {run} --root "
+                             f"{self.path.parent.parent}`")
 
     @classmethod
     def initialize(cls, path: str | Path) -> "Catalog":
@@ -168,20 +213,34 @@ class Catalog:
         if not self.writable:
             raise ArtifactError(f"{self.path}: run opened read-only (writer=False); writes need the writer lock")
         with self._mu:
-            self.conn.execute("BEGIN IMMEDIATE")
             try:
+                self.conn.execute("BEGIN IMMEDIATE")
+            except sqlite3.DatabaseError as e:
+                raise self._damaged(e) from None
+            try:
+                if self.guard is not None:
+                    self.guard()
                 yield self.conn
-            except BaseException:
-                self.conn.execute("ROLLBACK")
+            except BaseException as e:
+                with contextlib.suppress(sqlite3.Error):
+                    self.conn.execute("ROLLBACK")
+                if isinstance(e, sqlite3.DatabaseError) and not isinstance(e, sqlite3.IntegrityError):
+                    raise self._damaged(e) from None
                 raise
-            self.conn.execute("COMMIT")
+            try:
+                self.conn.execute("COMMIT")
+            except sqlite3.DatabaseError as e:
+                raise self._damaged(e) from None
 
     def close(self) -> None:
         self.conn.close()
 
     def q(self, sql: str, *args) -> list[sqlite3.Row]:
         with self._mu:
-            return self.conn.execute(sql, args).fetchall()
+            try:
+                return self.conn.execute(sql, args).fetchall()
+            except sqlite3.DatabaseError as e:
+                raise self._damaged(e) from None
 
     # ---- run and iterations -------------------------------------------------------------------------
     def init_run(self, run_id: str, config: dict) -> None:
@@ -200,9 +259,14 @@ class Catalog:
         return d
 
     def set_run_status(self, status: str, converged: bool | None = None) -> None:
+        """Set the run's status; a run that stops (any status but ``running``) leaves no iteration ``running``:
+        one still open is closed as ``failed`` (``interrupted`` when the run was), in the same transaction."""
         with self.tx() as c:
             c.execute("UPDATE runs SET status=?, updated=?, converged=COALESCE(?, converged)",
                       (status, time.time(), None if converged is None else int(converged)))
+            if status != "running":
+                c.execute("UPDATE iterations SET status=?, finished=? WHERE status='running'",
+                          ("interrupted" if status == "interrupted" else "failed", time.time()))
 
     def _ensure_iteration(self, c, iteration: int) -> None:
         if not isinstance(iteration, int) or iteration < 0:

@@ -8,6 +8,11 @@ the file's content is advisory, the flock is the lock.
 Caveats: flock is local to one machine (on NFS it may be emulated or absent; keep runs on local disk or a
 file system with working flock). Two opens of the same file in one process are two open file descriptions,
 so a second writer in the same process fails too, which is what we want.
+
+The lock is the flock on the *open file description*, not the path: if someone deletes or replaces
+``run.lock`` while we hold it, a second writer can create a new file and lock that. :meth:`RunLock.check`
+detects it (the path no longer names the inode we hold) and the store calls it inside every write transaction
+and before a version manifest is published, so the first writer stops before it commits anything more.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ import sys
 import time
 from pathlib import Path
 
-from ..errors import LockHeldError
+from ..errors import LockHeldError, LockLostError
 
 LOCK_NAME = "run.lock"
 
@@ -62,25 +67,54 @@ class RunLock:
     def acquire(self) -> "RunLock":
         if self._fd is not None:
             return self
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as e:
-            os.close(fd)
-            if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                raise
-            info = read_holder(self.path)
-            raise LockHeldError(
-                f"run {self.run_id or self.path.parent.name}: the writer lock {self.path} is held by "
-                f"{_holder_text(info)}; one writer per run: wait for it to finish, stop it, or open the run "
-                f"read-only (writer=False)"
-            ) from None
+        for _ in range(8):
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as e:
+                os.close(fd)
+                if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                    raise
+                info = read_holder(self.path)
+                raise LockHeldError(
+                    f"run {self.run_id or self.path.parent.name}: the writer lock {self.path} is held by "
+                    f"{_holder_text(info)}; one writer per run: wait for it to finish, stop it, or open the run "
+                    f"read-only (writer=False)"
+                ) from None
+            if self._names(fd):
+                break
+            os.close(fd)  # the file was deleted or replaced between our open and our flock: lock the new one
+        else:
+            raise LockHeldError(f"{self.path}: the lock file keeps being replaced; is another process deleting it?")
         info = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.time(), "argv": sys.argv[:8]}
         os.ftruncate(fd, 0)
         os.pwrite(fd, (json.dumps(info) + "\n").encode(), 0)
         os.fsync(fd)
         self._fd = fd
         return self
+
+    def _names(self, fd: int) -> bool:
+        """True while ``self.path`` is the file ``fd`` is open on (same device and inode)."""
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            return False
+        held = os.fstat(fd)
+        return (st.st_dev, st.st_ino) == (held.st_dev, held.st_ino) and held.st_nlink > 0
+
+    def check(self) -> None:
+        """Raise :class:`LockLostError` unless we hold the lock and ``path`` still names the locked file."""
+        if self._fd is None:
+            raise LockLostError(f"{self.path}: this process does not hold the writer lock")
+        if not self._names(self._fd):
+            try:
+                now = f"now inode {os.stat(self.path).st_ino} (another writer's?)"
+            except FileNotFoundError:
+                now = "now missing"
+            raise LockLostError(f"{self.path}: the writer lock file was deleted or replaced while this process "
+                                f"held it (inode {os.fstat(self._fd).st_ino}, {now}); another writer may have "
+                                f"opened run {self.run_id or self.path.parent.name}: stopping before the next "
+                                f"commit. Never delete run.lock by hand: the kernel frees it when its holder dies")
 
     def release(self) -> None:
         """Clear the holder record and drop the lock (the kernel does the same if we die first)."""

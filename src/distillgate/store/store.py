@@ -3,6 +3,7 @@
 Layout of ``<root>/<run_id>/``::
 
     run.lock              flock of the single writer (holder pid/host/since inside)
+    config.json           the run's config (a copy of the catalog's, for `distillgate runs repair`)
     catalog.sqlite        runs, iterations, phases, versions (commit markers), metrics, gate_results,
                           findings, decisions, alerts, aliases, alias_history
     objects/sha256/ab/..  content-addressed blobs, shared by every version of the run
@@ -25,11 +26,13 @@ import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 from ..errors import ArtifactError, ConfigError
 from .artifacts import BlobStore
 from .catalog import CATALOG_NAME, Catalog
 from .lock import LOCK_NAME, RunLock, read_holder
+from .repair import write_config
 from .versions import CrashHook, Version, VersionWriter, manifest_path, read_version
 
 log = logging.getLogger(__name__)
@@ -62,7 +65,8 @@ class RunStore:
         if writer:
             self.lock.acquire()
         try:
-            self.catalog = Catalog(self.dir / CATALOG_NAME, writable=writer)
+            self.catalog = Catalog(self.dir / CATALOG_NAME, writable=writer,
+                                   guard=self.lock.check if writer else None)
             self.blobs = BlobStore(self.dir)
             self._active_writer: VersionWriter | None = None
             if writer:
@@ -95,6 +99,7 @@ class RunStore:
             cat = Catalog.initialize(tmp / CATALOG_NAME)
             cat.init_run(run_id, config)
             cat.close()
+            write_config(tmp, config)  # a copy outside SQLite: `runs repair` rebuilds the catalog from it
             for sub in ("objects", "versions", "tmp"):
                 (tmp / sub).mkdir()
             os.rename(tmp, final)  # fails if a concurrent create won the race
@@ -232,17 +237,107 @@ class RunStore:
             ref = aliases[ref]
         return self.get_version(ref)
 
-    def latest_valid_version(self, deep: bool = True) -> Version | None:
-        """The newest committed version whose manifest and blobs verify; each one that fails is skipped with an
-        alert (and marked ``corrupt`` when we are the writer). None if no version verifies."""
-        for row in reversed(self.catalog.version_rows()):
+    def latest_valid_version(self, deep: bool = True, repair_from: Sequence[str | os.PathLike] = ()) -> Version | None:
+        """The newest version whose manifest and blobs verify, after repairing bad blobs from any good copy
+        (:meth:`repair_blob`); each one that still fails is skipped with an alert (and marked ``corrupt`` when we
+        are the writer). A version marked ``corrupt`` earlier is tried again: once its blobs verify it is usable
+        again. None if no version verifies."""
+        for row in reversed(self._live_rows()):
             try:
-                v = read_version(self.dir, self.blobs, row)
-                v.verify(deep=deep)
-                return v
+                return self.usable_version(row["version_id"], deep=deep, repair_from=repair_from)
             except ArtifactError as e:
                 self._corrupt(row["version_id"], e)
         return None
+
+    def _live_rows(self) -> list[dict]:
+        return [r for r in self.catalog.version_rows(status=None) if r["status"] in ("committed", "corrupt")]
+
+    def usable_version(self, version_id: int, deep: bool = True, repair_from: Sequence[str | os.PathLike] = ()) \
+            -> Version:
+        """Version ``version_id`` after verifying every blob, each bad one repaired from a good copy when one is
+        found (:meth:`repair_blob`); a version marked ``corrupt`` that verifies again is marked ``committed``
+        again (writer). :class:`ArtifactError` naming the first blob that is bad and has no good copy."""
+        v = self.get_version(version_id)
+        for name in v.names():
+            e = v.files[name]
+            try:
+                v.path_of(name, deep=deep)
+            except ArtifactError as err:
+                if not (self.writer and self.repair_blob(e["sha256"], e["bytes"], repair_from)):
+                    raise ArtifactError(f"{err}; no good copy found in {self._source_text(repair_from)}") from None
+                v.path_of(name, deep=True)
+        row = self.catalog.version_row(version_id)
+        if row["status"] == "corrupt" and self.writer:
+            self.catalog.mark_version(version_id, "committed")
+            self.record_alert("info", "store", f"version {version_id} verifies again and is usable again",
+                              version_id)
+        return v
+
+    # ---- blob repair --------------------------------------------------------------------------------
+    def repair_sources(self, extra: Sequence[str | os.PathLike] = ()) -> list[Path]:
+        """Where a good copy of a blob may be: ``extra`` folders, the local model folders of the run's config
+        (``teacher.path``, ``student.path``: the student's tokenizer files are the teacher's) and the blob
+        stores of the other runs under the same root."""
+        out = [Path(p) for p in extra]
+        try:
+            cfg = self.config
+        except ArtifactError:
+            cfg = {}
+        for section in ("teacher", "student"):
+            p = (cfg.get(section) or {}).get("path") if isinstance(cfg.get(section), dict) else None
+            if isinstance(p, str) and Path(p).is_dir():
+                out.append(Path(p))
+        out += [d / "objects" for d in sorted(self.dir.parent.iterdir()) if d != self.dir and (d / "objects").is_dir()]
+        return out
+
+    def _source_text(self, extra) -> str:
+        src = self.repair_sources(extra)
+        return f"{len(src)} place(s): {', '.join(str(s) for s in src[:4])}{' ...' if len(src) > 4 else ''}" \
+            if src else "no other place (no other run, no local model folder in the config)"
+
+    def repair_blob(self, sha: str, nbytes: int, extra: Sequence[str | os.PathLike] = ()) -> Path | None:
+        """Replace the bad blob ``sha`` by a good copy found by content in :meth:`repair_sources` (another run's
+        blob of the same hash first, then files of the same size); returns the source, or None if none was
+        found (writer only). The copy is admitted like any blob: hashed while copied, fsynced, renamed in."""
+        if not self.writer:
+            return None
+        from ..io import sha256_file
+
+        for src in self.repair_sources(extra):
+            if src.name == "objects":
+                cands = [src / "sha256" / sha[:2] / sha[2:]]
+            else:
+                cands = [p for p in sorted(src.rglob("*")) if p.is_file() and p.name != "MANIFEST.json"]
+            for c in cands:
+                try:
+                    if not c.is_file() or c.stat().st_size != nbytes or sha256_file(c) != sha:
+                        continue
+                    got, _ = self.blobs.put_file(c)
+                except OSError:
+                    continue
+                if got == sha and self.blobs._check(sha, nbytes) is None:
+                    self.record_alert("warning", "store", f"blob {sha[:16]} was corrupt and was repaired from a "
+                                                          f"good copy: {c}")
+                    self.revalidate()
+                    return c
+        return None
+
+    def revalidate(self) -> list[int]:
+        """Verify every version marked ``corrupt`` again and mark those whose blobs all verify ``committed``
+        (usable: resume, rollback, aliases). Returns their ids. Writer only; no repair is attempted."""
+        back = []
+        if not self.writer:
+            return back
+        for row in self.catalog.version_rows(status="corrupt"):
+            try:
+                read_version(self.dir, self.blobs, row).verify(deep=True)
+            except ArtifactError:
+                continue
+            self.catalog.mark_version(row["version_id"], "committed")
+            back.append(row["version_id"])
+        if back:
+            self.record_alert("info", "store", f"versions {back} verify again and are usable again")
+        return back
 
     def _corrupt(self, version_id: int, err: Exception) -> None:
         log.warning("skipping version %s: %s", version_id, err)
@@ -291,8 +386,7 @@ class RunStore:
                 have = sorted({r["iteration"] for r in self.catalog.version_rows() if r["iteration"] is not None})
                 raise ConfigError("iteration", iteration, f"an iteration with a committed version: {have}")
             version = rows[-1]["version_id"]
-        target = self.get_version(version)
-        target.verify(deep=deep)
+        target = self.usable_version(version, deep=deep)  # a version marked corrupt that verifies again is fine
         previous = self.catalog.aliases().get("current")
         meta = {"rollback_to": target.version_id, "rolled_back_from": previous, "reason": reason}
         with self.begin_version(target.iteration, parent=target.version_id, kind="rollback", meta=meta) as vw:
@@ -303,19 +397,35 @@ class RunStore:
                                               f"{target.version_id}, iteration {target.iteration})", vid)
         return vid
 
-    def resume_point(self) -> ResumePoint:
-        """Continue after a crash: the version ``current`` points to if it verifies, else the newest valid one;
-        ``next_iteration`` is one past the highest iteration with a committed version."""
-        v = None
+    def resume_point(self, repair_from: Sequence[str | os.PathLike] = ()) -> ResumePoint:
+        """Continue after a crash: the version ``current`` points to if it verifies (bad blobs repaired from a
+        good copy, :meth:`usable_version`), else the newest one that does; ``next_iteration`` is one past the
+        highest iteration with a committed version.
+
+        A fallback moves ``current`` to the version continued from (so the next version's parent is the one
+        actually restored, not the corrupt one). When versions exist but none verifies, this raises
+        :class:`ArtifactError` naming the first bad blob: restarting from iteration 0 would silently discard
+        the run."""
+        v, first_err = None, None
         cur = self.catalog.aliases().get("current")
         if cur is not None:
             try:
-                v = self.get_version(cur)
-                v.verify(deep=True)
+                v = self.usable_version(cur, repair_from=repair_from)
             except ArtifactError as e:
+                first_err = e
                 self._corrupt(cur, e)
-                v = None
-        v = v or self.latest_valid_version()
+        v = v or self.latest_valid_version(repair_from=repair_from)
+        live = self._live_rows()
+        if v is None and live:
+            raise ArtifactError(f"run {self.run_id}: none of its {len(live)} versions verifies, so there is nothing "
+                                f"to resume from (restarting at iteration 0 would discard the run); first problem: "
+                                f"{first_err or 'see the alerts'}. Put a good copy of the blob back and resume again")
+        if v is not None and cur is not None and v.version_id != cur and self.writer:
+            with self.catalog.tx() as c:
+                self.catalog.move_alias(c, "current", v.version_id, f"resume fallback: version {cur} failed "
+                                                                    f"verification")
+            self.record_alert("warning", "store", f"current: version {cur} failed verification; resuming from "
+                                                  f"version {v.version_id} (iteration {v.iteration})", v.version_id)
         its = [r["iteration"] for r in self.catalog.version_rows(status=None) if r["iteration"] is not None]
         last = max(its) if its else None
         return ResumePoint(v, last, 0 if last is None else last + 1)

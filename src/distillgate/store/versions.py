@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Sequence
 
 from ..errors import ArtifactError, ConfigError
-from ..io import fsync_dir, sha256_bytes
+from ..io import fsync_dir, sha256_bytes, writing
 from .artifacts import (
     BlobStore,
     NonFiniteError,
@@ -192,6 +192,20 @@ def read_version(run_dir: Path, blobs: BlobStore, row: dict) -> Version:
                    m["files"], m.get("meta", {}), blobs)
 
 
+def _publish_exclusive(tmp: Path, final: Path, version_id: int) -> None:
+    """Put ``tmp`` at ``final`` only if nothing is there (a hard link is create-exclusive; a writer's open
+    already deleted every uncommitted manifest, so an existing one belongs to another writer)."""
+    try:
+        os.link(tmp, final)
+    except FileExistsError:
+        raise ArtifactError(f"{final}: version {version_id}'s manifest already exists (written by another writer "
+                            f"of this run?); refusing to replace it") from None
+    except OSError:                                   # no hard links on this file system: check, then rename
+        if final.exists():
+            raise ArtifactError(f"{final}: version {version_id}'s manifest already exists; refusing to replace it")
+        os.replace(tmp, final)
+
+
 class VersionWriter:
     """Collects the files of one new version; nothing is visible until :meth:`commit` returns.
 
@@ -209,6 +223,7 @@ class VersionWriter:
         self.files: dict[str, dict] = {}
         self._hook = crash_hook or env_crash_hook() or (lambda step: None)
         self._done = False
+        self._published: str | None = None  # sha256 of the manifest we put at versions/<id>.json
 
     def _add(self, name: str, sha: str, nbytes: int) -> str:
         self.files[name] = {"sha256": sha, "bytes": nbytes}
@@ -289,12 +304,21 @@ class VersionWriter:
         final.parent.mkdir(exist_ok=True)
         self._hook("before_manifest")
         tmp = final.with_name(f".{final.name}.{os.getpid()}.tmp")
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        try:
+            with writing(final), open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
         self._hook("after_manifest_tmp")
-        os.replace(tmp, final)
+        try:
+            store.lock.check()            # a lost lock: another writer may own versions/<id>.json now
+            _publish_exclusive(tmp, final, self.version_id)
+        finally:
+            tmp.unlink(missing_ok=True)
+        self._published = sha256_bytes(data)
         self._hook("after_rename")
         fsync_dir(final.parent)
         self._hook("before_marker")
@@ -313,9 +337,16 @@ class VersionWriter:
         return self.version_id
 
     def abort(self) -> None:
-        """Drop the version; its blobs stay inert until the next ``gc``."""
+        """Drop the version; its blobs stay inert until the next ``gc``. Only a manifest this writer published
+        is deleted, and only while no commit marker names it: never another writer's."""
         if not self._done:
-            manifest_path(self.store.dir, self.version_id).unlink(missing_ok=True)
+            path = manifest_path(self.store.dir, self.version_id)
+            try:
+                ours = self._published is not None and sha256_bytes(path.read_bytes()) == self._published
+            except OSError:
+                ours = False
+            if ours and self.store.catalog.version_row(self.version_id) is None:
+                path.unlink(missing_ok=True)
             self._finish()
 
     def _finish(self) -> None:
