@@ -44,7 +44,6 @@ def run(args) -> int:
         if args.config or args.overrides:
             raise ConfigError("--resume", args.resume, "no --config or overrides (a run resumes with its own config)")
         cfg = None
-        check_resume_teacher(args.root or "runs", args.resume, allow_change=args.allow_teacher_change)
     else:
         if args.allow_teacher_change:
             raise ConfigError("--allow-teacher-change", True, "only with --resume")
@@ -52,6 +51,7 @@ def run(args) -> int:
     from ..loop import run as run_loop
 
     summary = run_loop(cfg, resume_run=args.resume, root=args.root, console=console,
+                       allow_teacher_change=args.allow_teacher_change,
                        progress=False if args.no_progress else None)
     root = str(Path(summary["run_dir"]).parent)
     from ..gates import GateReport
@@ -72,23 +72,6 @@ def run(args) -> int:
     console.print(f"run {summary['run_id']}: [bold]{summary['status']}[/] after {summary['seconds']} s "
                   f"({summary['run_dir']})")
     return 0
-
-
-def check_resume_teacher(root: str, run_id: str, allow_change: bool = False) -> dict | None:
-    """Before ``--resume``: the teacher must be the one the run's resume version was distilled from
-    (weights and tokenizer fingerprints), see :func:`distillgate.guard.check_resume_identity`."""
-    from ..config import RunConfig
-    from ..guard import check_resume_identity, teacher_identity
-    from ..store import RunStore
-
-    with RunStore.open(root, run_id, writer=True) as store:  # the writer repairs a bad blob from a good copy
-        cfg = RunConfig.model_validate(store.config)
-        version = store.resume_point().version
-        if version is None:
-            return None
-        fp, tok_fp = teacher_identity(cfg.teacher.path, cfg.teacher.trust_remote_code)
-        return check_resume_identity(store, version, fp, tok_fp, allow_change=allow_change,
-                                     teacher_spec=cfg.teacher.path)
 
 
 def _trajectory(console, summary: dict) -> None:

@@ -47,18 +47,31 @@ def preflight(cfg: RunConfig) -> None:
 
 
 def run(cfg: RunConfig | None, *, resume_run: str | None = None, root: str | None = None, progress=None,
-        console=None) -> dict:
-    """Run (or resume) the loop; returns a summary dict (run id, status, per-iteration gates and timings)."""
+        console=None, allow_teacher_change: bool = False) -> dict:
+    """Run (or resume) the loop; returns a summary dict (run id, status, per-iteration gates and timings).
+
+    A resume refuses a teacher whose weights or tokenizer fingerprint differ from the ones the resumed version
+    recorded (before any model loads), unless ``allow_teacher_change``: then an alert is recorded and the next
+    version carries a ``teacher_changed`` lineage note."""
     from ..stages import build
     from ..store import RunStore
 
     t_start = time.time()
-    state, sdir, start = None, None, 0
+    state, sdir, start, lineage = None, None, 0, None
     if resume_run is not None:
         store = RunStore.open(root or (cfg.store_root if cfg else "runs"), resume_run, writer=True)
         cfg = RunConfig.model_validate(store.config)
         point = store.resume_point()
         if point.version is not None:
+            from ..guard import check_resume_identity, teacher_identity
+
+            try:
+                fp, tok_fp = teacher_identity(cfg.teacher.path, cfg.teacher.trust_remote_code)
+                lineage = check_resume_identity(store, point.version, fp, tok_fp, allow_change=allow_teacher_change,
+                                                teacher_spec=cfg.teacher.path)
+            except BaseException:
+                store.close()
+                raise
             repair_catalog(store, point.version)
             state = LoopState.load(point.version.load_json("loop_state.json"))
             if state.last_good is not None and state.last_good.version is None:
@@ -73,6 +86,7 @@ def run(cfg: RunConfig | None, *, resume_run: str | None = None, root: str | Non
     stages = build(cfg.loop.stages)
     plan = schedule(cfg.loop.stages)
     run_ = Run(cfg, store, max_iterations=len(plan), progress=progress, console=console)
+    run_.lineage_note = lineage
     status = "running"
     try:
         store.set_run_status("running")
@@ -96,8 +110,13 @@ def run(cfg: RunConfig | None, *, resume_run: str | None = None, root: str | Non
         else:                         # every scheduled iteration ran, the gates did not pass
             status = "iterations_exhausted"
         store.set_run_status(status, converged=status == "converged")
-    except BaseException:
-        store.set_run_status("failed")
+    except BaseException as e:
+        from ..errors import DistillgateError
+
+        try:  # a full disk or a lost lock must not hide the error that stopped the run
+            store.set_run_status("interrupted" if isinstance(e, KeyboardInterrupt) else "failed")
+        except DistillgateError as inner:
+            log.warning("could not record the run's status: %s", inner)
         store.close()
         raise
     summary = {"run_id": store.run_id, "run_dir": str(store.dir), "status": status,

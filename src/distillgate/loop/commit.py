@@ -45,7 +45,8 @@ def commit(run, it) -> int:
                           meta={"iteration": it.index, "layer_map": st.layer_map, "teacher": run.cfg.teacher.path,
                                 "teacher_fingerprint": run.teacher.fingerprint})
         run.student.train()
-        with store.begin_version(it.index, kind="iteration", meta={"stage": code, "stage_name": name}) as vw:
+        meta = {"stage": code, "stage_name": name, **(run.lineage_note or {})}
+        with store.begin_version(it.index, kind="iteration", meta=meta) as vw:
             vw.add_dir("student", sdir)
             for fname, path in it.files.items():
                 p = Path(path)
@@ -62,6 +63,7 @@ def commit(run, it) -> int:
             vid = vw.commit(aliases=tuple(aliases), reason=f"iteration {it.index}")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    run.lineage_note = None
     if good:
         st.last_good.version = vid
     if best:

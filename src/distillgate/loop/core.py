@@ -69,7 +69,17 @@ def run_iteration(run, k: int, stages: list, all_stages: list) -> Iteration:
             raise
         run.store.record_phase(k, phase, time.time() - t0, "ok")
     t0 = time.time()
-    vid = commit(run, it)
+    try:
+        vid = commit(run, it)
+    except BaseException:
+        import contextlib
+
+        from ..errors import DistillgateError
+
+        with contextlib.suppress(DistillgateError):  # the disk may be what failed
+            run.store.record_phase(k, "commit", time.time() - t0, "failed")
+            run.store.finish_iteration(k, "failed")
+        raise
     run.store.record_phase(k, "commit", time.time() - t0, "ok")
     run.store.finish_iteration(k, "ok", converged=converged(run))
     it.metrics["version"] = vid

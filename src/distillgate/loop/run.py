@@ -63,6 +63,7 @@ class Run:
         self.training: TrainingSet | None = None
         self.teacher_cache: dict = {}   # teacher-side measurements, valid for this teacher and data (one run)
         self.current = None             # the Iteration being run
+        self.lineage_note: dict | None = None  # goes into the next committed version's meta (e.g. teacher_changed)
 
     # ------------------------------------------------------------------------------------- basics
     def say(self, msg: str) -> None:

@@ -32,7 +32,7 @@ from ..schema import DIMENSIONS, RECORDED_PHASES, STAGE_CODES
 FORMAT_VERSION = 1
 PHASES = RECORDED_PHASES  # the five phases + commit, as recorded per iteration
 STAGES = STAGE_CODES
-RUN_STATUSES = ("converged", "budget_exhausted", "iterations_exhausted", "running", "failed")
+RUN_STATUSES = ("converged", "budget_exhausted", "iterations_exhausted", "running", "interrupted", "failed")
 PHASE_STATUSES = ("pending", "running", "done", "failed", "skipped")
 GATE_STATUSES = ("pass", "fail", "missing", "not_measured", "error")
 SEVERITIES = ("info", "warning", "error", "critical")  # the store's three plus "critical" (a red alert, D3)
