@@ -86,10 +86,12 @@ def test_run_quick_suite_on_tiny_models(data_dir, tiny_model_factory, tiny_token
     assert "teacher_kl/top1_agreement" not in no_teacher.metrics and no_teacher.metrics["copa/acc"]["n"] == 2
 
 
-def test_suite_needs_data_dir(tiny_model_factory, tiny_tokenizer, monkeypatch):
+def test_suite_needs_data_dir(tiny_model_factory, tiny_tokenizer, monkeypatch, tmp_path):
     monkeypatch.delenv("DISTILLGATE_DATA", raising=False)
-    with pytest.raises(ConfigError, match="--data-dir"):
+    monkeypatch.chdir(tmp_path)                  # relative paths resolve against the current folder then
+    with pytest.raises(InputError, match="4 of 4 task") as e:
         run_suite(tiny_model_factory(), tiny_tokenizer, "quick")
+    assert "--data-dir" in str(e.value) and "'blimp'" in str(e.value) and "'teacher_kl'" in str(e.value)
 
 
 def test_eval_command(data_dir, tiny_student_dir, tiny_teacher_dir, tmp_path, capsys):

@@ -1,20 +1,28 @@
 """lm-evaluation-harness as a library, on an in-memory model and on local task files.
 
 ``run_lm_eval(model, tokenizer, ["copa", "mmlu:anatomy", "bbh", "gsm8k"], data_dir=...)`` wraps the model in
-``lm_eval.models.huggingface.HFLM`` and calls ``lm_eval.simple_evaluate``. Local task names are rendered from
-the templates shipped in ``distillgate/tasks/`` into a temporary ``include_path`` folder, after converting
-the source files (COPA XML, MMLU CSV, BBH JSON, GSM8K JSONL) to JSONL; nothing is downloaded
-(``HF_DATASETS_OFFLINE=1``). Any other name (e.g. ``hellaswag``) is passed through as a stock lm-eval task,
-which needs the hub or a warm datasets cache.
+``lm_eval.models.huggingface.HFLM`` and calls ``lm_eval.simple_evaluate``. Task names (checked by
+:func:`check_task` before any model loads):
 
-Local names: ``copa``; ``mmlu`` (every subject with dev+test CSVs) or ``mmlu:<subject>``; ``bbh`` (every
-task file) or ``bbh:<task>``; ``gsm8k``; ``mc:<path.jsonl>`` (a user's multiple-choice file, see
-:func:`distillgate.evaluate.choice.load_jsonl_mc`). A user points a task at their own file with
-``copa:/path/to/copa.xml`` or ``gsm8k:/path/to/test.jsonl`` (same formats as the shared datasets).
+* local families rendered from the templates in ``distillgate/tasks/`` into a temporary ``include_path``
+  folder, after converting the source files to JSONL: ``copa[:FILE]``; ``mmlu`` (every subject with dev+test
+  CSVs) or ``mmlu:<subject>``; ``bbh`` (every task file), ``bbh:<task>`` or ``bbh:FILE``; ``gsm8k[:FILE]``;
+  ``mc:FILE`` (a user's multiple-choice JSONL, :func:`distillgate.evaluate.choice.load_jsonl_mc`);
+* ``FORMAT:FILE`` for a format of :mod:`.formats` with a stock task (hellaswag, arc, piqa, winogrande, boolq,
+  sciq, openbookqa, truthfulqa_mc1/mc2, lambada, drop): the file is normalised to the HF dataset's rows and
+  lm-eval's own stock task YAML is ``include``d with ``dataset_path: json``, so the prompt, filters and
+  metrics are lm-eval's;
+* a path to a user's own lm-eval task YAML (``*.yaml``; its folder and ``include_path`` are searched for what
+  it includes); its task, or every subtask of its group, comes back;
+* any other name is a stock lm-eval task, which reads the hub (or a warm datasets cache).
+
+Relative FILE paths resolve against ``data_dir`` when one is given, else the current folder (one rule for
+every task type; see :func:`resolve_path`). Nothing is downloaded for local tasks (``HF_DATASETS_OFFLINE=1``).
 """
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import tempfile
@@ -25,8 +33,10 @@ import yaml
 
 from ..errors import ConfigError, InputError
 from .choice import _read_mmlu_csv, load_copa, load_jsonl_mc, mmlu_subjects
+from .formats import FORMATS, load_format
 
 LOCAL_FAMILIES = ("copa", "mmlu", "bbh", "gsm8k", "mc")
+STOCK_FORMATS = tuple(sorted(n for n, f in FORMATS.items() if f.stock_yaml))   # FORMAT:FILE via the stock YAML
 
 
 def default_data_dir(data_dir: str | os.PathLike | None = None) -> Path | None:
@@ -45,13 +55,24 @@ def _write_jsonl(path: Path, rows: list[dict]) -> str:
     return str(path)
 
 
+def resolve_path(p: str | os.PathLike, data_dir: Path | None, task: str, must_exist: bool = True) -> Path:
+    """The one path rule of every task: absolute paths as given; relative ones against ``data_dir``
+    (``--data-dir`` / $DISTILLGATE_DATA) when set, else against the current folder."""
+    path = Path(p).expanduser()
+    if not path.is_absolute():
+        path = (data_dir if data_dir is not None else Path.cwd()) / path
+    if must_exist and not glob.has_magic(str(path)) and not path.exists():
+        if data_dir is None:
+            raise ConfigError("--data-dir", None, f"a folder holding {p} (task {task!r}: not in the current folder "
+                                                  f"{Path.cwd()}; relative paths resolve against --data-dir or "
+                                                  "$DISTILLGATE_DATA when set)")
+        raise InputError(f"{path}: needed by task {task!r} but not found (relative paths resolve against the "
+                         f"data dir {data_dir})")
+    return path
+
+
 def _need(data_dir: Path | None, rel: str, task: str) -> Path:
-    if data_dir is None:
-        raise ConfigError("--data-dir", None, f"a folder holding {rel} (task {task!r}; or set DISTILLGATE_DATA)")
-    p = data_dir / rel
-    if not p.exists():
-        raise InputError(f"{p}: needed by task {task!r} but not found under data dir {data_dir}")
-    return p
+    return resolve_path(rel, data_dir, task)
 
 
 def expand_task(name: str, data_dir: Path | None) -> list[str]:
@@ -66,26 +87,39 @@ def expand_task(name: str, data_dir: Path | None) -> list[str]:
 
 def render_task(name: str, data_dir: Path | None, workdir: Path) -> str | None:
     """Write the lm-eval YAML (and its JSONL data) for a local task into ``workdir``; return the lm-eval
-    task name, or None when ``name`` is not a local task (then it is a stock lm-eval task)."""
+    task name, or None when ``name`` is not a local task (a user's YAML or a stock lm-eval task)."""
     family, _, arg = name.partition(":")
+    if family in STOCK_FORMATS and arg:       # bare 'hellaswag' is the stock task (hub)
+        src = resolve_path(arg, data_dir, name)
+        rows = [r for _, r in load_format(family, src)]
+        task = f"dg_{family}_{_slug(src.stem)}"
+        import lm_eval.tasks
+
+        stock = Path(lm_eval.tasks.__file__).parent / FORMATS[family].stock_yaml
+        cfg = {"include": str(stock), "task": task, "tag": None, "dataset_path": "json", "dataset_name": None,
+               "dataset_kwargs": {"data_files": {"test": _write_jsonl(workdir / f"{task}.jsonl", rows)}},
+               "training_split": None, "validation_split": None, "test_split": "test", "fewshot_split": None}
+        (workdir / f"{task}.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False, allow_unicode=True))
+        return task
     if family not in LOCAL_FAMILIES:
         return None
     if family == "copa":
-        src = Path(arg) if arg else _need(data_dir, "copa/copa-dev.xml", name)
+        src = resolve_path(arg, data_dir, name) if arg else _need(data_dir, "copa/copa-dev.xml", name)
         rows = [{"context": d.context, "choices": d.choices, "label": d.gold} for d in load_copa(src)]
         cfg = _template("copa.yaml")
         cfg["dataset_kwargs"]["data_files"]["validation"] = _write_jsonl(workdir / "copa.jsonl", rows)
     elif family == "mc":
         if not arg:
             raise ConfigError("task", name, "mc:<path to a multiple-choice JSONL file>")
-        docs = load_jsonl_mc(arg)
+        src = resolve_path(arg, data_dir, name)
+        docs = load_jsonl_mc(src)
         delims = {d.target_delimiter for d in docs}
         if len(delims) != 1:
-            raise InputError(f"{arg}: lm-eval needs one target_delimiter per task, file has {sorted(delims)}")
+            raise InputError(f"{src}: lm-eval needs one target_delimiter per task, file has {sorted(delims)}")
         rows = [{"context": d.context, "choices": d.choices, "label": d.gold} for d in docs]
         cfg = _template("mc_jsonl.yaml")
         cfg["target_delimiter"] = delims.pop()
-        cfg["task"] = "dg_mc_" + _slug(Path(arg).stem)
+        cfg["task"] = "dg_mc_" + _slug(src.stem)
         cfg["dataset_kwargs"]["data_files"]["validation"] = _write_jsonl(workdir / f"{cfg['task']}.jsonl", rows)
     elif family == "mmlu":
         if not arg:
@@ -100,12 +134,14 @@ def render_task(name: str, data_dir: Path | None, workdir: Path) -> str | None:
         cfg["description"] = f"The following are multiple choice questions (with answers) about {arg.replace('_', ' ')}.\n\n"
         cfg["dataset_kwargs"]["data_files"] = files
     elif family == "bbh":
-        src = _need(data_dir, f"bbh/{arg}.json", name)
+        src = (resolve_path(arg, data_dir, name) if arg.endswith(".json") else _need(data_dir, f"bbh/{arg}.json", name))
+        load_format("bbh", src)                      # checked here: lm-eval would fail on it mid-run
         cfg = _template("bbh.yaml")
-        cfg["task"] = f"dg_bbh_{arg}"
+        cfg["task"] = f"dg_bbh_{_slug(src.stem)}"
         cfg["dataset_kwargs"]["data_files"]["test"] = str(src)
     else:  # gsm8k
-        src = Path(arg) if arg else _need(data_dir, "gsm8k/test.jsonl", name)
+        src = resolve_path(arg, data_dir, name) if arg else _need(data_dir, "gsm8k/test.jsonl", name)
+        load_format("gsm8k", src)
         cfg = _template("gsm8k.yaml")
         cfg["dataset_kwargs"]["data_files"]["test"] = str(src)
     (workdir / f"{cfg['task']}.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False, allow_unicode=True))
@@ -116,12 +152,67 @@ def _slug(s: str) -> str:
     return "".join(c if c.isalnum() else "_" for c in s)
 
 
+class _TagTolerantLoader(yaml.SafeLoader):
+    """Reads lm-eval task YAML (``!function module.fn`` tags) just to learn its task/group name."""
+
+
+_TagTolerantLoader.add_multi_constructor("!", lambda loader, suffix, node: None)
+
+
+def user_task_yaml(path: Path) -> str:
+    """The task (or group) name a user's lm-eval task YAML defines; InputError naming the file otherwise."""
+    try:
+        cfg = yaml.load(path.read_text(encoding="utf-8"), Loader=_TagTolerantLoader)
+    except (OSError, yaml.YAMLError) as e:
+        raise InputError(f"{path}: not a readable lm-eval task YAML ({e})") from e
+    if not isinstance(cfg, dict):
+        raise InputError(f"{path}: an lm-eval task YAML is a mapping; this file holds {type(cfg).__name__}")
+    name = cfg.get("task") if isinstance(cfg.get("task"), str) else cfg.get("group")
+    if not isinstance(name, str):
+        raise InputError(f"{path}: no 'task: <name>' (or 'group: <name>') key; allowed: an lm-eval 0.4 task YAML")
+    return name
+
+
+def _is_yaml(name: str) -> bool:
+    return name.endswith((".yaml", ".yml"))
+
+
+def check_task(name: str, data_dir: Path | None, include_path: list[Path] | None = None) -> list[str]:
+    """Everything about a harness task that can be checked without a model: files exist and parse, a YAML
+    names its task, a stock name is known to lm-eval. Returns the expanded task names."""
+    names = expand_task(name, data_dir)
+    with tempfile.TemporaryDirectory(prefix="distillgate-check-") as tmp:
+        stock = []
+        for n in names:
+            if _is_yaml(n):
+                user_task_yaml(resolve_path(n, data_dir, name))
+            elif render_task(n, data_dir, Path(tmp)) is None:
+                stock.append(n)
+    if stock:
+        from lm_eval.tasks import TaskManager
+
+        known = set(TaskManager(include_path=[str(p) for p in include_path or []] or None).all_tasks)
+        unknown = [n for n in stock if n not in known]
+        if unknown:
+            raise InputError(f"task {unknown[0]!r}: not a local format ({', '.join(LOCAL_FAMILIES + STOCK_FORMATS)}"
+                             f" with ':FILE'), not a task YAML file, and not a stock lm-eval task name")
+    return names
+
+
+def _offline() -> bool:
+    return any(os.environ.get(k, "") not in ("", "0") for k in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE"))
+
+
 def run_lm_eval(model, tokenizer, tasks: list[str], *, data_dir: str | os.PathLike | None = None,
-                limit: int | None = None, batch_size: int = 8, log_samples: bool = False) -> dict:
+                limit: int | None = None, batch_size: int = 8, log_samples: bool = False,
+                include_path: list[str | os.PathLike] | None = None) -> dict:
     """Evaluate ``model`` with lm-eval on ``tasks``; returns ``{our_task_name: {metric: value, ...}}``.
 
     Metric keys are lm-eval's without the filter suffix (``acc``, ``acc_stderr``, ``exact_match``, ...),
-    plus ``n`` (documents scored) and ``lm_eval_task`` (the task name lm-eval ran).
+    plus ``n`` (documents scored), ``lm_eval_task`` (the task name lm-eval ran) and ``higher_is_better``
+    (lm-eval's per-metric flags). A group (a user's group YAML, or a stock group) comes back as one entry per
+    subtask, keyed ``<asked>:<subtask>``. ``log_samples=True`` adds ``items``: per document ``{doc_id, gold,
+    pred, loglikelihoods (multiple choice), correct, score}``.
     """
     import lm_eval
     from lm_eval.models.huggingface import HFLM
@@ -131,25 +222,70 @@ def run_lm_eval(model, tokenizer, tasks: list[str], *, data_dir: str | os.PathLi
     ddir = default_data_dir(data_dir)
     names = [t for name in tasks for t in expand_task(name, ddir)]
     with tempfile.TemporaryDirectory(prefix="distillgate-tasks-") as tmp:
-        mapping = {}
+        mapping, stock = {}, []
+        dirs = [tmp] + [str(resolve_path(p, ddir, "include_path")) for p in include_path or []]
         for name in names:
-            mapping[name] = render_task(name, ddir, Path(tmp)) or name
-        tm = TaskManager(include_path=tmp)
+            if _is_yaml(name):
+                path = resolve_path(name, ddir, name)
+                mapping[name] = user_task_yaml(path)
+                dirs.append(str(path.parent))
+            else:
+                mapping[name] = render_task(name, ddir, Path(tmp)) or name
+                if mapping[name] == name:
+                    stock.append(name)
+        # The stock index costs ~15 s (14,683 tasks): only built when a stock name is asked for. A user's YAML
+        # therefore `include`s other YAML by path (relative to itself), not by stock task name.
+        tm = TaskManager(include_path=list(dict.fromkeys(dirs)), include_defaults=bool(stock))
         lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
-        out = lm_eval.simple_evaluate(model=lm, tasks=list(mapping.values()), limit=limit, task_manager=tm,
-                                      log_samples=log_samples, bootstrap_iters=100, verbosity="WARNING")
+        try:
+            out = lm_eval.simple_evaluate(model=lm, tasks=list(mapping.values()), limit=limit, task_manager=tm,
+                                          log_samples=log_samples, bootstrap_iters=100, verbosity="WARNING")
+        except Exception as e:
+            if stock and _offline():
+                raise InputError(f"stock lm-eval task(s) {stock} need their dataset from the Hugging Face hub, and "
+                                 f"this run is offline ({type(e).__name__}: {str(e)[:200]}); give the benchmark as "
+                                 "a local file instead: --suite FORMAT:FILE (see `distillgate eval --help`)") from e
+            raise
     results = {}
     for ours, theirs in mapping.items():
-        raw = out["results"].get(theirs)
-        if raw is None:
-            raise InputError(f"lm-eval returned no result for task {theirs!r} (asked as {ours!r})")
-        metrics = {}
-        for key, value in raw.items():
-            if key in ("alias", "sample_len") or not isinstance(value, (int, float)):
-                continue
-            metric, _, _filter = key.partition(",")
-            metrics[metric] = float(value)
-        metrics["n"] = int(out.get("n-samples", {}).get(theirs, {}).get("effective", 0))
-        metrics["lm_eval_task"] = theirs
-        results[ours] = metrics
+        subs = [theirs] if theirs in out["results"] else out.get("group_subtasks", {}).get(theirs, [])
+        subs = [t for t in subs if t in out["results"]]
+        if not subs:
+            raise InputError(f"lm-eval returned no result for task {theirs!r} (asked as {ours!r}); it returned "
+                             f"{sorted(out['results'])}")
+        for sub in subs:
+            key = ours if sub == theirs else f"{ours}:{sub}"
+            results[key] = _metrics(out, sub)
+            if log_samples:
+                results[key]["items"] = [_item(sub, s) for s in out.get("samples", {}).get(sub, [])]
     return results
+
+
+def _metrics(out: dict, task: str) -> dict:
+    metrics = {}
+    for key, value in out["results"][task].items():
+        if key in ("alias", "sample_len") or isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        metric, _, _filter = key.partition(",")
+        metrics.setdefault(metric, float(value))       # first filter wins (lm-eval lists the task's first)
+    metrics["n"] = int(out.get("n-samples", {}).get(task, {}).get("effective", 0))
+    metrics["lm_eval_task"] = task
+    metrics["higher_is_better"] = dict(out.get("higher_is_better", {}).get(task, {}))
+    return metrics
+
+
+def _item(task: str, s: dict) -> dict:
+    """One logged lm-eval sample as a per-item record (first metric of the sample is its score)."""
+    metric = (s.get("metrics") or [None])[0]
+    score = s.get(metric)
+    score = float(score) if isinstance(score, (int, float)) else None
+    resp = s.get("filtered_resps")
+    item = {"doc_id": f"{task}:{s.get('doc_id')}", "gold": s.get("target"), "score": score,
+            "correct": bool(score is not None and score >= 0.5)}
+    if isinstance(resp, list) and resp and all(isinstance(r, (list, tuple)) and len(r) == 2 for r in resp):
+        lls = [float(r[0]) for r in resp]
+        item["loglikelihoods"] = lls
+        item["pred"] = max(range(len(lls)), key=lambda j: (lls[j], -j))
+    else:
+        item["pred"] = resp[0] if isinstance(resp, list) and len(resp) == 1 else resp
+    return item
