@@ -97,7 +97,8 @@ def render_task(name: str, data_dir: Path | None, workdir: Path) -> str | None:
 
         stock = Path(lm_eval.tasks.__file__).parent / FORMATS[family].stock_yaml
         cfg = {"include": str(stock), "task": task, "tag": None, "dataset_path": "json", "dataset_name": None,
-               "dataset_kwargs": {"data_files": {"test": _write_jsonl(workdir / f"{task}.jsonl", rows)}},
+               "dataset_kwargs": {"data_files": {"test": _write_jsonl(workdir / f"{task}.jsonl", rows)},
+                                  "cache_dir": str(workdir / "hf_datasets")},
                "training_split": None, "validation_split": None, "test_split": "test", "fewshot_split": None}
         (workdir / f"{task}.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False, allow_unicode=True))
         return task
@@ -144,6 +145,8 @@ def render_task(name: str, data_dir: Path | None, workdir: Path) -> str | None:
         load_format("gsm8k", src)
         cfg = _template("gsm8k.yaml")
         cfg["dataset_kwargs"]["data_files"]["test"] = str(src)
+    # datasets' cache of these JSON files lives and dies with the temporary folder, not in ~/.cache
+    cfg["dataset_kwargs"]["cache_dir"] = str(workdir / "hf_datasets")
     (workdir / f"{cfg['task']}.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False, allow_unicode=True))
     return cfg["task"]
 
