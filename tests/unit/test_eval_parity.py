@@ -107,3 +107,21 @@ def test_copa_and_mmlu_on_shared_data_equal_lm_eval(model, tiny_tokenizer, datas
                          log_samples=True).values()
     _same_items(mmlu["per_doc"], ref["items"])
     assert mmlu["acc"] == pytest.approx(ref["acc"], abs=1e-3)
+
+
+def test_wikitext_documents_equal_lm_eval_wikitext(model, tiny_tokenizer, tmp_path, datasets_dir, one_thread):
+    """lm-eval's wikitext (rolling windows over the model's 512 positions, per document, detokenized): the
+    same log-likelihood per document and word/byte perplexity. Two WikiText-2 articles, read in place."""
+    from distillgate.evaluate.lm import document_perplexity
+
+    text = Path(datasets_dir, "wikitext2", "valid.txt").read_text(encoding="utf-8")
+    path = tmp_path / "two_articles.txt"                  # a temporary slice, never committed
+    path.write_text("".join(text.splitlines(keepends=True)[:56]), encoding="utf-8")
+    pages = [r["page"] for _, r in load_format("wikitext", path)]
+    assert len(pages) >= 2 and max(len(tiny_tokenizer.encode(p)) for p in pages) > 2 * 512
+    native = document_perplexity(model, tiny_tokenizer, pages, batch_size=4)
+    (ref,) = run_lm_eval(model, tiny_tokenizer, [f"wikitext:{path}"], log_samples=True).values()
+    for m in ("word_perplexity", "byte_perplexity", "bits_per_byte"):
+        assert native[m] == pytest.approx(ref[m], rel=1e-5), m
+    for ours, theirs in zip(native["per_doc"], _by_doc(ref["items"])):
+        assert ours["loglikelihood"] == pytest.approx(theirs["pred"], rel=1e-5)   # lm-eval's rolling ll

@@ -406,7 +406,21 @@ def _drop_rows(path):
 
 
 def _text_rows(path):
-    return [(str(path), {"page": Path(path).read_text(encoding="utf-8")})]
+    """WikiText: JSONL/JSON rows with ``page`` (HF ``wikitext_document_level``), or a plain text file split into
+    its articles at the top-level `` = Title = `` headings."""
+    from .lm import split_documents
+
+    path = Path(path)
+    if path.suffix in (".jsonl", ".json"):
+        return [(w, {"page": _get(w, r, "page", str, "the document's text")}) for w, r in read_records(path)]
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise InputError(f"{path}: cannot read text ({e})") from e
+    pages = split_documents(text)
+    if not pages:
+        raise InputError(f"{path}: no text")
+    return [(f"{path}: document {i + 1}", {"page": p}) for i, p in enumerate(pages)]
 
 
 for _f in [
@@ -451,8 +465,11 @@ for _f in [
     Format("lambada", "loglikelihood", "LAMBADA JSONL `{\"text\": passage}`; the last space-separated word is the "
            "target", "lambada_openai", ("acc", "perplexity"), "long_range_context", _lambada_rows,
            stock_yaml="lambada/lambada_openai.yaml"),
-    Format("wikitext", "perplexity", "plain text (e.g. WikiText-2 `valid.txt`, tokenized, `<unk>` kept)",
-           "(HF rolling-window perplexity recipe)", ("ppl_token", "ppl_word"), "language_modelling", _text_rows),
+    Format("wikitext", "perplexity", "plain text (e.g. WikiText-2 `valid.txt`); `mode: documents` also reads JSONL "
+           "`{\"page\": article}` (HF `wikitext_document_level`) and splits a text file at ` = Title = ` headings",
+           "`mode: windows`: the HF strided-window recipe; `mode: documents`: wikitext (rolling, per document)",
+           ("ppl_token", "ppl_word", "word_perplexity", "byte_perplexity", "bits_per_byte"), "language_modelling",
+           _text_rows, stock_yaml="wikitext/wikitext.yaml"),
     Format("gsm8k", "generate", "GSM8K JSONL `question`, `answer` (worked answer ending `#### <number>`)",
            "gsm8k prompt, zero-shot", ("exact_match",), "arithmetic", _gsm8k_rows),
     Format("bbh", "generate", "BIG-Bench Hard task JSON `{\"examples\": [{\"input\", \"target\"}]}`",

@@ -170,3 +170,55 @@ def score_last_word(model, tokenizer, rows: list[tuple[str, dict]], *, batch_siz
     se = math.sqrt(sum((a - mean) ** 2 for a in acc) / (n - 1) / n) if n > 1 else float("nan")
     return {"acc": mean, "acc_stderr": se, "n": n,
             "perplexity": math.exp(-sum(d["loglikelihoods"][0] for d in per_doc) / n), "per_doc": per_doc}
+
+
+def wikitext_detokenize(page: str) -> str:
+    """lm-eval's ``wikitext_detokenizer`` (its wikitext task scores the detokenized page)."""
+    from lm_eval.tasks.wikitext.preprocess_wikitext import wikitext_detokenizer
+
+    return wikitext_detokenizer({"page": page})
+
+
+def document_perplexity(model, tokenizer, pages: list[str], *, detokenize: bool = True, max_length: int | None = None,
+                        batch_size: int = 8) -> dict:
+    """lm-eval's ``wikitext`` task, natively: each document is scored on its own with ``loglikelihood_rolling``
+    (disjoint windows of ``max_length`` tokens - the model's window by default - the first token conditioned
+    on the prefix token, every token scored once, each window as much context as fits); words are counted in
+    the page *before* detokenization (``re.split(r"\\s+")``), bytes as UTF-8 of the scored text.
+    Returns ``{word_perplexity, byte_perplexity, bits_per_byte, nll_sum, n_words, n_bytes, n_tokens, per_doc}``."""
+    from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+
+    from .scoring import prefix_token_id
+
+    max_len = max_length or getattr(model.config, "max_position_embeddings", None) or 2048
+    reqs, owner, per_doc = [], [], []
+    for i, page in enumerate(pages):
+        text = wikitext_detokenize(page) if detokenize else page
+        ids = tokenizer.encode(text, add_special_tokens=False)
+        wins = [make_disjoint_window(w) for w in get_rolling_token_windows(ids, prefix_token_id(tokenizer), max_len, 1)]
+        reqs += [(ctx, [cont]) for ctx, cont in wins]
+        owner += [i] * len(wins)
+        per_doc.append({"doc_id": f"doc-{i}", "n_words": len(re.split(r"\s+", page)),
+                        "n_bytes": len(page.encode("utf-8")), "n_tokens": len(ids), "loglikelihood": 0.0})
+    for i, sc in zip(owner, score_requests(model, reqs, batch_size=batch_size, max_length=max_len,
+                                           max_row_tokens=max(2048, max_len))):
+        per_doc[i]["loglikelihood"] += sc[0].logprob
+    ll = sum(d["loglikelihood"] for d in per_doc)
+    words, nbytes = sum(d["n_words"] for d in per_doc), sum(d["n_bytes"] for d in per_doc)
+    return {"word_perplexity": math.exp(-ll / words), "byte_perplexity": math.exp(-ll / nbytes),
+            "bits_per_byte": -ll / nbytes / math.log(2), "nll_sum": -ll, "n_words": words, "n_bytes": nbytes,
+            "n_tokens": sum(d["n_tokens"] for d in per_doc), "per_doc": per_doc}
+
+
+def split_documents(text: str) -> list[str]:
+    """A WikiText file (one paragraph per line) -> its articles, split before each top-level heading line
+    (`` = Title = ``), as the document-level WikiText dataset lm-eval reads groups them."""
+    docs, cur = [], []
+    for line in text.splitlines(keepends=True):
+        if re.match(r"^ = [^=].* = $", line.rstrip("\n")) and any(s.strip() for s in cur):
+            docs.append("".join(cur))
+            cur = []
+        cur.append(line)
+    if any(s.strip() for s in cur):
+        docs.append("".join(cur))
+    return docs

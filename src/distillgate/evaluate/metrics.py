@@ -59,19 +59,23 @@ def metric_info(name: str) -> MetricInfo:
     raise ConfigError("metric", name, f"a registered metric ({', '.join(sorted(_REGISTRY))})")
 
 
+_RUNTIME = "reported by an lm-eval task"
+
+
 def ensure_metric(name: str, higher_is_better: bool) -> None:
     """Register a metric an lm-eval task reports that the registry does not know yet (a user's task YAML
     may define its own), as a 'high' tier task metric with lm-eval's direction; known names are kept."""
     try:
         metric_info(name)
     except ConfigError:
-        register_metric(name, bool(higher_is_better), "high", "reported by an lm-eval task")
+        register_metric(name, bool(higher_is_better), "high", _RUNTIME)
 
 
 def metric_reference() -> list[tuple[str, str, str, str]]:
-    """(name, direction, tier, meaning) of every registered metric, for docs and ``--help``."""
+    """(name, direction, tier, meaning) of every metric registered in code (not those :func:`ensure_metric`
+    added at run time), for the generated docs."""
     return [(k, "higher" if v.higher_is_better else "lower", v.capability_tier, v.description)
-            for k, v in sorted(_REGISTRY.items())]
+            for k, v in sorted(_REGISTRY.items()) if v.description != _RUNTIME]
 
 
 for _n, _hib, _tier, _d in [

@@ -59,11 +59,16 @@ class _Task(BaseModel):
 
 
 class PerplexityTask(_Task):
-    type: Literal["perplexity"] = Field(description="rolling-window perplexity of a plain text file")
-    file: str = Field(description="plain text file")
-    max_tokens: int = Field(2048, ge=16, description="tokens of the file evaluated")
-    window: int = Field(512, ge=2, description="tokens per window")
-    stride: int = Field(256, ge=1, description="tokens between window starts")
+    type: Literal["perplexity"] = Field(description="perplexity of a text file")
+    file: str = Field(description="plain text file (mode documents: also JSONL of {\"page\": ...})")
+    mode: Literal["windows", "documents"] = Field(
+        "windows", description="windows: the first max_tokens in strided windows (ppl_token, ppl_word); "
+                               "documents: lm-eval's wikitext, each document rolled over the model's window "
+                               "(word_perplexity, byte_perplexity, bits_per_byte; limit = documents)")
+    max_tokens: int = Field(2048, ge=16, description="tokens of the file evaluated (mode windows)")
+    window: int = Field(512, ge=2, description="tokens per window (mode windows)")
+    stride: int = Field(256, ge=1, description="tokens between window starts (mode windows)")
+    detokenize: bool = Field(True, description="mode documents: apply lm-eval's WikiText detokenizer first")
 
 
 class MinimalPairsTask(_Task):
@@ -241,6 +246,9 @@ def _prepare(t, ddir: Path | None, lim: int | None) -> PreparedTask:
     from .lm import _read_text
 
     cap = t.capability or _default_cap(t)
+    if isinstance(t, PerplexityTask) and t.mode == "documents":
+        return PreparedTask(t, cap, [r["page"] for _, r in load_format("wikitext", resolve_path(t.file, ddir, t.name),
+                                                                       lim)])
     if isinstance(t, (PerplexityTask, TeacherKLTask)):
         path = resolve_path(t.file, ddir, t.name)
         text = _read_text(path)
@@ -332,9 +340,17 @@ def _run_task(card: Scorecard, p: PreparedTask, model, tokenizer, teacher, ddir,
     """Score one prepared task into ``card``; returns its per-item records (None for corpus-level tasks)."""
     from .choice import evaluate_mc
     from .harness import run_lm_eval
-    from .lm import compare_to_teacher, perplexity, score_last_word, score_minimal_pairs, text_examples, _read_text
+    from .lm import (_read_text, compare_to_teacher, document_perplexity, perplexity, score_last_word,
+                     score_minimal_pairs, text_examples)
 
     t = p.spec
+    if isinstance(t, PerplexityTask) and t.mode == "documents":
+        r = document_perplexity(model, tokenizer, p.data, detokenize=t.detokenize, batch_size=batch_size)
+        for m in ("word_perplexity", "byte_perplexity", "bits_per_byte"):
+            card.add(t.name, m, r[m], n=len(p.data), domain=t.domain)
+        card.details[t.name] = {k: r[k] for k in ("nll_sum", "n_words", "n_bytes", "n_tokens")}
+        card.details[t.name]["per_document"] = r["per_doc"]
+        return None
     if isinstance(t, PerplexityTask):
         r = perplexity(model, tokenizer, p.data, max_tokens=t.max_tokens, window=t.window, stride=t.stride)
         card.add(t.name, "ppl_token", r["ppl_token"], n=r["n_tokens"], domain=t.domain)
