@@ -388,20 +388,60 @@ def _bbh_rows(path):
     return out
 
 
+_NO_DATE = {"day": "", "month": "", "year": ""}
+
+
+def _drop_answer(where: str, a, key: str) -> dict:
+    """One DROP answer ``{number, date: {day, month, year}, spans}`` (the release's layout), checked."""
+    if not isinstance(a, dict) or not isinstance(a.get("spans", []), list):
+        raise InputError(f"{where}: field {key!r} is {_show(a)}; allowed: {{\"number\": str, \"date\": {{\"day\", "
+                         "\"month\", \"year\"}, \"spans\": [str, ...]}")
+    date = a.get("date") if isinstance(a.get("date"), dict) else {}
+    out = {"number": str(a.get("number") or ""), "date": {k: str(date.get(k) or "") for k in _NO_DATE},
+           "spans": [str(x) for x in a.get("spans", [])]}
+    if not (out["number"] or out["spans"] or any(out["date"].values())):
+        raise InputError(f"{where}: {key!r} is empty; allowed: a number, a date or >= 1 span")
+    return out
+
+
 def _drop_rows(path):
+    """DROP -> EleutherAI/drop rows (what lm-eval's drop task reads): the release's ``drop_dataset_dev.json``
+    (``{passage_id: {passage, qa_pairs: [{question, query_id, answer, validated_answers}]}}``), those rows as
+    JSONL, or HF ``ucinlp/drop`` rows (``answers_spans: {spans, types}``)."""
+    path = Path(path)
+    recs = None
+    if path.suffix == ".json":
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise InputError(f"{path}: not a readable DROP JSON file ({e})") from e
+        if isinstance(data, dict) and data and all(isinstance(v, dict) and "qa_pairs" in v for v in data.values()):
+            recs = [(f"{path}: passage {pid} question {i + 1}", {"section_id": pid, "passage": v.get("passage"), **qa})
+                    for pid, v in data.items() for i, qa in enumerate(v["qa_pairs"])]
+    recs = recs if recs is not None else read_records(path)
     out = []
-    for where, r in read_records(path):
+    for where, r in recs:
         for k in ("passage", "question"):
             _get(where, r, k, str, "a string")
-        a = r.get("answers_spans")
-        if not isinstance(a, dict) or not isinstance(a.get("spans"), list) or not a["spans"] \
-                or not all(isinstance(s, str) for s in a["spans"]):
-            raise InputError(f"{where}: field 'answers_spans' is {_show(a)}; allowed: "
-                             "{\"spans\": [\"answer\", ...], \"types\": [\"span\"|\"number\"|\"date\", ...]}")
-        types = a.get("types") or ["span"] * len(a["spans"])
-        out.append((where, {"section_id": str(r.get("section_id", where)), "query_id": str(r.get("query_id", where)),
-                            "passage": r["passage"], "question": r["question"],
-                            "answers_spans": {"spans": a["spans"], "types": types}}))
+        if "answer" in r:
+            ans = _drop_answer(where, r["answer"], "answer")
+            va = r.get("validated_answers") or []
+            if isinstance(va, dict):                       # EleutherAI/drop: a dict of lists
+                va = [{"number": n, "date": d, "spans": s} for n, d, s in
+                      zip(va.get("number", []), va.get("date", []), va.get("spans", []))]
+            va = [_drop_answer(where, v, "validated_answers") for v in va]
+        elif isinstance(r.get("answers_spans"), dict) and r["answers_spans"].get("spans"):
+            ans, va = _drop_answer(where, {"spans": r["answers_spans"]["spans"]}, "answers_spans"), []
+        else:
+            raise InputError(f"{where}: no 'answer' (DROP release / EleutherAI/drop) or 'answers_spans' (ucinlp/drop)"
+                             "; allowed: one of them")
+        out.append((where, {"section_id": str(r.get("section_id", "")), "query_id": str(r.get("query_id", where)),
+                            "passage": r["passage"], "question": r["question"], "answer": ans,
+                            "validated_answers": {"number": [v["number"] for v in va],
+                                                  "date": [v["date"] for v in va],
+                                                  "spans": [v["spans"] for v in va]}}))
+    if not out:
+        raise InputError(f"{path}: no questions")
     return out
 
 
@@ -474,8 +514,10 @@ for _f in [
            "gsm8k prompt, zero-shot", ("exact_match",), "arithmetic", _gsm8k_rows),
     Format("bbh", "generate", "BIG-Bench Hard task JSON `{\"examples\": [{\"input\", \"target\"}]}`",
            "bbh_zeroshot_<task>", ("exact_match",), "reasoning", _bbh_rows),
-    Format("drop", "generate", "DROP JSONL (HF `EleutherAI/drop` rows): `passage`, `question`, "
-           "`answers_spans: {spans, types}`", "drop", ("em", "f1"), "reading_comprehension", _drop_rows,
+    Format("drop", "generate", "DROP: the release's `drop_dataset_dev.json` (`{passage_id: {passage, qa_pairs: "
+           "[{question, query_id, answer: {number, date, spans}, validated_answers}]}}`), those rows as JSONL "
+           "(`EleutherAI/drop`), or `ucinlp/drop` rows (`answers_spans: {spans}`)", "drop (3 versions: stops at '.')",
+           ("em", "f1"), "reading_comprehension", _drop_rows,
            stock_yaml="drop/default.yaml"),
 ]:
     register_format(_f)

@@ -343,7 +343,10 @@ def _item(task: str, s: dict) -> dict:
     score = s.get(metric)
     score = float(score) if isinstance(score, (int, float)) else None
     resp = s.get("filtered_resps")
-    item = {"doc_id": f"{task}:{s.get('doc_id')}", "gold": s.get("target"), "score": score,
+    doc = s.get("doc") if isinstance(s.get("doc"), dict) else {}
+    # DROP's logged target is a join of the answer dict's keys (lm-eval quirk); its gold answers are 'answers'
+    gold = [list(a) for a in doc["answers"]] if isinstance(doc.get("answers"), list) else s.get("target")
+    item = {"doc_id": f"{task}:{s.get('doc_id')}", "gold": gold, "score": score,
             "correct": bool(score is not None and score >= 0.5)}
     if isinstance(resp, list) and resp and all(isinstance(r, (list, tuple)) and len(r) == 2 for r in resp):
         lls = [float(r[0]) for r in resp]
