@@ -196,7 +196,7 @@ def evaluate_mc(model, tokenizer, docs: list[MCDoc], *, batch_size: int = 8) -> 
             top = max(lls)
             probs = [math.exp(ll - top) for ll in lls]
             item["mc2"] = sum(p for p, lab in zip(probs, d.labels) if lab == 1) / sum(probs)
-            item["correct"] = item["mc2"] > 0.5
+            item["correct"] = item["mc2"] >= 0.5      # same rule as an lm-eval item's score
             mc2.append(item["mc2"])
         per_doc.append(item)
     out = {"acc": _mean(acc), "acc_stderr": _stderr(acc), "acc_norm": _mean(acc_norm),

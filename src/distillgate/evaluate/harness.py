@@ -338,8 +338,10 @@ def _metrics(out: dict, task: str) -> dict:
 
 
 def _item(task: str, s: dict) -> dict:
-    """One logged lm-eval sample as a per-item record (first metric of the sample is its score)."""
-    metric = (s.get("metrics") or [None])[0]
+    """One logged lm-eval sample as a per-item record; its score is the sample's acc / exact_match / em (else
+    its first metric), ``correct`` = score >= 0.5."""
+    names = s.get("metrics") or [None]
+    metric = next((m for m in ("acc", "exact_match", "em") if m in names), names[0])
     score = s.get(metric)
     score = float(score) if isinstance(score, (int, float)) else None
     resp = s.get("filtered_resps")
