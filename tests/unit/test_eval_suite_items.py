@@ -192,3 +192,12 @@ def test_stock_task_offline_is_refused_before_the_model(monkeypatch, tmp_path, t
     suite.tasks[0].task = "no_such_task_anywhere_xyz"
     with pytest.raises(InputError, match="not a stock lm-eval task"):
         prepare_suite(suite)
+
+
+def test_student_vs_teacher_hook(data, tiny_model_factory, tiny_tokenizer):
+    from distillgate.evaluate.diff import student_vs_teacher
+
+    suite = load_suite("copa:copa.xml")
+    teacher_card = run_suite(tiny_model_factory(num_layers=4, seed=0), tiny_tokenizer, suite, data_dir=data)
+    card, diff = student_vs_teacher(tiny_model_factory(seed=1), tiny_tokenizer, teacher_card, suite, data_dir=data)
+    assert diff == item_diff(card, teacher_card) and diff["by_task"]["copa"]["n"] == 2

@@ -73,3 +73,15 @@ def regressed_capabilities(diff: dict, *, min_lost: int = 1) -> list[dict]:
                         "teacher_acc": r["teacher_correct"] / r["n"], "student_acc": r["student_correct"] / r["n"],
                         "lost_items": r["lost_items"]})
     return sorted(out, key=lambda x: (-(x["lost"] - x["gained"]), -x["lost"], x["tag"]))
+
+
+def student_vs_teacher(student, tokenizer, teacher_card: Scorecard, suite, *, data_dir=None, limit: int | None = None,
+                       batch_size: int = 8, max_items: int | None = 50) -> tuple[Scorecard, dict]:
+    """Run ``suite`` on ``student`` and diff it item by item against ``teacher_card`` (the teacher's baseline on
+    the same suite, data and ``limit``, computed once: SPEC S1.3). Returns ``(student_card, item_diff)``; the
+    loop's attribution reads :func:`regressed_capabilities` of the diff."""
+    from .suite import prepare_suite, run_suite
+
+    prepared = prepare_suite(suite, data_dir, limit)
+    card = run_suite(student, tokenizer, prepared, data_dir=data_dir, limit=limit, batch_size=batch_size)
+    return card, item_diff(card, teacher_card, max_items=max_items)
