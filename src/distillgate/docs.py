@@ -38,7 +38,7 @@ def eval_markdown() -> str:
            "`FORMAT:FILE` string (also accepted as `--suite FORMAT:FILE`). Relative paths resolve against "
            "`--data-dir` (`$DISTILLGATE_DATA`) when set, else the current folder.", "",
            "| type | field | type | default | meaning |", "|---|---|---|---|---|"]
-    common = {k for k in TASK_TYPES[0].model_fields if k in set.intersection(*(set(c.model_fields) for c in TASK_TYPES))}
+    common = set.intersection(*(set(c.model_fields) for c in TASK_TYPES))
     common.discard("type")
     rows = lambda cls, keep: [r for r in config_reference(cls) if keep(r[0])]  # noqa: E731
     for key, typ, default, desc in rows(TASK_TYPES[0], lambda k: k in common):

@@ -303,8 +303,8 @@ def _targets(where: str, v, key: str) -> dict:
     if isinstance(v, dict) and "choices" not in v and all(x in (0, 1) for x in v.values()):
         v = {"choices": list(v), "labels": [int(x) for x in v.values()]}
     if not isinstance(v, dict):
-        raise InputError(f"{where}: field {key!r} is {_show(v)}; allowed: {{\"choices\": [...], \"labels\": [1, 0, ...]}}"
-                         " or {\"answer\": 1|0, ...} as in mc_task.json")
+        raise InputError(f"{where}: field {key!r} is {_show(v)}; allowed: {{\"choices\": [...], \"labels\": "
+                         "[1, 0, ...]} or {\"answer\": 1|0, ...} as in mc_task.json")
     ch, lab = _strs(where, v.get("choices"), f"{key}.choices"), v.get("labels")
     if not isinstance(lab, list) or len(lab) != len(ch) or any(x not in (0, 1) for x in lab) or 1 not in lab:
         raise InputError(f"{where}: field '{key}.labels' is {_show(lab)}; allowed: one 0|1 per choice, at least one 1")
@@ -315,7 +315,8 @@ def _truthfulqa_rows(path):
     out = []
     for where, r in read_records(path):
         q = _get(where, r, "question", str, "the question text")
-        mc1, mc2 = _targets(where, r.get("mc1_targets"), "mc1_targets"), _targets(where, r.get("mc2_targets"), "mc2_targets")
+        mc1 = _targets(where, r.get("mc1_targets"), "mc1_targets")
+        mc2 = _targets(where, r.get("mc2_targets"), "mc2_targets")
         if mc1["labels"][0] != 1 or sum(mc1["labels"]) != 1:
             raise InputError(f"{where}: mc1_targets labels {mc1['labels']}; allowed: exactly one 1, listed first "
                              "(TruthfulQA's layout, which lm-eval's truthfulqa_mc1 relies on)")
@@ -344,7 +345,8 @@ def _jsonl_rows(path):
 
 def _plain_docs(rows):
     return [MCDoc(context=r["context"], choices=r["choices"], gold=r["label"], doc_id=w,
-                  target_delimiter=r.get("target_delimiter", " "), meta={"question": r["question"]} if "question" in r else {})
+                  target_delimiter=r.get("target_delimiter", " "),
+                  meta={"question": r["question"]} if "question" in r else {})
             for w, r in rows]
 
 
@@ -470,9 +472,9 @@ for _f in [
     Format("mmlu", "choice", "MMLU CSVs without header `question,A,B,C,D,answer` in `mmlu/test/<subject>_test.csv` and "
            "`mmlu/dev/<subject>_dev.csv` (5 shots); the task names a `subject`", "mmlu_<subject> (5-shot)",
            ("acc", "acc_norm"), "knowledge"),
-    Format("jsonl", "choice", "your own multiple choice: JSONL `{\"context\"|\"question\", \"choices\": [..], \"label\": "
-           "index or choice text, \"target_delimiter\"?}`", "(generic multiple_choice)", ("acc", "acc_norm"), "custom",
-           _jsonl_rows, _plain_docs),
+    Format("jsonl", "choice", "your own multiple choice: JSONL `{\"context\"|\"question\", \"choices\": [..], "
+           "\"label\": index or choice text, \"target_delimiter\"?}`", "(generic multiple_choice)",
+           ("acc", "acc_norm"), "custom", _jsonl_rows, _plain_docs),
     Format("hellaswag", "choice", "HellaSwag JSONL (`hellaswag_val.jsonl` or the HF dataset): `ctx_a`, `ctx_b`, "
            "`activity_label`, `endings` (4), `label`", "hellaswag", ("acc", "acc_norm"), "commonsense",
            _hellaswag_rows, _hellaswag_docs, "hellaswag/hellaswag.yaml"),
