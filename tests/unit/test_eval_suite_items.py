@@ -201,3 +201,9 @@ def test_student_vs_teacher_hook(data, tiny_model_factory, tiny_tokenizer):
     teacher_card = run_suite(tiny_model_factory(num_layers=4, seed=0), tiny_tokenizer, suite, data_dir=data)
     card, diff = student_vs_teacher(tiny_model_factory(seed=1), tiny_tokenizer, teacher_card, suite, data_dir=data)
     assert diff == item_diff(card, teacher_card) and diff["by_task"]["copa"]["n"] == 2
+
+
+def test_native_only_format_under_lm_eval_says_so():
+    suite = load_suite_dict({"name": "s", "tasks": [{"type": "lm_eval", "name": "b", "task": "blimp:x.jsonl"}]})
+    with pytest.raises(InputError, match="format 'blimp' runs natively"):
+        prepare_suite(suite)

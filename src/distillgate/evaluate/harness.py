@@ -185,6 +185,10 @@ def _is_yaml(name: str) -> bool:
 def check_task(name: str, data_dir: Path | None, include_path: list[Path] | None = None) -> list[str]:
     """Everything about a harness task that can be checked without a model: files exist and parse, a YAML
     names its task, a stock name is known to lm-eval. Returns the expanded task names."""
+    fam, sep, _ = name.partition(":")
+    if sep and fam in FORMATS and fam not in LOCAL_FAMILIES + STOCK_FORMATS:
+        raise InputError(f"task {name!r}: format {fam!r} runs natively, not through lm-eval; use the suite line "
+                         f"{name!r} (or a task of type {FORMATS[fam].kind})")
     names = expand_task(name, data_dir)
     with tempfile.TemporaryDirectory(prefix="distillgate-check-") as tmp:
         stock = []
