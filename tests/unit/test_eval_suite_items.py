@@ -207,3 +207,8 @@ def test_native_only_format_under_lm_eval_says_so():
     suite = load_suite_dict({"name": "s", "tasks": [{"type": "lm_eval", "name": "b", "task": "blimp:x.jsonl"}]})
     with pytest.raises(InputError, match="format 'blimp' runs natively"):
         prepare_suite(suite)
+
+
+def test_missing_absolute_path_is_not_blamed_on_data_dir(tmp_path):
+    with pytest.raises(InputError, match=r"nowhere.jsonl: needed by task 'hellaswag' but not found$"):
+        prepare_suite(load_suite(f"hellaswag:{tmp_path / 'nowhere.jsonl'}"))

@@ -61,9 +61,12 @@ def resolve_path(p: str | os.PathLike, data_dir: Path | None, task: str, must_ex
     """The one path rule of every task: absolute paths as given; relative ones against ``data_dir``
     (``--data-dir`` / $DISTILLGATE_DATA) when set, else against the current folder."""
     path = Path(p).expanduser()
-    if not path.is_absolute():
+    relative = not path.is_absolute()
+    if relative:
         path = (data_dir if data_dir is not None else Path.cwd()) / path
     if must_exist and not glob.has_magic(str(path)) and not path.exists():
+        if not relative:
+            raise InputError(f"{path}: needed by task {task!r} but not found")
         if data_dir is None:
             raise ConfigError("--data-dir", None, f"a folder holding {p} (task {task!r}: not in the current folder "
                                                   f"{Path.cwd()}; relative paths resolve against --data-dir or "
