@@ -46,6 +46,7 @@ def test_one_line_suites():
     t = load_suite("drop:d.jsonl").tasks[0]
     assert isinstance(t, LmEvalTask) and t.task == "drop:d.jsonl"
     assert load_suite("lm_eval:my/task.yaml").tasks[0].task == "my/task.yaml"
+    assert load_suite("mc:mine.jsonl").tasks[0].loader == "jsonl"
     with pytest.raises(ConfigError, match="hellaswag"):       # the error lists the formats
         load_suite("nope:x")
 
@@ -212,3 +213,18 @@ def test_native_only_format_under_lm_eval_says_so():
 def test_missing_absolute_path_is_not_blamed_on_data_dir(tmp_path):
     with pytest.raises(InputError, match=r"nowhere.jsonl: needed by task 'hellaswag' but not found$"):
         prepare_suite(load_suite(f"hellaswag:{tmp_path / 'nowhere.jsonl'}"))
+
+
+def test_user_group_yaml_returns_every_subtask(tmp_path, tiny_model_factory, tiny_tokenizer):
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps({"q": q, "choices": ["yes", "no"], "gold": g}) + "\n"
+                                              for q, g in (("Is ice cold?", 0), ("Is fire wet?", 1))))
+    base = {"dataset_path": "json", "dataset_kwargs": {"data_files": {"test": str(tmp_path / "d.jsonl")}},
+            "test_split": "test", "output_type": "multiple_choice", "doc_to_choice": "choices", "doc_to_target": "gold",
+            "metric_list": [{"metric": "acc", "aggregation": "mean", "higher_is_better": True}]}
+    for name, prompt in (("yn_plain", "{{q}}"), ("yn_qa", "Question: {{q}}\nAnswer:")):
+        (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump({"task": name, "doc_to_text": prompt, **base}))
+    (tmp_path / "yn.yaml").write_text(yaml.safe_dump({"group": "yn", "task": ["yn_plain", "yn_qa"]}))
+    card = run_suite(tiny_model_factory(), tiny_tokenizer, load_suite(f"lm_eval:{tmp_path / 'yn.yaml'}"))
+    assert not card.partial, card.errors
+    assert {"yn_yn_plain/acc", "yn_yn_qa/acc"} <= set(card.metrics)
+    assert card.metrics["yn_yn_qa/acc"]["n"] == 2

@@ -318,8 +318,7 @@ def run_lm_eval(model, tokenizer, tasks: list[str], *, data_dir: str | os.PathLi
             raise
     results = {}
     for ours, theirs in mapping.items():
-        subs = [theirs] if theirs in out["results"] else out.get("group_subtasks", {}).get(theirs, [])
-        subs = [t for t in subs if t in out["results"]]
+        subs = [t for t in _leaves(out, theirs) if t in out["results"]]
         if not subs:
             raise InputError(f"lm-eval returned no result for task {theirs!r} (asked as {ours!r}); it returned "
                              f"{sorted(out['results'])}")
@@ -329,6 +328,17 @@ def run_lm_eval(model, tokenizer, tasks: list[str], *, data_dir: str | os.PathLi
             if log_samples:
                 results[key]["items"] = [_item(sub, s) for s in out.get("samples", {}).get(sub, [])]
     return results
+
+
+def _leaves(out: dict, name: str) -> list[str]:
+    """A task, or a group's aggregate (when lm-eval computed one) followed by its subtasks, depth first."""
+    kids = out.get("group_subtasks", {}).get(name)
+    if not kids:
+        return [name]
+    own = out["results"].get(name, {})
+    agg = [name] if any(isinstance(v, (int, float)) and not isinstance(v, bool) and k != "sample_len"
+                        for k, v in own.items()) else []
+    return agg + [leaf for k in kids for leaf in _leaves(out, k)]
 
 
 def _metrics(out: dict, task: str) -> dict:

@@ -139,11 +139,14 @@ SUITES = {
 
 
 def task_from_line(line: str) -> dict:
-    """``FORMAT:FILE`` (``mmlu:SUBJECT``, ``lm_eval:TASK``) -> one task spec dict (not yet validated)."""
+    """``FORMAT:FILE`` (``mmlu:SUBJECT``, ``lm_eval:TASK``; ``mc:FILE`` = ``jsonl:FILE``) -> one task spec dict
+    (not yet validated)."""
     fmt, sep, arg = line.partition(":")
     if not sep or not arg:
         raise ConfigError("--suite", line, f"quick, standard, a suite YAML file, or FORMAT:FILE with FORMAT one of "
                                            f"{', '.join(sorted(FORMATS))} (or lm_eval:TASK)")
+    if fmt == "mc":                     # the harness's name for the generic multiple-choice JSONL
+        fmt = "jsonl"
     if fmt == "lm_eval":
         return {"type": "lm_eval", "name": Path(arg).stem if arg.endswith((".yaml", ".yml")) else arg.split(":")[0],
                 "task": arg}
