@@ -130,6 +130,15 @@ def test_eval_command_per_item_diff_partial_and_store(data_dir, tiny_student_dir
     stored = tmp_path / "runs" / "r1" / "work" / "eval" / "copa.json"
     assert json.loads(stored.read_text())["diff"] == res["diff"]
 
+    tjson, sjson = tmp_path / "teacher.json", tmp_path / "student.json"      # the teacher's card as the baseline
+    assert main(["eval", "--model", str(tiny_teacher_dir), "--suite", "copa:copa/copa-dev.xml", "--data-dir",
+                 str(data_dir), "--json", str(tjson)]) == 0
+    assert main(["eval", "--model", str(tiny_student_dir), "--baseline", str(tjson), "--suite", "copa:copa/copa-dev.xml",
+                 "--data-dir", str(data_dir), "--json", str(sjson)]) == 0
+    assert json.loads(sjson.read_text())["diff"] == res["diff"]
+    assert main(["eval", "--model", str(tiny_student_dir), "--baseline", str(tjson), "--suite", "quick",
+                 "--data-dir", str(data_dir)]) == 2                          # a baseline of another suite
+
     (data_dir / "one.txt").write_text("a")                 # checks pass; perplexity fails at run time
     suite = tmp_path / "s.yaml"
     suite.write_text("tasks:\n  - {type: perplexity, name: ppl, file: one.txt}\n  - copa:copa/copa-dev.xml\n")

@@ -27,6 +27,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                        epilog=_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="'default', a model folder, a .gguf file or a hub id")
     p.add_argument("--teacher", help="teacher model (same tokenizer) for the teacher column, teacher_kl and the diff")
+    p.add_argument("--baseline", metavar="JSON", help="the teacher's earlier `eval --json` on the same suite (S1.3: "
+                                                      "the golden reference): teacher column and per-item diff "
+                                                      "without running the teacher again")
     p.add_argument("--suite", default="quick", help="quick, standard, a suite YAML file, or FORMAT:FILE "
                                                     "(default: quick)")
     p.add_argument("--data-dir", help="folder relative paths resolve against (default: $DISTILLGATE_DATA, "
@@ -56,6 +59,8 @@ def run(args) -> int:
         raise ConfigError("--limit", args.limit, "an integer >= 1")
     if args.batch_size < 1:
         raise ConfigError("--batch-size", args.batch_size, "an integer >= 1")
+    if args.baseline and args.teacher:
+        raise ConfigError("--baseline", args.baseline, "either --teacher or --baseline, not both")
     if bool(args.store) != bool(args.run_id):
         raise ConfigError("--store/--run", args.store or args.run_id, "both or neither")
     data_dir = default_data_dir(args.data_dir)
@@ -63,9 +68,10 @@ def run(args) -> int:
         raise ConfigError("--data-dir", str(data_dir), "an existing folder")
     suite = load_suite(args.suite)
     prepared = prepare_suite(suite, data_dir, args.limit)       # every task's data checked before any model
+    baseline = _baseline(args.baseline, suite.name) if args.baseline else None
     store = _open_store(args) if args.store else None           # a wrong run id fails before compute too
     console = Console()
-    card, tcard = Scorecard(model=args.model, suite=suite.name), None
+    card, tcard = Scorecard(model=args.model, suite=suite.name), baseline
     kw = dict(data_dir=data_dir, limit=args.limit, batch_size=args.batch_size)
     interrupted = False
     try:
@@ -104,6 +110,18 @@ def run(args) -> int:
     return 0
 
 
+def _baseline(path: str, suite_name: str):
+    from ..errors import ConfigError
+    from ..evaluate.metrics import Scorecard
+
+    card = Scorecard.load(path)
+    if card.suite != suite_name:
+        raise ConfigError("--baseline", path, f"a scorecard of suite {suite_name!r} (this one is of {card.suite!r})")
+    if card.partial:
+        raise ConfigError("--baseline", path, f"a complete scorecard (this one is partial: {card.errors})")
+    return card
+
+
 def _open_store(args):
     from ..store import RunStore
 
@@ -125,7 +143,7 @@ def _result(card, tcard) -> dict:
 def _print(console, suite_name, args, card, tcard, diff) -> None:
     from rich.table import Table
 
-    table = Table(title=f"suite {suite_name}: {args.model}" + (f" vs {args.teacher}" if tcard else ""))
+    table = Table(title=f"suite {suite_name}: {args.model}" + (f" vs {tcard.model}" if tcard else ""))
     for col in ("metric", "tier", "n", "student", "teacher", "delta"):
         table.add_column(col, justify="left" if col in ("metric", "tier") else "right")
     for name, m in card.metrics.items():
