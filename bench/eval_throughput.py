@@ -1,6 +1,7 @@
 """Native multiple-choice scoring vs lm-evaluation-harness's HF backend: same model, same data, same batch.
 
     python bench/eval_throughput.py --data-dir ../shared/datasets [--copa 100] [--mmlu marketing:16]
+                                    [--truthfulqa 40] [--truthfulqa-file mc_task.json]
                                     [--batch-size 8] [--dtype float32] [--repeats 3] [--threads N]
 
 For each task, repeats alternate the two engines (native, lm-eval, native, ...) and the median wall time
@@ -11,7 +12,12 @@ is kept. Both sides start from the same documents and include their own tokenisa
 * lm-eval: ``HFLM(pretrained=model, tokenizer=tok, batch_size=B).loglikelihood(requests)`` on the requests
   lm-eval itself builds from our task YAML (task building is outside the timing: that favours lm-eval).
 
-Accuracies must agree (same argmax per document). Last line: ``examples_per_s_ratio_vs_lm_eval=X``
+TruthfulQA MC1 and MC2 (lm-eval's ``truthfulqa_mc1``/``truthfulqa_mc2``, run from their stock YAML on the rows
+our loader produced): ``--truthfulqa-file`` is a TruthfulQA ``mc_task.json``; without one, N *synthetic*
+questions are generated (invented text, TruthfulQA's layout: the 6-shot preamble, 4-8 answers of 3-20 words,
+1-3 true for MC2) - the shape is what costs time, not the words.
+
+Accuracies must agree (same argmax per document; for MC2 also the same per-item true-answer mass). Last line: ``examples_per_s_ratio_vs_lm_eval=X``
 (summed examples over summed median seconds across tasks, native / lm-eval).
 """
 
@@ -36,7 +42,7 @@ def lm_eval_requests(task_name: str, data_dir: Path, limit: int, workdir: Path):
     from distillgate.evaluate.harness import render_task
 
     name = render_task(task_name, data_dir, workdir)
-    task = get_task_dict([name], TaskManager(include_path=str(workdir)))[name]
+    task = get_task_dict([name], TaskManager(include_path=str(workdir), include_defaults=False))[name]
     task.build_all_requests(limit=limit, rank=0, world_size=1)
     return task.instances
 
@@ -49,12 +55,51 @@ def lm_eval_acc(instances, lls, golds):
     return sum(p == g for p, g in zip(preds, golds)) / len(golds), preds
 
 
+def mc2_from_lls(instances, lls, docs):
+    """lm-eval's process_results_mc2 on its own log-likelihoods (shifted by the max first, as native scoring
+    does: lm-eval's plain exp underflows to 0/0 when every answer's log-likelihood is below ~-745)."""
+    import math
+
+    by_doc = {}
+    for inst, ll in zip(instances, lls):
+        by_doc.setdefault(inst.doc_id, []).append((inst.idx, ll[0]))
+    out = []
+    for (_, v), d in zip(sorted(by_doc.items()), docs):
+        top = max(x for _, x in v)
+        p = [math.exp(x - top) for _, x in sorted(v)]
+        out.append(sum(q for q, lab in zip(p, d.labels) if lab) / sum(p))
+    return out
+
+
+def synthetic_truthfulqa(workdir: Path, n: int) -> Path:
+    """``n`` invented questions in TruthfulQA's mc_task.json layout (seeded, so every run times the same)."""
+    import json
+    import random
+
+    rng = random.Random(0)
+    words = ("river stone market window garden letter engine winter silver doctor island music paper "
+             "mountain coffee station planet forest bridge candle").split()
+    rows = []
+    for i in range(n):
+        answers = [" ".join(rng.choice(words) for _ in range(rng.randint(3, 20))).capitalize() + "."
+                   for _ in range(rng.randint(4, 8))]
+        n_true = rng.randint(1, min(3, len(answers) - 1))
+        rows.append({"question": f"What does the {rng.choice(words)} near the {rng.choice(words)} do in case {i}?",
+                     "mc1_targets": {a: int(j == 0) for j, a in enumerate(answers)},
+                     "mc2_targets": {a: int(j < n_true) for j, a in enumerate(answers)}})
+    path = workdir / "mc_task.json"
+    path.write_text(json.dumps(rows))
+    return path
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--data-dir", default=os.environ.get("DISTILLGATE_DATA", "../shared/datasets"))
     ap.add_argument("--model", default="default")
     ap.add_argument("--copa", type=int, default=100, help="COPA dev items (0: skip)")
     ap.add_argument("--mmlu", default="marketing:16", help="SUBJECT:N, 5-shot ('' to skip)")
+    ap.add_argument("--truthfulqa", type=int, default=40, help="TruthfulQA MC1 + MC2 items (0: skip)")
+    ap.add_argument("--truthfulqa-file", help="a TruthfulQA mc_task.json (default: synthetic questions)")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--repeats", type=int, default=3)
@@ -86,6 +131,14 @@ def main() -> int:
         tasks.append((f"mmlu_{subject}", lambda s=subject, n=n: load_mmlu(data, s, n),
                       lm_eval_requests(f"mmlu:{subject}", data, n, workdir)))
 
+    if args.truthfulqa:
+        from distillgate.evaluate.formats import FORMATS, load_format
+
+        tq = Path(args.truthfulqa_file) if args.truthfulqa_file else synthetic_truthfulqa(workdir, args.truthfulqa)
+        for fmt in ("truthfulqa_mc1", "truthfulqa_mc2"):
+            tasks.append((fmt, lambda f=fmt: FORMATS[f].docs(load_format(f, tq, args.truthfulqa)),
+                          lm_eval_requests(f"{fmt}:{tq}", data, args.truthfulqa, workdir)))
+
     print(f"model={args.model} dtype={args.dtype} batch_size={args.batch_size} threads={torch.get_num_threads()} "
           f"repeats={args.repeats}")
     rows, tot = [], {"native": [0, 0.0], "lm_eval": [0, 0.0]}
@@ -106,6 +159,11 @@ def main() -> int:
         golds = [d.gold for d in docs]
         acc_lm, preds_lm = lm_eval_acc(instances, lls, golds)
         agree = sum(p == q["pred"] for p, q in zip(preds_lm, native["per_doc"])) / len(golds)
+        if docs[0].labels is not None:          # MC2: the same true-answer mass per item, from lm-eval's lls
+            mass = mc2_from_lls(instances, lls, docs)
+            worst = max(abs(m - q["mc2"]) for m, q in zip(mass, native["per_doc"]))
+            print(f"  {name}: mc2 native {native['mc2']:.4f} vs lm-eval {sum(mass) / len(mass):.4f}, "
+                  f"max per-item difference {worst:.1e}", file=sys.stderr)
         for eng, acc in (("native", native["acc"]), ("lm_eval", acc_lm)):
             med = statistics.median(times[eng])
             tot[eng][0] += len(docs)

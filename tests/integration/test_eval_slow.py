@@ -34,3 +34,29 @@ def test_quick_suite_plausible(smollm2, datasets_dir):
     assert m["blimp/accuracy"] >= 0.75               # measured 0.96 on 20 pairs x 6 paradigms
     assert card.metrics["blimp/accuracy"]["n"] == 60
     assert 0.5 <= m["copa/acc"] <= 1.0
+
+
+def test_native_blimp_equals_lm_eval_blimp(smollm2, datasets_dir, tmp_path):
+    """The issue's case: unseen paradigms, 10 pairs each; same verdict on every pair as lm-eval's blimp."""
+    import json
+    from pathlib import Path
+
+    import lm_eval.tasks
+    import yaml
+
+    from distillgate.evaluate.formats import load_format
+    from distillgate.evaluate.harness import run_lm_eval
+    from distillgate.evaluate.lm import score_minimal_pairs
+
+    pairs = [json.loads(x) for f in sorted(Path(datasets_dir, "blimp").glob("*.jsonl"))
+             for x in f.read_text().splitlines()[100:110]]
+    (tmp_path / "p.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs))
+    (tmp_path / "dg_blimp.yaml").write_text(yaml.safe_dump({
+        "include": str(Path(lm_eval.tasks.__file__).parent / "blimp" / "_template_yaml"), "task": "dg_blimp",
+        "dataset_path": "json", "dataset_name": None,
+        "dataset_kwargs": {"data_files": {"train": str(tmp_path / "p.jsonl")}, "cache_dir": str(tmp_path / "c")}}))
+    nat = score_minimal_pairs(smollm2.model, smollm2.tokenizer, load_format("blimp", tmp_path / "p.jsonl"))
+    (ref,) = run_lm_eval(smollm2.model, smollm2.tokenizer, [str(tmp_path / "dg_blimp.yaml")], log_samples=True).values()
+    theirs = [it["pred"] for _, it in sorted((int(it["doc_id"].rsplit(":", 1)[1]), it) for it in ref["items"])]
+    assert [d["pred"] for d in nat["per_doc"]] == theirs and len(theirs) == 60
+    assert abs(nat["accuracy"] - ref["acc"]) < 1e-9

@@ -86,10 +86,12 @@ def test_run_quick_suite_on_tiny_models(data_dir, tiny_model_factory, tiny_token
     assert "teacher_kl/top1_agreement" not in no_teacher.metrics and no_teacher.metrics["copa/acc"]["n"] == 2
 
 
-def test_suite_needs_data_dir(tiny_model_factory, tiny_tokenizer, monkeypatch):
+def test_suite_needs_data_dir(tiny_model_factory, tiny_tokenizer, monkeypatch, tmp_path):
     monkeypatch.delenv("DISTILLGATE_DATA", raising=False)
-    with pytest.raises(ConfigError, match="--data-dir"):
+    monkeypatch.chdir(tmp_path)                  # relative paths resolve against the current folder then
+    with pytest.raises(InputError, match="4 of 4 task") as e:
         run_suite(tiny_model_factory(), tiny_tokenizer, "quick")
+    assert "--data-dir" in str(e.value) and "'blimp'" in str(e.value) and "'teacher_kl'" in str(e.value)
 
 
 def test_eval_command(data_dir, tiny_student_dir, tiny_teacher_dir, tmp_path, capsys):
@@ -105,3 +107,43 @@ def test_eval_command(data_dir, tiny_student_dir, tiny_teacher_dir, tmp_path, ca
     assert card.metrics["copa/acc"]["n"] == 2
     assert json.loads(out.read_text())["teacher"]["metrics"]["copa/acc"]["n"] == 2
     assert main(["eval", "--model", str(tiny_student_dir), "--suite", "nope"]) == 2
+
+
+def test_eval_command_per_item_diff_partial_and_store(data_dir, tiny_student_dir, tiny_teacher_dir, tmp_path, capsys):
+    from distillgate.cli import main
+    from distillgate.store import RunStore
+
+    RunStore.create(tmp_path / "runs", {"purpose": "test"}, run_id="r1").close()
+    out = tmp_path / "card.json"
+    rc = main(["eval", "--model", str(tiny_student_dir), "--teacher", str(tiny_teacher_dir), "--suite",
+               "copa:copa/copa-dev.xml", "--data-dir", str(data_dir), "--json", str(out),
+               "--store", str(tmp_path / "runs"), "--run", "r1", "--label", "copa"])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "items the teacher gets right and the student wrong, by task" in printed and "by capability tag" in printed
+    res = json.loads(out.read_text())
+    s_items, t_items = res["details"]["copa"]["items"], res["teacher"]["details"]["copa"]["items"]
+    assert len(s_items) == len(t_items) == 3 and res["partial"] is False
+    lost = [s["doc_id"] for s, t in zip(s_items, t_items) if t["correct"] and not s["correct"]]
+    assert res["diff"]["by_task"]["copa"]["lost_items"] == lost
+    assert res["diff"]["by_tag"]["causal_reasoning"]["n"] == 3
+    stored = tmp_path / "runs" / "r1" / "work" / "eval" / "copa.json"
+    assert json.loads(stored.read_text())["diff"] == res["diff"]
+
+    tjson, sjson = tmp_path / "teacher.json", tmp_path / "student.json"      # the teacher's card as the baseline
+    assert main(["eval", "--model", str(tiny_teacher_dir), "--suite", "copa:copa/copa-dev.xml", "--data-dir",
+                 str(data_dir), "--json", str(tjson)]) == 0
+    assert main(["eval", "--model", str(tiny_student_dir), "--baseline", str(tjson), "--suite", "copa:copa/copa-dev.xml",
+                 "--data-dir", str(data_dir), "--json", str(sjson)]) == 0
+    assert json.loads(sjson.read_text())["diff"] == res["diff"]
+    assert main(["eval", "--model", str(tiny_student_dir), "--baseline", str(tjson), "--suite", "quick",
+                 "--data-dir", str(data_dir)]) == 2                          # a baseline of another suite
+
+    (data_dir / "one.txt").write_text("a")                 # checks pass; perplexity fails at run time
+    suite = tmp_path / "s.yaml"
+    suite.write_text("tasks:\n  - {type: perplexity, name: ppl, file: one.txt}\n  - copa:copa/copa-dev.xml\n")
+    rc = main(["eval", "--model", str(tiny_student_dir), "--suite", str(suite), "--data-dir", str(data_dir),
+               "--json", str(out)])
+    assert rc == 1
+    res = json.loads(out.read_text())
+    assert res["partial"] is True and "ppl" in res["errors"] and res["metrics"]["copa/acc"]["n"] == 3

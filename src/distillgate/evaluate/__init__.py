@@ -1,3 +1,4 @@
-"""Evaluation: native metrics (perplexity, minimal pairs, multiple choice, teacher divergence), the
-lm-evaluation-harness adapter, suites and the Scorecard. Import submodules directly
+"""Evaluation: benchmark file formats (``formats``), native metrics (perplexity, minimal pairs, multiple choice,
+teacher divergence), the lm-evaluation-harness adapter, suites, the Scorecard and the per-item
+teacher-vs-student diff (``diff``). Import submodules directly
 (``from distillgate.evaluate.lm import perplexity``); this package import stays light."""

@@ -39,6 +39,10 @@ class MCDoc:
     doc_id: str = ""
     target_delimiter: str = " "
     meta: dict = field(default_factory=dict)
+    contexts: list[str] | None = None   # one context per choice (WinoGrande's partial scoring); then every
+                                        # ``choices[j]`` is the same continuation, scored after ``contexts[j]``
+    labels: list[int] | None = None     # several true answers (TruthfulQA MC2): the item scores the
+                                        # normalised probability mass of the true ones
 
 
 # ----------------------------------------------------------------------------------------------- loaders
@@ -153,33 +157,53 @@ def load_jsonl_mc(path: str | Path, limit: int | None = None) -> list[MCDoc]:
 # ------------------------------------------------------------------------------------------------ scoring
 
 def evaluate_mc(model, tokenizer, docs: list[MCDoc], *, batch_size: int = 8) -> dict:
-    """Score documents; returns ``{acc, acc_stderr, acc_norm, acc_norm_stderr, n, per_doc}``.
+    """Score documents; returns ``{acc, acc_stderr, acc_norm, acc_norm_stderr, n, per_doc}`` plus ``mc2`` and
+    ``mc2_stderr`` when the documents carry ``labels``.
 
-    ``per_doc[i] = {doc_id, gold, pred, pred_norm, loglikelihoods}``. stderr is the sample standard error
-    of the mean (lm-eval's ``mean_stderr``).
+    ``per_doc[i] = {doc_id, gold, pred, pred_norm, loglikelihoods, correct[, mc2]}``. stderr is the sample
+    standard error of the mean (lm-eval's ``mean_stderr``). Ties go to the first choice (``np.argmax``).
     """
     if not docs:
         raise InputError("evaluate_mc: no documents to score")
-    reqs = []
-    for d in docs:
+    reqs, owner = [], []
+    for i, d in enumerate(docs):
+        if d.contexts is not None:               # one request per choice: contexts differ
+            for ctx, c in zip(d.contexts, d.choices):
+                cenc, cont = encode_pair(tokenizer, ctx, d.target_delimiter + c)
+                reqs.append((cenc, [cont]))
+                owner.append(i)
+            continue
         pairs = [encode_pair(tokenizer, d.context, d.target_delimiter + c) for c in d.choices]
         ctx = pairs[0][0]
         if any(p[0] != ctx for p in pairs):     # context tokenisation never depends on the choice, but check
             raise InputError(f"{d.doc_id}: context tokenises differently per choice")
         reqs.append((ctx, [p[1] for p in pairs]))
-    scores = score_requests(model, reqs, batch_size=batch_size)
-    per_doc, acc, acc_norm = [], [], []
-    for d, sc in zip(docs, scores):
+        owner.append(i)
+    flat: list[list] = [[] for _ in docs]
+    for i, sc in zip(owner, score_requests(model, reqs, batch_size=batch_size)):
+        flat[i] += sc
+    per_doc, acc, acc_norm, mc2 = [], [], [], []
+    for d, sc in zip(docs, flat):
         lls = [s.logprob for s in sc]
         pred = max(range(len(lls)), key=lambda j: (lls[j], -j))              # first max, like np.argmax
         normed = [ll / len(c) for ll, c in zip(lls, d.choices)]
         pred_norm = max(range(len(normed)), key=lambda j: (normed[j], -j))
         acc.append(float(pred == d.gold))
         acc_norm.append(float(pred_norm == d.gold))
-        per_doc.append({"doc_id": d.doc_id, "gold": d.gold, "pred": pred, "pred_norm": pred_norm,
-                        "loglikelihoods": lls})
-    return {"acc": _mean(acc), "acc_stderr": _stderr(acc), "acc_norm": _mean(acc_norm),
-            "acc_norm_stderr": _stderr(acc_norm), "n": len(docs), "per_doc": per_doc}
+        item = {"doc_id": d.doc_id, "gold": d.gold, "pred": pred, "pred_norm": pred_norm, "loglikelihoods": lls,
+                "correct": pred == d.gold}
+        if d.labels is not None:                 # lm-eval process_results_mc2, in float64
+            top = max(lls)
+            probs = [math.exp(ll - top) for ll in lls]
+            item["mc2"] = sum(p for p, lab in zip(probs, d.labels) if lab == 1) / sum(probs)
+            item["correct"] = item["mc2"] >= 0.5      # same rule as an lm-eval item's score
+            mc2.append(item["mc2"])
+        per_doc.append(item)
+    out = {"acc": _mean(acc), "acc_stderr": _stderr(acc), "acc_norm": _mean(acc_norm),
+           "acc_norm_stderr": _stderr(acc_norm), "n": len(docs), "per_doc": per_doc}
+    if mc2:
+        out.update(mc2=_mean(mc2), mc2_stderr=_stderr(mc2))
+    return out
 
 
 def _mean(xs: list[float]) -> float:

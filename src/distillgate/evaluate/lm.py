@@ -10,7 +10,6 @@ positions. Sums are accumulated in float64.
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from pathlib import Path
@@ -110,39 +109,116 @@ def perplexity(model, tokenizer, text_or_file: str | Path, *, max_tokens: int | 
 
 def minimal_pairs(model, tokenizer, jsonl_paths: list[str | Path], limit: int | None = None, *,
                   batch_size: int = 16) -> dict:
-    """BLiMP-style accuracy: a pair is right when log P(sentence_good) > log P(sentence_bad).
+    """BLiMP-style accuracy of JSONL files (``limit`` caps pairs per file); see :func:`score_minimal_pairs`."""
+    from .formats import load_format
 
-    Each sentence is scored in full after the prefix token (lm-eval's ``blimp`` task). ``limit`` caps pairs
-    per file. Returns ``{accuracy, per_paradigm: {name: accuracy}, n, per_paradigm_n}``; a paradigm is the
-    rows' ``UID`` (else the file stem).
-    """
     if not jsonl_paths:
         raise InputError("minimal_pairs: no JSONL files given")
-    reqs, paradigms = [], []
-    for path in map(Path, jsonl_paths):
-        try:
-            lines = [ln for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
-        except OSError as e:
-            raise InputError(f"{path}: cannot read ({e})") from e
-        for n, line in enumerate(lines[:limit] if limit is not None else lines, 1):
-            row = json.loads(line)
-            if not isinstance(row.get("sentence_good"), str) or not isinstance(row.get("sentence_bad"), str):
-                raise InputError(f"{path}:{n}: needs string fields 'sentence_good' and 'sentence_bad'")
-            good = encode_pair(tokenizer, "", row["sentence_good"])
-            bad = encode_pair(tokenizer, "", row["sentence_bad"])
-            if good[0] != bad[0]:   # the prefix token was swallowed by one sentence: score separately
-                reqs += [(good[0], [good[1]]), (bad[0], [bad[1]])]
-            else:
-                reqs.append((good[0], [good[1], bad[1]]))
-            paradigms.append((row.get("UID") or path.stem, good[0] != bad[0]))
-    scores = score_requests(model, reqs, batch_size=batch_size)
+    rows = [r for p in jsonl_paths for r in load_format("blimp", p, limit)]
+    return score_minimal_pairs(model, tokenizer, rows, batch_size=batch_size)
+
+
+def score_minimal_pairs(model, tokenizer, rows: list[tuple[str, dict]], *, batch_size: int = 16) -> dict:
+    """A pair is right when log P(sentence_good) >= log P(sentence_bad), as lm-eval's ``blimp`` task scores it.
+
+    lm-eval's task is multiple choice with an empty context, choices ``[sentence_good, sentence_bad]`` and
+    gold 0: each choice is scored as ``" " + sentence`` (its default target delimiter) after the prefix token,
+    and ``argmax`` picks the first of tied scores, so a tie counts as right. ``rows`` are
+    :func:`~distillgate.evaluate.formats.load_format` ``("blimp", ...)`` rows (``UID`` is the paradigm).
+    Returns ``{accuracy, per_paradigm: {uid: accuracy}, n, per_paradigm_n, per_doc}``.
+    """
+    reqs, meta = [], []
+    for where, row in rows:
+        good = encode_pair(tokenizer, "", " " + row["sentence_good"])
+        bad = encode_pair(tokenizer, "", " " + row["sentence_bad"])
+        split = good[0] != bad[0]      # the prefix token was swallowed by one sentence: score separately
+        reqs += [(good[0], [good[1]]), (bad[0], [bad[1]])] if split else [(good[0], [good[1], bad[1]])]
+        meta.append((where, row["UID"], split))
+    scores = iter(score_requests(model, reqs, batch_size=batch_size))
     correct: dict[str, list[int]] = {}
-    it = iter(scores)
-    for name, split in paradigms:
-        first = next(it)
-        lp_good, lp_bad = (first[0].logprob, next(it)[0].logprob) if split else (first[0].logprob, first[1].logprob)
-        correct.setdefault(name, []).append(int(lp_good > lp_bad))
+    per_doc = []
+    for where, uid, split in meta:
+        first = next(scores)
+        lp_good, lp_bad = (first[0].logprob, next(scores)[0].logprob) if split else (first[0].logprob, first[1].logprob)
+        ok = lp_good >= lp_bad
+        correct.setdefault(uid, []).append(int(ok))
+        per_doc.append({"doc_id": where, "gold": 0, "pred": 0 if ok else 1, "loglikelihoods": [lp_good, lp_bad],
+                        "correct": ok, "tags": [f"paradigm:{uid}"]})
     total = [c for v in correct.values() for c in v]
+    if not total:
+        raise InputError("minimal_pairs: no pairs to score")
     return {"accuracy": sum(total) / len(total), "n": len(total),
             "per_paradigm": {k: sum(v) / len(v) for k, v in correct.items()},
-            "per_paradigm_n": {k: len(v) for k, v in correct.items()}}
+            "per_paradigm_n": {k: len(v) for k, v in correct.items()}, "per_doc": per_doc}
+
+
+def score_last_word(model, tokenizer, rows: list[tuple[str, dict]], *, batch_size: int = 16) -> dict:
+    """LAMBADA as lm-eval's ``lambada_openai``: context = all but the last space-separated word, target =
+    ``" " + last word``; ``acc`` = greedy decoding reproduces the target, ``perplexity`` = exp(-mean log p).
+    Returns ``{acc, acc_stderr, perplexity, n, per_doc}``."""
+    reqs = []
+    for _, row in rows:
+        words = row["text"].split(" ")
+        ctx, cont = encode_pair(tokenizer, " ".join(words[:-1]), " " + words[-1])
+        reqs.append((ctx, [cont]))
+    scores = score_requests(model, reqs, batch_size=batch_size)
+    per_doc = [{"doc_id": w, "pred": int(s[0].is_greedy), "loglikelihoods": [s[0].logprob], "correct": s[0].is_greedy}
+               for (w, _), s in zip(rows, scores)]
+    acc = [float(d["correct"]) for d in per_doc]
+    n = len(acc)
+    mean = sum(acc) / n
+    se = math.sqrt(sum((a - mean) ** 2 for a in acc) / (n - 1) / n) if n > 1 else float("nan")
+    return {"acc": mean, "acc_stderr": se, "n": n,
+            "perplexity": math.exp(-sum(d["loglikelihoods"][0] for d in per_doc) / n), "per_doc": per_doc}
+
+
+def wikitext_detokenize(page: str) -> str:
+    """lm-eval's ``wikitext_detokenizer`` (its wikitext task scores the detokenized page)."""
+    from lm_eval.tasks.wikitext.preprocess_wikitext import wikitext_detokenizer
+
+    return wikitext_detokenizer({"page": page})
+
+
+def document_perplexity(model, tokenizer, pages: list[str], *, detokenize: bool = True, max_length: int | None = None,
+                        batch_size: int = 8) -> dict:
+    """lm-eval's ``wikitext`` task, natively: each document is scored on its own with ``loglikelihood_rolling``
+    (disjoint windows of ``max_length`` tokens - the model's window by default - the first token conditioned
+    on the prefix token, every token scored once, each window as much context as fits); words are counted in
+    the page *before* detokenization (``re.split(r"\\s+")``), bytes as UTF-8 of the scored text.
+    Returns ``{word_perplexity, byte_perplexity, bits_per_byte, nll_sum, n_words, n_bytes, n_tokens, per_doc}``."""
+    from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+
+    from .scoring import prefix_token_id
+
+    max_len = max_length or getattr(model.config, "max_position_embeddings", None) or 2048
+    reqs, owner, per_doc = [], [], []
+    for i, page in enumerate(pages):
+        text = wikitext_detokenize(page) if detokenize else page
+        ids = tokenizer.encode(text, add_special_tokens=False)
+        wins = [make_disjoint_window(w) for w in get_rolling_token_windows(ids, prefix_token_id(tokenizer), max_len, 1)]
+        reqs += [(ctx, [cont]) for ctx, cont in wins]
+        owner += [i] * len(wins)
+        per_doc.append({"doc_id": f"doc-{i}", "n_words": len(re.split(r"\s+", page)),
+                        "n_bytes": len(page.encode("utf-8")), "n_tokens": len(ids), "loglikelihood": 0.0})
+    for i, sc in zip(owner, score_requests(model, reqs, batch_size=batch_size, max_length=max_len,
+                                           max_row_tokens=max(2048, max_len))):
+        per_doc[i]["loglikelihood"] += sc[0].logprob
+    ll = sum(d["loglikelihood"] for d in per_doc)
+    words, nbytes = sum(d["n_words"] for d in per_doc), sum(d["n_bytes"] for d in per_doc)
+    return {"word_perplexity": math.exp(-ll / words), "byte_perplexity": math.exp(-ll / nbytes),
+            "bits_per_byte": -ll / nbytes / math.log(2), "nll_sum": -ll, "n_words": words, "n_bytes": nbytes,
+            "n_tokens": sum(d["n_tokens"] for d in per_doc), "per_doc": per_doc}
+
+
+def split_documents(text: str) -> list[str]:
+    """A WikiText file (one paragraph per line) -> its articles, split before each top-level heading line
+    (`` = Title = ``), as the document-level WikiText dataset lm-eval reads groups them."""
+    docs, cur = [], []
+    for line in text.splitlines(keepends=True):
+        if re.match(r"^ = [^=].* = $", line.rstrip("\n")) and any(s.strip() for s in cur):
+            docs.append("".join(cur))
+            cur = []
+        cur.append(line)
+    if any(s.strip() for s in cur):
+        docs.append("".join(cur))
+    return docs

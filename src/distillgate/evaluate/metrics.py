@@ -6,10 +6,16 @@ the bare metric (``acc``), lm-eval ``register_metric`` style; an unknown metric 
 
 Scorecard JSON (consumed by gates, loop, report)::
 
-    {"model": "...", "suite": "quick", "format_version": 1,
+    {"model": "...", "suite": "quick", "format_version": 1, "partial": false, "errors": {},
      "metrics": {"copa/acc": {"value": 0.75, "higher_is_better": true, "n": 40, "stderr": 0.069,
                               "task": "copa", "capability_tier": "high", "domain": null}, ...},
-     "details": {...free-form per-task extras (per-paradigm, per-example)...}}
+     "details": {"copa": {"seconds": 1.2, "capability": "causal_reasoning",
+                          "items": [{"doc_id": "copa-1", "correct": true, "pred": 0, "gold": 0,
+                                     "loglikelihoods": [-7.1, -9.3], "tags": ["causal_reasoning", ...]}]},
+                 ...other per-task extras (per-paradigm, ...)}}
+
+``partial`` is true when a task failed (its message is in ``errors[<task>]``) or the run was interrupted:
+the metrics present are finished tasks' results, the missing ones were not measured.
 """
 
 from __future__ import annotations
@@ -53,6 +59,25 @@ def metric_info(name: str) -> MetricInfo:
     raise ConfigError("metric", name, f"a registered metric ({', '.join(sorted(_REGISTRY))})")
 
 
+_RUNTIME = "reported by an lm-eval task"
+
+
+def ensure_metric(name: str, higher_is_better: bool) -> None:
+    """Register a metric an lm-eval task reports that the registry does not know yet (a user's task YAML
+    may define its own), as a 'high' tier task metric with lm-eval's direction; known names are kept."""
+    try:
+        metric_info(name)
+    except ConfigError:
+        register_metric(name, bool(higher_is_better), "high", _RUNTIME)
+
+
+def metric_reference() -> list[tuple[str, str, str, str]]:
+    """(name, direction, tier, meaning) of every metric registered in code (not those :func:`ensure_metric`
+    added at run time), for the generated docs."""
+    return [(k, "higher" if v.higher_is_better else "lower", v.capability_tier, v.description)
+            for k, v in sorted(_REGISTRY.items()) if v.description != _RUNTIME]
+
+
 for _n, _hib, _tier, _d in [
     ("ppl_token", False, "lm", "perplexity per token (rolling windows)"),
     ("ppl_word", False, "lm", "perplexity per whitespace word"),
@@ -64,6 +89,14 @@ for _n, _hib, _tier, _d in [
     ("acc", True, "high", "multiple-choice accuracy (argmax log-likelihood)"),
     ("acc_norm", True, "high", "multiple-choice accuracy, log-likelihood / choice length in characters"),
     ("exact_match", True, "high", "exact match of the extracted answer"),
+    ("mc2", True, "high", "TruthfulQA MC2: normalised probability mass on the true answers (lm-eval's "
+                          "truthfulqa_mc2 'acc')"),
+    ("perplexity", False, "lm", "exp(-mean log-likelihood) of the targets (LAMBADA)"),
+    ("em", True, "high", "DROP exact match (max over gold answers, lm-eval's drop)"),
+    ("f1", True, "high", "DROP bag-of-words F1 (max over gold answers, lm-eval's drop)"),
+    ("word_perplexity", False, "lm", "lm-eval rolling perplexity per word"),
+    ("byte_perplexity", False, "lm", "lm-eval rolling perplexity per UTF-8 byte"),
+    ("bits_per_byte", False, "lm", "lm-eval rolling log2-loss per UTF-8 byte"),
 ]:
     register_metric(_n, _hib, _tier, _d)
 
@@ -77,6 +110,8 @@ class Scorecard:
     metrics: dict[str, dict] = field(default_factory=dict)
     details: dict[str, dict] = field(default_factory=dict)
     format_version: int = SCORECARD_VERSION
+    partial: bool = False
+    errors: dict[str, str] = field(default_factory=dict)
 
     def add(self, task: str, metric: str, value: float, *, n: int, stderr: float | None = None,
             domain: str | None = None) -> None:
@@ -104,7 +139,8 @@ class Scorecard:
         if d.get("format_version") != SCORECARD_VERSION:
             raise InputError(f"scorecard format_version {d.get('format_version')!r}; this reads {SCORECARD_VERSION}")
         return cls(model=d.get("model", ""), suite=d.get("suite", ""), metrics=dict(d.get("metrics", {})),
-                   details=dict(d.get("details", {})))
+                   details=dict(d.get("details", {})), partial=bool(d.get("partial", False)),
+                   errors=dict(d.get("errors", {})))
 
     def save(self, path: str | Path) -> None:
         bad = [k for k, v in self.metrics.items() if not math.isfinite(v["value"])]

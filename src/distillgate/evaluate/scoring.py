@@ -98,7 +98,7 @@ def _pack_rows(docs: list[DocRequest], order: list[int], p: int, batch_size: int
     row, n_req, n_tok = [], 0, 0
     for i in order:
         ctx, conts = docs[i]
-        size = len(ctx) - p + sum(len(c) for c in conts)
+        size = len(ctx) - p + sum(len(c) - 1 for c in conts)
         if row and (n_req + len(conts) > batch_size or n_tok + size > max_row_tokens):
             yield row
             row, n_req, n_tok = [], 0, 0
@@ -132,11 +132,13 @@ def _build_row(docs: list[DocRequest], idxs: list[int], p: int):
         last_ctx = len(ids) - 1
         doc_t = []
         for cont in conts:
+            # A continuation's last token is only ever a target, never an input: it is left out of the row
+            # (so a context may keep max_len + 1 - len(cont) tokens, as lm-eval's HFLM does).
             a = len(ids)
-            ids += cont
-            pos += range(len(ctx), len(ctx) + len(cont))
-            seg += [n_seg] * len(cont)
-            parent += [ctx_seg] * len(cont)
+            ids += cont[:-1]
+            pos += range(len(ctx), len(ctx) + len(cont) - 1)
+            seg += [n_seg] * (len(cont) - 1)
+            parent += [ctx_seg] * (len(cont) - 1)
             n_seg += 1
             doc_t.append(([last_ctx] + list(range(a, a + len(cont) - 1)), cont))
         targets.append(doc_t)
@@ -155,7 +157,8 @@ def score_requests(model, docs: list[DocRequest], *, batch_size: int = 8, shared
     docs: ``[(context_ids, [cont_ids, ...]), ...]``; contexts must be non-empty (use :func:`encode_pair`,
     which substitutes the prefix token) and continuations non-empty.
     Returns ``scores[d][j]`` for continuation j of document d, in input order.
-    Contexts longer than the model's window are left-truncated like lm-eval does.
+    Contexts longer than the model's window are left-truncated exactly like lm-eval's HFLM (the input is the
+    last ``max_len`` tokens of context + continuation without its final token).
     """
     if batch_size < 1:
         raise InputError(f"batch_size: got {batch_size}; allowed: >= 1")
@@ -213,6 +216,6 @@ def _checked(ctx: list[int], conts: list[list[int]], max_len: int, d: int) -> Do
     longest = max(len(c) for c in conts)
     if longest > max_len:
         raise InputError(f"request {d}: continuation of {longest} tokens exceeds the model window {max_len}")
-    if len(ctx) + longest > max_len:
-        ctx = ctx[-(max_len - longest):]
+    if len(ctx) + longest > max_len + 1:      # lm-eval: (ctx + cont)[-(max_len + 1):][:-1] is the input
+        ctx = ctx[-(max_len + 1 - longest):]
     return list(ctx), [list(c) for c in conts]
