@@ -106,7 +106,7 @@ def test_sigterm_stops_like_sigint_and_records_the_run_status(reference, tmp_pat
             p.kill()
     assert p.returncode == 143 and "terminated (SIGTERM)" in err, err[-2000:]
     with RunStore.open(root, "r") as s:
-        assert s.info()["status"] == "failed"          # the loop's status for an interrupted run; not `running`
+        assert s.info()["status"] == "interrupted"     # SIGTERM and Ctrl-C: interrupted, not `running` nor `failed`
         assert not [i for i in s.catalog.iterations() if i["status"] == "running"]
     monkeypatch.setenv("DISTILLGATE_HOME", str(home))
     assert main(["run", "--resume", "r", "--root", str(root), "--no-report", "--no-progress"]) == 0
