@@ -109,10 +109,12 @@ def run_show(args) -> int:
         con.print(t)
         gated = cat.last_gated_version()
         if gated is not None:
-            t = Table("gate", "dimension", "value", "threshold", "passed", title=f"gate results of v{gated}")
+            t = Table("gate", "dimension", "value", "threshold", "status", "note", title=f"gate results of v{gated}")
             for g in cat.gate_results(gated):
+                # the verdict's own status (pass / fail / missing / not_measured) when the row kept it
+                status = str(g.detail.get("status") or ("pass" if g.passed else "fail")).upper().replace("_", " ")
                 t.add_row(g.gate, g.dimension, "-" if g.value is None else f"{g.value:.4g}",
-                          "-" if g.threshold is None else f"{g.threshold:.4g}", "PASS" if g.passed else "FAIL")
+                          "-" if g.threshold is None else f"{g.threshold:.4g}", status, str(g.detail.get("note", "")))
             con.print(t)
         alerts = cat.alerts()
         if alerts:
