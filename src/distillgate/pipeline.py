@@ -382,18 +382,10 @@ def validate(student, teacher, heldout_examples, cfg: DistillConfig, *, teacher_
     loop's validate takes them: the exact held-out comparison (KL, reverse KL, top-1, perplexities, per domain)
     and G-C1's ``ppl_ratio`` (student/teacher perplexity on ``eval.text_file`` when given, else on the held-out
     teacher answers). ``teacher_cache``: a dict kept between calls with the same teacher and data."""
-    from types import SimpleNamespace
+    from .evaluate.providers import HELDOUT_METRICS, measure_student
 
-    from .evaluate.providers import HELDOUT_METRICS, GateContext, measure
-
-    s = SimpleNamespace(model=student, tokenizer=teacher.tokenizer, fingerprint=None, path=None)
-    ctx = GateContext.with_models(teacher, s, {"heldout": heldout_examples, "ppl_text": cfg.eval.text_file,
-                                               "ppl_tokens": cfg.eval.max_tokens}, teacher_cache)
-    was = student.training
-    student.eval()
-    try:
-        values, _ = measure(ctx, list(HELDOUT_METRICS) + ["ppl_ratio"])
-    finally:
-        student.train(was)
+    values, _, ctx = measure_student(teacher, student, list(HELDOUT_METRICS) + ["ppl_ratio"],
+                                     {"heldout": heldout_examples, "ppl_text": cfg.eval.text_file,
+                                      "ppl_tokens": cfg.eval.max_tokens}, teacher_cache)
     return Validation(metrics={k: v for k, v in values.items() if v is not None},
                       samples=ctx.cache.get("heldout_samples") or [])

@@ -201,6 +201,22 @@ def measure(ctx: GateContext, names, given: dict[str, float | None] | None = Non
     return metrics, notes
 
 
+def measure_student(teacher, student_model, names, options: dict, teacher_cache: dict | None = None):
+    """:func:`measure` ``names`` for an in-memory student (sharing the teacher's tokenizer) against a loaded
+    ``teacher``, the student in eval mode meanwhile; returns ``(metrics, notes, ctx)``."""
+    from types import SimpleNamespace
+
+    student = SimpleNamespace(model=student_model, tokenizer=teacher.tokenizer, fingerprint=None, path=None)
+    ctx = GateContext.with_models(teacher, student, options, teacher_cache)
+    was = student_model.training
+    student_model.eval()
+    try:
+        metrics, notes = measure(ctx, names)
+    finally:
+        student_model.train(was)
+    return metrics, notes, ctx
+
+
 def collect_metrics(spec, ctx: GateContext, given: dict[str, float | None] | None = None,
                     skip: set[str] = frozenset()) -> tuple[dict[str, float | None], dict[str, str]]:
     """Values for every gate metric of ``spec`` (:func:`measure` over the gates' metrics). A gate that

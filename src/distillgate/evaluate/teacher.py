@@ -156,7 +156,7 @@ def bucket_kl(t_idx: torch.Tensor, t_lp: torch.Tensor, s_lp: torch.Tensor) -> tu
     return kl_logprobs(p, q).clamp_min(0), kl_logprobs(q, p).clamp_min(0)
 
 
-def _teacher_exact(teacher, rows, batch, teacher_cache, budget: int) -> torch.Tensor:
+def _teacher_exact(teacher, batch, teacher_cache, budget: int) -> torch.Tensor:
     """The teacher's [n, V] log-probs of one batch (exact path), from/into ``teacher_cache``."""
     if teacher_cache is None:
         return _logprobs_at_positions(teacher, batch, full_logits=True)
@@ -196,14 +196,14 @@ def compare_to_teacher(student, teacher, examples, *, batch_size: int = 8, top_k
     for rows, batch in _batches(exs, batch_size, pad_id):
         s_lp = _logprobs_at_positions(student, batch, full_logits=exact)        # [n, V]
         n = s_lp.shape[0]
+        b, t = prediction_positions(batch)
         if exact:
-            t_lp = _teacher_exact(teacher, rows, batch, teacher_cache, teacher_cache_bytes).to(s_lp.device)
+            t_lp = _teacher_exact(teacher, batch, teacher_cache, teacher_cache_bytes).to(s_lp.device)
             if t_lp.shape[-1] != s_lp.shape[-1]:
                 raise InputError(f"teacher vocab {t_lp.shape[-1]} != student vocab {s_lp.shape[-1]}")
             p, q = t_lp.exp(), s_lp.exp()
             fwd, rev = (p * (t_lp - s_lp)).sum(-1).clamp_min(0), (q * (s_lp - t_lp)).sum(-1).clamp_min(0)
             t_top1 = t_lp.argmax(-1)
-            b, t = prediction_positions(batch)
             tgt = batch["input_ids"][b, t + 1].to(s_lp.device)[:, None]
             nll_s_all.append(-s_lp.gather(1, tgt).squeeze(1).double())
             nll_t_all.append(-t_lp.gather(1, tgt).squeeze(1).double())
@@ -215,7 +215,6 @@ def compare_to_teacher(student, teacher, examples, *, batch_size: int = 8, top_k
             t_top1 = t_idx[:, 0]
         top1 = (s_lp.argmax(-1) == t_top1).float()
         offset += n
-        b, _ = prediction_positions(batch)
         for r, i in enumerate(rows):
             sel = b == r
             k = int(sel.sum())

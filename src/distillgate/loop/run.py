@@ -14,7 +14,6 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
 
 from .. import pipeline
 from ..schema import Finding
@@ -193,15 +192,9 @@ class Run:
     def measure(self, metrics: list[str], **options) -> Measurement:
         """Measure ``metrics`` on the current student through the metric registry (the one ``distillgate
         gates`` uses), with the run's options (``options`` override them); the student is in eval mode."""
-        from ..evaluate.providers import GateContext, load_providers, measure
+        from ..evaluate.providers import load_providers, measure_student
 
         load_providers()
-        student = SimpleNamespace(model=self._student, tokenizer=self.teacher.tokenizer, fingerprint=None, path=None)
-        ctx = GateContext.with_models(self.teacher, student, self.measure_options(options), self.teacher_cache)
-        was = self._student.training
-        self._student.eval()
-        try:
-            values, notes = measure(ctx, metrics)
-        finally:
-            self._student.train(was)
+        values, notes, ctx = measure_student(self.teacher, self._student, metrics, self.measure_options(options),
+                                             self.teacher_cache)
         return Measurement(values, notes, ctx.details, ctx.cache.get("heldout_samples") or [])
