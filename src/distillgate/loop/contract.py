@@ -15,8 +15,9 @@ A **stage** is any object with
   ``iterations: 0``). An entry with ``iterations: 0`` takes part in iteration 0, the setup iteration.
 
 A stage is built once per run, ``factory(options)``; what it must remember across iterations lives in
-``run.stage_state(name)`` (a JSON-able dict, namespaced by stage name, saved in every committed version and
-restored by ``--resume``), never in attributes, so resume stays bitwise.
+``run.stage_state(stage.state_key)`` (a JSON-able dict saved in every committed version and restored by
+``--resume``), never in attributes, so resume stays bitwise. ``state_key`` is set by the registry: the stage's
+name, or ``name[i]`` when the same stage appears in several entries of ``loop.stages`` (each entry its own).
 
 ``it`` is the :class:`Iteration` (this iteration's recipe, config, metrics, findings, files to commit) and
 ``run`` the :class:`RunServices` (teacher, student, data, training, measurement, store access). A stage touches
@@ -68,6 +69,12 @@ class Iteration:
     next_recipe: dict | None = None
     measure_options: dict = field(default_factory=dict)  # provider options a stage adds for this iteration
     extra_metrics: list = field(default_factory=list)    # registered metrics a stage asks validate to measure
+    # metric -> relative worsening this iteration's change is expected to cost (a prune cut): attribution
+    # reports a regression only past max(the metric's threshold, this); the reason goes into the finding
+    tolerances: dict = field(default_factory=dict)
+    tolerance_reason: str = ""
+    regression_evidence: dict = field(default_factory=dict)  # what a stage knows about where a regression would
+    # come from (a prune cut's per-layer heat map): added to this iteration's regression findings
 
     @property
     def iteration(self) -> int:  # the name the older hooks used
@@ -87,7 +94,8 @@ class RunServices(Protocol):
     def restore_student(self, version) -> None: ...
     def stage_state(self, name: str) -> dict: ...
     def measure(self, metrics: list[str], **options) -> dict: ...
-    def distil(self, it: Iteration, *, steps: int | None = None, examples: list | None = None): ...
+    def distil(self, it: Iteration, *, steps: int | None = None, examples: list | None = None,
+               callbacks=()): ...
     def say(self, msg: str) -> None: ...
 
 

@@ -174,6 +174,9 @@ def load_report_data(root: str | Path, run_id: str, param_diffs: bool = True, mo
                     models[k] = files
             iterations.append(entry)
         diffs = _param_diffs(store, by_iter, models) if param_diffs else []
+        from .structure import snapshots
+
+        structure = snapshots(store, by_iter)
         findings = [finding_from_record(f) for f in cat.findings()]
         decisions = [Decision(d["iteration"], d["knob"], d["old"], d["new"], d["reason"]) for d in cat.decisions()]
         alerts = [Alert(SEVERITY_ALIASES.get(a["level"], a["level"]), a["message"], a["source"],
@@ -187,6 +190,6 @@ def load_report_data(root: str | Path, run_id: str, param_diffs: bool = True, mo
         run=RunInfo(run_id, _describe_model(cfg.get("teacher")), _describe_model(cfg.get("student")),
                     _iso(run["created"]) or "", _run_status(run), summary, cfg),
         iterations=iterations, param_diffs=diffs, findings=findings, decisions=decisions, alerts=alerts,
-        baseline_metrics=nest_metrics(baseline))
+        baseline_metrics=nest_metrics(baseline), structure=structure)
     data.validate()
     return data

@@ -185,6 +185,36 @@ def _metrics(d: ReportData, chart: _Charts) -> str:
     return f'<section id="metrics"><h2>Metrics</h2>{chart(fig)}{more}{table}</section>'
 
 
+def _structure(d: ReportData, chart: _Charts) -> str:
+    from . import structure as S
+
+    if not S.changed(d.structure):
+        return ""
+    head = "".join(f"<th>{esc(h)}</th>" for h in S.FLOPS_HEADER)
+    rows = "".join("<tr>" + "".join(f'<td class="num">{esc(c)}</td>' for c in r) + "</tr>"
+                   for r in S.flops_rows(d.structure))
+    return (f'<section id="structure"><h2>Structure and compute</h2><p class="muted">What each iteration kept of '
+            f'the initial student, block by block (counts are uniform per layer, so a stock config describes the '
+            f'model), and its analytic forward FLOPs per token per component at the perf context length '
+            f'(cross-checked with torch FlopCounterMode in each cut\'s prune.json).</p>'
+            f'{chart(S.structure_chart(d.structure))}<div class="scroll"><table class="gates"><tr>{head}</tr>{rows}'
+            f'</table></div>{_cuts(d)}</section>')
+
+
+def _cuts(d: ReportData) -> str:
+    from . import structure as S
+
+    rows = S.cut_rows(d.structure)
+    if not rows:
+        return ""
+    head = "".join(f"<th>{esc(h)}</th>" for h in S.CUT_HEADER)
+    body = "".join("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in r) + "</tr>" for r in rows)
+    return (f'<h3>Prune cuts</h3><p class="muted">Which importance was used on which model, the distribution of '
+            f'the scores per kind (a flat distribution means the cut is a guess), and whether the least-squares '
+            f'fold-in was kept (KL on a held-out calibration row without -> with it).</p><div class="scroll">'
+            f'<table class="gates"><tr>{head}</tr>{body}</table></div>')
+
+
 def _params(d: ReportData, chart: _Charts) -> str:
     if not d.param_diffs:
         return ('<section id="params"><h2>Parameter changes</h2><p class="muted">No parameter differences '
@@ -254,7 +284,7 @@ def render_html(data: ReportData) -> str:
     generated = data.generated or datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
     chart = _Charts()
     body = "".join([_overview(data, chart), _pipeline(data, chart), _gates(data), _metrics(data, chart),
-                    _params(data, chart), _findings(data, chart), _decisions(data), _alerts(data)])
+                    _structure(data, chart), _params(data, chart), _findings(data, chart), _decisions(data), _alerts(data)])
     config = (f'<section id="config"><h2>Configuration</h2><details><summary>run config</summary><pre>'
               f'{esc(json.dumps(data.run.config, indent=2, sort_keys=True, default=str))}</pre></details></section>'
               if data.run.config else "")

@@ -32,6 +32,7 @@ code { font:12px/1.4 ui-monospace,SFMono-Regular,Menlo,Consolas,monospace; }
 .dim b { font-size:18px; color:var(--accent); }
 .grid2 { display:grid; grid-template-columns:repeat(auto-fit,minmax(440px,1fr)); gap:16px; }
 .grid3 { display:grid; grid-template-columns:repeat(auto-fit,minmax(360px,1fr)); gap:16px; }
+.scroll { overflow-x:auto; }
 .chart { min-width:0; }
 .badge { display:inline-block; white-space:nowrap; padding:1px 10px; border-radius:999px; font-size:12px; font-weight:600;
   text-transform:uppercase; letter-spacing:.03em; }
