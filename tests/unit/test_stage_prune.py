@@ -124,6 +124,9 @@ def test_a_regressed_cut_restores_the_last_good_weights_and_retries_smaller(tiny
         state = s.resolve("current").load_json("loop_state.json")
         decisions = [d for d in state["decisions"] if d["rule"] == "prune_retry"]
         findings = s.get_version(s.versions()[2]["version_id"]).load_json("findings.json")
+        good = [r["version_id"] for r, h in zip(s.versions()[:2], [0, 1])
+                if not any(f["kind"] in ("regression", "nonfinite")
+                           for f in s.get_version(r["version_id"]).load_json("findings.json"))]
     regs = [f for f in findings if f["kind"] == "regression"]
     assert regs, "a cut with tolerance 0 must count as a regression on tiny models"
     assert "heatmap_layer_kind" in regs[0]["evidence"] and regs[0]["evidence"]["tolerance"]["allowed"] == 0.0
@@ -135,6 +138,7 @@ def test_a_regressed_cut_restores_the_last_good_weights_and_retries_smaller(tiny
     # iteration 3 restored iteration 1's structure and cut half as much
     assert structs[2]["intermediate_size"] == 16 and 16 < structs[3]["intermediate_size"] < 64
     assert state["history"][3]["recipe"]["prune"]["strength"] == 0.5
+    assert state["history"][3]["recipe"]["prune"]["restored_from"] == good[-1]  # the last good version
 
 
 def test_prune_options_are_checked_at_preflight(tiny_teacher_dir, tmp_path):

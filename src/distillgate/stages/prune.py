@@ -176,6 +176,7 @@ class PruneStage:
             lg = run.state.last_good
             if lg is not None and lg.version is not None:
                 run.restore_student(lg.version)
+                knobs["restored_from"] = lg.version
                 b = st["before_cut"]
                 st["keep_total"], st["cycles_done"] = b["keep_total"], b["cycles_done"]
                 run.state.layer_map = b["layer_map"]
@@ -308,6 +309,7 @@ class PruneStage:
         if not isinstance(prune, dict):
             return
         prune.pop("restore", None)
+        prune.pop("restored_from", None)
         cut = prune.pop("cut", None)
         if cut is None:
             prune.pop("retries", None)
