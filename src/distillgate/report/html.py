@@ -25,6 +25,19 @@ def esc(s: object) -> str:
 MAX_DIFF_MAPS = 6  # per-transition W5 maps drawn (the newest); the overview covers every transition
 PLOTLY_CONFIG = {"displaylogo": False, "responsive": True, "modeBarButtonsToRemove": ["lasso2d", "select2d"]}
 
+# Each chart's inline script draws it while the page is still being parsed: the first chart of a grid row is
+# sized before its neighbour exists, i.e. at the full row width (1190 px inside a 587 px cell at a 1400 px
+# window, so half the radar lay under the next chart), and plotly's "responsive" only follows *window*
+# resizes. One ResizeObserver, run after the last chart, redraws every chart whose box differs from its
+# drawn size, now and whenever the layout moves later.
+FIT_CHARTS_JS = """(function () {
+  if (!window.ResizeObserver || !window.Plotly) return;
+  const fit = g => { const w = g._fullLayout && g._fullLayout.width;
+    if (w !== undefined && Math.abs(w - g.getBoundingClientRect().width) > 1) Plotly.Plots.resize(g); };
+  const ro = new ResizeObserver(es => es.forEach(e => fit(e.target)));
+  document.querySelectorAll('.chart .plotly-graph-div').forEach(g => ro.observe(g));
+})();"""
+
 
 def _fmt(v: object) -> str:
     if v is None:
@@ -263,7 +276,8 @@ def render_html(data: ReportData) -> str:
 <title>distillgate · {esc(data.run.id)}</title><style>{CSS}</style>
 <script type="text/javascript">{plotly.offline.get_plotlyjs()}</script></head>
 <body>{_header(data, generated)}<main class="wrap">{body}{config}</main>
-<footer class="wrap">distillgate report · format {data.format_version} · {chart.count} charts</footer></body></html>
+<footer class="wrap">distillgate report · format {data.format_version} · {chart.count} charts</footer>
+<script type="text/javascript">{FIT_CHARTS_JS}</script></body></html>
 """
 
 
