@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 from .config import RunConfig, config_reference
+from .stages import options_model
 
 BEGIN, END = "<!-- config-reference:begin -->", "<!-- config-reference:end -->"
 EVAL_BEGIN, EVAL_END = "<!-- eval-reference:begin -->", "<!-- eval-reference:end -->"
@@ -22,10 +23,23 @@ def _cell(s: str) -> str:
 
 def config_markdown() -> str:
     lines = ["| key | type | default | meaning |", "|---|---|---|---|"]
+    cell = lambda s: s.replace("|", "\\|").replace("\n", " ")  # noqa: E731
     for key, typ, default, desc in config_reference(RunConfig):
-        cell = lambda s: s.replace("|", "\\|").replace("\n", " ")  # noqa: E731
         lines.append(f"| `{key}` | {cell(typ)} | `{cell(default)}` | {cell(desc)} |")
+    lines += ["", "Options of the built-in stages (`loop.stages[i].options` of an entry with that `name`; a typo "
+              "or a bad value is refused at preflight, naming `loop.stages[i].options.<field>`):", "",
+              "| stage | option | type | default | meaning |", "|---|---|---|---|---|"]
+    for name, factory in _builtin_stages():
+        for key, typ, default, desc in config_reference(options_model(factory)):
+            lines.append(f"| `{name}` | `{key}` | {cell(typ)} | `{cell(default)}` | {cell(desc)} |")
     return "\n".join(lines)
+
+
+def _builtin_stages() -> list[tuple[str, object]]:
+    """The stages shipped in ``distillgate.stages`` (not plug-ins registered by other packages or tests)."""
+    from .stages import STAGES
+
+    return [(n, f) for n, f in STAGES.items() if getattr(f, "__module__", "").startswith("distillgate.stages.")]
 
 
 def eval_markdown() -> str:

@@ -113,6 +113,7 @@ def test_report_renders_in_headless_chromium(tmp_path):
     data.findings[0].message = f"regression {PAYLOAD}"
     data.findings[0].evidence.heatmaps[0].y[0] = PAYLOAD  # a domain name drawn by plotly
     data.run.summary = PAYLOAD
+    data.benchmark["lost_examples"]["grammar"][0]["doc_id"] = PAYLOAD  # an item id in the benchmark section
     page = render_report(data, tmp_path / "report.html")
 
     t0 = time.perf_counter()
@@ -124,6 +125,7 @@ def test_report_renders_in_headless_chromium(tmp_path):
                                        "Array.from(document.querySelectorAll('.plotly-graph-div'))"
                                        ".every(g => g.querySelector('svg.main-svg'))"))
         charts = driver.execute_script(DRAWN_JS)
+        bench_tables = driver.execute_script("return document.querySelectorAll('#benchmark table').length")
         xss = driver.execute_script("return window.__xss === undefined ? null : window.__xss")
         with pytest.raises(NoAlertPresentException):
             driver.switch_to.alert.text  # noqa: B018 (an alert would mean a script ran)
@@ -164,6 +166,7 @@ def test_report_renders_in_headless_chromium(tmp_path):
     errors = [e for e in logs if e["level"] == "SEVERE"]
     assert not errors, f"console errors: {errors}"
     assert len(charts) == 9, charts
+    assert bench_tables == 3      # scores, by capability, example lost items
     for c in charts:
         assert c["svg"] >= 1 and c["width"] > 100, c
         assert c["paths"] + c["images"] > 0, f"chart {c['id']} has nothing drawn: {c}"

@@ -145,3 +145,43 @@ def test_anchor_options_are_checked_at_preflight(data, tmp_path):
         check(benchmark=str(data), benchmark_every=0)
     with pytest.raises(ConfigError, match=r"options\.benchmark_suite.*unknown option"):
         check(benchmark_suite="quick")
+
+
+def test_a_run_measures_the_benchmark_every_n_iterations_and_reports_the_diff(tiny_teacher_dir, data, tmp_path):
+    """anchor option benchmark in a real loop: iterations 0 and 2 of 0..2 (every 2), whichever stage owns them."""
+    from distillgate import loop as loop_mod
+    from distillgate.config import RunConfig, load_config
+    from distillgate.report.from_store import load_report_data, render_run_report
+    from distillgate.store import RunStore
+
+    anchor = (f'{{name: anchor, iterations: 0, options: {{benchmark: "{data}", benchmark_data_dir: "{data.parent}", '
+              f'benchmark_every: 2, benchmark_limit: 6}}}}')
+    over = [f"teacher.path={tiny_teacher_dir}", "student.init=config",
+            "student.config={num_hidden_layers: 1, intermediate_size: 32}", "data.max_new_tokens=12",
+            "data.gen_batch_size=8", "train.steps=2", "train.batch_size=2", "train.warmup_steps=0",
+            "train.precision=fp32", "targets.top_k=8", "loop.prompts_per_iteration=8", "loop.heldout_prompts=4",
+            f"loop.stages=[{anchor}, {{name: joint, iterations: 2}}]", "loop.perf_lengths=[16]",
+            "loop.perf_repeats=1", f"store_root={tmp_path / 'runs'}"]
+    summary = loop_mod.run(load_config(RunConfig, None, over), progress=False)
+    with RunStore.open(tmp_path / "runs", summary["run_id"]) as s:
+        versions = {r["iteration"]: s.get_version(r["version_id"]) for r in s.versions()}
+        assert ["benchmark.json" in versions[k].files for k in (0, 1, 2)] == [True, False, True]
+        docs = {k: versions[k].load_json("benchmark.json") for k in (0, 2)}
+        for k, doc in docs.items():
+            assert doc["n"] == 6 + 6 and set(doc["diff"]["by_task"]) == {"copa", "blimp"}
+            m = s.catalog.metrics(versions[k].version_id, "val")
+            assert m["bench_lost_share"] == pytest.approx(doc["lost"] / doc["n"])
+            assert m["bench_copa/acc"] == pytest.approx(doc["student_metrics"]["bench_copa/acc"])
+        assert "bench_lost_share" not in s.catalog.metrics(versions[1].version_id, "val")
+        # one teacher profile for the run: the same teacher numbers at both benchmark iterations
+        assert docs[0]["teacher_metrics"] == docs[2]["teacher_metrics"]
+        gaps = [f for f in s.catalog.findings() if f["kind"] == "capability_gap"]
+        expect = {(k, r["tag"]) for k, d in docs.items() for r in d["regressed"] if r["tag"] in d["capabilities"]}
+        assert expect and {(f["iteration"], f["subject"].split("/", 1)[1]) for f in gaps} == expect
+        state = versions[2].load_json("loop_state.json")
+        assert state["stages"]["anchor"]["data"]["benchmark_last"]["iteration"] == 2
+    data_ = load_report_data(tmp_path / "runs", summary["run_id"], param_diffs=False)
+    assert data_.benchmark["iteration"] == 2 and "student" not in data_.benchmark
+    assert data_.baseline_metrics["bench_copa"]["acc"] == pytest.approx(docs[0]["teacher_metrics"]["bench_copa/acc"])
+    page = render_run_report(tmp_path / "runs", summary["run_id"], param_diffs=False).read_text()
+    assert 'id="benchmark"' in page and "By capability" in page and "causal_reasoning" in page

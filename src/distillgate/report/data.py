@@ -165,6 +165,7 @@ class ReportData:
     decisions: list[Decision] = field(default_factory=list)
     alerts: list[Alert] = field(default_factory=list)
     baseline_metrics: dict[str, MetricValue] = field(default_factory=dict)  # teacher reference (S1.3)
+    benchmark: dict[str, Any] = field(default_factory=dict)  # latest benchmark.json + "iteration" (S1.1, L2)
     generated: str | None = None
     format_version: int = FORMAT_VERSION
 

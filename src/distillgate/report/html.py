@@ -1,5 +1,5 @@
 """One self-contained HTML page for a run: summary, D1 radar, W1 pipeline, gates, metric curves, W5
-parameter-difference heat maps, findings, decision log, alerts.
+parameter-difference heat maps, the benchmark's teacher-vs-student item diff, findings, decision log, alerts.
 
 plotly.js is inlined once in ``<head>`` (~4.8 MB) and every chart only carries its JSON, so the page
 opens offline from a file with no server. Every user string goes through :func:`html.escape`.
@@ -14,6 +14,7 @@ from pathlib import Path
 
 from ..io import atomic_write_text
 from . import charts
+from .benchmark import benchmark_section
 from .data import DIMENSIONS, PHASES, STAGES, Finding, GateResult, Iteration, ReportData
 from .style import CSS
 
@@ -88,7 +89,7 @@ def _header(d: ReportData, generated: str) -> str:
 
 
 _SECTIONS = [("overview", "Overview"), ("pipeline", "Pipeline"), ("gates", "Gates"), ("metrics", "Metrics"),
-             ("params", "Parameter changes"), ("findings", "Findings"), ("decisions", "Decisions"),
+             ("params", "Parameter changes"), ("benchmark", "Benchmark"), ("findings", "Findings"), ("decisions", "Decisions"),
              ("alerts", "Alerts")]
 
 
@@ -267,7 +268,7 @@ def render_html(data: ReportData) -> str:
     generated = data.generated or datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
     chart = _Charts()
     body = "".join([_overview(data, chart), _pipeline(data, chart), _gates(data), _metrics(data, chart),
-                    _params(data, chart), _findings(data, chart), _decisions(data), _alerts(data)])
+                    _params(data, chart), benchmark_section(data.benchmark), _findings(data, chart), _decisions(data), _alerts(data)])
     config = (f'<section id="config"><h2>Configuration</h2><details><summary>run config</summary><pre>'
               f'{esc(json.dumps(data.run.config, indent=2, sort_keys=True, default=str))}</pre></details></section>'
               if data.run.config else "")
