@@ -77,6 +77,8 @@ def test_provider_diffs_the_student_against_the_cached_teacher_profile(tiny_teac
     doc = json.loads((tmp_path / "b1.json").read_text())
     assert doc["diff"]["by_task"] == item_diff(scard, tcard, max_items=50)["by_task"]
     assert doc["teacher_metrics"]["bench_copa/acc"] == pytest.approx(tcard.value("copa/acc"))
+    assert doc["higher_is_better"] == {"bench_copa/acc": True, "bench_copa/acc_norm": True,
+                                       "bench_blimp/accuracy": True}
     assert doc["lost_examples"] and doc["regressed"][0]["tag"] == "causal_reasoning"
     for cap, examples in doc["lost_examples"].items():
         for e in examples:

@@ -237,7 +237,8 @@ def test_benchmark_section_shows_scores_capabilities_and_lost_items(tmp_path):
     sec = page.split('<section id="benchmark">', 1)[1].split("</section>", 1)[0]
     assert "Suite <code>quick</code>" in sec and "loses <b>8</b> of 90 items" in sec
     # scores side by side: teacher, student (with its interval), student - teacher
-    assert re.search(r"<code>copa</code></td><td>acc</td><td class=\"num\">0\.75</td><td class=\"num\">0\.65 "
+    assert "<td>ppl_token ↓</td>" in sec
+    assert re.search(r"<code>copa</code></td><td>acc ↑</td><td class=\"num\">0\.75</td><td class=\"num\">0\.65 "
                      r"<span class=\"muted\">\[0\.5, 0\.8\]</span></td><td class=\"num\">-0\.1</td>", sec)
     # one row per capability (not per sub-tag), flagged when it lost more than it gained
     rows = re.findall(r"<tr( class=\"g-fail\")?><td><code>([^<]+)</code></td><td class=\"num\">(\d+)</td>", sec)

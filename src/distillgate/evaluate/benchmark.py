@@ -152,7 +152,9 @@ def benchmark_provider(ctx: GateContext) -> float | None:
     doc = {"format_version": BENCH_VERSION, "suite": suite, "limit": limit, "teacher_key": key,
            "lost_share": value, "n": diff["n"], "lost": diff["lost"], "gained": diff["gained"],
            "capabilities": capabilities(scard), "teacher_metrics": card_metrics(tcard),
-           "student_metrics": card_metrics(scard), "diff": diff, "regressed": regressed_capabilities(diff),
+           "student_metrics": card_metrics(scard),
+           "higher_is_better": {_metric_name(n): m["higher_is_better"] for n, m in scard.metrics.items()},
+           "diff": diff, "regressed": regressed_capabilities(diff),
            "lost_examples": lost_examples(scard, tcard, diff), "errors": {**tcard.errors, **scard.errors},
            "student": scard.to_dict()}
     if o.get("out"):

@@ -36,7 +36,7 @@ def _short(v, n: int = 60) -> str:
 
 
 def _scores(b: dict) -> str:
-    t, s = b.get("teacher_metrics") or {}, b.get("student_metrics") or {}
+    t, s, hib = b.get("teacher_metrics") or {}, b.get("student_metrics") or {}, b.get("higher_is_better") or {}
     names = [n for n in sorted(set(t) | set(s)) if not n.endswith(("/ci_low", "/ci_high"))]
     rows = []
     for n in names:
@@ -44,11 +44,12 @@ def _scores(b: dict) -> str:
         ci = (f' <span class="muted">[{_num(s.get(n + "/ci_low"))}, {_num(s.get(n + "/ci_high"))}]</span>'
               if n + "/ci_low" in s else "")
         delta = s[n] - t[n] if isinstance(s.get(n), (int, float)) and isinstance(t.get(n), (int, float)) else None
-        rows.append(f"<tr><td><code>{esc(task.removeprefix('bench_'))}</code></td><td>{esc(metric)}</td>"
+        arrow = {True: " ↑", False: " ↓"}.get(hib.get(n), "")
+        rows.append(f"<tr><td><code>{esc(task.removeprefix('bench_'))}</code></td><td>{esc(metric)}{arrow}</td>"
                     f'<td class="num">{_num(t.get(n))}</td><td class="num">{_num(s.get(n))}{ci}</td>'
                     f'<td class="num">{"—" if delta is None else f"{delta:+.4g}"}</td></tr>')
-    return ('<table class="gates"><tr><th>task</th><th>metric</th><th>teacher</th><th>student (95% CI)</th>'
-            f'<th>student − teacher</th></tr>{"".join(rows)}</table>')
+    return ('<table class="gates"><tr><th>task</th><th>metric (↑ higher / ↓ lower is better)</th><th>teacher</th>'
+            f'<th>student (95% CI)</th><th>student − teacher</th></tr>{"".join(rows)}</table>')
 
 
 def _capabilities(b: dict) -> str:
@@ -78,7 +79,7 @@ def _examples(b: dict) -> str:
     for cap, items in ex.items():
         for e in items:
             rows.append(f"<tr><td><code>{esc(cap)}</code></td><td><code>{esc(e.get('task'))}</code></td>"
-                        f"<td><code>{esc(e.get('doc_id'))}</code></td><td>{_short(e.get('tags') or [])}</td>"
+                        f"<td><code>{esc(e.get('doc_id'))}</code></td><td>{_short(', '.join(map(str, e.get('tags') or [])))}</td>"
                         f"<td>{_short(e.get('gold'))}</td><td>{_short(e.get('teacher_pred'))}</td>"
                         f"<td>{_short(e.get('student_pred'))}</td>"
                         f"<td>{_short(e.get('teacher_loglikelihoods'))}</td>"

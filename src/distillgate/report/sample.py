@@ -119,5 +119,6 @@ def _benchmark(iteration: int) -> dict:
             "teacher_metrics": {"bench_copa/acc": 0.75, "bench_blimp/accuracy": 0.88, "bench_wikitext/ppl_token": 14.9},
             "student_metrics": {"bench_copa/acc": 0.65, "bench_copa/acc/ci_low": 0.5, "bench_copa/acc/ci_high": 0.8,
                                 "bench_blimp/accuracy": 0.86, "bench_wikitext/ppl_token": 31.2},
+            "higher_is_better": {"bench_copa/acc": True, "bench_blimp/accuracy": True, "bench_wikitext/ppl_token": False},
             "diff": {"by_task": {"copa": by_tag["causal_reasoning"], "blimp": by_tag["grammar"]}, "by_tag": by_tag},
             "lost_examples": examples, "errors": {}}
