@@ -48,10 +48,16 @@ class AnchorOptions(BaseModel):
         from ..errors import DistillgateError
         from ..evaluate.suite import prepare_suite
 
+        from pydantic_core import PydanticCustomError
+
+        ddir = info.data.get("benchmark_data_dir")
         try:
-            prepare_suite(v, info.data.get("benchmark_data_dir"), info.data.get("benchmark_limit"))
+            prepare_suite(v, ddir, info.data.get("benchmark_limit"))
         except DistillgateError as e:
-            raise ValueError(f"a suite whose data reads: {e}") from None
+            hint = ("" if ddir else "; relative paths resolve against option benchmark_data_dir (else "
+                                    "$DISTILLGATE_DATA, else the current folder)")
+            raise PydanticCustomError("benchmark_suite", "a suite whose data reads ({error}){hint}",
+                                      {"error": str(e), "hint": hint}) from None
         return v
 
 
@@ -118,7 +124,11 @@ class AnchorStage:
             it.files["benchmark.json"] = out
             it.teacher_metrics.update(doc["teacher_metrics"])
             state = run.stage_state(self.name)
-            it.findings += capability_findings(doc, it.index, state.get("benchmark_last"))
+            gaps = capability_findings(doc, it.index, state.get("benchmark_last"))
+            it.findings += gaps
+            run.say(f"  benchmark {doc['suite']}: the student loses {doc['lost']} of {doc['n']} items the teacher "
+                    f"gets right, gains {doc['gained']}"
+                    + (f" (most in {', '.join(f.evidence['capability'] for f in gaps[:3])})" if gaps else ""))
             by_tag = doc["diff"]["by_tag"]
             state["benchmark_last"] = {"iteration": it.index,
                                        "lost": {c: by_tag.get(c, {}).get("lost", 0) for c in doc["capabilities"]}}
