@@ -69,6 +69,8 @@ def test_provider_diffs_the_student_against_the_cached_teacher_profile(tiny_teac
     assert values["bench_copa/acc"] == pytest.approx(scard.value("copa/acc"))
     assert values["bench_blimp/accuracy"] == pytest.approx(scard.value("blimp/accuracy"))
     assert values["bench_copa/acc/ci_low"] < values["bench_copa/acc"] < values["bench_copa/acc/ci_high"]
+    p, n = values[bench.PRIMARY], diff["n"]
+    assert values[f"{bench.PRIMARY}/ci_high"] == pytest.approx(p + 1.96 * (p * (1 - p) / n) ** 0.5)
     assert values["bench_lost/causal_reasoning"] == diff["by_tag"]["causal_reasoning"]["lost"]
     # registered with the scorecard's direction, so attribution treats a drop as a regression
     assert METRICS["bench_copa/acc"].higher_is_better and METRICS["bench_copa/acc"].regression

@@ -8,8 +8,9 @@
 * **Every student against it** (S1.3): metric :data:`PRIMARY` (``bench_lost_share``, lower is better) is the
   share of the suite's items the teacher gets right and the student wrong; on the way the provider reports every
   scorecard metric as ``bench_<task>/<metric>`` (registered here with the scorecard's direction, so attribution
-  flags a drop like any other metric), a 95 % interval ``.../ci_low``, ``.../ci_high`` for per-item means (a
-  regression inside it is *uncertain* and the strategy does not act on it), and ``bench_lost/<capability>``.
+  flags a drop like any other metric), a 95 % interval ``.../ci_low``, ``.../ci_high`` for per-item means and
+  for :data:`PRIMARY` (a regression inside it is *uncertain* and the strategy does not act on it), and
+  ``bench_lost/<capability>``.
 * **The per-item diff** (L2): with ``options['benchmark']['out']`` the provider writes one JSON file (the
   student's scorecard, the diff by task and capability, the regressed capabilities and example lost items with
   both models' predictions); :func:`capability_findings` turns it into findings. The anchor stage
@@ -149,6 +150,9 @@ def benchmark_provider(ctx: GateContext) -> float | None:
     for cap in capabilities(scard):
         ctx.extra[f"bench_lost/{cap}"] = float(diff["by_tag"].get(cap, {}).get("lost", 0))
     value = diff["lost"] / diff["n"] if diff["n"] else None
+    if value is not None:     # binomial 95 % interval over the suite's items: a move inside it is noise
+        se = math.sqrt(value * (1 - value) / diff["n"])
+        ctx.extra[f"{PRIMARY}/ci_low"], ctx.extra[f"{PRIMARY}/ci_high"] = value - 1.96 * se, value + 1.96 * se
     doc = {"format_version": BENCH_VERSION, "suite": suite, "limit": limit, "teacher_key": key,
            "lost_share": value, "n": diff["n"], "lost": diff["lost"], "gained": diff["gained"],
            "capabilities": capabilities(scard), "teacher_metrics": card_metrics(tcard),

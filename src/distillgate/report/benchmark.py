@@ -35,6 +35,12 @@ def _short(v, n: int = 60) -> str:
     return esc(s if len(s) <= n else s[: n - 1] + "…")
 
 
+def _tail(v, n: int = 44) -> str:
+    """An item id cut from the left (``…/blimp/x.jsonl:7``): its end is what tells items apart."""
+    s = str(v)
+    return esc(s if len(s) <= n else "…" + s[-(n - 1):])
+
+
 def _scores(b: dict) -> str:
     t, s, hib = b.get("teacher_metrics") or {}, b.get("student_metrics") or {}, b.get("higher_is_better") or {}
     names = [n for n in sorted(set(t) | set(s)) if not n.endswith(("/ci_low", "/ci_high"))]
@@ -79,15 +85,15 @@ def _examples(b: dict) -> str:
     for cap, items in ex.items():
         for e in items:
             rows.append(f"<tr><td><code>{esc(cap)}</code></td><td><code>{esc(e.get('task'))}</code></td>"
-                        f"<td><code>{esc(e.get('doc_id'))}</code></td><td>{_short(', '.join(map(str, e.get('tags') or [])))}</td>"
+                        f"<td><code title=\"{esc(e.get('doc_id'))}\">{_tail(e.get('doc_id'))}</code></td><td>{_short(', '.join(map(str, e.get('tags') or [])))}</td>"
                         f"<td>{_short(e.get('gold'))}</td><td>{_short(e.get('teacher_pred'))}</td>"
                         f"<td>{_short(e.get('student_pred'))}</td>"
                         f"<td>{_short(e.get('teacher_loglikelihoods'))}</td>"
                         f"<td>{_short(e.get('student_loglikelihoods'))}</td></tr>")
-    return ('<h3>Items the student lost (examples)</h3><table class="gates"><tr><th>capability</th><th>task</th>'
-            '<th>item</th><th>tags</th><th>gold</th><th>teacher</th><th>student</th>'
+    return ('<h3>Items the student lost (examples)</h3><div style="overflow-x:auto"><table class="gates"><tr>'
+            '<th>capability</th><th>task</th><th>item</th><th>tags</th><th>gold</th><th>teacher</th><th>student</th>'
             '<th>teacher log-likelihoods</th><th>student log-likelihoods</th></tr>'
-            f'{"".join(rows)}</table>')
+            f'{"".join(rows)}</table></div>')
 
 
 def benchmark_section(b: dict) -> str:
