@@ -25,8 +25,8 @@ def _cell(s: str) -> str:
 
 def config_markdown() -> str:
     lines = ["| key | type | default | meaning |", "|---|---|---|---|"]
+    cell = lambda s: s.replace("|", "\\|").replace("\n", " ")  # noqa: E731
     for key, typ, default, desc in config_reference(RunConfig):
-        cell = lambda s: s.replace("|", "\\|").replace("\n", " ")  # noqa: E731
         lines.append(f"| `{key}` | {cell(typ)} | `{cell(default)}` | {cell(desc)} |")
     return "\n".join(lines)
 

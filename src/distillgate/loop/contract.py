@@ -9,6 +9,11 @@ A **stage** is any object with
   phase order in each iteration the stage owns, *before* the core's own part of that phase (the core makes sure
   a student exists before map, measures the gates after validate, attributes after attribute, runs the strategy
   in compensate, then commits);
+* optional ``observe(phase, it, run)``: called at the start of every phase of *every* iteration of the run (the
+  stage's own or not, iteration 0 included), before that phase's hooks; it may only add to what the iteration
+  measures and keeps (``it.extra_metrics``, ``it.measure_options``, ``it.files``, ``it.findings``,
+  ``it.teacher_metrics``) and to its own state. The anchor uses it to measure every student against the
+  teacher's benchmark profile (S1.3) in the iterations other stages own;
 * optional ``rules()``: strategy rules ``[(name, fn(step))]`` (see :mod:`distillgate.strategy`), run after the
   core rules in every iteration of the run;
 * optional class attribute ``setup_only = True``: the stage only works in iteration 0 (its entry must say

@@ -55,6 +55,10 @@ def run_iteration(run, k: int, stages: list, all_stages: list) -> Iteration:
         try:
             if phase == "map":
                 run.ensure_student(it)
+            for st in all_stages:     # every stage of the run may watch every iteration (contract: observe)
+                watch = getattr(st, "observe", None)
+                if watch is not None:
+                    watch(phase, it, run)
             for st in stages:
                 hook = getattr(st, phase, None)
                 if hook is not None:

@@ -1,5 +1,5 @@
 """One self-contained HTML page for a run: summary, D1 radar, W1 pipeline, gates, metric curves, W5
-parameter-difference heat maps, findings, decision log, alerts.
+parameter-difference heat maps, the benchmark's teacher-vs-student item diff, findings, decision log, alerts.
 
 plotly.js is inlined once in ``<head>`` (~4.8 MB) and every chart only carries its JSON, so the page
 opens offline from a file with no server. Every user string goes through :func:`html.escape`.
@@ -14,6 +14,7 @@ from pathlib import Path
 
 from ..io import atomic_write_text
 from . import charts
+from .benchmark import benchmark_section
 from .data import DIMENSIONS, PHASES, STAGES, Finding, GateResult, Iteration, ReportData
 from .style import CSS
 
@@ -24,6 +25,19 @@ def esc(s: object) -> str:
 
 MAX_DIFF_MAPS = 6  # per-transition W5 maps drawn (the newest); the overview covers every transition
 PLOTLY_CONFIG = {"displaylogo": False, "responsive": True, "modeBarButtonsToRemove": ["lasso2d", "select2d"]}
+
+# Each chart's inline script draws it while the page is still being parsed: the first chart of a grid row is
+# sized before its neighbour exists, i.e. at the full row width (1190 px inside a 587 px cell at a 1400 px
+# window, so half the radar lay under the next chart), and plotly's "responsive" only follows *window*
+# resizes. One ResizeObserver, run after the last chart, redraws every chart whose box differs from its
+# drawn size, now and whenever the layout moves later.
+FIT_CHARTS_JS = """(function () {
+  if (!window.ResizeObserver || !window.Plotly) return;
+  const fit = g => { const w = g._fullLayout && g._fullLayout.width;
+    if (w !== undefined && Math.abs(w - g.getBoundingClientRect().width) > 1) Plotly.Plots.resize(g); };
+  const ro = new ResizeObserver(es => es.forEach(e => fit(e.target)));
+  document.querySelectorAll('.chart .plotly-graph-div').forEach(g => ro.observe(g));
+})();"""
 
 
 def _fmt(v: object) -> str:
@@ -75,7 +89,7 @@ def _header(d: ReportData, generated: str) -> str:
 
 
 _SECTIONS = [("overview", "Overview"), ("pipeline", "Pipeline"), ("gates", "Gates"), ("metrics", "Metrics"),
-             ("params", "Parameter changes"), ("findings", "Findings"), ("decisions", "Decisions"),
+             ("params", "Parameter changes"), ("benchmark", "Benchmark"), ("findings", "Findings"), ("decisions", "Decisions"),
              ("alerts", "Alerts")]
 
 
@@ -284,7 +298,7 @@ def render_html(data: ReportData) -> str:
     generated = data.generated or datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
     chart = _Charts()
     body = "".join([_overview(data, chart), _pipeline(data, chart), _gates(data), _metrics(data, chart),
-                    _structure(data, chart), _params(data, chart), _findings(data, chart), _decisions(data), _alerts(data)])
+                    _structure(data, chart), _params(data, chart), benchmark_section(data.benchmark), _findings(data, chart), _decisions(data), _alerts(data)])
     config = (f'<section id="config"><h2>Configuration</h2><details><summary>run config</summary><pre>'
               f'{esc(json.dumps(data.run.config, indent=2, sort_keys=True, default=str))}</pre></details></section>'
               if data.run.config else "")
@@ -293,7 +307,8 @@ def render_html(data: ReportData) -> str:
 <title>distillgate · {esc(data.run.id)}</title><style>{CSS}</style>
 <script type="text/javascript">{plotly.offline.get_plotlyjs()}</script></head>
 <body>{_header(data, generated)}<main class="wrap">{body}{config}</main>
-<footer class="wrap">distillgate report · format {data.format_version} · {chart.count} charts</footer></body></html>
+<footer class="wrap">distillgate report · format {data.format_version} · {chart.count} charts</footer>
+<script type="text/javascript">{FIT_CHARTS_JS}</script></body></html>
 """
 
 
