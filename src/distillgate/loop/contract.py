@@ -78,6 +78,9 @@ class Iteration:
     # reports a regression only past max(the metric's threshold, this); the reason goes into the finding
     tolerances: dict = field(default_factory=dict)
     tolerance_reason: str = ""
+    # the iteration whose metrics attribution compares this one with: the previous one, unless the student was
+    # restored from a version during this iteration (run.restore_student sets it to that version's iteration)
+    baseline_iteration: int | None = None
     regression_evidence: dict = field(default_factory=dict)  # what a stage knows about where a regression would
     # come from (a prune cut's per-layer heat map): added to this iteration's regression findings
 

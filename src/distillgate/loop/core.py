@@ -138,6 +138,8 @@ def validate(it: Iteration, run) -> None:
 def attribute_phase(it: Iteration, run) -> None:
     cfg, st = run.cfg, run.state
     prev = st.history[-1]["metrics"] if st.history else None
+    if it.baseline_iteration is not None:  # a restored student is compared with the version it came from
+        prev = next((h["metrics"] for h in reversed(st.history) if h["iteration"] == it.baseline_iteration), prev)
     meta = registry_meta(it.metrics, cfg.loop.regression_threshold)
     for name, tol in it.tolerances.items():  # what a stage's change is expected to cost (e.g. a prune cut)
         if name in meta and tol > meta[name].drop_threshold:
@@ -158,6 +160,10 @@ def attribute_phase(it: Iteration, run) -> None:
         if f.iteration is None:
             f.iteration = it.index
         if f.kind == "regression":
+            if it.baseline_iteration is not None:
+                f.message = f.message.replace(f"since iteration {it.index - 1}",
+                                              f"since iteration {it.baseline_iteration} (the restored version)")
+                f.evidence["baseline_iteration"] = it.baseline_iteration
             if it.tolerances:
                 f.evidence.setdefault("tolerance", {"allowed": it.tolerances.get(f.subject),
                                                     "reason": it.tolerance_reason})

@@ -146,6 +146,9 @@ class Run:
             self.store.resolve(version) if isinstance(version, str) else self.store.get_version(int(version)))
         folder = v.checkout("student", self.work / "restore-student", replace=True)
         self.replace_student(load_model(str(folder)).model, f"restored from version {v.version_id}")
+        if self.current is not None and v.iteration is not None:
+            # this iteration's changes are judged against what it started from, not the iteration before it
+            self.current.baseline_iteration = v.iteration
 
     # ------------------------------------------------------------------------------------- training
     def distil(self, it, *, steps: int | None = None, examples: list | None = None, callbacks=()):

@@ -368,16 +368,22 @@ def _build_student(teacher, kept: list[int], units: list[list[int]] | None, widt
             elif rest == "mlp.down_proj.weight":
                 v = v.index_select(1, u)
         sd[f"model.layers.{new_of[t]}.{rest}"] = v
-    missing, unexpected = student.load_state_dict(sd, strict=False)
-    tied = getattr(cfg, "tie_word_embeddings", False)
+    load_sliced(student, sd, teacher, "derived student")
+    return student.to(teacher.device).eval()
+
+
+def load_sliced(new, sd: dict, source, what: str) -> None:
+    """Load the sliced state dict ``sd`` into ``new`` (strict but for a tied LM head), tie, and copy the
+    generation config of ``source``; InputError naming ``what`` when the weights do not fit its config."""
+    missing, unexpected = new.load_state_dict(sd, strict=False)
+    tied = getattr(new.config, "tie_word_embeddings", False)
     missing = [k for k in missing if not (tied and k == "lm_head.weight")]
     if missing or unexpected:
-        raise InputError(f"derived student weights do not match its config (missing={missing[:5]}, "
+        raise InputError(f"{what} weights do not match its config (missing={missing[:5]}, "
                          f"unexpected={unexpected[:5]})")
     if tied:
-        student.tie_weights()
-    student.generation_config = copy.deepcopy(teacher.generation_config)
-    return student.to(teacher.device).eval()
+        new.tie_weights()
+    new.generation_config = copy.deepcopy(source.generation_config)
 
 
 def derive_student(teacher, tokenizer, calib_ids: torch.Tensor | None, *, num_layers: int | None,

@@ -35,7 +35,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from ..errors import ConfigError, InputError
-from .derive import check_supported
+from .derive import check_supported, load_sliced
 
 KINDS = ("heads", "mlp", "layers", "hidden", "rotary")
 METHODS = ("gradient", "taylor", "activation", "magnitude", "random")
@@ -214,15 +214,7 @@ def apply_keep(model, keep: Keep):
         else:
             raise InputError(f"prune: no surgery rule for parameter {k!r}")
         sd[f"model.layers.{i}.{rest}"] = v.contiguous()
-    missing, unexpected = new.load_state_dict(sd, strict=False)
-    tied = getattr(cfg, "tie_word_embeddings", False)
-    missing = [k for k in missing if not (tied and k == "lm_head.weight")]
-    if missing or unexpected:
-        raise InputError(f"pruned weights do not match the pruned config (missing={missing[:5]}, "
-                         f"unexpected={unexpected[:5]})")
-    if tied:
-        new.tie_weights()
-    new.generation_config = copy.deepcopy(model.generation_config)
+    load_sliced(new, sd, model, "pruned")
     return new.to(dev).train(model.training)
 
 

@@ -93,6 +93,9 @@ class PruneOptions(BaseModel):
                                             "only when it lowers KL on held-out calibration rows")
     tolerance: float = Field(0.15, ge=0.0, description="relative worsening of held-out metrics a cut may cost "
                              "after re-distillation before it counts as a regression")
+    retry_on: list[str] = Field(["kl", "reverse_kl", "top1_agreement", "ppl_ratio", "student_ppl_heldout"],
+                                description="the quality metrics whose regression past the tolerance makes the "
+                                            "cut retry smaller (timing metrics are noise for this decision)")
     retry_factor: float = Field(0.5, gt=0.0, lt=1.0, description="a regressed cut is retried this much smaller")
     max_retries: int = Field(2, ge=0, description="retries of one cut before it is skipped")
 
@@ -293,7 +296,11 @@ class PruneStage:
         it.tolerances = {n: o.tolerance for n, m in METRICS.items() if m.regression}
         it.tolerance_reason = (f"a prune cut may cost up to {100 * o.tolerance:g}% after re-distillation "
                                "(loop.stages[].options.tolerance)")
-        it.regression_evidence = {"heatmap_layer_kind": heat, "prune_cut": knobs["cut"],
+        kinds_h = [k for k in ("heads", "mlp", "layers") if k in heat]
+        grid = {"rows": kinds_h, "cols": list(range(len(heat[kinds_h[0]]))) if kinds_h else [],
+                "z": [heat[k] for k in kinds_h], "title": "share of each layer's importance the cut removed",
+                "x_label": "layer (before the cut)", "y_label": "kind", "value_label": "share removed"}
+        it.regression_evidence = {"heatmap_layer_kind": grid, "prune_cut": knobs["cut"],
                                   "prune_strength": strength}
         run.say(f"  prune cut {st['cycles_done']}/{o.cycles} ({o.importance.method} importance on "
                 f"{o.importance.source}): {changed}; FLOPs/token -{flops['flops_saved_pct']:.1f}%, params "
@@ -317,7 +324,7 @@ class PruneStage:
                 s.record("prune_retry", "prune.strength", prune["strength"], 1.0, "the next cut starts at full "
                          "strength again")
             return
-        regs = s.of_kind("regression")
+        regs = [f for f in s.of_kind("regression") if f.subject in self.options.retry_on]
         if not regs or s.last_good is None:
             if prune.get("retries") or float(prune.get("strength", 1.0)) != 1.0:
                 prune.pop("retries", None)
