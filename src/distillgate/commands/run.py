@@ -78,10 +78,12 @@ def _trajectory(console, summary: dict) -> None:
     from rich.table import Table
 
     t = Table(title=f"run {summary['run_id']}: trajectory")
-    for c in ("iter", "KL", "top-1", "PPL ratio (G-C1)", "TTFT ratio (G-P1)", "memory ratio (G-P3)", "all gates"):
+    for c in ("iter", "KL", "top-1", "PPL ratio (G-C1)", "TTFT ratio (G-P1)", "memory ratio (G-P3)",
+              "FLOPs/token vs teacher", "all gates"):
         t.add_column(c, justify="right")
     f = lambda x, d=4: "—" if x is None else f"{x:.{d}f}"  # noqa: E731
     for h in summary["iterations"]:
         t.add_row(str(h["iteration"]), f(h["kl"]), f(h["top1_agreement"], 3), f(h["ppl_ratio"], 3),
-                  f(h["ttft_ratio"], 3), f(h["peak_memory_ratio"], 3), "pass" if h["gates_passed"] else "fail")
+                  f(h["ttft_ratio"], 3), f(h["peak_memory_ratio"], 3), f(h.get("flops_ratio"), 3),
+                  "pass" if h["gates_passed"] else "fail")
     console.print(t)

@@ -122,7 +122,8 @@ def run(cfg: RunConfig | None, *, resume_run: str | None = None, root: str | Non
         raise
     summary = {"run_id": store.run_id, "run_dir": str(store.dir), "status": status,
                "iterations": [{"iteration": h["iteration"], **{k: h["metrics"].get(k) for k in
-                               ("kl", "top1_agreement", "ppl_ratio", "ttft_ratio", "peak_memory_ratio")},
+                               ("kl", "top1_agreement", "ppl_ratio", "ttft_ratio", "peak_memory_ratio",
+                                "flops_ratio")},
                                "gates_passed": h["gates_passed"]} for h in run_.state.history],
                "seconds": round(time.time() - t_start, 1)}
     store.close()
