@@ -253,6 +253,13 @@ def test_a_failing_challenge_trains_next_iteration_at_weight_3(tiny_teacher_dir,
     m = metrics2["student"]
     assert "consistency/pass/semantic" in m and "consistency/pool/pass_before" in m
     assert "consistency/pass/kind/typos" in m
+    from distillgate.report.from_store import render_run_report
+
+    html = render_run_report(tmp_path / "runs", "w3").read_text()  # the per-kind table and example failures
+    section = html[html.index('<section id="consistency">'):]
+    section = section[:section.index("</section>")]
+    assert all(f"<td>{k}</td>" in section for k in challenge.KINDS) and "Example failures (iteration 2)" in section
+    assert "why" in section and "failed quality" in section or "failed semantic" in section or "failed logic" in section
 
 
 def test_consistency_stage_resumes_bitwise_mid_run(tiny_teacher_dir, tmp_path, monkeypatch):

@@ -169,6 +169,8 @@ def load_report_data(root: str | Path, run_id: str, param_diffs: bool = True, mo
                 entry.metrics = nest_metrics(metrics)
                 entry.gates, entry.dimension_scores = _gates(store, v)
                 entry.stage, entry.version = _stage(v), str(v.version_id)
+                if "consistency.json" in v.files:
+                    entry.consistency = v.load_json("consistency.json")
                 files = _model_files(v, model_prefix) if param_diffs else []
                 if files:
                     models[k] = files
