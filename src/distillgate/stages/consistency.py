@@ -107,21 +107,22 @@ class ConsistencyStage:
 
     # ------------------------------------------------------------------------------------- phases
     def extract(self, it, run) -> None:
-        from ..consistency.challenge import Challenge
-
         st = run.stage_state(self.name)
-        # Challenges join training in groups, one per iteration; each group is added on its own (its teacher
-        # answers and targets are cached per group), so on resume re-adding the groups in order rebuilds the
-        # straight run's training set and caches exactly.
+        # Pool members join training in groups, one per iteration they entered in; a group's teacher answers
+        # are taken from that iteration's judged list (one cached dataset), so no challenge is answered twice,
+        # and on resume re-adding the groups in order rebuilds the straight run's training set and caches.
         groups = st.setdefault("trained", [])
-        done = {c["id"] for g in groups for c in g}
-        group = [m["challenge"] for m in st.get("pool", []) if m["challenge"]["id"] not in done]
-        if group:
-            groups.append(group)
+        done = {i for g in groups for i in g["ids"]}
+        pending: dict[int, list[str]] = {}
+        for m in st.get("pool", []):
+            if m["challenge"]["id"] not in done:
+                pending.setdefault(m["entered"], []).append(m["challenge"]["id"])
+        groups += [{"iteration": e, "ids": ids} for e, ids in sorted(pending.items())]
         have = {e.id for e in run.training.examples}
         for g in groups:
-            if any(f"{c['id']}/s0" not in have for c in g):
-                run.training.add_examples(run.training.answers([Challenge.from_json(c).record() for c in g]))
+            if any(f"{i}/s0" not in have for i in g["ids"]):
+                exs = {e.prompt_id: e for e in self._teacher_examples(run, st["judged"][str(g["iteration"])])}
+                run.training.add_examples([exs[i] for i in g["ids"] if i in exs])
         pool = st.get("pool", [])
         before = self._judge(run, [m["challenge"] for m in pool]) if pool else []
         st["pool_before"] = [{"challenge": {"id": o["challenge"]["id"], "kind": o["challenge"]["kind"]},
@@ -139,12 +140,15 @@ class ConsistencyStage:
         new = [c.to_json() for c in challenge.generate(sources, o.challenges, run.cfg.train.seed * 7919 + it.index,
                                                        o.kinds)]
         members = st.get("pool", [])
-        outcomes = self._judge(run, new + [m["challenge"] for m in members])
-        fresh, rechecked = outcomes[:len(new)], outcomes[len(new):]
+        st.setdefault("judged", {})[str(it.index)] = new
+        fresh = self._judge(run, new)
+        rechecked = self._judge(run, [m["challenge"] for m in members])
         after = {r["challenge"]["id"]: r for r in rechecked}
         st["pool"], entered, left = pool_mod.update(members, after, fresh, it.index, pass_to_leave=o.pass_to_leave,
                                                     max_size=o.pool_max)
         st["entered"], st["left"] = entered, left
+        keep = {str(g["iteration"]) for g in st.get("trained", [])} | {str(m["entered"]) for m in st["pool"]}
+        st["judged"] = {k: v for k, v in st["judged"].items() if k in keep}  # lists a member or group came from
 
         new_rates = pool_mod.rates(fresh)
         before_rates, after_rates = pool_mod.rates(st.pop("pool_before", [])), pool_mod.rates(rechecked)
@@ -228,7 +232,7 @@ class ConsistencyStage:
             return []
         o, st = self.options, run.stage_state(self.name)
         records = [Challenge.from_json(c).record() for c in challenges]
-        teacher = {e.prompt_id: e.response.strip() for e in run.training.answers(records)}
+        teacher = self._teacher_answers(run, challenges)
         model = run.student
         was = model.training
         model.eval()
@@ -247,6 +251,25 @@ class ConsistencyStage:
         nli = semantic.NLI(o.nli_model) if o.nli_model else None
         judge = Judge(encoder, threshold, nli, o.logic_tolerance, o.quality_margin, o.quality_floor)
         return judge(challenges, [teacher.get(r.id, "") for r in records], [student.get(r.id, "") for r in records])
+
+
+    def _teacher_examples(self, run, challenges: list[dict]) -> list:
+        from ..consistency.challenge import Challenge
+
+        return run.training.answers([Challenge.from_json(c).record() for c in challenges])
+
+    def _teacher_answers(self, run, challenges: list[dict]) -> dict[str, str]:
+        """The teacher's answer per challenge id, each from the list it was first judged in (cached)."""
+        judged = run.stage_state(self.name).get("judged", {})
+        want = {c["id"] for c in challenges}
+        out: dict[str, str] = {}
+        for k in sorted(judged, key=int):
+            if want & {c["id"] for c in judged[k]}:
+                out.update({e.prompt_id: e.response.strip() for e in self._teacher_examples(run, judged[k])
+                            if e.prompt_id in want})
+        rest = [c for c in challenges if c["id"] not in out]
+        out.update({e.prompt_id: e.response.strip() for e in self._teacher_examples(run, rest)} if rest else {})
+        return out
 
 
 def _pct(v) -> str:
