@@ -1,7 +1,7 @@
 """S4 checks and hard pool: how fast each check runs, how well each separates the labelled set, and what the
 3x pool weight buys over weight 1.
 
-    python bench/consistency.py [--config configs/consistency.yaml] [--challenges 24] [--steps 24]
+    python bench/consistency.py [--config configs/consistency.yaml] [--challenges N] [--steps N]
                                 [--root /tmp/dg-bench-s4] [--no-pool] [key=value ...]
 
 1. **Speed**: each check over every labelled row of its kind, repeated for >= 2 s: checks per second
@@ -10,11 +10,12 @@
    failure on the ``test`` split; the semantic threshold is calibrated on the ``calib`` split only (its ROC AUC
    on the test split is printed too). The logic and quality rules have no fitted parameters, but they were
    written alongside the set: read their scores as a development-set figure, not a held-out one.
-3. **Pool weight**: the loop runs twice from ``--config`` with stages anchor -> joint 1 -> consistency 2, once
-   with the pool at ``weight: 3`` and once at ``weight: 1``, everything else equal (same data, same steps,
-   same seeds, shared caches). Iteration 2 fills the pool; iteration 3 trains on it and re-checks it: the pass
-   rate after that iteration, per check, for both weights. ``key=value`` overrides go to both runs (e.g.
-   ``teacher.path=...`` for a smaller teacher).
+3. **Pool weight**: the loop runs twice from ``--config`` (its stages, with at least two consistency
+   iterations), once with the pool at ``weight: 3`` and once at ``weight: 1``, everything else equal (same data,
+   same steps, same seeds, shared caches: no budget stop). The first consistency iteration fills the pool; the
+   last one trains on it and re-checks it: the pass rate after that iteration, per check, for both weights.
+   ``key=value`` overrides go to both runs (e.g. ``teacher.path=...`` for a smaller teacher). Set
+   ``DISTILLGATE_HOME`` to a run's home to reuse its teacher answers and targets.
 
 Last line: ``check_f1_semantic=A check_f1_logic=B check_f1_quality=C pool_pass_gain_vs_weight1=D`` (D: pass rate
 at weight 3 minus at weight 1, in points of a fraction; ``nan`` with ``--no-pool``).
@@ -65,35 +66,44 @@ def checks_part(encoder) -> dict[str, dict]:
     return out
 
 
-def pool_part(args, overrides: list[str]) -> dict[int, dict]:
+def pool_part(args, overrides: list[str]) -> dict[float, dict]:
+    import json
+
     from distillgate import loop as loop_mod
     from distillgate.config import RunConfig, load_config
     from distillgate.store import RunStore
 
     root = Path(args.root or tempfile.mkdtemp(prefix="dg-bench-s4-"))
     os.environ.setdefault("DISTILLGATE_HOME", str(root / "home"))  # both runs share teacher answers and targets
+    base = load_config(RunConfig, args.config, overrides)
     out = {}
     for w in (3.0, 1.0):
-        stages = (f"[{{name: anchor, iterations: 0}}, {{name: joint, iterations: 1}}, {{name: consistency, "
-                  f"iterations: 2, options: {{challenges: {args.challenges}, weight: {w}, steps: {args.steps}}}}}]")
+        stages = []
+        for spec in base.loop.stages:
+            d = spec.model_dump()
+            if d["name"] == "consistency":
+                d["options"] = {**(d.get("options") or {}), "weight": w,
+                                **({"challenges": args.challenges} if args.challenges else {}),
+                                **({"steps": args.steps} if args.steps else {})}
+            stages.append(d)
         run_id = f"w{int(w)}"
-        cfg = load_config(RunConfig, args.config, [f"loop.stages={stages}", f"store_root={root / 'runs'}",
-                                                   f"run_id={run_id}", "loop.budget_minutes=600",
-                                                   "loop.strategy.hard_candidates=0", *overrides])
+        cfg = load_config(RunConfig, args.config, [*overrides, f"loop.stages={json.dumps(stages)}",
+                                                   f"store_root={root / 'runs'}", f"run_id={run_id}",
+                                                   "loop.budget_minutes=600"])
         t0 = time.perf_counter()
         loop_mod.run(cfg, progress=False)
         with RunStore.open(root / "runs", run_id) as s:
-            v = s.resolve("current")
-            rep = v.load_json("consistency.json")
-        out[w] = {"before": rep["pool_before"], "after": rep["pool_after"], "minutes": (time.perf_counter() - t0) / 60}
+            rep = s.resolve("current").load_json("consistency.json")
+        out[w] = {"before": rep["pool_before"], "after": rep["pool_after"], "iteration": rep["iteration"],
+                  "minutes": (time.perf_counter() - t0) / 60}
     return out
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", default="configs/consistency.yaml")
-    ap.add_argument("--challenges", type=int, default=24)
-    ap.add_argument("--steps", type=int, default=24)
+    ap.add_argument("--challenges", type=int, default=None, help="challenges per round (default: the config's)")
+    ap.add_argument("--steps", type=int, default=None, help="steps per consistency round (default: the config's)")
     ap.add_argument("--root", default=None)
     ap.add_argument("--no-pool", action="store_true", help="only the speed and labelled-set parts")
     args, overrides = ap.parse_known_args()
@@ -107,7 +117,8 @@ def main() -> None:
     gain = math.nan
     if not args.no_pool:
         pool = pool_part(args, overrides)
-        print(f"\n{'pool weight':<12}{'n':>4}{'before':>8}{'after':>8}" + "".join(f"{c:>10}" for c in
+        print(f"\npool of iteration {pool[3.0]['iteration']}'s training, re-checked after it")
+        print(f"{'pool weight':<12}{'n':>4}{'before':>8}{'after':>8}" + "".join(f"{c:>10}" for c in
                                                                              ("semantic", "logic", "quality"))
               + f"{'minutes':>9}")
         for w, r in pool.items():
