@@ -136,7 +136,8 @@ class ConsistencyStage:
 
         st = run.stage_state(self.name)
         o = self.options
-        sources = [run.training.pool[i] for i in run.training.pool_order]
+        held = {e.prompt_id for e in run.heldout}  # never made into training challenges: held-out stays unseen
+        sources = [run.training.pool[i] for i in run.training.pool_order if i not in held]
         new = [c.to_json() for c in challenge.generate(sources, o.challenges, run.cfg.train.seed * 7919 + it.index,
                                                        o.kinds)]
         members = st.get("pool", [])
