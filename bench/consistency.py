@@ -2,7 +2,7 @@
 3x pool weight buys over weight 1.
 
     python bench/consistency.py [--config configs/consistency.yaml] [--challenges N] [--steps N]
-                                [--root /tmp/dg-bench-s4] [--no-pool] [key=value ...]
+                                [--root /tmp/dg-bench-s4] [--no-pool] [--reuse-w3 ROOT:RUN] [key=value ...]
 
 1. **Speed**: each check over every labelled row of its kind, repeated for >= 2 s: checks per second
    (semantic in batches of the whole set, as the stage calls it; logic and quality one pair at a time).
@@ -15,7 +15,8 @@
    same steps, same seeds, shared caches: no budget stop). The first consistency iteration fills the pool; the
    last one trains on it and re-checks it: the pass rate after that iteration, per check, for both weights.
    ``key=value`` overrides go to both runs (e.g. ``teacher.path=...`` for a smaller teacher). Set
-   ``DISTILLGATE_HOME`` to a run's home to reuse its teacher answers and targets.
+   ``DISTILLGATE_HOME`` to a run's home to reuse its teacher answers and targets, and ``--reuse-w3 ROOT:RUN``
+   to take the weight-3 side from a finished ``distillgate run --config`` of the same config (checked).
 
 Last line: ``check_f1_semantic=A check_f1_logic=B check_f1_quality=C pool_pass_gain_vs_weight1=D`` (D: pass rate
 at weight 3 minus at weight 1, in points of a fraction; ``nan`` with ``--no-pool``).
@@ -77,15 +78,12 @@ def pool_part(args, overrides: list[str]) -> dict[float, dict]:
     os.environ.setdefault("DISTILLGATE_HOME", str(root / "home"))  # both runs share teacher answers and targets
     base = load_config(RunConfig, args.config, overrides)
     out = {}
+    if args.reuse_w3:
+        out[3.0] = _reused(args.reuse_w3, base, _stages(base, 3.0, args))
     for w in (3.0, 1.0):
-        stages = []
-        for spec in base.loop.stages:
-            d = spec.model_dump()
-            if d["name"] == "consistency":
-                d["options"] = {**(d.get("options") or {}), "weight": w,
-                                **({"challenges": args.challenges} if args.challenges else {}),
-                                **({"steps": args.steps} if args.steps else {})}
-            stages.append(d)
+        if w in out:
+            continue
+        stages = _stages(base, w, args)
         run_id = f"w{int(w)}"
         cfg = load_config(RunConfig, args.config, [*overrides, f"loop.stages={json.dumps(stages)}",
                                                    f"store_root={root / 'runs'}", f"run_id={run_id}",
@@ -99,6 +97,47 @@ def pool_part(args, overrides: list[str]) -> dict[float, dict]:
     return out
 
 
+def _stages(base, w: float, args) -> list[dict]:
+    """The config's stages with the consistency entry's pool weight (and --challenges / --steps) set."""
+    out = []
+    for spec in base.loop.stages:
+        d = spec.model_dump(mode="json")
+        if d["name"] == "consistency":
+            d["options"] = {**(d.get("options") or {}), "weight": w,
+                            **({"challenges": args.challenges} if args.challenges else {}),
+                            **({"steps": args.steps} if args.steps else {})}
+        out.append(d)
+    return out
+
+
+def _reused(where: str, base, want_stages: list[dict]) -> dict:
+    """The weight-3 side from a finished run of the same config (``ROOT:RUN_ID``), checked to be that config."""
+    from distillgate.store import RunStore
+
+    root, run_id = where.rsplit(":", 1)
+    with RunStore.open(root, run_id, writer=False) as s:
+        cfg = s.catalog.run_row()["config"]
+        v = s.resolve("current")
+        rep = v.load_json("consistency.json")
+        state = v.load_json("loop_state.json")
+    mine = base.model_dump(mode="json")
+    for sec in ("teacher", "student", "data", "targets", "loss", "train"):
+        if cfg.get(sec) != mine[sec]:
+            raise SystemExit(f"--reuse-w3 {where}: its {sec} config differs from this config's")
+    stages = [{**st, "options": {k: v for k, v in (st.get("options") or {}).items() if k != "weight"}}
+              for st in cfg["loop"]["stages"]]
+    want = [{**st, "options": {k: v for k, v in (st.get("options") or {}).items() if k != "weight"}}
+            for st in want_stages]
+    weights = {(st.get("options") or {}).get("weight") for st in cfg["loop"]["stages"] if st["name"] == "consistency"}
+    if stages != want or not weights <= {None, 3.0}:
+        raise SystemExit(f"--reuse-w3 {where}: its stages differ from this config's (or its pool weight is not 3)")
+    done = sum(st["iterations"] for st in want)
+    if len(state["history"]) != done + 1:
+        raise SystemExit(f"--reuse-w3 {where}: it ran {len(state['history'])} of {done + 1} iterations (budget stop?)")
+    return {"before": rep["pool_before"], "after": rep["pool_after"], "iteration": rep["iteration"],
+            "minutes": float("nan")}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", default="configs/consistency.yaml")
@@ -106,6 +145,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=None, help="steps per consistency round (default: the config's)")
     ap.add_argument("--root", default=None)
     ap.add_argument("--no-pool", action="store_true", help="only the speed and labelled-set parts")
+    ap.add_argument("--reuse-w3", default=None, metavar="ROOT:RUN_ID",
+                    help="take the weight-3 side from a finished run of this config (e.g. runs:<run id>)")
     args, overrides = ap.parse_known_args()
 
     checks = checks_part(semantic.load_encoder())
