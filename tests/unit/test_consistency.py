@@ -266,7 +266,8 @@ def test_consistency_stage_resumes_bitwise_mid_run(tiny_teacher_dir, tmp_path, m
     """Killed in iteration 3's map: the resumed run must re-add iteration 2's pool group to training before
     iteration 3's, and end with the straight run's state and weights."""
     three = STAGES.replace("iterations: 2", "iterations: 3")
-    straight = loop_mod.run(_cfg(tiny_teacher_dir, tmp_path / "a", three, run_id="r"), progress=False)
+    long = {"data.seq_len": 1024}  # every pool challenge fits: each group really trains
+    straight = loop_mod.run(_cfg(tiny_teacher_dir, tmp_path / "a", three, run_id="r", **long), progress=False)
     real = loop_mod.Run.distil
 
     def die_in_3(self, it, **kw):
@@ -276,7 +277,7 @@ def test_consistency_stage_resumes_bitwise_mid_run(tiny_teacher_dir, tmp_path, m
 
     monkeypatch.setattr(loop_mod.Run, "distil", die_in_3)
     with pytest.raises(KeyboardInterrupt):
-        loop_mod.run(_cfg(tiny_teacher_dir, tmp_path / "b", three, run_id="r"), progress=False)
+        loop_mod.run(_cfg(tiny_teacher_dir, tmp_path / "b", three, run_id="r", **long), progress=False)
     monkeypatch.setattr(loop_mod.Run, "distil", real)
     loop_mod.run(None, resume_run="r", root=str(tmp_path / "b"), progress=False)
     states, weights = [], []
@@ -331,3 +332,15 @@ def test_optional_nli_cross_encoder_from_a_local_folder(tmp_path):
     tok.save_pretrained(tmp_path / "plain")
     with pytest.raises(ValueError, match="contradiction"):
         semantic.NLI(str(tmp_path / "plain"))
+
+
+def test_pool_challenges_too_long_to_train_are_checked_not_trained(tiny_teacher_dir, tmp_path):
+    """With the tiny tokenizer (~100 tokens a challenge prompt) a 120-token window cannot hold some: the run
+    goes on, judges them on the whole answer, and says which were not trained."""
+    loop_mod.run(_cfg(tiny_teacher_dir, tmp_path / "runs", STAGES, run_id="short", **{"data.seq_len": 120}),
+                 progress=False)
+    with RunStore.open(tmp_path / "runs", "short") as s:
+        v = s.resolve("current")
+        findings = v.load_json("findings.json")
+        pool_now = v.load_json("loop_state.json")["stages"]["consistency"]["data"]["pool"]
+    assert pool_now and any("checked, not trained" in f["message"] for f in findings)

@@ -107,6 +107,8 @@ class ConsistencyStage:
 
     # ------------------------------------------------------------------------------------- phases
     def extract(self, it, run) -> None:
+        from ..data.dataset import truncate
+
         st = run.stage_state(self.name)
         # Pool members join training in groups, one per iteration they entered in; a group's teacher answers
         # are taken from that iteration's judged list (one cached dataset), so no challenge is answered twice,
@@ -122,7 +124,17 @@ class ConsistencyStage:
         for g in groups:
             if any(f"{i}/s0" not in have for i in g["ids"]):
                 exs = {e.prompt_id: e for e in self._teacher_examples(run, st["judged"][str(g["iteration"])])}
-                run.training.add_examples([exs[i] for i in g["ids"] if i in exs])
+                # cut to data.seq_len as the training set's own examples are; a challenge whose prompt fills
+                # the window has no answer token left to train on
+                cut = [truncate(exs[i], run.cfg.data.seq_len) for i in g["ids"] if i in exs]
+                fits = [e for e in cut if e is not None]
+                if len(fits) < len(g["ids"]):
+                    it.findings.append(Finding("data", "warning", "consistency/pool",
+                                               f"{len(g['ids']) - len(fits)} pool challenge(s) of iteration "
+                                               f"{g['iteration']} have no answer token within data.seq_len="
+                                               f"{run.cfg.data.seq_len}: checked, not trained"))
+                if fits:
+                    run.training.add_examples(fits)
         pool = st.get("pool", [])
         before = self._judge(run, [m["challenge"] for m in pool]) if pool else []
         st["pool_before"] = [{"challenge": {"id": o["challenge"]["id"], "kind": o["challenge"]["kind"]},
@@ -255,9 +267,15 @@ class ConsistencyStage:
 
 
     def _teacher_examples(self, run, challenges: list[dict]) -> list:
+        """The teacher's answers (generated once per list, then cached), whole: the checks read the full
+        answer, and a list of long challenges must not fail on data.seq_len (the dataset cache key holds
+        no seq_len, so this is the same cached dataset the training set would open)."""
+        from .. import pipeline
         from ..consistency.challenge import Challenge
 
-        return run.training.answers([Challenge.from_json(c).record() for c in challenges])
+        spec = run.cfg.data.model_copy(update={"heldout_fraction": 0.0, "seq_len": 1 << 30})
+        records = [Challenge.from_json(c).record() for c in challenges]
+        return pipeline.extract(run.teacher, records, spec, progress=getattr(run, "progress", None) is not False).examples("all")
 
     def _teacher_answers(self, run, challenges: list[dict]) -> dict[str, str]:
         """The teacher's answer per challenge id, each from the list it was first judged in (cached)."""
