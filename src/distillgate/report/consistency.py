@@ -34,7 +34,8 @@ def _pool_table(its) -> str:
     for it in its:
         c = it.consistency
         new, b, a = c["new"], c["pool_before"], c["pool_after"]
-        per_check = " · ".join(f"{k} {_pct(b['check'].get(k))} → {_pct(a['check'].get(k))}" for k in CHECKS)
+        per_check = (" · ".join(f"{k} {_pct(b['check'].get(k))} → {_pct(a['check'].get(k))}" for k in CHECKS)
+                     if b["n"] or a["n"] else "—")  # an empty pool has no rates
         kinds = sorted(set(b["kind"]) | set(a["kind"]))
         per_kind = " · ".join(f"{k} {_pct(b['kind'].get(k))} → {_pct(a['kind'].get(k))}" for k in kinds) or "—"
         rows.append(f'<tr><td class="num">{it.index}</td><td class="num">{_pct(new["all"])}</td>'
