@@ -184,7 +184,8 @@ def test_pool_entry_leave_and_rates():
     p, _, left = pool.update([], {}, [{"challenge": _c(i), "failed": ["quality"]} for i in range(5)], 1,
                              pass_to_leave=2, max_size=3)
     assert [m["challenge"]["id"] for m in p] == ["s4-typos-2", "s4-typos-3", "s4-typos-4"] and len(left) == 2
-    r = pool.rates([{"challenge": _c(1, "typos"), "failed": ["logic"]}, {"challenge": _c(2, "ambiguous"), "failed": []}])
+    r = pool.rates([{"challenge": _c(1, "typos"), "failed": ["logic"]},
+                    {"challenge": _c(2, "ambiguous"), "failed": []}])
     assert r["all"] == 0.5 and r["check"] == {"semantic": 1.0, "logic": 0.5, "quality": 1.0}
     assert r["kind"] == {"ambiguous": 1.0, "typos": 0.0}
     assert pool.rates([])["all"] is None

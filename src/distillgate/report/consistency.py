@@ -53,7 +53,8 @@ def _example(x: dict) -> str:
     return (f'<details><summary><b>{_e(x["kind"])}</b>: failed {_e(", ".join(x["failed"]))}</summary>'
             f'<table class="gates"><tr><th>request</th><td>{_e(x["request"])}</td></tr>'
             f'<tr><th>source prompt</th><td>{_e(x["source"])}</td></tr>'
-            f'<tr><th>transformation</th><td><code style="white-space:pre-wrap;word-break:break-word">{_e(x["transformation"])}</code></td></tr>'
+            f'<tr><th>transformation</th><td><code style="white-space:pre-wrap;word-break:break-word">'
+            f'{_e(x["transformation"])}</code></td></tr>'
             f'<tr><th>teacher</th><td>{_e(x["teacher"]) or "<i>(empty)</i>"}</td></tr>'
             f'<tr><th>student</th><td>{_e(x["student"]) or "<i>(empty)</i>"}</td></tr>'
             f'<tr><th>why</th><td><ul>{why}</ul></td></tr></table></details>')

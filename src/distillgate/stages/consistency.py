@@ -275,7 +275,8 @@ class ConsistencyStage:
 
         spec = run.cfg.data.model_copy(update={"heldout_fraction": 0.0, "seq_len": 1 << 30})
         records = [Challenge.from_json(c).record() for c in challenges]
-        return pipeline.extract(run.teacher, records, spec, progress=getattr(run, "progress", None) is not False).examples("all")
+        show = getattr(run, "progress", None) is not False
+        return pipeline.extract(run.teacher, records, spec, progress=show).examples("all")
 
     def _teacher_answers(self, run, challenges: list[dict]) -> dict[str, str]:
         """The teacher's answer per challenge id, each from the list it was first judged in (cached)."""

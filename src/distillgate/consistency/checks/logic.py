@@ -236,7 +236,8 @@ def parts_total(text: str, tolerance: float = 0.01) -> list[Hit]:
     return hits
 
 
-_SAME = re.compile(r"^\s*(?:\(|,?\s*(?:i\.e\.|ie|which is|that is|or about|or|about|=|equals?|equal to)\s*,?\s*\(?)\s*$",
+_SAME = re.compile(r"^\s*(?:\(|,?\s*(?:i\.e\.|ie|which is|that is|or about|or|about|=|equals?|equal to)"
+                   r"\s*,?\s*\(?)\s*$",
                    re.I)
 
 
@@ -281,8 +282,10 @@ def amount_changed(request: str, answer: str, tolerance: float = 0.01) -> list[H
 # ------------------------------------------------------------------------------------------ causality / order
 
 _CAUSAL = [  # (pattern, which group is the cause)
-    (re.compile(r"(?P<a>[^.;:!?]+?)\s+(?:because of|because|due to|as a result of|owing to)\s+(?P<b>[^.;!?]+)", re.I), "b"),
-    (re.compile(r"(?P<a>[^.;:!?]+?)\s+(?:causes?|caused|leads? to|led to|results? in|resulted in|triggers?|produces?)\s+"
+    (re.compile(r"(?P<a>[^.;:!?]+?)\s+(?:because of|because|due to|as a result of|owing to)\s+"
+                r"(?P<b>[^.;!?]+)", re.I), "b"),
+    (re.compile(r"(?P<a>[^.;:!?]+?)\s+(?:causes?|caused|leads? to|led to|results? in|resulted in|triggers?|"
+                r"produces?)\s+"
                 r"(?P<b>[^.;!?]+)", re.I), "a"),
     (re.compile(r"(?P<a>[^.;:!?]+?)\s+(?:is|are|was|were)\s+(?:caused by|the result of|triggered by)\s+"
                 r"(?P<b>[^.;!?]+)", re.I), "b"),
