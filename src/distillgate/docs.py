@@ -1,4 +1,4 @@
-"""Generate the README's config and evaluation references from the code (so the README stays true).
+"""Generate the README's config, stage-options and evaluation references from the code (so the README stays true).
 
     python -m distillgate.docs        # prints both; tests/unit/test_docs.py checks the README has them
     python -c 'from distillgate.docs import sync_readme; sync_readme()'   # rewrites them in README.md
@@ -6,10 +6,13 @@
 
 from __future__ import annotations
 
+import sys
+
 from .config import RunConfig, config_reference
 
 BEGIN, END = "<!-- config-reference:begin -->", "<!-- config-reference:end -->"
 EVAL_BEGIN, EVAL_END = "<!-- eval-reference:begin -->", "<!-- eval-reference:end -->"
+STAGE_BEGIN, STAGE_END = "<!-- stage-reference:begin -->", "<!-- stage-reference:end -->"
 
 
 def _default(d: str) -> str:
@@ -22,8 +25,8 @@ def _cell(s: str) -> str:
 
 def config_markdown() -> str:
     lines = ["| key | type | default | meaning |", "|---|---|---|---|"]
+    cell = lambda s: s.replace("|", "\\|").replace("\n", " ")  # noqa: E731
     for key, typ, default, desc in config_reference(RunConfig):
-        cell = lambda s: s.replace("|", "\\|").replace("\n", " ")  # noqa: E731
         lines.append(f"| `{key}` | {cell(typ)} | `{cell(default)}` | {cell(desc)} |")
     return "\n".join(lines)
 
@@ -62,6 +65,21 @@ def eval_markdown() -> str:
     return "\n".join(out)
 
 
+def stage_markdown() -> str:
+    """Every built-in stage (``loop.stages[i].name``) and its options (``loop.stages[i].options.<key>``)."""
+    from .stages import STAGES, options_model
+
+    out = ["| stage | option | type | default | meaning |", "|---|---|---|---|---|"]
+    for name, factory in STAGES.items():
+        if not getattr(factory, "__module__", "").startswith("distillgate."):
+            continue
+        doc = (sys.modules[factory.__module__].__doc__ or "").strip().split("\n\n")[0]
+        out.append(f"| `{name}` ({getattr(factory, 'code', '')}) | | | | {_cell(doc)} |")
+        for key, typ, default, desc in config_reference(options_model(factory)):
+            out.append(f"| | `{key}` | {_cell(typ)} | {_default(default)} | {_cell(desc)} |")
+    return "\n".join(out)
+
+
 def _replace(text: str, begin: str, end: str, body: str) -> str:
     head, rest = text.split(begin, 1)
     _, tail = rest.split(end, 1)
@@ -74,10 +92,13 @@ def sync_readme(path: str = "README.md") -> None:
 
     p = Path(path)
     text = _replace(p.read_text(), BEGIN, END, config_markdown())
+    text = _replace(text, STAGE_BEGIN, STAGE_END, stage_markdown())
     p.write_text(_replace(text, EVAL_BEGIN, EVAL_END, eval_markdown()))
 
 
 if __name__ == "__main__":
     print(config_markdown())
+    print()
+    print(stage_markdown())
     print()
     print(eval_markdown())

@@ -450,3 +450,39 @@ register_metric_provider("latency_volatility_ratio", _latency_volatility_ratio, 
                          description="P99/P50 latency under bursty load, student / teacher (G-P2, CPU-sized)")
 register_metric_provider("leak_pct_per_hour", _leak_pct_per_hour, higher_is_better=False,
                          description="student RSS growth, upper 95% bound, % per hour (G-P4, short soak)")
+
+
+def _flops(ctx: GateContext) -> dict:
+    """Analytic FLOPs/token of teacher and student at ``context_len`` (see :mod:`distillgate.models.prune`)."""
+    if "flops" not in ctx.cache:
+        from .models.info import param_counts
+        from .models.prune import flops_per_token
+
+        t, s = ctx.teacher(), ctx.student()
+        T = int(_opt(ctx, "context_len", 256))
+        ft, fs = flops_per_token(t.model, T), flops_per_token(s.model, T)
+        ctx.cache["flops"] = {"teacher": ft, "student": fs, "context_len": T,
+                              "params": {"teacher": param_counts(t.model)["total"],
+                                         "student": param_counts(s.model)["total"]}}
+        ctx.details["flops_ratio"] = ctx.cache["flops"]
+        for k, v in fs.items():
+            if k != "total":
+                ctx.extra[f"flops/{k}"] = float(v)
+    return ctx.cache["flops"]
+
+
+def _flops_ratio(ctx: GateContext) -> float:
+    f = _flops(ctx)
+    return f["student"]["total"] / f["teacher"]["total"]
+
+
+def _params_ratio(ctx: GateContext) -> float:
+    f = _flops(ctx)["params"]
+    return f["student"] / f["teacher"]
+
+
+register_metric_provider("flops_ratio", _flops_ratio, higher_is_better=False, regression=False,
+                         description="forward FLOPs per token student / teacher at context_len, analytic "
+                                     "(attention projections + scores, MLP, LM head; S3.3)")
+register_metric_provider("params_ratio", _params_ratio, higher_is_better=False, regression=False,
+                         description="parameters student / teacher (S3.3)")

@@ -36,7 +36,8 @@ def test_derive_smollm2_save_reload_generate(smollm2_dir, datasets_dir, tmp_path
     text = open(os.path.join(datasets_dir, "wikitext2", "valid.txt"), encoding="utf-8").read()
     ids = calib_ids_from_text(lm.tokenizer, text, n_tokens=256, seq_len=128)
     # Greedy from 30 to 28 blocks (two steps: 30 + 8 trials) with MLP 1536 -> 1024 by activation importance.
-    student, rep = derive_student(lm.model, lm.tokenizer, ids, num_layers=28, mlp_width=1024)
+    student, rep = derive_student(lm.model, lm.tokenizer, ids, num_layers=28, mlp_width=1024,
+                                  layer_selection="greedy_ppl")
     check_not_larger(lm.model, student)
     assert rep.kept_layers == [i for i in range(30) if i not in rep.dropped_layers] and len(rep.dropped_layers) == 2
     assert [t["trials"] for t in rep.greedy_trace] == [30, 8]

@@ -17,6 +17,16 @@ def test_readme_config_reference_is_current():
     assert inside == config_markdown().strip(), "run: python - <<< 'from distillgate.docs import sync_readme; sync_readme()'"
 
 
+def test_readme_stage_reference_is_current():
+    from distillgate.docs import STAGE_BEGIN, STAGE_END, stage_markdown
+
+    text = (ROOT / "README.md").read_text()
+    inside = text.split(STAGE_BEGIN, 1)[1].split(STAGE_END, 1)[0].strip()
+    assert inside == stage_markdown().strip(), "run: python - <<< 'from distillgate.docs import sync_readme; sync_readme()'"
+    for name in ("anchor", "joint", "prune"):
+        assert f"| `{name}` (" in inside
+
+
 def test_readme_eval_reference_is_current_and_complete():
     from distillgate.evaluate.formats import FORMATS
     from distillgate.evaluate.metrics import metric_reference

@@ -174,3 +174,25 @@ def test_resume_rebuilds_catalog_rows_lost_between_commit_and_catalog_write(tiny
         assert len(s.catalog.findings(2)) == n_findings and s.catalog.gate_results(vid)
         assert any("rebuilt" in a["message"] for a in s.catalog.alerts())
         assert len(s.catalog.decisions()) == n_decisions  # rows that survived are not written twice
+
+
+@pytest.mark.parametrize("min_iterations,ran", [(2, [0, 1, 2]), (0, [0])])
+def test_budget_spent_by_the_setup_still_leaves_min_iterations(tiny_teacher_dir, tmp_path, monkeypatch,
+                                                                min_iterations, ran):
+    """A setup (iteration 0) that alone spends the wall-clock budget, as a slow derivation on a loaded
+    machine did: loop.min_iterations joint iterations still run, then the budget stops the run."""
+    clock = {"now": 1000.0}
+    monkeypatch.setattr(loop_mod, "time", type("FakeTime", (), {"time": staticmethod(lambda: clock["now"])}))
+    real_setup = loop_mod.Run.setup
+
+    def slow_setup(self, *a, **kw):
+        clock["now"] += 120.0  # two minutes against a one-minute budget
+        return real_setup(self, *a, **kw)
+
+    monkeypatch.setattr(loop_mod.Run, "setup", slow_setup)
+    cfg = _cfg(tiny_teacher_dir, tmp_path / "runs", **{
+        "loop.budget_minutes": 1, "loop.min_iterations": min_iterations,
+        "loop.stages": "[{name: anchor, iterations: 0}, {name: joint, iterations: 4}]"})
+    summary = loop_mod.run(cfg, progress=False)
+    assert summary["status"] == "budget_exhausted"
+    assert [h["iteration"] for h in summary["iterations"]] == ran

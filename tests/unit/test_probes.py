@@ -1,5 +1,6 @@
 """G-C2 probes: readers, word alignment, linear and bilinear probes, metrics, the suite, the gap, the cache."""
 
+import json
 import math
 
 import pytest
@@ -276,9 +277,27 @@ def test_sentence_logprobs_match_packed_scorer_and_float64(tiny_model_factory, t
     model = tiny_model_factory(num_layers=2).eval()
     sents = ["The cat sat on the mat.", "A dog barked.", "Call the function with a list of integers please."]
     lp = probes.sentence_logprobs(model, tiny_tokenizer, sents, batch_tokens=24)   # forces several batches
-    packed = score_requests(model, [(lambda e: (e[0], [e[1]]))(encode_pair(tiny_tokenizer, "", s)) for s in sents])
+    reqs = [encode_pair(tiny_tokenizer, "", " " + s) for s in sents]                 # lm-eval's blimp request
+    packed = score_requests(model, [(ctx, [cont]) for ctx, cont in reqs])
     assert lp == pytest.approx([p[0].logprob for p in packed], abs=1e-4)
-    ids = sum(encode_pair(tiny_tokenizer, "", sents[2]), [])
+    ids = sum(reqs[2], [])
     with torch.no_grad():
         ref = torch.log_softmax(model.double()(torch.tensor([ids])).logits[0, :-1], -1)
     assert lp[2] == pytest.approx(ref.gather(-1, torch.tensor(ids[1:])[:, None]).sum().item(), abs=1e-3)
+    # pinned (seed-0 tiny model); without the leading space they were -132.259 / -87.855 / -280.287
+    assert lp == pytest.approx([-146.9417, -102.3400, -290.9148], abs=1e-3)
+
+
+def test_pair_logprobs_equal_the_lm_eval_blimp_scorer(tiny_model_factory, tiny_tokenizer, tmp_path):
+    """G-C2 scores a pair exactly as eval's BLiMP task (test_eval_parity pins that one to lm-eval's blimp)."""
+    from distillgate.evaluate.formats import load_format
+    from distillgate.evaluate.lm import score_minimal_pairs
+
+    model = tiny_model_factory(num_layers=2).eval()
+    pairs = [("The cats sleep.", "The cats sleeps.", "sv"), ("Who did you see?", "Who did you see him?", "wh"),
+             ("She has eaten.", "She has ate.", "sv")]
+    f = tmp_path / "p.jsonl"
+    f.write_text("".join(json.dumps({"sentence_good": g, "sentence_bad": b, "UID": u}) + "\n" for g, b, u in pairs))
+    good, bad = probes.pair_logprobs(model, tiny_tokenizer, pairs)
+    lm = score_minimal_pairs(model, tiny_tokenizer, load_format("blimp", f))
+    assert [list(x) for x in zip(good, bad)] == [pytest.approx(d["loglikelihoods"], abs=1e-4) for d in lm["per_doc"]]

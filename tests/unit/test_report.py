@@ -199,6 +199,9 @@ def _poisoned():
     data.run.summary = XSS
     data.decisions[0].reason = f'"quoted" & {XSS}'
     data.iterations[0].metrics[XSS] = 1.0
+    data.benchmark["lost_examples"]["grammar"][0]["doc_id"] = XSS     # an item id from a user's file
+    data.benchmark["capabilities"].append(XSS)
+    data.benchmark["diff"]["by_tag"][XSS] = dict(data.benchmark["diff"]["by_tag"]["grammar"])
     return data
 
 
@@ -206,7 +209,8 @@ def test_render_contains_every_section_and_escapes(tmp_path):
     data = _poisoned()
     out = render_report(data, tmp_path / "sub" / "report.html")
     html = out.read_text()
-    for sid in ("overview", "pipeline", "gates", "metrics", "params", "findings", "decisions", "alerts", "config"):
+    for sid in ("overview", "pipeline", "gates", "metrics", "params", "benchmark", "findings", "decisions", "alerts",
+                "config"):
         assert f'<section id="{sid}">' in html
     assert XSS not in html
     assert "regression &lt;script&gt;alert(1)&lt;/script&gt; on legal" in html
@@ -223,6 +227,28 @@ def test_render_contains_every_section_and_escapes(tmp_path):
     titles = ["Iteration 0 → 1", "Iteration 1 → 2"]  # the W5 heat maps (titles live in the charts' JSON)
     assert all(t in page or json.dumps(t)[1:-1] in page for t in titles)
     assert not list(tmp_path.glob("sub/.*.tmp"))  # atomic write left no temp file
+
+
+def test_benchmark_section_shows_scores_capabilities_and_lost_items(tmp_path):
+    import html as html_mod
+
+    data = synthetic_report(n_iterations=3)
+    page = render_report(data, tmp_path / "r.html").read_text()
+    sec = page.split('<section id="benchmark">', 1)[1].split("</section>", 1)[0]
+    assert "Suite <code>quick</code>" in sec and "loses <b>8</b> of 90 items" in sec
+    # scores side by side: teacher, student (with its interval), student - teacher
+    assert "<td>ppl_token ↓</td>" in sec
+    assert re.search(r"<code>copa</code></td><td>acc ↑</td><td class=\"num\">0\.75</td><td class=\"num\">0\.65 "
+                     r"<span class=\"muted\">\[0\.5, 0\.8\]</span></td><td class=\"num\">-0\.1</td>", sec)
+    # one row per capability (not per sub-tag), flagged when it lost more than it gained
+    rows = re.findall(r"<tr( class=\"g-fail\")?><td><code>([^<]+)</code></td><td class=\"num\">(\d+)</td>", sec)
+    assert [(r[1], r[2], bool(r[0])) for r in rows] == [("causal_reasoning", "40", True), ("grammar", "50", True)]
+    assert "question:cause</code></td><td class" not in sec
+    assert len(re.findall(r'<td><code title="copa-\d">copa-\d</code></td>', sec)) == 3 and "agr.jsonl:7" in sec
+    assert html_mod.escape("[-9.8, -8.2]") in sec
+    empty = ReportData.from_dict({"run": {"id": "r0", "teacher": "t", "student": "s", "created": "now",
+                                          "status": "running"}})
+    assert "No benchmark in this run" in render_report(empty, tmp_path / "e.html").read_text()
 
 
 def test_render_empty_run(tmp_path):
@@ -322,3 +348,16 @@ def test_render_caps_per_transition_maps(tmp_path):
     assert "2 earlier transition(s) appear in the overview only." in page
     assert json.dumps("Iteration 1 → 2")[1:-1] not in page and json.dumps("Iteration 8 → 9")[1:-1] not in page
     assert json.dumps("Iteration 7 → 8")[1:-1] in page and json.dumps("Iteration 2 → 3")[1:-1] in page
+
+
+def test_metric_curves_put_benchmark_families_after_the_loops_metrics():
+    from distillgate.report import charts
+    from distillgate.report.data import Iteration
+
+    its = [Iteration(index=k, stage="S2", metrics={**{f"bench_t{i}": {"acc": 0.5} for i in range(14)},
+                                                     "kl": 0.3 - 0.1 * k, "top1_agreement": 0.5})
+           for k in range(2)]
+    fig, left_out = charts.metric_curves(its, {})
+    titles = [a.text for a in fig.layout.annotations]
+    assert titles[:2] == ["kl", "top1_agreement"] and len(titles) == charts.MAX_CURVES
+    assert left_out == [f"bench_t{i}" for i in range(10, 14)]

@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-LAYER_SELECTIONS = ("greedy_ppl", "block_influence", "uniform")  # mirrors models.derive (kept import-free)
+LAYER_SELECTIONS = ("greedy_fast", "greedy_ppl", "block_influence", "uniform")  # mirrors models.derive (no import)
 MLP_SELECTIONS = ("activation", "magnitude")
 
 
@@ -34,9 +34,9 @@ def register(subparsers) -> None:
     der.add_argument("--keep-layers", default=None, help="explicit teacher block indices, e.g. 0,2,4 (overrides "
                      "--selection)")
     der.add_argument("--mlp-width", type=int, default=None, help="MLP units per block (default: teacher's)")
-    der.add_argument("--selection", default="greedy_ppl", choices=LAYER_SELECTIONS)
+    der.add_argument("--selection", default="greedy_fast", choices=LAYER_SELECTIONS)
     der.add_argument("--mlp-selection", default="activation", choices=MLP_SELECTIONS)
-    der.add_argument("--greedy-candidates", type=int, default=8, help="greedy re-tries per step (0: all)")
+    der.add_argument("--greedy-candidates", type=int, default=8, help="greedy re-tries per step, at most (0: all)")
     der.add_argument("--calib-file", default=None, help="UTF-8 text file of calibration text")
     der.add_argument("--calib-tokens", type=int, default=2048)
     der.add_argument("--calib-seq-len", type=int, default=512)

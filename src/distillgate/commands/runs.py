@@ -115,7 +115,14 @@ def run_show(args) -> int:
                 status = str(g.detail.get("status") or ("pass" if g.passed else "fail")).upper().replace("_", " ")
                 t.add_row(g.gate, g.dimension, "-" if g.value is None else f"{g.value:.4g}",
                           "-" if g.threshold is None else f"{g.threshold:.4g}", status, str(g.detail.get("note", "")))
+            m = store.get_version(gated)
+            m = m.load_json("metrics.json").get("student", {}) if "metrics.json" in m.files else {}
+            for name, note in (("flops_ratio", "forward FLOPs/token student / teacher, analytic (S3.3)"),
+                               ("params_ratio", "parameters student / teacher (S3.3)")):
+                if isinstance(m.get(name), (int, float)):
+                    t.add_row(name, "performance", f"{m[name]:.4g}", "-", "INFO", note)
             con.print(t)
+        _structure_table(con, store)
         alerts = cat.alerts()
         if alerts:
             t = Table("time (UTC)", "level", "source", "version", "message", title=f"alerts (last 20 of {len(alerts)})")
@@ -125,3 +132,22 @@ def run_show(args) -> int:
                           a["message"])
             con.print(t)
     return 0
+
+
+def _structure_table(con, store) -> None:
+    """Structure and FLOPs per iteration (S3.3), when the structure changed during the run (a prune stage)."""
+    from rich.table import Table
+
+    from ..report import structure as S
+
+    by_iter: dict[int, dict] = {}
+    for r in store.versions():
+        if r["iteration"] is not None and (r["kind"] != "rollback" or r["iteration"] not in by_iter):
+            by_iter[r["iteration"]] = r
+    snaps = S.snapshots(store, by_iter)
+    if not S.changed(snaps):
+        return
+    t = Table(*S.FLOPS_HEADER, title="structure and FLOPs per token (analytic) per iteration")
+    for row in S.flops_rows(snaps):
+        t.add_row(*row)
+    con.print(t)

@@ -47,7 +47,7 @@ import torch
 from ..errors import InputError
 from ..io import atomic_write_json, distillgate_home, sha256_file, sha256_json
 
-PROBE_VERSION = 1
+PROBE_VERSION = 2      # 2: sentences scored with lm-eval's leading space (cached teacher results of 1 are stale)
 SPLITS = (0.6, 0.2, 0.2)
 GATED = {"grammaticality": ("grammaticality_f1",), "ner": ("ner_f1",), "dependency": ("uas", "deprel_micro_f1")}
 
@@ -332,12 +332,15 @@ def grammaticality_f1(lp_good: list[float], lp_bad: list[float], paradigms: list
 def sentence_logprobs(model, tokenizer, sentences: list[str], *, batch_tokens: int = 1024) -> list[float]:
     """Total log-prob of each sentence after the prefix token, tokenised like lm-eval (:func:`.scoring.encode_pair`).
 
+    lm-eval's ``blimp`` scores a choice as its default target delimiter plus the sentence, ``" " + sentence``,
+    after the prefix token; so does this (the same request as :func:`.lm.score_minimal_pairs`).
+
     Plain right-padded batches of similar length: for ~10-token sentences this was ~5x faster here than the
     packed scorer (:func:`.scoring.score_requests`), which pays for long shared contexts BLiMP does not have.
     """
     from .scoring import encode_pair
 
-    seqs = [sum(encode_pair(tokenizer, "", s), []) for s in sentences]
+    seqs = [sum(encode_pair(tokenizer, "", " " + s), []) for s in sentences]
     device = next(model.parameters()).device
     out = [0.0] * len(seqs)
     order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))

@@ -103,7 +103,8 @@ def run(cfg: RunConfig | None, *, resume_run: str | None = None, root: str | Non
             if converged(run_):
                 status = "converged"
                 break
-            if time.time() - t_start > budget:
+            # Iterations 1..min_iterations run even when the setup spent the budget (a loaded machine).
+            if k >= cfg.loop.min_iterations and time.time() - t_start > budget:
                 status = "budget_exhausted"
                 run_.say(f"wall-clock budget of {cfg.loop.budget_minutes} min spent")
                 break

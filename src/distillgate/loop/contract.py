@@ -9,14 +9,20 @@ A **stage** is any object with
   phase order in each iteration the stage owns, *before* the core's own part of that phase (the core makes sure
   a student exists before map, measures the gates after validate, attributes after attribute, runs the strategy
   in compensate, then commits);
+* optional ``observe(phase, it, run)``: called at the start of every phase of *every* iteration of the run (the
+  stage's own or not, iteration 0 included), before that phase's hooks; it may only add to what the iteration
+  measures and keeps (``it.extra_metrics``, ``it.measure_options``, ``it.files``, ``it.findings``,
+  ``it.teacher_metrics``) and to its own state. The anchor uses it to measure every student against the
+  teacher's benchmark profile (S1.3) in the iterations other stages own;
 * optional ``rules()``: strategy rules ``[(name, fn(step))]`` (see :mod:`distillgate.strategy`), run after the
   core rules in every iteration of the run;
 * optional class attribute ``setup_only = True``: the stage only works in iteration 0 (its entry must say
   ``iterations: 0``). An entry with ``iterations: 0`` takes part in iteration 0, the setup iteration.
 
 A stage is built once per run, ``factory(options)``; what it must remember across iterations lives in
-``run.stage_state(name)`` (a JSON-able dict, namespaced by stage name, saved in every committed version and
-restored by ``--resume``), never in attributes, so resume stays bitwise.
+``run.stage_state(stage.state_key)`` (a JSON-able dict saved in every committed version and restored by
+``--resume``), never in attributes, so resume stays bitwise. ``state_key`` is set by the registry: the stage's
+name, or ``name[i]`` when the same stage appears in several entries of ``loop.stages`` (each entry its own).
 
 ``it`` is the :class:`Iteration` (this iteration's recipe, config, metrics, findings, files to commit) and
 ``run`` the :class:`RunServices` (teacher, student, data, training, measurement, store access). A stage touches
@@ -68,6 +74,15 @@ class Iteration:
     next_recipe: dict | None = None
     measure_options: dict = field(default_factory=dict)  # provider options a stage adds for this iteration
     extra_metrics: list = field(default_factory=list)    # registered metrics a stage asks validate to measure
+    # metric -> relative worsening this iteration's change is expected to cost (a prune cut): attribution
+    # reports a regression only past max(the metric's threshold, this); the reason goes into the finding
+    tolerances: dict = field(default_factory=dict)
+    tolerance_reason: str = ""
+    # the iteration whose metrics attribution compares this one with: the previous one, unless the student was
+    # restored from a version during this iteration (run.restore_student sets it to that version's iteration)
+    baseline_iteration: int | None = None
+    regression_evidence: dict = field(default_factory=dict)  # what a stage knows about where a regression would
+    # come from (a prune cut's per-layer heat map): added to this iteration's regression findings
 
     @property
     def iteration(self) -> int:  # the name the older hooks used
@@ -87,7 +102,8 @@ class RunServices(Protocol):
     def restore_student(self, version) -> None: ...
     def stage_state(self, name: str) -> dict: ...
     def measure(self, metrics: list[str], **options) -> dict: ...
-    def distil(self, it: Iteration, *, steps: int | None = None, examples: list | None = None): ...
+    def distil(self, it: Iteration, *, steps: int | None = None, examples: list | None = None,
+               callbacks=()): ...
     def say(self, msg: str) -> None: ...
 
 

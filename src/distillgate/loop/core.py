@@ -15,6 +15,7 @@ The core knows no stage by name.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import time
 
 from ..attribution import attribute, registry_meta
@@ -26,6 +27,7 @@ from .run import apply_recipe
 CHECK_METRICS = {"probes": ["f1_gap_points"], "inheritance": ["inheritance"], "decision_path": ["path_consistency"]}
 TEACHER_SIDE = ("teacher_ppl_heldout", "teacher_ppl_text")
 PERF_METRICS = ("ttft_ratio", "peak_memory_ratio")
+STRUCTURE_METRICS = ("flops_ratio", "params_ratio")  # analytic, cheap: every iteration (S3.3)
 
 
 def schedule(specs) -> list[tuple[int, list[int]]]:
@@ -53,6 +55,10 @@ def run_iteration(run, k: int, stages: list, all_stages: list) -> Iteration:
         try:
             if phase == "map":
                 run.ensure_student(it)
+            for st in all_stages:     # every stage of the run may watch every iteration (contract: observe)
+                watch = getattr(st, "observe", None)
+                if watch is not None:
+                    watch(phase, it, run)
             for st in stages:
                 hook = getattr(st, phase, None)
                 if hook is not None:
@@ -96,7 +102,7 @@ def validate(it: Iteration, run) -> None:
     from ..models.info import structure
 
     cfg = run.cfg
-    names = list(HELDOUT_METRICS) + ["ppl_ratio"]
+    names = list(HELDOUT_METRICS) + ["ppl_ratio"] + list(STRUCTURE_METRICS)
     desc = structure(run.student)
     perf_due = run.state.perf_structure != desc or not cfg.loop.perf_every_structure_change
     if perf_due:
@@ -132,7 +138,12 @@ def validate(it: Iteration, run) -> None:
 def attribute_phase(it: Iteration, run) -> None:
     cfg, st = run.cfg, run.state
     prev = st.history[-1]["metrics"] if st.history else None
+    if it.baseline_iteration is not None:  # a restored student is compared with the version it came from
+        prev = next((h["metrics"] for h in reversed(st.history) if h["iteration"] == it.baseline_iteration), prev)
     meta = registry_meta(it.metrics, cfg.loop.regression_threshold)
+    for name, tol in it.tolerances.items():  # what a stage's change is expected to cost (e.g. a prune cut)
+        if name in meta and tol > meta[name].drop_threshold:
+            meta[name] = dataclasses.replace(meta[name], drop_threshold=float(tol))
     channels: dict[str, list[float]] = {}
     for h in st.history + [{"terms": it.train_terms}]:
         for ch, v in (h.get("terms") or {}).items():
@@ -148,6 +159,16 @@ def attribute_phase(it: Iteration, run) -> None:
     for f in it.findings:
         if f.iteration is None:
             f.iteration = it.index
+        if f.kind == "regression":
+            if it.baseline_iteration is not None:
+                f.message = f.message.replace(f"since iteration {it.index - 1}",
+                                              f"since iteration {it.baseline_iteration} (the restored version)")
+                f.evidence["baseline_iteration"] = it.baseline_iteration
+            if it.tolerances:
+                f.evidence.setdefault("tolerance", {"allowed": it.tolerances.get(f.subject),
+                                                    "reason": it.tolerance_reason})
+            for key, value in it.regression_evidence.items():
+                f.evidence.setdefault(key, value)
 
 
 def compensate(it: Iteration, run, all_stages: list) -> None:

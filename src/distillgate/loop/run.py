@@ -146,11 +146,15 @@ class Run:
             self.store.resolve(version) if isinstance(version, str) else self.store.get_version(int(version)))
         folder = v.checkout("student", self.work / "restore-student", replace=True)
         self.replace_student(load_model(str(folder)).model, f"restored from version {v.version_id}")
+        if self.current is not None and v.iteration is not None:
+            # this iteration's changes are judged against what it started from, not the iteration before it
+            self.current.baseline_iteration = v.iteration
 
     # ------------------------------------------------------------------------------------- training
-    def distil(self, it, *, steps: int | None = None, examples: list | None = None):
+    def distil(self, it, *, steps: int | None = None, examples: list | None = None, callbacks=()):
         """Train the student in place on ``examples`` (default: the whole training set) with this iteration's
-        recipe (objective, lr, hard pool) for ``steps`` (default: the recipe's); metrics go to ``it``."""
+        recipe (objective, lr, hard pool) for ``steps`` (default: the recipe's); metrics go to ``it``.
+        ``callbacks``: ``fn(StepInfo)`` after every optimizer step (e.g. a prune stage's gate schedule)."""
         from ..data.dataset import DistillDataset
 
         exs = self.training.examples if examples is None else examples
@@ -164,7 +168,8 @@ class Run:
             update["steps"] = steps
         spec = it.cfg.train.model_copy(update=update)
         res = pipeline.map_student(self._student, objective, ds, spec, out, seed=spec.seed,
-                                   hard_weights=it.recipe.get("hard_pool") or None, progress=self.progress)
+                                   hard_weights=it.recipe.get("hard_pool") or None, progress=self.progress,
+                                   callbacks=callbacks)
         # The iteration's result is committed as a version; its scratch checkpoints (weights + AdamW state,
         # ~0.8 GB for a 68M student) are not needed once training returned.
         shutil.rmtree(out, ignore_errors=True)

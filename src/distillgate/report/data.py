@@ -28,6 +28,7 @@ from typing import Any, Union
 
 from ..errors import InputError
 from ..schema import DIMENSIONS, RECORDED_PHASES, STAGE_CODES
+from .structure import StructureSnapshot
 
 FORMAT_VERSION = 1
 PHASES = RECORDED_PHASES  # the five phases + commit, as recorded per iteration
@@ -166,6 +167,8 @@ class ReportData:
     decisions: list[Decision] = field(default_factory=list)
     alerts: list[Alert] = field(default_factory=list)
     baseline_metrics: dict[str, MetricValue] = field(default_factory=dict)  # teacher reference (S1.3)
+    structure: list[StructureSnapshot] = field(default_factory=list)  # per iteration (S3.3)
+    benchmark: dict[str, Any] = field(default_factory=dict)  # latest benchmark.json + "iteration" (S1.1, L2)
     generated: str | None = None
     format_version: int = FORMAT_VERSION
 
@@ -263,6 +266,7 @@ def _finite(obj: Any) -> Any:
 _LISTS = {
     (ReportData, "iterations"): Iteration, (ReportData, "param_diffs"): ParamDiff,
     (ReportData, "findings"): Finding, (ReportData, "decisions"): Decision, (ReportData, "alerts"): Alert,
+    (ReportData, "structure"): StructureSnapshot,
     (Iteration, "phases"): PhaseRecord, (Iteration, "gates"): GateResult,
     (Evidence, "heatmaps"): HeatMap, (Evidence, "top_samples"): SampleDivergence,
 }

@@ -11,6 +11,7 @@ What is read, per iteration (its newest committed version that is not a rollback
 - the student weights: the version's ``*.safetensors`` files under its model prefix (default ``student/``),
   compared with the previous iteration's for the W5 heat maps (one tensor in memory at a time; ~10 s for a
   135M-parameter pair on this loaded 2-core machine), unless the version holds a ``param_diff.json``;
+- ``benchmark.json`` (the anchor's per-item benchmark diff) of the newest iteration that has one;
 and for the run: catalog ``findings``, ``decisions``, ``alerts`` and the ``runs`` row.
 
 The loop calls :func:`render_run_report` after each iteration; ``distillgate report RUN`` does the same.
@@ -146,7 +147,7 @@ def load_report_data(root: str | Path, run_id: str, param_diffs: bool = True, mo
             if r["kind"] != "rollback" or r["iteration"] not in by_iter:
                 by_iter[r["iteration"]] = r
         vid_iter = {r["version_id"]: r["iteration"] for r in rows}
-        iterations, baseline, models = [], {}, {}
+        iterations, baseline, models, bench = [], {}, {}, {}
         for it in cat.iterations():
             k = it["iteration"]
             t, phases = it["started"], []
@@ -171,11 +172,17 @@ def load_report_data(root: str | Path, run_id: str, param_diffs: bool = True, mo
                 entry.stage, entry.version = _stage(v), str(v.version_id)
                 if "consistency.json" in v.files:
                     entry.consistency = v.load_json("consistency.json")
+                if "benchmark.json" in v.files:
+                    bench = {**{x: y for x, y in v.load_json("benchmark.json").items() if x != "student"},
+                             "iteration": k}
                 files = _model_files(v, model_prefix) if param_diffs else []
                 if files:
                     models[k] = files
             iterations.append(entry)
         diffs = _param_diffs(store, by_iter, models) if param_diffs else []
+        from .structure import snapshots
+
+        structure = snapshots(store, by_iter)
         findings = [finding_from_record(f) for f in cat.findings()]
         decisions = [Decision(d["iteration"], d["knob"], d["old"], d["new"], d["reason"]) for d in cat.decisions()]
         alerts = [Alert(SEVERITY_ALIASES.get(a["level"], a["level"]), a["message"], a["source"],
@@ -189,6 +196,6 @@ def load_report_data(root: str | Path, run_id: str, param_diffs: bool = True, mo
         run=RunInfo(run_id, _describe_model(cfg.get("teacher")), _describe_model(cfg.get("student")),
                     _iso(run["created"]) or "", _run_status(run), summary, cfg),
         iterations=iterations, param_diffs=diffs, findings=findings, decisions=decisions, alerts=alerts,
-        baseline_metrics=nest_metrics(baseline))
+        baseline_metrics=nest_metrics(baseline), structure=structure, benchmark=bench)
     data.validate()
     return data

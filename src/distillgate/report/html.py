@@ -1,5 +1,5 @@
 """One self-contained HTML page for a run: summary, D1 radar, W1 pipeline, gates, metric curves, W5
-parameter-difference heat maps, findings, decision log, alerts.
+parameter-difference heat maps, the benchmark's teacher-vs-student item diff, findings, decision log, alerts.
 
 plotly.js is inlined once in ``<head>`` (~4.8 MB) and every chart only carries its JSON, so the page
 opens offline from a file with no server. Every user string goes through :func:`html.escape`.
@@ -15,6 +15,7 @@ from pathlib import Path
 from ..io import atomic_write_text
 from . import charts
 from .consistency import consistency_section
+from .benchmark import benchmark_section
 from .data import DIMENSIONS, PHASES, STAGES, Finding, GateResult, Iteration, ReportData
 from .style import CSS
 
@@ -25,6 +26,19 @@ def esc(s: object) -> str:
 
 MAX_DIFF_MAPS = 6  # per-transition W5 maps drawn (the newest); the overview covers every transition
 PLOTLY_CONFIG = {"displaylogo": False, "responsive": True, "modeBarButtonsToRemove": ["lasso2d", "select2d"]}
+
+# Each chart's inline script draws it while the page is still being parsed: the first chart of a grid row is
+# sized before its neighbour exists, i.e. at the full row width (1190 px inside a 587 px cell at a 1400 px
+# window, so half the radar lay under the next chart), and plotly's "responsive" only follows *window*
+# resizes. One ResizeObserver, run after the last chart, redraws every chart whose box differs from its
+# drawn size, now and whenever the layout moves later.
+FIT_CHARTS_JS = """(function () {
+  if (!window.ResizeObserver || !window.Plotly) return;
+  const fit = g => { const w = g._fullLayout && g._fullLayout.width;
+    if (w !== undefined && Math.abs(w - g.getBoundingClientRect().width) > 1) Plotly.Plots.resize(g); };
+  const ro = new ResizeObserver(es => es.forEach(e => fit(e.target)));
+  document.querySelectorAll('.chart .plotly-graph-div').forEach(g => ro.observe(g));
+})();"""
 
 
 def _fmt(v: object) -> str:
@@ -76,7 +90,7 @@ def _header(d: ReportData, generated: str) -> str:
 
 
 _SECTIONS = [("overview", "Overview"), ("pipeline", "Pipeline"), ("gates", "Gates"), ("metrics", "Metrics"),
-             ("params", "Parameter changes"), ("findings", "Findings"), ("decisions", "Decisions"),
+             ("params", "Parameter changes"), ("benchmark", "Benchmark"), ("findings", "Findings"), ("decisions", "Decisions"),
              ("alerts", "Alerts")]
 
 
@@ -186,6 +200,36 @@ def _metrics(d: ReportData, chart: _Charts) -> str:
     return f'<section id="metrics"><h2>Metrics</h2>{chart(fig)}{more}{table}</section>'
 
 
+def _structure(d: ReportData, chart: _Charts) -> str:
+    from . import structure as S
+
+    if not S.changed(d.structure):
+        return ""
+    head = "".join(f"<th>{esc(h)}</th>" for h in S.FLOPS_HEADER)
+    rows = "".join("<tr>" + "".join(f'<td class="num">{esc(c)}</td>' for c in r) + "</tr>"
+                   for r in S.flops_rows(d.structure))
+    return (f'<section id="structure"><h2>Structure and compute</h2><p class="muted">What each iteration kept of '
+            f'the initial student, block by block (counts are uniform per layer, so a stock config describes the '
+            f'model), and its analytic forward FLOPs per token per component at the perf context length '
+            f'(cross-checked with torch FlopCounterMode in each cut\'s prune.json).</p>'
+            f'{chart(S.structure_chart(d.structure))}<div class="scroll"><table class="gates"><tr>{head}</tr>{rows}'
+            f'</table></div>{_cuts(d)}</section>')
+
+
+def _cuts(d: ReportData) -> str:
+    from . import structure as S
+
+    rows = S.cut_rows(d.structure)
+    if not rows:
+        return ""
+    head = "".join(f"<th>{esc(h)}</th>" for h in S.CUT_HEADER)
+    body = "".join("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in r) + "</tr>" for r in rows)
+    return (f'<h3>Prune cuts</h3><p class="muted">Which importance was used on which model, the distribution of '
+            f'the scores per kind (a flat distribution means the cut is a guess), and whether the least-squares '
+            f'fold-in was kept (KL on a held-out calibration row without -> with it).</p><div class="scroll">'
+            f'<table class="gates"><tr>{head}</tr>{body}</table></div>')
+
+
 def _params(d: ReportData, chart: _Charts) -> str:
     if not d.param_diffs:
         return ('<section id="params"><h2>Parameter changes</h2><p class="muted">No parameter differences '
@@ -255,7 +299,8 @@ def render_html(data: ReportData) -> str:
     generated = data.generated or datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
     chart = _Charts()
     body = "".join([_overview(data, chart), _pipeline(data, chart), _gates(data), _metrics(data, chart),
-                    consistency_section(data), _params(data, chart), _findings(data, chart), _decisions(data), _alerts(data)])
+                    _structure(data, chart), consistency_section(data), _params(data, chart),
+                    benchmark_section(data.benchmark), _findings(data, chart), _decisions(data), _alerts(data)])
     config = (f'<section id="config"><h2>Configuration</h2><details><summary>run config</summary><pre>'
               f'{esc(json.dumps(data.run.config, indent=2, sort_keys=True, default=str))}</pre></details></section>'
               if data.run.config else "")
@@ -264,7 +309,8 @@ def render_html(data: ReportData) -> str:
 <title>distillgate · {esc(data.run.id)}</title><style>{CSS}</style>
 <script type="text/javascript">{plotly.offline.get_plotlyjs()}</script></head>
 <body>{_header(data, generated)}<main class="wrap">{body}{config}</main>
-<footer class="wrap">distillgate report · format {data.format_version} · {chart.count} charts</footer></body></html>
+<footer class="wrap">distillgate report · format {data.format_version} · {chart.count} charts</footer>
+<script type="text/javascript">{FIT_CHARTS_JS}</script></body></html>
 """
 
 

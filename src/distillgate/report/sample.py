@@ -96,4 +96,29 @@ def synthetic_report(n_iterations: int = 3, n_layers: int = 4, seed: int = 0, ru
                     config={"train": {"steps": 40, "lr": 3e-4}, "loss": {"channels": {"kd": 1.0, "ce": 0.1}}}),
         iterations=iterations, param_diffs=diffs, findings=findings, decisions=decisions, alerts=alerts,
         baseline_metrics={"ppl": 14.0, "top1": 1.0, "kl_by_domain": {d: 0.0 for d in DOMAINS[:2]}},
-        generated="2026-11-28T03:30:00Z")
+        benchmark=_benchmark(last), generated="2026-11-28T03:30:00Z")
+
+
+def _benchmark(iteration: int) -> dict:
+    """A benchmark.json as the anchor commits it (two tasks, two capabilities, a few lost items)."""
+    def row(n, t, s, lost, gained):
+        return {"n": n, "teacher_correct": t, "student_correct": s, "lost": lost, "gained": gained,
+                "lost_items": [f"copa-{i}" for i in range(lost)], "gained_items": []}
+
+    by_tag = {"causal_reasoning": row(40, 30, 26, 6, 2), "grammar": row(50, 44, 43, 2, 1),
+              "question:cause": row(20, 15, 12, 4, 1)}
+    examples = {"causal_reasoning": [{"task": "copa", "doc_id": f"copa-{i}", "gold": 0, "teacher_pred": 0,
+                                      "student_pred": 1, "tags": ["question:cause"],
+                                      "teacher_loglikelihoods": [-7.1, -9.3], "student_loglikelihoods": [-9.8, -8.2]}
+                                     for i in range(3)],
+                "grammar": [{"task": "blimp", "doc_id": "agr.jsonl:7", "gold": 0, "teacher_pred": 0, "student_pred": 1,
+                             "tags": ["paradigm:agr"], "teacher_loglikelihoods": [-20.5, -23.0],
+                             "student_loglikelihoods": [-25.1, -24.7]}]}
+    return {"format_version": 1, "suite": "quick", "limit": 50, "iteration": iteration, "n": 90, "lost": 8,
+            "gained": 3, "lost_share": 8 / 90, "capabilities": ["causal_reasoning", "grammar"],
+            "teacher_metrics": {"bench_copa/acc": 0.75, "bench_blimp/accuracy": 0.88, "bench_wikitext/ppl_token": 14.9},
+            "student_metrics": {"bench_copa/acc": 0.65, "bench_copa/acc/ci_low": 0.5, "bench_copa/acc/ci_high": 0.8,
+                                "bench_blimp/accuracy": 0.86, "bench_wikitext/ppl_token": 31.2},
+            "higher_is_better": {"bench_copa/acc": True, "bench_blimp/accuracy": True, "bench_wikitext/ppl_token": False},
+            "diff": {"by_task": {"copa": by_tag["causal_reasoning"], "blimp": by_tag["grammar"]}, "by_tag": by_tag},
+            "lost_examples": examples, "errors": {}}

@@ -21,6 +21,7 @@ nav a:hover { color:#fff; border-color:#62b0e8; }
 main section { background:var(--card); border:1px solid var(--line); border-radius:8px; padding:16px 20px;
   margin:20px 0; }
 h2 { font-size:17px; margin:0 0 12px; font-weight:600; }
+h3 { font-size:14px; margin:14px 0 6px; font-weight:600; }
 .muted { color:var(--muted); }
 code { font:12px/1.4 ui-monospace,SFMono-Regular,Menlo,Consolas,monospace; }
 .cards { display:grid; grid-template-columns:repeat(auto-fit,minmax(170px,1fr)); gap:12px; }
@@ -32,6 +33,7 @@ code { font:12px/1.4 ui-monospace,SFMono-Regular,Menlo,Consolas,monospace; }
 .dim b { font-size:18px; color:var(--accent); }
 .grid2 { display:grid; grid-template-columns:repeat(auto-fit,minmax(440px,1fr)); gap:16px; }
 .grid3 { display:grid; grid-template-columns:repeat(auto-fit,minmax(360px,1fr)); gap:16px; }
+.scroll { overflow-x:auto; }
 .chart { min-width:0; }
 .badge { display:inline-block; white-space:nowrap; padding:1px 10px; border-radius:999px; font-size:12px; font-weight:600;
   text-transform:uppercase; letter-spacing:.03em; }

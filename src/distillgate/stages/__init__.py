@@ -1,8 +1,8 @@
 """The stage registry: the loop's plug-ins by config name (SPEC section 2; the contract is
 :mod:`distillgate.loop.contract`).
 
-Built in: ``anchor`` (S1, :mod:`.anchor`), ``joint`` (S2, :mod:`.joint`) and ``consistency`` (S4,
-:mod:`.consistency`). Other stages register with
+Built in: ``anchor`` (S1, :mod:`.anchor`), ``joint`` (S2, :mod:`.joint`), ``prune`` (S3, :mod:`.prune`) and
+``consistency`` (S4, :mod:`.consistency`). Other stages register with
 :func:`register_stage`, or, from an installed package, through the Python entry-point group
 ``distillgate.stages`` (``[project.entry-points."distillgate.stages"] my_stage = "my_pkg.stage:MyStage"``):
 the entry's name is the config name and it loads to the stage class (or any ``factory(options)`` with an
@@ -84,13 +84,17 @@ def validate_options(specs) -> list[BaseModel]:
 
 
 def build(specs) -> list[Any]:
-    """One instance per stage entry, ``factory(options)``, with ``options`` set on it."""
+    """One instance per stage entry, ``factory(options)``, with ``options`` and ``state_key`` set on it."""
     stages = available_stages()
     out = []
-    for spec, opts in zip(specs, validate_options(specs)):
+    names = [s.name for s in specs]
+    for i, (spec, opts) in enumerate(zip(specs, validate_options(specs))):
         obj = stages[spec.name](opts)
         if getattr(obj, "options", None) is None:
             obj.options = opts
+        # the key of the stage's own state: its name, or name[i] when the stage appears in several entries
+        # (each entry has its own options, so its own plan)
+        obj.state_key = spec.name if names.count(spec.name) == 1 else f"{spec.name}[{i}]"
         out.append(obj)
     return out
 
@@ -99,9 +103,11 @@ def _builtins() -> None:
     from .anchor import AnchorStage
     from .consistency import ConsistencyStage
     from .joint import JointStage
+    from .prune import PruneStage
 
     register_stage("anchor", AnchorStage)
     register_stage("joint", JointStage)
+    register_stage("prune", PruneStage)
     register_stage("consistency", ConsistencyStage)
 
 

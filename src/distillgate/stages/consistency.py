@@ -16,7 +16,8 @@ Each iteration the stage owns:
 * **attribute**: a ``consistency_pool`` finding carries the pool for the rule.
 
 Everything it must remember (the pool, the challenges it trained on, the semantic threshold) lives in
-``run.stage_state("consistency")``.
+``run.stage_state(state_key)`` (``consistency``, or ``consistency[i]`` for one of several entries; their pools
+share the recipe's ``s4-*`` hard-pool keys, the newest writer's weight wins).
 """
 
 from __future__ import annotations
@@ -109,7 +110,7 @@ class ConsistencyStage:
     def extract(self, it, run) -> None:
         from ..data.dataset import truncate
 
-        st = run.stage_state(self.name)
+        st = self._state(run)
         # Pool members join training in groups, one per iteration they entered in; a group's teacher answers
         # are taken from that iteration's judged list (one cached dataset), so no challenge is answered twice,
         # and on resume re-adding the groups in order rebuilds the straight run's training set and caches.
@@ -146,7 +147,7 @@ class ConsistencyStage:
     def validate(self, it, run) -> None:
         from ..consistency import challenge, pool as pool_mod
 
-        st = run.stage_state(self.name)
+        st = self._state(run)
         o = self.options
         held = {e.prompt_id for e in run.heldout}  # never made into training challenges: held-out stays unseen
         sources = [run.training.pool[i] for i in run.training.pool_order if i not in held]
@@ -203,22 +204,23 @@ class ConsistencyStage:
                 f"pass before {_pct(before_rates['all'])} after {_pct(after_rates['all'])}")
 
     def attribute(self, it, run) -> None:
-        st = run.stage_state(self.name)
+        st = self._state(run)
         pool = st.get("pool", [])
         it.findings.append(Finding(
             "consistency_pool", "info", "consistency/pool",
             f"{len(pool)} challenge(s) in the S4 hard pool ({len(st.get('entered', []))} entered, "
             f"{len(st.get('left', []))} left)",
-            {"pool": {m["example_id"]: m["challenge"]["kind"] for m in pool},
+            {"entry": getattr(self, "state_key", self.name),
+             "pool": {m["example_id"]: m["challenge"]["kind"] for m in pool},
              "failed_checks": {m["example_id"]: m["failed_checks"] for m in pool}}))
 
     # ------------------------------------------------------------------------------------- strategy
     def rules(self):
-        weight = self.options.weight
+        weight, key = self.options.weight, getattr(self, "state_key", self.name)
 
         def consistency_pool(s) -> None:
             """S4.3: the pool's challenges train at ``weight`` (default loop.strategy.hard_weight) next round."""
-            found = s.of_kind("consistency_pool")
+            found = [f for f in s.of_kind("consistency_pool") if f.evidence.get("entry", key) == key]
             if not found:
                 return
             w = s.spec.hard_weight if weight is None else weight
@@ -233,6 +235,10 @@ class ConsistencyStage:
         return [("consistency_pool", consistency_pool)]
 
     # ------------------------------------------------------------------------------------- helpers
+    def _state(self, run) -> dict:
+        """This entry's state (``state_key``: the name, or ``name[i]`` when several entries use the stage)."""
+        return run.stage_state(getattr(self, "state_key", self.name))
+
     def _judge(self, run, challenges: list[dict]) -> list[dict]:
         """Teacher answers (cached), student answers (greedy) and the three checks for ``challenges``."""
         from ..consistency.challenge import Challenge
@@ -243,7 +249,7 @@ class ConsistencyStage:
 
         if not challenges:
             return []
-        o, st = self.options, run.stage_state(self.name)
+        o, st = self.options, self._state(run)
         records = [Challenge.from_json(c).record() for c in challenges]
         teacher = self._teacher_answers(run, challenges)
         model = run.student
@@ -280,7 +286,7 @@ class ConsistencyStage:
 
     def _teacher_answers(self, run, challenges: list[dict]) -> dict[str, str]:
         """The teacher's answer per challenge id, each from the list it was first judged in (cached)."""
-        judged = run.stage_state(self.name).get("judged", {})
+        judged = self._state(run).get("judged", {})
         want = {c["id"] for c in challenges}
         out: dict[str, str] = {}
         for k in sorted(judged, key=int):
