@@ -88,6 +88,7 @@ class Iteration:
     metrics: dict[str, MetricValue] = field(default_factory=dict)
     version: str | None = None  # committed artifact version id
     started: str | None = None
+    consistency: dict | None = None  # the S4 stage's consistency.json (per-kind table, pool rates, examples)
 
 
 @dataclass

@@ -1,7 +1,8 @@
 """The stage registry: the loop's plug-ins by config name (SPEC section 2; the contract is
 :mod:`distillgate.loop.contract`).
 
-Built in: ``anchor`` (S1, :mod:`.anchor`), ``joint`` (S2, :mod:`.joint`) and ``prune`` (S3, :mod:`.prune`). Other stages register with
+Built in: ``anchor`` (S1, :mod:`.anchor`), ``joint`` (S2, :mod:`.joint`), ``prune`` (S3, :mod:`.prune`) and
+``consistency`` (S4, :mod:`.consistency`). Other stages register with
 :func:`register_stage`, or, from an installed package, through the Python entry-point group
 ``distillgate.stages`` (``[project.entry-points."distillgate.stages"] my_stage = "my_pkg.stage:MyStage"``):
 the entry's name is the config name and it loads to the stage class (or any ``factory(options)`` with an
@@ -100,12 +101,14 @@ def build(specs) -> list[Any]:
 
 def _builtins() -> None:
     from .anchor import AnchorStage
+    from .consistency import ConsistencyStage
     from .joint import JointStage
     from .prune import PruneStage
 
     register_stage("anchor", AnchorStage)
     register_stage("joint", JointStage)
     register_stage("prune", PruneStage)
+    register_stage("consistency", ConsistencyStage)
 
 
 _builtins()
