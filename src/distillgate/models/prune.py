@@ -38,7 +38,7 @@ from ..errors import ConfigError, InputError
 from .derive import check_supported, load_sliced
 
 KINDS = ("heads", "mlp", "layers", "hidden", "rotary")
-METHODS = ("gradient", "taylor", "activation", "magnitude", "random")
+METHODS = ("gradient", "fisher", "taylor", "activation", "magnitude", "random")
 GQA_MODES = ("per_group", "whole_groups")
 _LAYER_KEY = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 
@@ -453,7 +453,12 @@ def importance(model, calib_ids: torch.Tensor, *, kinds=("heads", "mlp"), method
                         if gr is None:
                             gr = torch.zeros_like(gt)
                         gr = gr.double()  # [B, T, U]
-                        val = gr.abs().sum((0, 1)) if method == "taylor" else gr.sum(1).abs().sum(0)
+                        if method == "taylor":
+                            val = gr.abs().sum((0, 1))
+                        elif method == "fisher":
+                            val = gr.sum(1).pow(2).sum(0)
+                        else:
+                            val = gr.sum(1).abs().sum(0)
                         acc[k] = acc.get(k, 0) + val
         out = {}
         for kind in kinds:
