@@ -66,8 +66,9 @@ class PruneTarget(BaseModel):
 
 class ImportanceOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    method: Literal["gradient", "taylor", "activation", "magnitude", "random"] = Field(
-        "gradient", description="gradient: accumulated |dL/dg| per calibration row; taylor: sum_t |a.dL/da|; "
+    method: Literal["gradient", "fisher", "taylor", "activation", "magnitude", "random"] = Field(
+        "gradient", description="gradient: accumulated |dL/dg| per calibration row; fisher: sum of (dL/dg)^2 per row; "
+                                "taylor: sum_t |a.dL/da|; "
                                 "activation: Minitron mean activation magnitude; magnitude: weight norms; random")
     source: Literal["student", "teacher"] = Field("student", description="score the student, or the teacher's "
                                                   "corresponding units through the layer/unit maps")
