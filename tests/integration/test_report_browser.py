@@ -130,7 +130,7 @@ def test_report_renders_in_headless_chromium(tmp_path):
         with pytest.raises(NoAlertPresentException):
             driver.switch_to.alert.text  # noqa: B018 (an alert would mean a script ran)
         logs = driver.get_log("browser")
-        layouts, shots, radar_shots = {}, {}, {}
+        layouts, shots, radar_shots, overflow = {}, {}, {}, {}
         for w in WIDTHS:   # a fresh load at each width: the bug was in the first drawing, not in a resize
             driver.set_window_size(w, 1000)
             driver.get(page.resolve().as_uri())
@@ -142,6 +142,8 @@ def test_report_renders_in_headless_chromium(tmp_path):
             except TimeoutException:
                 pass
             layouts[w] = driver.execute_script(LAYOUT_JS)
+            overflow[w] = driver.execute_script(
+                "return document.documentElement.scrollWidth - document.documentElement.clientWidth")
             # the radar's box as drawn at this width, before any window resize (which would redraw every
             # chart through plotly's own resize handler and hide a first-drawing bug from the full-page shot)
             radar_shots[w] = tmp_path / f"radar-{w}.png"
@@ -180,4 +182,6 @@ def test_report_renders_in_headless_chromium(tmp_path):
         assert layouts[w][0]["polar"], "the radar is no longer the first chart: point the radar shot at it"
         assert shots[w].stat().st_size > 50_000
         _radar_centred(radar_shots[w], layouts[w][0]["box"])
+    # nothing (a wide table, a decision holding a whole hard pool) makes the page scroll sideways
+    assert all(v <= 1 for v in overflow.values()), overflow
     assert elapsed < 60, f"browser check took {elapsed:.1f} s"

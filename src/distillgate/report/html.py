@@ -274,8 +274,14 @@ def _findings(d: ReportData, chart: _Charts) -> str:
 def _decisions(d: ReportData) -> str:
     if not d.decisions:
         return '<section id="decisions"><h2>Decisions</h2><p class="muted">No recipe changes.</p></section>'
+    def value(v) -> str:  # a pool or a mix is a dict of many entries: its size, the whole value on hover
+        if isinstance(v, (dict, list)) and len(v) > 3:
+            full = esc(json.dumps(v, sort_keys=True, default=str)[:2000])
+            return f'<span title="{full}">{len(v)} entries</span>'
+        return _fmt(v)
+
     rows = "".join(f'<tr><td class="num">{esc(x.iteration)}</td><td><code>{esc(x.knob)}</code></td>'
-                   f'<td class="num">{_fmt(x.old)}</td><td class="num">{_fmt(x.new)}</td><td>{esc(x.reason)}</td></tr>'
+                   f'<td class="num">{value(x.old)}</td><td class="num">{value(x.new)}</td><td>{esc(x.reason)}</td></tr>'
                    for x in d.decisions)
     return (f'<section id="decisions"><h2>Decisions</h2><table class="gates"><tr><th>iteration</th><th>knob</th>'
             f'<th>old</th><th>new</th><th>reason</th></tr>{rows}</table></section>')

@@ -88,6 +88,8 @@ def synthetic_report(n_iterations: int = 3, n_layers: int = 4, seed: int = 0, ru
                           "entropy of teacher targets fell; sharper targets for the next round")
                  for k in range(1, n_iterations)]
     decisions.append(Decision(last, "data.domain_weights.legal", 1.0, 1.5, "regression on legal (see findings)"))
+    pool = {f"legal-{i:04x}deadbeefcafe/s0": 3.0 for i in range(40)}  # a revert logs the whole hard pool
+    decisions.append(Decision(last, "hard_pool", pool, dict(list(pool.items())[:30]), "reverting the hard pool"))
     alerts = [Alert("critical", "capability under threshold for 2 h", "capability", last, "2026-11-28T03:10:00Z"),
               Alert("info", "business dimension not measured (no A/B traffic configured)", "business")]
     return ReportData(
