@@ -345,3 +345,35 @@ def test_pool_challenges_too_long_to_train_are_checked_not_trained(tiny_teacher_
         findings = v.load_json("findings.json")
         pool_now = v.load_json("loop_state.json")["stages"]["consistency"]["data"]["pool"]
     assert pool_now and any("checked, not trained" in f["message"] for f in findings)
+
+
+def test_resume_is_bitwise_with_a_joint_entry_after_the_consistency_stage(tiny_teacher_dir, tmp_path, monkeypatch):
+    """The pool trains in the joint iteration after the stage too, and a run killed there resumes to the
+    straight run's weights: the training set's order is canonical (prompt examples, then stage examples)."""
+    stages = ("[{name: anchor, iterations: 0}, {name: consistency, iterations: 2, options: {challenges: 6, "
+              "steps: 2}}, {name: joint, iterations: 2}]")
+    long = {"data.seq_len": 1024, "loop.strategy.hard_candidates": 8}
+    straight = loop_mod.run(_cfg(tiny_teacher_dir, tmp_path / "a", stages, run_id="j", **long), progress=False)
+    real = loop_mod.Run.distil
+    seen = {}
+
+    def die_in_4(self, it, **kw):
+        seen.setdefault(it.index, sorted(e.id for e in self.training.examples))
+        if it.index == 4 and "killed" not in seen:
+            seen["killed"] = True
+            raise KeyboardInterrupt("simulated kill in the second joint iteration")
+        return real(self, it, **kw)
+
+    monkeypatch.setattr(loop_mod.Run, "distil", die_in_4)
+    with pytest.raises(KeyboardInterrupt):
+        loop_mod.run(_cfg(tiny_teacher_dir, tmp_path / "b", stages, run_id="j", **long), progress=False)
+    loop_mod.run(None, resume_run="j", root=str(tmp_path / "b"), progress=False)
+    assert any(i.startswith("s4-") for i in seen[3]), "the pool trains in the joint iteration after the stage"
+    weights = []
+    for root in ("a", "b"):
+        with RunStore.open(tmp_path / root, straight["run_id"]) as s:
+            v = s.resolve("current")
+            weights.append({n: load_file(str(v.path_of(n))) for n in v.names("student/") if n.endswith(".safetensors")})
+    for f in weights[0]:
+        for k in weights[0][f]:
+            assert weights[0][f][k].equal(weights[1][f][k]), k

@@ -123,7 +123,7 @@ def validate(it: Iteration, run) -> None:
     it.metrics.update(values)
     it.samples = m.samples
     n = cfg.loop.strategy.hard_candidates
-    recent = run.training.examples[-n:] if n else []
+    recent = run.training.prompt_examples[-n:] if n else []  # the newest answers to new prompts
     if recent and it.index > 0:
         from .. import pipeline
         from ..evaluate.providers import divergence_samples

@@ -34,8 +34,16 @@ class TrainingSet:
         self.pool = {p.id: p for p in pool}
         self.pool_order = [p.id for p in pool]
         self.data_spec = cfg.data.model_copy(update={"heldout_fraction": 0.0})
-        self.examples: list = []
+        self.prompt_examples: list = []  # teacher answers to the run's prompts, in the order they were taken
+        self.stage_examples: list = []   # examples a stage added (add_examples), in the order they were added
         self.target_caches: list = []
+
+    @property
+    def examples(self) -> list:
+        """Everything trained on: the prompt examples, then the stages' examples. The order is canonical, not
+        the order of the calls, so a resumed run (which rebuilds the prompt examples first and lets each stage
+        re-add its own) trains on exactly the straight run's list."""
+        return self.prompt_examples + self.stage_examples
 
     def used(self) -> set[str]:
         used = set(self.state.heldout_prompts)
@@ -84,18 +92,20 @@ class TrainingSet:
         return self._extend(prompts)
 
     def add_examples(self, examples) -> None:
-        """Add already answered examples (e.g. a stage's own) to training, with their targets."""
-        self._with_targets(list(examples))
+        """Add already answered examples (e.g. a stage's own) to training, with their targets. They are not
+        recorded in the loop state: the stage keeps what it needs to re-add them after a resume (its
+        ``observe`` hook sees every iteration)."""
+        self._with_targets(list(examples), self.stage_examples)
 
     def _extend(self, prompts) -> list:
         new = self.answers(prompts)
-        self._with_targets(new)
+        self._with_targets(new, self.prompt_examples)
         return new
 
-    def _with_targets(self, new: list) -> None:
+    def _with_targets(self, new: list, into: list) -> None:
         if not new:
             return
-        self.examples += new
+        into += new
         if self.cfg.targets.mode == "cached":
             self.target_caches.append(pipeline.teacher_provider(self.cfg, self.teacher, new, progress=self.progress))
 

@@ -107,7 +107,13 @@ class ConsistencyStage:
         self.options = options or ConsistencyOptions()
 
     # ------------------------------------------------------------------------------------- phases
-    def extract(self, it, run) -> None:
+    def observe(self, phase, it, run) -> None:
+        """Before every iteration's extract (this stage's or another's): pool members train from the iteration
+        after they entered, whichever stage runs it, and a resumed run re-adds every group it had."""
+        if phase == "extract":
+            self._train_groups(it, run)
+
+    def _train_groups(self, it, run) -> None:
         from ..data.dataset import truncate
 
         st = self._state(run)
@@ -123,7 +129,9 @@ class ConsistencyStage:
         groups += [{"iteration": e, "ids": ids} for e, ids in sorted(pending.items())]
         have = {e.id for e in run.training.examples}
         for g in groups:
-            if any(f"{i}/s0" not in have for i in g["ids"]):
+            # a group is added whole once: members whose answer does not fit data.seq_len are never in the
+            # training set, so "any member present" (not "every member") says the group is in
+            if not any(f"{i}/s0" in have for i in g["ids"]):
                 exs = {e.prompt_id: e for e in self._teacher_examples(run, st["judged"][str(g["iteration"])])}
                 # cut to data.seq_len as the training set's own examples are; a challenge whose prompt fills
                 # the window has no answer token left to train on
@@ -136,6 +144,9 @@ class ConsistencyStage:
                                                f"{run.cfg.data.seq_len}: checked, not trained"))
                 if fits:
                     run.training.add_examples(fits)
+
+    def extract(self, it, run) -> None:
+        st = self._state(run)
         pool = st.get("pool", [])
         before = self._judge(run, [m["challenge"] for m in pool]) if pool else []
         st["pool_before"] = [{"challenge": {"id": o["challenge"]["id"], "kind": o["challenge"]["kind"]},
