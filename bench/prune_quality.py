@@ -50,6 +50,8 @@ def main() -> None:
     ap.add_argument("--calib-tokens", type=int, default=1024)
     ap.add_argument("--ppl-text", default=os.environ.get("PRUNE_PPL_TEXT", str(WIKITEXT)))
     ap.add_argument("--ppl-tokens", type=int, default=4096)
+    ap.add_argument("--fade", type=float, default=0.0, help="fade the dropped units out over this share of the "
+                    "re-distillation steps, frozen, as the prune stage does (0: plain surgery, then re-distil)")
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("overrides", nargs="*", help="config overrides key=value (e.g. teacher.path=DIR)")
     args = ap.parse_args()
@@ -89,14 +91,14 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="prune-bench-"))
     cache: dict = {}
 
-    def distil(model, steps: int, seed: int):
+    def distil(model, steps: int, seed: int, callbacks=()):
         ds = DistillDataset(train, pad_id=pipeline.pad_id(teacher.tokenizer), seq_len=cfg.data.seq_len,
                             heldout_fraction=0.0)
         obj = pipeline.make_objective(cfg, ts.provider(), vocab_size=len(teacher.tokenizer))
         spec = cfg.train.model_copy(update={"steps": steps, "seed": seed, "checkpoint_every": 0})
         out = work / f"train-{time.monotonic_ns()}"
         model.train()
-        r = pipeline.map_student(model, obj, ds, spec, out, seed=seed, progress=False)
+        r = pipeline.map_student(model, obj, ds, spec, out, seed=seed, progress=False, callbacks=callbacks)
         shutil.rmtree(out, ignore_errors=True)
         return r
 
@@ -129,7 +131,18 @@ def main() -> None:
         flops = P.flops_report(s, cut, max(cfg.loop.perf_lengths))
         klb, pplb = measure(cut)
         tb = time.perf_counter()
-        distil(cut, args.redistil_steps, seed=cfg.train.seed + 1)
+        if args.fade:  # the stage's procedure: dropped units frozen and faded out while the kept ones train
+            fade_steps = max(1, round(args.fade * args.redistil_steps))
+            gates = P.Gates(s, ("heads", "mlp"))
+            gates.values.update(P.gate_values(s, keep, 1.0))
+            with gates, P.frozen(s, keep) as restore:
+                def on_step(info):
+                    restore()
+                    gates.values.update(P.gate_values(s, keep, max(0.0, 1.0 - info.step / fade_steps)))
+                distil(s, args.redistil_steps, seed=cfg.train.seed + 1, callbacks=[on_step])
+            cut = P.apply_keep(s, keep)
+        else:
+            distil(cut, args.redistil_steps, seed=cfg.train.seed + 1)
         train_s = time.perf_counter() - tb
         kla, ppla = measure(cut)
         rows.append((method, klb, pplb, kla, ppla, flops["flops_saved_pct"], score_s, train_s,
