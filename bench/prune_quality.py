@@ -136,7 +136,7 @@ def main() -> None:
             gates = P.Gates(s, ("heads", "mlp"))
             gates.values.update(P.gate_values(s, keep, 1.0))
             with gates, P.frozen(s, keep) as restore:
-                def on_step(info):
+                def on_step(info, s=s, gates=gates):
                     restore()
                     gates.values.update(P.gate_values(s, keep, max(0.0, 1.0 - info.step / fade_steps)))
                 distil(s, args.redistil_steps, seed=cfg.train.seed + 1, callbacks=[on_step])

@@ -4,7 +4,6 @@
 import json
 
 import pytest
-from safetensors.torch import load_file
 
 from distillgate import loop as loop_mod
 from distillgate.config import RunConfig, load_config
@@ -263,34 +262,18 @@ def test_a_failing_challenge_trains_next_iteration_at_weight_3(tiny_teacher_dir,
     assert any(f"failed {c}" in section for c in ("semantic", "logic", "quality")) and "<th>why</th>" in section
 
 
-def test_consistency_stage_resumes_bitwise_mid_run(tiny_teacher_dir, tmp_path, monkeypatch):
+def test_consistency_stage_resumes_bitwise_mid_run(tiny_teacher_dir, tmp_path):
     """Killed in iteration 3's map: the resumed run must re-add iteration 2's pool group to training before
     iteration 3's, and end with the straight run's state and weights."""
+    from distillgate.testing.resume import assert_same_weights, committed, killed_and_resumed
+
     three = STAGES.replace("iterations: 2", "iterations: 3")
     long = {"data.seq_len": 1024}  # every pool challenge fits: each group really trains
-    straight = loop_mod.run(_cfg(tiny_teacher_dir, tmp_path / "a", three, run_id="r", **long), progress=False)
-    real = loop_mod.Run.distil
-
-    def die_in_3(self, it, **kw):
-        real(self, it, **kw)
-        if it.index == 3:
-            raise KeyboardInterrupt("simulated kill")
-
-    monkeypatch.setattr(loop_mod.Run, "distil", die_in_3)
-    with pytest.raises(KeyboardInterrupt):
-        loop_mod.run(_cfg(tiny_teacher_dir, tmp_path / "b", three, run_id="r", **long), progress=False)
-    monkeypatch.setattr(loop_mod.Run, "distil", real)
-    loop_mod.run(None, resume_run="r", root=str(tmp_path / "b"), progress=False)
-    states, weights = [], []
-    for root in ("a", "b"):
-        with RunStore.open(tmp_path / root, straight["run_id"]) as s:
-            v = s.resolve("current")
-            states.append(v.load_json("loop_state.json")["stages"])
-            weights.append({n: load_file(str(v.path_of(n))) for n in v.names("student/") if n.endswith(".safetensors")})
-    assert states[0] == states[1] and len(states[0]["consistency"]["data"]["trained"]) >= 2
-    for f in weights[0]:
-        for k in weights[0][f]:
-            assert weights[0][f][k].equal(weights[1][f][k]), k
+    run_id = killed_and_resumed(lambda root: _cfg(tiny_teacher_dir, root, three, run_id="r", **long),
+                                (tmp_path / "a", tmp_path / "b"), kill_at=3)
+    (sa, wa), (sb, wb) = committed(tmp_path / "a", run_id), committed(tmp_path / "b", run_id)
+    assert sa == sb and len(sa["consistency"]["data"]["trained"]) >= 2
+    assert_same_weights(wa, wb)
 
 
 @pytest.mark.parametrize("options,field", [
@@ -347,33 +330,17 @@ def test_pool_challenges_too_long_to_train_are_checked_not_trained(tiny_teacher_
     assert pool_now and any("checked, not trained" in f["message"] for f in findings)
 
 
-def test_resume_is_bitwise_with_a_joint_entry_after_the_consistency_stage(tiny_teacher_dir, tmp_path, monkeypatch):
+def test_resume_is_bitwise_with_a_joint_entry_after_the_consistency_stage(tiny_teacher_dir, tmp_path):
     """The pool trains in the joint iteration after the stage too, and a run killed there resumes to the
     straight run's weights: the training set's order is canonical (prompt examples, then stage examples)."""
+    from distillgate.testing.resume import assert_same_weights, committed, killed_and_resumed
+
     stages = ("[{name: anchor, iterations: 0}, {name: consistency, iterations: 2, options: {challenges: 6, "
               "steps: 2}}, {name: joint, iterations: 2}]")
     long = {"data.seq_len": 1024, "loop.strategy.hard_candidates": 8}
-    straight = loop_mod.run(_cfg(tiny_teacher_dir, tmp_path / "a", stages, run_id="j", **long), progress=False)
-    real = loop_mod.Run.distil
     seen = {}
-
-    def die_in_4(self, it, **kw):
-        seen.setdefault(it.index, sorted(e.id for e in self.training.examples))
-        if it.index == 4 and "killed" not in seen:
-            seen["killed"] = True
-            raise KeyboardInterrupt("simulated kill in the second joint iteration")
-        return real(self, it, **kw)
-
-    monkeypatch.setattr(loop_mod.Run, "distil", die_in_4)
-    with pytest.raises(KeyboardInterrupt):
-        loop_mod.run(_cfg(tiny_teacher_dir, tmp_path / "b", stages, run_id="j", **long), progress=False)
-    loop_mod.run(None, resume_run="j", root=str(tmp_path / "b"), progress=False)
+    run_id = killed_and_resumed(lambda root: _cfg(tiny_teacher_dir, root, stages, run_id="j", **long),
+                                (tmp_path / "a", tmp_path / "b"), kill_at=4, after_training=False,
+                                on_distil=lambda run, it: seen.setdefault(it.index, [e.id for e in run.training.examples]))
     assert any(i.startswith("s4-") for i in seen[3]), "the pool trains in the joint iteration after the stage"
-    weights = []
-    for root in ("a", "b"):
-        with RunStore.open(tmp_path / root, straight["run_id"]) as s:
-            v = s.resolve("current")
-            weights.append({n: load_file(str(v.path_of(n))) for n in v.names("student/") if n.endswith(".safetensors")})
-    for f in weights[0]:
-        for k in weights[0][f]:
-            assert weights[0][f][k].equal(weights[1][f][k]), k
+    assert_same_weights(committed(tmp_path / "a", run_id)[1], committed(tmp_path / "b", run_id)[1])

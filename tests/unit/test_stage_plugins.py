@@ -119,30 +119,14 @@ def test_stage_options_are_validated_at_preflight_naming_the_field(installed_sta
     assert not (tmp_path / "runs").exists()
 
 
-def test_stage_state_survives_a_kill_and_resume_bitwise(installed_stage, tiny_teacher_dir, tmp_path, monkeypatch):
-    straight = loop_mod.run(_cfg(tiny_teacher_dir, tmp_path / "a", STAGES, run_id="s"), progress=False)
-    real = loop_mod.Run.distil
+def test_stage_state_survives_a_kill_and_resume_bitwise(installed_stage, tiny_teacher_dir, tmp_path):
+    from distillgate.testing.resume import assert_same_weights, committed, killed_and_resumed
 
-    def die_in_2(self, it, **kw):
-        real(self, it, **kw)
-        if it.index == 2:
-            raise KeyboardInterrupt("simulated kill")
-
-    monkeypatch.setattr(loop_mod.Run, "distil", die_in_2)
-    with pytest.raises(KeyboardInterrupt):
-        loop_mod.run(_cfg(tiny_teacher_dir, tmp_path / "b", STAGES, run_id="s"), progress=False)
-    monkeypatch.setattr(loop_mod.Run, "distil", real)
-    loop_mod.run(None, resume_run="s", root=str(tmp_path / "b"), progress=False)
-    states, weights = [], []
-    for root in ("a", "b"):
-        with RunStore.open(tmp_path / root, straight["run_id"]) as s:
-            v = s.resolve("current")
-            states.append(v.load_json("loop_state.json")["stages"])
-            weights.append({n: load_file(str(v.path_of(n))) for n in v.names("student/") if n.endswith(".safetensors")})
-    assert states[0] == states[1] == {"counting": {"version": 1, "data": {"extracts": 2, "iterations": [1, 2]}}}
-    for f in weights[0]:
-        for k in weights[0][f]:
-            assert weights[0][f][k].equal(weights[1][f][k]), k
+    run_id = killed_and_resumed(lambda root: _cfg(tiny_teacher_dir, root, STAGES, run_id="s"),
+                                (tmp_path / "a", tmp_path / "b"), kill_at=2)
+    (sa, wa), (sb, wb) = committed(tmp_path / "a", run_id), committed(tmp_path / "b", run_id)
+    assert sa == sb == {"counting": {"version": 1, "data": {"extracts": 2, "iterations": [1, 2]}}}
+    assert_same_weights(wa, wb)
 
 
 def test_an_unknown_stage_names_the_registered_ones():

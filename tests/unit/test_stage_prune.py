@@ -89,34 +89,18 @@ def test_prune_cycles_cut_progressively_and_each_cut_is_a_version(tiny_teacher_d
     assert "structure and FLOPs" in out and "flops_ratio" in out
 
 
-def test_resume_in_the_middle_of_a_prune_cycle_is_bitwise(tiny_teacher_dir, tmp_path, monkeypatch):
+def test_resume_in_the_middle_of_a_prune_cycle_is_bitwise(tiny_teacher_dir, tmp_path):
+    from distillgate.testing.resume import assert_same_weights, committed, killed_and_resumed
+
     # Two runs are compared, each measuring its own TTFT: with the core rules on, a TTFT regression (timing
     # noise on a loaded machine) could revert a knob in one run and not the other. The stage's own rule acts on
     # quality metrics only (prune.retry_on), so it stays on.
-    fixed = {"loop.strategy.rules": "[]"}
-    straight = loop_mod.run(_cfg(tiny_teacher_dir, tmp_path / "a", PRUNE, run_id="r", **fixed), progress=False)
-    real = loop_mod.Run.distil
-
-    def die_in_3(self, it, **kw):
-        if it.index == 3:
-            raise KeyboardInterrupt("simulated kill during the second cut")
-        return real(self, it, **kw)
-
-    monkeypatch.setattr(loop_mod.Run, "distil", die_in_3)
-    with pytest.raises(KeyboardInterrupt):
-        loop_mod.run(_cfg(tiny_teacher_dir, tmp_path / "b", PRUNE, run_id="r", **fixed), progress=False)
-    monkeypatch.setattr(loop_mod.Run, "distil", real)
-    loop_mod.run(None, resume_run="r", root=str(tmp_path / "b"), progress=False)
-    ws, states = [], []
-    for root in ("a", "b"):
-        with RunStore.open(tmp_path / root, straight["run_id"]) as s:
-            v = s.resolve("current")
-            ws.append(_weights(v))
-            states.append(v.load_json("loop_state.json")["stages"]["prune"])
-    assert states[0] == states[1]
-    for f in ws[0]:
-        for k in ws[0][f]:
-            assert ws[0][f][k].equal(ws[1][f][k]), k
+    run_id = killed_and_resumed(lambda root: _cfg(tiny_teacher_dir, root, PRUNE, run_id="r",
+                                                  **{"loop.strategy.rules": "[]"}),
+                                (tmp_path / "a", tmp_path / "b"), kill_at=3, after_training=False)
+    (sa, wa), (sb, wb) = committed(tmp_path / "a", run_id), committed(tmp_path / "b", run_id)
+    assert sa["prune"] == sb["prune"] and sa["prune"]["data"]["cycles_done"] == 2
+    assert_same_weights(wa, wb)
 
 
 def test_a_regressed_cut_restores_the_last_good_weights_and_retries_smaller(tiny_teacher_dir, tmp_path):
