@@ -52,6 +52,8 @@ def main() -> None:
     ap.add_argument("--ppl-tokens", type=int, default=4096)
     ap.add_argument("--fade", type=float, default=0.0, help="fade the dropped units out over this share of the "
                     "re-distillation steps, frozen, as the prune stage does (0: plain surgery, then re-distil)")
+    ap.add_argument("--cut-steps", type=int, default=1, help="reach the cut in this many score-and-cut steps "
+                    "(MLP units spread over them, heads in the last), re-scoring the smaller model each time")
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("overrides", nargs="*", help="config overrides key=value (e.g. teacher.path=DIR)")
     args = ap.parse_args()
@@ -123,12 +125,20 @@ def main() -> None:
     for method in [m for m in args.methods.split(",") if m]:
         s = copy.deepcopy(base)
         ta = time.perf_counter()
+        # --cut-steps N: score, cut 1/N of the way (MLP units; heads go in the last step, they come in 33% steps),
+        # score the smaller model again, ... (no training in between); the last step is the cut measured below
+        for j in range(1, args.cut_steps):
+            mid = P.Targets(heads=D["heads"], mlp=int(round(D["mlp"] - j * (D["mlp"] - targets.mlp) / args.cut_steps)),
+                            layers=D["layers"], hidden=D["hidden"], rotary_pairs=D["head_dim"] // 2)
+            sc = P.importance(s, calib, kinds=("heads", "mlp"), method=method, teacher=teacher.model,
+                              seed=cfg.train.seed + j)
+            s = P.apply_keep(s, P.select(s, sc, mid))
         scores = P.importance(s, calib, kinds=("heads", "mlp"), method=method, teacher=teacher.model,
                               seed=cfg.train.seed)
         score_s = time.perf_counter() - ta
         keep = P.select(s, scores, targets)
         cut = P.apply_keep(s, keep)
-        flops = P.flops_report(s, cut, max(cfg.loop.perf_lengths))
+        flops = P.flops_report(base, cut, max(cfg.loop.perf_lengths))
         klb, pplb = measure(cut)
         tb = time.perf_counter()
         if args.fade:  # the stage's procedure: dropped units frozen and faded out while the kept ones train
