@@ -14,6 +14,7 @@ import sys
 
 from . import commands
 from .errors import DistillgateError
+from .signals import Terminated  # re-exported: SIGTERM unwinds like Ctrl-C
 from .version import __version__
 
 
@@ -46,15 +47,6 @@ def _quiet_libraries() -> None:
         pass
 
 
-class Terminated(KeyboardInterrupt):
-    """SIGTERM, raised where the main thread is, so that it unwinds like Ctrl-C: ``finally`` blocks run, the
-    open store transaction rolls back and the run records its status (instead of dying as ``running``)."""
-
-
-def _raise_terminated(signum, frame) -> None:
-    raise Terminated()
-
-
 def _error(text: str) -> None:
     from rich.console import Console
     from rich.markup import escape
@@ -72,10 +64,15 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     _quiet_libraries()
+    from . import signals
+
     on_main = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, _raise_terminated) if on_main else None
+    signals.reset()
+    previous = signal.signal(signal.SIGTERM, signals.handle_sigterm) if on_main else None
     try:
         rc = args.func(args)
+        if signals.pending():  # a SIGTERM swallowed where nothing checked for it afterwards: still a stop
+            raise Terminated()
     except DistillgateError as e:
         _error(str(e))
         return 2
@@ -94,6 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if on_main:
             signal.signal(signal.SIGTERM, previous)
+        signals.reset()
     return int(rc or 0)
 
 

@@ -20,6 +20,7 @@ import time
 
 from ..attribution import attribute, registry_meta
 from ..schema import PHASES, Decision
+from ..signals import raise_if_terminated
 from ..strategy import next_recipe, rule_list
 from .contract import Iteration
 from .run import apply_recipe
@@ -53,6 +54,7 @@ def run_iteration(run, k: int, stages: list, all_stages: list) -> Iteration:
     for phase in PHASES:
         t0 = time.time()
         try:
+            raise_if_terminated()  # a SIGTERM a library finalizer swallowed stops the run here
             if phase == "map":
                 run.ensure_student(it)
             for st in all_stages:     # every stage of the run may watch every iteration (contract: observe)

@@ -33,6 +33,7 @@ import torch
 from ..config import TrainSpec
 from ..errors import ArtifactError, ConfigError
 from ..hardware import native_bf16, tune_malloc
+from ..signals import raise_if_terminated
 from . import distributed as dist
 from .checkpoint import (list_checkpoints, load_latest, read_weights_and_optimizer, save_checkpoint,
                          write_weights_and_optimizer)
@@ -256,6 +257,7 @@ def _run(model, loss_fn, batch_fn, spec, out_dir, resume_from, callbacks, on_non
                     rollback(f"{st['consecutive']} consecutive non-finite steps; last: {bad}")
                 info = StepInfo(st["step"], spec.steps, lr, loss, terms, grad_norm, n_tok, n_in, dt, bool(bad),
                                 cursor.epoch)
+                raise_if_terminated()  # a SIGTERM swallowed by a finalizer stops training at the next step
                 for cb in callbacks:
                     try:
                         cb(info)
