@@ -135,6 +135,10 @@ def test_a_regressed_cut_restores_the_last_good_weights_and_retries_smaller(tiny
     assert structs[2]["intermediate_size"] == 16 and 16 < structs[3]["intermediate_size"] < 64
     assert state["history"][3]["recipe"]["prune"]["strength"] == 0.5
     assert state["history"][3]["recipe"]["prune"]["restored_from"] == good[-1]  # the last good version
+    # the retry regressed too (tolerance 0): after max_retries=1 the cut is skipped, and the skipped cycle counts
+    assert [d["new"] for d in decisions[:2]] == [0.5, 0.0] and "skipping this cut" in decisions[1]["reason"]
+    assert state["history"][4]["recipe"]["prune"]["strength"] == 0.0
+    assert state["stages"]["prune"]["data"]["cycles_done"] == 1
     # the retried cut is judged against the restored version, not against the failed cut before it
     for f in retried:
         if f["kind"] == "regression":

@@ -193,6 +193,8 @@ class PruneStage:
             st["teacher_map"] = self._teacher_map(run)
         if st["cycles_done"] >= o.cycles or strength <= 0:
             knobs["cut"] = None
+            if strength <= 0 and st["cycles_done"] < o.cycles:
+                st["cycles_done"] += 1  # the skipped cycle is done: the next cut is the next cycle's
             it.findings.append(Finding("prune", "info", "prune", "no cut this iteration ("
                                        + ("all cycles done" if strength > 0 else "the strategy skipped it")
                                        + "): re-distillation only"))
