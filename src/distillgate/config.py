@@ -14,7 +14,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from .errors import ConfigError
+from .errors import ConfigError, reject_unknown
 from .evaluate.providers import CPU_PRESETS
 from .strategy import StrategySpec
 
@@ -78,9 +78,7 @@ class DataSpec(_Strict):
     @field_validator("domains")
     @classmethod
     def _known_domains(cls, v):
-        bad = [d for d in v if d not in DOMAINS]
-        if bad:
-            raise ValueError(f"unknown domain(s) {bad}; allowed: {list(DOMAINS)}")
+        reject_unknown(v, DOMAINS, "domain")
         if not v:
             raise ValueError(f"at least one domain from {list(DOMAINS)}")
         return v

@@ -39,3 +39,10 @@ class LockHeldError(DistillgateError):
 class LockLostError(DistillgateError):
     """This process held a run's writer lock, but the lock file was deleted or replaced under it: another
     writer may have taken the run, so nothing more is committed."""
+
+
+def reject_unknown(values, allowed, what: str) -> None:
+    """ValueError (inside a pydantic validator: the field's error) naming the ``values`` not in ``allowed``."""
+    bad = [v for v in values if v not in allowed]
+    if bad:
+        raise ValueError(f"unknown {what}(s) {bad}; allowed: {list(allowed)}")

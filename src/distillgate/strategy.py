@@ -32,6 +32,7 @@ from typing import Callable
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from .errors import reject_unknown
 from .schema import TIERS, Decision, Finding
 
 CORE_RULE_NAMES = ("revert", "weak_domain", "plateau", "hard_pool", "curriculum")
@@ -66,17 +67,13 @@ class StrategySpec(BaseModel):
     @field_validator("rules")
     @classmethod
     def _known(cls, v):
-        bad = [r for r in v if r not in CORE_RULE_NAMES]
-        if bad:
-            raise ValueError(f"unknown rule(s) {bad}; allowed: {list(CORE_RULE_NAMES)}")
+        reject_unknown(v, CORE_RULE_NAMES, "rule")
         return v
 
     @field_validator("tier_gates")
     @classmethod
     def _tiers(cls, v):
-        bad = [t for t in v if t not in TIERS]
-        if bad:
-            raise ValueError(f"unknown tier(s) {bad}; allowed: {list(TIERS)}")
+        reject_unknown(v, TIERS, "tier")
         return v
 
 

@@ -30,6 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from ..consistency.challenge import KINDS
 from ..consistency.checks import CHECKS
 from ..evaluate.providers import register_metric
+from ..errors import reject_unknown
 from ..schema import Finding
 
 log = logging.getLogger(__name__)
@@ -61,9 +62,7 @@ class ConsistencyOptions(BaseModel):
     @field_validator("kinds")
     @classmethod
     def _kinds(cls, v):
-        bad = [k for k in v if k not in KINDS]
-        if bad:
-            raise ValueError(f"unknown kind(s) {bad}; allowed: {list(KINDS)}")
+        reject_unknown(v, KINDS, "kind")
         if len(set(v)) != len(v):
             raise ValueError(f"repeated kind(s) in {v}")
         return v
