@@ -67,6 +67,8 @@ def main() -> None:
     from distillgate.loop.state import LoopState
     from distillgate.loop.training_set import TrainingSet, prompt_pool
     from distillgate.models import prune as P
+    from distillgate.models.flops import flops_report
+    from distillgate.models.importance import importance
 
     over = [f"eval.text_file={args.ppl_text}", f"eval.max_tokens={args.ppl_tokens}"]
     if args.layer_selection:
@@ -130,15 +132,15 @@ def main() -> None:
         for j in range(1, args.cut_steps):
             mid = P.Targets(heads=D["heads"], mlp=int(round(D["mlp"] - j * (D["mlp"] - targets.mlp) / args.cut_steps)),
                             layers=D["layers"], hidden=D["hidden"], rotary_pairs=D["head_dim"] // 2)
-            sc = P.importance(s, calib, kinds=("heads", "mlp"), method=method, teacher=teacher.model,
+            sc = importance(s, calib, kinds=("heads", "mlp"), method=method, teacher=teacher.model,
                               seed=cfg.train.seed + j)
             s = P.apply_keep(s, P.select(s, sc, mid))
-        scores = P.importance(s, calib, kinds=("heads", "mlp"), method=method, teacher=teacher.model,
+        scores = importance(s, calib, kinds=("heads", "mlp"), method=method, teacher=teacher.model,
                               seed=cfg.train.seed)
         score_s = time.perf_counter() - ta
         keep = P.select(s, scores, targets)
         cut = P.apply_keep(s, keep)
-        flops = P.flops_report(base, cut, max(cfg.loop.perf_lengths))
+        flops = flops_report(base, cut, max(cfg.loop.perf_lengths))
         klb, pplb = measure(cut)
         tb = time.perf_counter()
         if args.fade:  # the stage's procedure: dropped units frozen and faded out while the kept ones train

@@ -456,7 +456,7 @@ def _flops(ctx: GateContext) -> dict:
     """Analytic FLOPs/token of teacher and student at ``context_len`` (see :mod:`distillgate.models.prune`)."""
     if "flops" not in ctx.cache:
         from .models.info import param_counts
-        from .models.prune import flops_per_token
+        from .models.flops import flops_per_token
 
         t, s = ctx.teacher(), ctx.student()
         T = int(_opt(ctx, "context_len", 256))

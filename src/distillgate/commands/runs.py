@@ -139,12 +139,9 @@ def _structure_table(con, store) -> None:
     from rich.table import Table
 
     from ..report import structure as S
+    from ..report.from_store import versions_by_iteration
 
-    by_iter: dict[int, dict] = {}
-    for r in store.versions():
-        if r["iteration"] is not None and (r["kind"] != "rollback" or r["iteration"] not in by_iter):
-            by_iter[r["iteration"]] = r
-    snaps = S.snapshots(store, by_iter)
+    snaps = S.snapshots(store, versions_by_iteration(store.versions()))
     if not S.changed(snaps):
         return
     t = Table(*S.FLOPS_HEADER, title="structure and FLOPs per token (analytic) per iteration")

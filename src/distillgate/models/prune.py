@@ -1,5 +1,6 @@
 """Structure-aware pruning of Llama-style causal LMs (SPEC S3): what is kept, how important each unit is, the
-gates that fade a unit out, the surgery that removes it, the least-squares fold-in, and the FLOPs it saves.
+gates that fade a unit out, the surgery that removes it and the least-squares fold-in. Scores come from
+:mod:`distillgate.models.importance`, FLOPs from :mod:`distillgate.models.flops`.
 
 Five kinds of units, cut with uniform counts per layer so a stock HF config still describes the model:
 
@@ -17,11 +18,8 @@ Five kinds of units, cut with uniform counts per layer so a stock HF config stil
 A :class:`Keep` lists what a model keeps, in the model's own indexing; :func:`full_keep` keeps everything and
 :func:`apply_keep` builds the smaller model (a plain HF model of the same class: keeping everything reproduces
 the logits exactly). :class:`Gates` multiplies units by gate values through forward hooks (importance scoring,
-fading); :func:`importance` scores units by ``gradient`` (accumulated ``|dL/dg|`` of a gate on each unit's
-output, per calibration row), ``taylor`` (``sum_t |a . dL/da|``), ``activation`` (Minitron: mean activation
-magnitude) or ``magnitude`` (weight norms), or ``random``, with L the distillation loss (forward KL to the
-teacher) on calibration tokens. :func:`flops_per_token` is analytic per component and
-:func:`counted_flops_per_token` measures the same with ``torch.utils.flop_counter.FlopCounterMode``.
+fading); :func:`select` keeps the most important units at given counts; :func:`frozen` keeps the dropped units'
+weights while the kept ones train; :func:`fold_in` refits the kept units' output projections.
 """
 
 from __future__ import annotations
@@ -38,7 +36,6 @@ from ..errors import ConfigError, InputError
 from .derive import check_supported, load_sliced
 
 KINDS = ("heads", "mlp", "layers", "hidden", "rotary")
-METHODS = ("gradient", "fisher", "taylor", "activation", "magnitude", "random")
 GQA_MODES = ("per_group", "whole_groups")
 _LAYER_KEY = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 
@@ -325,157 +322,11 @@ class Gates:
         self._hidden_gate = None
 
 
-# ------------------------------------------------------------------------------------------------ importance
-def _kl_sum(s_logits: torch.Tensor, t_logits: torch.Tensor) -> torch.Tensor:
-    dt = torch.promote_types(s_logits.dtype, torch.float32)
-    t = torch.log_softmax(t_logits.to(dt), -1)
-    s = torch.log_softmax(s_logits.to(dt), -1)
-    return (t.exp() * (t - s)).sum()
-
-
+# ------------------------------------------------------------------------------------------------ calibration
 def _rows(calib_ids: torch.Tensor, attention_mask: torch.Tensor | None):
     for r in range(calib_ids.shape[0]):
         m = None if attention_mask is None else attention_mask[r:r + 1]
         yield calib_ids[r:r + 1], m
-
-
-@torch.no_grad()
-def _magnitude(model, kinds) -> dict:
-    layers = model.model.layers
-    D = dims(model)
-    d = D["head_dim"]
-    out: dict = {}
-    if "heads" in kinds:
-        out["heads"] = torch.stack([
-            b.self_attn.q_proj.weight.double().view(D["heads"], -1).norm(dim=1)
-            * b.self_attn.o_proj.weight.double().view(D["hidden"], D["heads"], d).norm(dim=(0, 2)) for b in layers])
-    if "mlp" in kinds:
-        out["mlp"] = torch.stack([b.mlp.gate_proj.weight.double().norm(dim=1) * b.mlp.up_proj.weight.double().norm(dim=1)
-                                  * b.mlp.down_proj.weight.double().norm(dim=0) for b in layers])
-    if "layers" in kinds:
-        out["layers"] = torch.stack([b.self_attn.o_proj.weight.double().norm() + b.mlp.down_proj.weight.double().norm()
-                                     for b in layers])
-    if "hidden" in kinds:
-        out["hidden"] = model.get_input_embeddings().weight.double().norm(dim=0)
-    if "rotary" in kinds:
-        out["v_dims"] = torch.stack([
-            b.self_attn.v_proj.weight.double().view(D["kv_heads"], d, -1).norm(dim=(0, 2))
-            * b.self_attn.o_proj.weight.double().view(D["hidden"], D["heads"], d).norm(dim=(0, 1)) for b in layers])
-    return out
-
-
-def importance(model, calib_ids: torch.Tensor, *, kinds=("heads", "mlp"), method: str = "gradient",
-               teacher=None, attention_mask: torch.Tensor | None = None, seed: int = 0) -> dict:
-    """Scores (float64, higher = more important) per kind: ``heads``/``mlp`` ``[layers, units]``, ``layers``
-    ``[layers]``, ``hidden`` ``[hidden]``, ``rotary`` -> ``v_dims`` ``[layers, head_dim]``.
-
-    ``gradient``/``taylor`` need a loss: forward KL from ``teacher``'s logits on the same tokens (the
-    distillation loss), or, with ``teacher=None``, the model's own next-token NLL (scoring the teacher itself).
-    One forward + backward per calibration row; the model's weights get no gradient and are not changed."""
-    if method not in METHODS:
-        raise ConfigError("prune.importance.method", method, f"one of {list(METHODS)}")
-    kinds = tuple(kinds)
-    D = dims(model)
-    if method == "magnitude":
-        return _magnitude(model, kinds)
-    if method == "random":
-        gen = torch.Generator().manual_seed(seed)
-        shapes = {"heads": (D["layers"], D["heads"]), "mlp": (D["layers"], D["mlp"]), "layers": (D["layers"],),
-                  "hidden": (D["hidden"],), "rotary": (D["layers"], D["head_dim"])}
-        return {("v_dims" if k == "rotary" else k): torch.rand(shapes[k], generator=gen, dtype=torch.float64)
-                for k in kinds}
-    dev = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    flags = [(p, p.requires_grad) for p in model.parameters()]
-    for p, _ in flags:
-        p.requires_grad_(False)
-    acc: dict = {}
-    act: dict = {}
-    handles = []
-    try:
-        if method == "activation":
-            layers = model.model.layers
-            for i, b in enumerate(layers):
-                def o_pre(m, a, i=i):
-                    x = a[0].double()
-                    B, T = x.shape[:2]
-                    xs = x.view(B, T, D["heads"], D["head_dim"])
-                    act.setdefault(("heads", i), []).append(xs.norm(dim=-1).sum((0, 1)))
-                    act.setdefault(("v_dims", i), []).append(xs.abs().sum((0, 1, 2)))
-                def down_pre(m, a, i=i):
-                    act.setdefault(("mlp", i), []).append(a[0].double().abs().sum((0, 1)))
-                def ln_post(m, a, o):
-                    act.setdefault(("hidden", 0), []).append(o.double().abs().sum((0, 1)))
-                def blk_pre(m, a, kw, i=i):
-                    act.setdefault(("_in", i), []).append(a[0] if a else kw["hidden_states"])
-                def blk_post(m, a, o, i=i):
-                    h = act[("_in", i)].pop()
-                    o = o[0] if isinstance(o, tuple) else o
-                    bi = 1.0 - torch.nn.functional.cosine_similarity(h.double(), o.double(), dim=-1).sum()
-                    act.setdefault(("layers", i), []).append(bi)
-                handles += [b.self_attn.o_proj.register_forward_pre_hook(o_pre),
-                            b.mlp.down_proj.register_forward_pre_hook(down_pre),
-                            b.input_layernorm.register_forward_hook(ln_post),
-                            b.post_attention_layernorm.register_forward_hook(ln_post),
-                            b.register_forward_pre_hook(blk_pre, with_kwargs=True), b.register_forward_hook(blk_post)]
-            with torch.no_grad():
-                for ids, m in _rows(calib_ids.to(dev), attention_mask):
-                    model(input_ids=ids, attention_mask=m, use_cache=False)
-            n_tok = calib_ids.numel()
-            out = {}
-            for kind in kinds:
-                key = "v_dims" if kind == "rotary" else kind
-                if key in ("hidden",):
-                    out[key] = torch.stack(act[(key, 0)]).sum(0) / n_tok
-                elif key == "layers":
-                    out[key] = torch.stack([torch.stack(act[(key, i)]).sum() for i in range(D["layers"])]) / n_tok
-                else:
-                    out[key] = torch.stack([torch.stack(act[(key, i)]).sum(0) for i in range(D["layers"])]) / n_tok
-            return out
-        with Gates(model, kinds, per_token=True) as gates, torch.enable_grad():
-            for ids, m in _rows(calib_ids.to(dev), attention_mask):
-                gates.records.clear()
-                logits = model(input_ids=ids, attention_mask=m, use_cache=False).logits[:, :-1]
-                if teacher is not None:
-                    with torch.no_grad():
-                        t_logits = teacher(input_ids=ids, attention_mask=m, use_cache=False).logits[:, :-1]
-                    loss = _kl_sum(logits, t_logits) / max(1, logits.shape[1])
-                else:
-                    loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(),
-                                                             ids[:, 1:].reshape(-1))
-                keys = list(gates.records)
-                grads = torch.autograd.grad(loss, [g for k in keys for g in gates.records[k]], allow_unused=True)
-                it = iter(grads)
-                for k in keys:
-                    for gt in gates.records[k]:
-                        gr = next(it)
-                        if gr is None:
-                            gr = torch.zeros_like(gt)
-                        gr = gr.double()  # [B, T, U]
-                        if method == "taylor":
-                            val = gr.abs().sum((0, 1))
-                        elif method == "fisher":
-                            val = gr.sum(1).pow(2).sum(0)
-                        else:
-                            val = gr.sum(1).abs().sum(0)
-                        acc[k] = acc.get(k, 0) + val
-        out = {}
-        for kind in kinds:
-            key = "v_dims" if kind == "rotary" else kind
-            if key == "hidden":
-                out[key] = acc[("hidden", 0)]
-            elif key == "layers":
-                out[key] = torch.stack([acc[("layers", i)].sum() for i in range(D["layers"])])
-            else:
-                out[key] = torch.stack([acc[(key, i)] for i in range(D["layers"])])
-        return out
-    finally:
-        for h in handles:
-            h.remove()
-        for p, f in flags:
-            p.requires_grad_(f)
-        model.train(was_training)
 
 
 # ------------------------------------------------------------------------------------------------ selection
@@ -664,52 +515,6 @@ def fold_in(model, keep: Keep, calib_ids: torch.Tensor, *, ridge: float = 1e-2,
         out[f"model.layers.{i}.{name}.weight"] = new
     return out
 
-
-# ------------------------------------------------------------------------------------------------ FLOPs
-def flops_per_token(model, context_len: int = 256) -> dict:
-    """Analytic forward FLOPs per token (2 per multiply-add) at ``context_len`` tokens, per component:
-    attention projections (q, k, v, o), attention scores (QK^T and AV, full T x T as SDPA computes them),
-    MLP (gate, up, down), LM head. Embedding lookups, norms and rotary are not matmuls and are not counted."""
-    D = dims(model)
-    H, nh, nkv, d, I, V, L = D["hidden"], D["heads"], D["kv_heads"], D["head_dim"], D["mlp"], D["vocab"], D["layers"]
-    T = context_len
-    comp = {"attention_projections": L * 2 * H * (nh * d + 2 * nkv * d + nh * d),
-            "attention_scores": L * 4 * nh * d * T,
-            "mlp": L * 2 * 3 * H * I,
-            "lm_head": 2 * H * V}
-    comp["total"] = sum(comp.values())
-    return comp
-
-
-def counted_flops_per_token(model, context_len: int = 256) -> float:
-    """FLOPs per token of one forward over ``context_len`` tokens, counted by ``FlopCounterMode``."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    dev = next(model.parameters()).device
-    ids = torch.zeros(1, context_len, dtype=torch.long, device=dev)
-    counter = FlopCounterMode(display=False)
-    # the math backend runs attention as matmuls the counter sees (the fused CPU kernel is not counted)
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), counter:
-        model(input_ids=ids, use_cache=False)
-    return counter.get_total_flops() / context_len
-
-
-def flops_report(before, after, context_len: int = 256) -> dict:
-    """FLOPs/token before and after per component, the saving in %, parameters, and the counter cross-check."""
-    from .info import param_counts
-
-    fb, fa = flops_per_token(before, context_len), flops_per_token(after, context_len)
-    cb, ca = counted_flops_per_token(before, context_len), counted_flops_per_token(after, context_len)
-    pb, pa = param_counts(before)["total"], param_counts(after)["total"]
-    return {"context_len": context_len,
-            "components": {k: {"before": fb[k], "after": fa[k],
-                               "saved_pct": 100.0 * (1 - fa[k] / fb[k]) if fb[k] else 0.0} for k in fb},
-            "counted": {"before": cb, "after": ca,
-                        "analytic_vs_counted_pct": [100.0 * (fb["total"] / cb - 1), 100.0 * (fa["total"] / ca - 1)]},
-            "params": {"before": pb, "after": pa, "saved_pct": 100.0 * (1 - pa / pb)},
-            "flops_saved_pct": 100.0 * (1 - fa["total"] / fb["total"])}
 
 
 @dataclass

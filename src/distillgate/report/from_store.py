@@ -100,6 +100,16 @@ def _model_files(version, prefix: str) -> list[Path]:
     return [version.path_of(n) for n in version.names(prefix) if n.endswith(".safetensors")]
 
 
+def versions_by_iteration(rows: list[dict]) -> dict[int, dict]:
+    """The version row that stands for each iteration: the newest non-rollback one, a rollback copy only when
+    the iteration has nothing else (``rows``: ``store.versions()``, oldest first)."""
+    by_iter: dict[int, dict] = {}
+    for r in rows:
+        if r["iteration"] is not None and (r["kind"] != "rollback" or r["iteration"] not in by_iter):
+            by_iter[r["iteration"]] = r
+    return by_iter
+
+
 def _param_diffs(store, by_iter: dict[int, dict], models: dict[int, list[Path]]) -> list[ParamDiff]:
     """Consecutive iterations with weights: a stored ``param_diff.json`` (a ParamDiff dict the loop may
     commit with iteration k, against k-1) is used as is; otherwise the diff is computed from the weights."""
@@ -142,10 +152,7 @@ def load_report_data(root: str | Path, run_id: str, param_diffs: bool = True, mo
         run = cat.run_row()
         cfg = run.get("config") or {}
         rows = [r for r in store.versions() if r["iteration"] is not None]
-        by_iter: dict[int, dict] = {}
-        for r in rows:  # newest non-rollback version per iteration; a rollback copy only if nothing else
-            if r["kind"] != "rollback" or r["iteration"] not in by_iter:
-                by_iter[r["iteration"]] = r
+        by_iter = versions_by_iteration(rows)
         vid_iter = {r["version_id"]: r["iteration"] for r in rows}
         iterations, baseline, models, bench = [], {}, {}, {}
         for it in cat.iterations():

@@ -122,7 +122,7 @@ class PruneStage:
         if t.params is None and t.flops_per_token is None and t.ttft_ratio is None:
             return ratios
         from ..models.info import param_counts
-        from ..models.prune import flops_per_token
+        from ..models.flops import flops_per_token
 
         T = max(run.cfg.loop.perf_lengths)
         student = run.student
@@ -170,6 +170,8 @@ class PruneStage:
 
         from .. import pipeline
         from ..models import prune as P
+        from ..models.flops import flops_report
+        from ..models.importance import importance
 
         o = self.options
         st = run.stage_state(getattr(self, "state_key", self.name))
@@ -221,7 +223,7 @@ class PruneStage:
         if o.importance.source == "teacher":
             scores = self._teacher_scores(run, st, fit_rows, kinds)
         else:
-            scores = P.importance(student, fit_rows, kinds=kinds, method=o.importance.method, teacher=teacher,
+            scores = importance(student, fit_rows, kinds=kinds, method=o.importance.method, teacher=teacher,
                                   seed=run.cfg.train.seed + it.index)
         secs = {"importance": time.time() - t_score}
         keep = P.select(student, scores, targets, gqa=o.gqa)
@@ -266,7 +268,7 @@ class PruneStage:
                 fold.update({"kept": False, "note": "nothing to refit (no heads or MLP units cut)"})
         secs["fold_in"] = time.time() - t_fold
         T = max(run.cfg.loop.perf_lengths)
-        flops = P.flops_report(student, new, T)
+        flops = flops_report(student, new, T)
         before_s, total = P.dims(student), P.Keep.from_dict(st["keep_total"])
         st["keep_total"] = P.compose(total, keep).to_dict()
         st["cycles_done"] += 1
@@ -368,13 +370,14 @@ class PruneStage:
 
         from ..errors import ConfigError
         from ..models import prune as P
+        from ..models.importance import importance
 
         tm = st.get("teacher_map")
         if tm is None or "hidden" in kinds or "rotary" in kinds:
             raise ConfigError("loop.stages[].options.importance.source", "teacher",
                               "'student' here: the teacher's units map onto the student only for heads, MLP units "
                               "and layers of a student derived from this teacher (student.init: derive)")
-        t_scores = P.importance(run.teacher.model, ids, kinds=kinds, method=self.options.importance.method,
+        t_scores = importance(run.teacher.model, ids, kinds=kinds, method=self.options.importance.method,
                                 teacher=None, seed=run.cfg.train.seed)
         total = P.Keep.from_dict(st["keep_total"])  # current student units in the first-prune student's indexing
         out = {}
@@ -413,12 +416,12 @@ class PruneStage:
 def _kl(model, teacher, ids) -> float:
     import torch
 
-    from ..models.prune import _kl_sum
+    from ..models.importance import kl_sum
 
     with torch.no_grad():
         s = model(input_ids=ids, use_cache=False).logits[:, :-1]
         t = teacher(input_ids=ids, use_cache=False).logits[:, :-1]
-    return float(_kl_sum(s, t)) / (s.shape[0] * s.shape[1])
+    return float(kl_sum(s, t)) / (s.shape[0] * s.shape[1])
 
 
 def _summary(scores: dict) -> dict:

@@ -1,0 +1,163 @@
+"""Importance of every prunable unit (SPEC S3.2), the scores :func:`distillgate.models.prune.select` cuts by.
+
+``gradient``: the accumulated ``|dL/dg|`` of a gate on each unit's output, per calibration row; ``fisher``: the
+sum over rows of ``(dL/dg)^2``; ``taylor``: ``sum_t |a . dL/da|``; ``activation`` (Minitron): mean activation
+magnitude; ``magnitude``: weight norms; ``random``. L is the distillation loss (forward KL to the teacher's
+logits on the same tokens), or a model's own next-token NLL when it scores itself (the teacher)."""
+
+from __future__ import annotations
+
+import torch
+
+from ..errors import ConfigError
+from ..losses.divergence import kl_logprobs
+from .prune import Gates, _rows, dims
+
+METHODS = ("gradient", "fisher", "taylor", "activation", "magnitude", "random")
+
+
+def kl_sum(s_logits: torch.Tensor, t_logits: torch.Tensor) -> torch.Tensor:
+    """Summed KL(teacher || student) over every position, in float32 or the logits' wider dtype."""
+    dt = torch.promote_types(s_logits.dtype, torch.float32)
+    return kl_logprobs(torch.log_softmax(t_logits.to(dt), -1), torch.log_softmax(s_logits.to(dt), -1)).sum()
+
+
+@torch.no_grad()
+def _magnitude(model, kinds) -> dict:
+    layers = model.model.layers
+    D = dims(model)
+    d = D["head_dim"]
+    out: dict = {}
+    if "heads" in kinds:
+        out["heads"] = torch.stack([
+            b.self_attn.q_proj.weight.double().view(D["heads"], -1).norm(dim=1)
+            * b.self_attn.o_proj.weight.double().view(D["hidden"], D["heads"], d).norm(dim=(0, 2)) for b in layers])
+    if "mlp" in kinds:
+        out["mlp"] = torch.stack([b.mlp.gate_proj.weight.double().norm(dim=1) * b.mlp.up_proj.weight.double().norm(dim=1)
+                                  * b.mlp.down_proj.weight.double().norm(dim=0) for b in layers])
+    if "layers" in kinds:
+        out["layers"] = torch.stack([b.self_attn.o_proj.weight.double().norm() + b.mlp.down_proj.weight.double().norm()
+                                     for b in layers])
+    if "hidden" in kinds:
+        out["hidden"] = model.get_input_embeddings().weight.double().norm(dim=0)
+    if "rotary" in kinds:
+        out["v_dims"] = torch.stack([
+            b.self_attn.v_proj.weight.double().view(D["kv_heads"], d, -1).norm(dim=(0, 2))
+            * b.self_attn.o_proj.weight.double().view(D["hidden"], D["heads"], d).norm(dim=(0, 1)) for b in layers])
+    return out
+
+
+def importance(model, calib_ids: torch.Tensor, *, kinds=("heads", "mlp"), method: str = "gradient",
+               teacher=None, attention_mask: torch.Tensor | None = None, seed: int = 0) -> dict:
+    """Scores (float64, higher = more important) per kind: ``heads``/``mlp`` ``[layers, units]``, ``layers``
+    ``[layers]``, ``hidden`` ``[hidden]``, ``rotary`` -> ``v_dims`` ``[layers, head_dim]``.
+
+    ``gradient``/``taylor`` need a loss: forward KL from ``teacher``'s logits on the same tokens (the
+    distillation loss), or, with ``teacher=None``, the model's own next-token NLL (scoring the teacher itself).
+    One forward + backward per calibration row; the model's weights get no gradient and are not changed."""
+    if method not in METHODS:
+        raise ConfigError("prune.importance.method", method, f"one of {list(METHODS)}")
+    kinds = tuple(kinds)
+    D = dims(model)
+    if method == "magnitude":
+        return _magnitude(model, kinds)
+    if method == "random":
+        gen = torch.Generator().manual_seed(seed)
+        shapes = {"heads": (D["layers"], D["heads"]), "mlp": (D["layers"], D["mlp"]), "layers": (D["layers"],),
+                  "hidden": (D["hidden"],), "rotary": (D["layers"], D["head_dim"])}
+        return {("v_dims" if k == "rotary" else k): torch.rand(shapes[k], generator=gen, dtype=torch.float64)
+                for k in kinds}
+    dev = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    for p, _ in flags:
+        p.requires_grad_(False)
+    acc: dict = {}
+    act: dict = {}
+    handles = []
+    try:
+        if method == "activation":
+            layers = model.model.layers
+            for i, b in enumerate(layers):
+                def o_pre(m, a, i=i):
+                    x = a[0].double()
+                    B, T = x.shape[:2]
+                    xs = x.view(B, T, D["heads"], D["head_dim"])
+                    act.setdefault(("heads", i), []).append(xs.norm(dim=-1).sum((0, 1)))
+                    act.setdefault(("v_dims", i), []).append(xs.abs().sum((0, 1, 2)))
+                def down_pre(m, a, i=i):
+                    act.setdefault(("mlp", i), []).append(a[0].double().abs().sum((0, 1)))
+                def ln_post(m, a, o):
+                    act.setdefault(("hidden", 0), []).append(o.double().abs().sum((0, 1)))
+                def blk_pre(m, a, kw, i=i):
+                    act.setdefault(("_in", i), []).append(a[0] if a else kw["hidden_states"])
+                def blk_post(m, a, o, i=i):
+                    h = act[("_in", i)].pop()
+                    o = o[0] if isinstance(o, tuple) else o
+                    bi = 1.0 - torch.nn.functional.cosine_similarity(h.double(), o.double(), dim=-1).sum()
+                    act.setdefault(("layers", i), []).append(bi)
+                handles += [b.self_attn.o_proj.register_forward_pre_hook(o_pre),
+                            b.mlp.down_proj.register_forward_pre_hook(down_pre),
+                            b.input_layernorm.register_forward_hook(ln_post),
+                            b.post_attention_layernorm.register_forward_hook(ln_post),
+                            b.register_forward_pre_hook(blk_pre, with_kwargs=True), b.register_forward_hook(blk_post)]
+            with torch.no_grad():
+                for ids, m in _rows(calib_ids.to(dev), attention_mask):
+                    model(input_ids=ids, attention_mask=m, use_cache=False)
+            n_tok = calib_ids.numel()
+            out = {}
+            for kind in kinds:
+                key = "v_dims" if kind == "rotary" else kind
+                if key in ("hidden",):
+                    out[key] = torch.stack(act[(key, 0)]).sum(0) / n_tok
+                elif key == "layers":
+                    out[key] = torch.stack([torch.stack(act[(key, i)]).sum() for i in range(D["layers"])]) / n_tok
+                else:
+                    out[key] = torch.stack([torch.stack(act[(key, i)]).sum(0) for i in range(D["layers"])]) / n_tok
+            return out
+        with Gates(model, kinds, per_token=True) as gates, torch.enable_grad():
+            for ids, m in _rows(calib_ids.to(dev), attention_mask):
+                gates.records.clear()
+                logits = model(input_ids=ids, attention_mask=m, use_cache=False).logits[:, :-1]
+                if teacher is not None:
+                    with torch.no_grad():
+                        t_logits = teacher(input_ids=ids, attention_mask=m, use_cache=False).logits[:, :-1]
+                    loss = kl_sum(logits, t_logits) / max(1, logits.shape[1])
+                else:
+                    loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(),
+                                                             ids[:, 1:].reshape(-1))
+                keys = list(gates.records)
+                grads = torch.autograd.grad(loss, [g for k in keys for g in gates.records[k]], allow_unused=True)
+                it = iter(grads)
+                for k in keys:
+                    for gt in gates.records[k]:
+                        gr = next(it)
+                        if gr is None:
+                            gr = torch.zeros_like(gt)
+                        gr = gr.double()  # [B, T, U]
+                        if method == "taylor":
+                            val = gr.abs().sum((0, 1))
+                        elif method == "fisher":
+                            val = gr.sum(1).pow(2).sum(0)
+                        else:
+                            val = gr.sum(1).abs().sum(0)
+                        acc[k] = acc.get(k, 0) + val
+        out = {}
+        for kind in kinds:
+            key = "v_dims" if kind == "rotary" else kind
+            if key == "hidden":
+                out[key] = acc[("hidden", 0)]
+            elif key == "layers":
+                out[key] = torch.stack([acc[("layers", i)].sum() for i in range(D["layers"])])
+            else:
+                out[key] = torch.stack([acc[(key, i)] for i in range(D["layers"])])
+        return out
+    finally:
+        for h in handles:
+            h.remove()
+        for p, f in flags:
+            p.requires_grad_(f)
+        model.train(was_training)
+
+
