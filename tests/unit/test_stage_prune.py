@@ -152,6 +152,10 @@ def test_prune_options_are_checked_at_preflight(tiny_teacher_dir, tmp_path):
     bad = "[{name: anchor, iterations: 0}, {name: prune, iterations: 1, options: {keep: {heads: 0}}}]"
     with pytest.raises(ConfigError, match=r"loop\.stages\[1\]\.options\.keep\.heads"):
         loop_mod.run(_cfg(tiny_teacher_dir, tmp_path / "runs", bad), progress=False)
+    bad = ("[{name: anchor, iterations: 0}, {name: prune, iterations: 1, options: {kinds: [hidden], "
+           "importance: {source: teacher}}}]")
+    with pytest.raises(ConfigError, match=r"loop\.stages\[1\]\.options.*source 'student'"):
+        loop_mod.run(_cfg(tiny_teacher_dir, tmp_path / "runs", bad), progress=False)
     assert not (tmp_path / "runs").exists()
 
 

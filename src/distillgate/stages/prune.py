@@ -100,6 +100,14 @@ class PruneOptions(BaseModel):
     retry_factor: float = Field(0.5, gt=0.0, lt=1.0, description="a regressed cut is retried this much smaller")
     max_retries: int = Field(2, ge=0, description="retries of one cut before it is skipped")
 
+    @model_validator(mode="after")
+    def _teacher_source_kinds(self):
+        if self.importance.source == "teacher" and set(self.kinds) - {"heads", "mlp", "layers"}:
+            raise ValueError("importance.source 'teacher' maps the teacher's heads, MLP units and layers onto the "
+                             f"student; kinds {sorted(set(self.kinds) - {'heads', 'mlp', 'layers'})} need "
+                             "source 'student'")
+        return self
+
 
 def _counts(D: dict) -> dict:
     return {"heads": D["heads"], "mlp": D["mlp"], "layers": D["layers"], "hidden": D["hidden"],
