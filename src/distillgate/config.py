@@ -398,7 +398,38 @@ class LoopSpec(_Strict):
         return v
 
 
+class RetentionSpec(_Strict):
+    keep_last: int | None = Field(None, description="versions to keep, newest first (None: keep every version; "
+                                                     "1 is refused: it leaves nothing to roll back to)")
+    keep_aliases: bool = Field(True, description="keep every version an alias points to (best, stable, ...); "
+                                                 "False keeps only current and the last three stable ones (G-O5) "
+                                                 "and drops the other aliases of pruned versions")
+    keep_referenced: bool = Field(True, description="keep every version whose gates all passed and every version "
+                                                    "a kept rollback restored")
+    auto_gc: bool = Field(False, description="apply the policy after every committed iteration (needs keep_last)")
+
+    @field_validator("keep_last")
+    @classmethod
+    def _keep_last(cls, v):
+        if v is not None and v < 2:
+            raise ValueError(f"keep_last={v} is refused: it would keep only the newest version, leaving nothing to "
+                             f"roll back to; use 2 or more (or leave it unset to keep every version)")
+        return v
+
+    @model_validator(mode="after")
+    def _auto_needs_keep(self):
+        if self.auto_gc and self.keep_last is None:
+            raise ValueError("auto_gc: true needs keep_last (how many versions to keep)")
+        return self
+
+
+class StoreSpec(_Strict):
+    retention: RetentionSpec = Field(default_factory=RetentionSpec, description="which versions `distillgate "
+                                                                                "runs gc` (or auto_gc) keeps")
+
+
 class RunConfig(DistillConfig):
     loop: LoopSpec = Field(default_factory=LoopSpec)
     store_root: str = Field("runs", description="run store folder (SQLite catalog + artifacts)")
+    store: StoreSpec = Field(default_factory=StoreSpec, description="run store policies (retention)")
     run_id: str | None = Field(None, description="run id (default: timestamp + config hash)")

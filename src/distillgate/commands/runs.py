@@ -1,5 +1,6 @@
-"""`distillgate runs list|show|repair`: what the run store holds (list/show are read-only and safe while a run
-is writing; repair rebuilds a damaged catalog from the version manifests and takes the writer lock)."""
+"""`distillgate runs list|show|repair|gc`: what the run store holds (list/show are read-only and safe while a run
+is writing; repair rebuilds a damaged catalog from the version manifests and gc applies the retention policy;
+both take the writer lock)."""
 
 from __future__ import annotations
 
@@ -27,6 +28,75 @@ def register(sub) -> None:
     pr.add_argument("run", help="run id")
     pr.add_argument("--root", default=DEFAULT_ROOT, help="folder holding the runs (default: ./runs)")
     pr.set_defaults(func=run_repair)
+    pg = rsub.add_parser("gc", help="apply the retention policy (store.retention of the run's config, or "
+                                    "--keep-last): prune old versions' weights, delete unreferenced blobs")
+    pg.add_argument("run", help="run id")
+    pg.add_argument("--root", default=DEFAULT_ROOT, help="folder holding the runs (default: ./runs)")
+    pg.add_argument("--keep-last", type=int, default=None, metavar="N",
+                    help="versions to keep, newest first (>= 2; default: the run's store.retention.keep_last)")
+    pg.add_argument("--dry-run", action="store_true", help="show what would be kept and pruned; change nothing")
+    pg.set_defaults(func=run_gc)
+
+
+def retention_of(config: dict, keep_last: int | None = None):
+    """The run's :class:`~distillgate.config.RetentionSpec` (its config's ``store.retention``; a run created
+    before retention existed gets the defaults), with ``keep_last`` overridden when given (validated)."""
+    from pydantic import ValidationError
+
+    from ..config import RetentionSpec, _validation_to_config_error
+    from ..errors import ConfigError
+
+    raw = dict(((config or {}).get("store") or {}).get("retention") or {})
+    if keep_last is not None:
+        raw["keep_last"] = keep_last
+    try:
+        return RetentionSpec.model_validate(raw)
+    except ValidationError as e:
+        err = _validation_to_config_error(e, raw)
+        field = "--keep-last" if keep_last is not None and err.field == "keep_last" else \
+            "store.retention" + ("" if err.field == "<config>" else f".{err.field}")
+        raise ConfigError(field, err.value, err.allowed) from None
+
+
+def run_gc(args) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from ..store import RunStore
+
+    con = Console(width=140)
+    with RunStore.open(args.root, args.run, writer=not args.dry_run) as store:
+        pol = retention_of(store.config, args.keep_last)
+        before = store.disk_usage()
+        if pol.keep_last is None:
+            if args.dry_run:
+                print(f"run {args.run}: no retention policy (store.retention.keep_last unset, no --keep-last): "
+                      f"every version is kept; gc would only delete unreferenced blobs")
+                return 0
+            blobs, freed = store.gc()
+            print(f"run {args.run}: no retention policy (store.retention.keep_last unset, no --keep-last): every "
+                  f"version kept; {blobs} unreferenced blob(s) deleted, {freed / 1e6:.1f} MB freed")
+            return 0
+        plan = store.retention_plan(pol.keep_last, pol.keep_aliases, pol.keep_referenced)
+        t = Table("version", "iteration", "kind", "MB", "kept because", title=f"retention of run {args.run} "
+                  f"(keep_last={pol.keep_last}, keep_aliases={pol.keep_aliases}, "
+                  f"keep_referenced={pol.keep_referenced})")
+        for v in store.catalog.version_rows(status=None):
+            if v["status"] == "pruned":
+                continue
+            why = plan["keep"].get(v["version_id"])
+            t.add_row(f"v{v['version_id']}", str(v["iteration"]), v["kind"], f"{v['bytes'] / 1e6:.1f}",
+                      ", ".join(dict.fromkeys(why)) if why else "[red]pruned[/]")
+        con.print(t)
+        if args.dry_run:
+            print(f"dry run: would prune {len(plan['prune'])} version(s) {plan['prune'][:20]}"
+                  + (f", drop aliases {plan['drop_aliases']}" if plan["drop_aliases"] else "") + "; nothing changed")
+            return 0
+        pruned = store.prune(pol.keep_last, pol.keep_aliases, pol.keep_referenced)
+        after = store.disk_usage()
+    print(f"run {args.run}: pruned {len(pruned)} version(s) {pruned[:20]}; blobs {before['blobs']} -> "
+          f"{after['blobs']}, {before['blob_bytes'] / 1e6:.1f} MB -> {after['blob_bytes'] / 1e6:.1f} MB on disk")
+    return 0
 
 
 def run_repair(args) -> int:
@@ -107,6 +177,9 @@ def run_show(args) -> int:
                       v["kind"], _t(v["created"]), v["status"], str(v["n_files"]), f"{v['bytes'] / 1e6:.1f}",
                       ", ".join(sorted(by_version.get(v["version_id"], []))))
         con.print(t)
+        du = store.disk_usage()
+        con.print(f"disk: {du['blob_bytes'] / 1e6:.1f} MB in {du['blobs']} blobs for {du['version_bytes'] / 1e6:.1f} MB "
+                  f"of version files (identical files are stored once)", highlight=False)
         gated = cat.last_gated_version()
         if gated is not None:
             t = Table("gate", "dimension", "value", "threshold", "status", "note", title=f"gate results of v{gated}")

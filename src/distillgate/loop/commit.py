@@ -47,7 +47,10 @@ def commit(run, it) -> int:
         run.student.train()
         meta = {"stage": code, "stage_name": name, **(run.lineage_note or {})}
         with store.begin_version(it.index, kind="iteration", meta=meta) as vw:
-            vw.add_dir("student", sdir)
+            # move: the folder was saved on the run's file system for this commit alone, so its files are renamed
+            # into the blob store (hashed in place) instead of copied: one write of the weights per iteration, and
+            # weights identical to a stored blob cost no new bytes (the renamed file is dropped)
+            vw.add_dir("student", sdir, move=True)
             for fname, path in it.files.items():
                 p = Path(path)
                 (vw.add_dir(fname, p) if p.is_dir() else vw.add_file(fname, p))
@@ -69,6 +72,11 @@ def commit(run, it) -> int:
     if best:
         st.best["version"] = vid
     record_catalog(store, vid, it.index, metrics_json, gates_json, findings, decisions)
+    pol = run.cfg.store.retention
+    if pol.auto_gc:  # after the rows: the gate verdicts of this version count as references
+        pruned = store.prune(pol.keep_last, pol.keep_aliases, pol.keep_referenced)
+        if pruned:
+            run.say(f"  retention: pruned versions {pruned} (keep_last={pol.keep_last})")
     return vid
 
 

@@ -195,18 +195,29 @@ class BlobStore:
             shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
         return n
 
-    def gc(self, referenced: set[str]) -> tuple[int, int]:
-        """Delete blobs not in ``referenced`` (writer only). Returns (blobs removed, bytes freed)."""
+    def gc(self, referenced: set[str], hook=None) -> tuple[int, int]:
+        """Delete blobs not in ``referenced`` (writer only). Returns (blobs removed, bytes freed). Each unlink
+        is atomic, so a kill part-way leaves some unreferenced blobs for the next gc, never a half blob.
+        ``hook(step)`` is called after each deletion (crash-point tests)."""
         removed = freed = 0
         if not self.root.exists():
             return 0, 0
-        for sub in self.root.iterdir():
-            for p in sub.iterdir():
+        for sub in sorted(self.root.iterdir()):
+            for p in sorted(sub.iterdir()):
                 if sub.name + p.name not in referenced:
                     freed += p.stat().st_size
                     p.unlink()
+                    self._verified.pop(sub.name + p.name, None)
                     removed += 1
+                    if hook is not None:
+                        hook("gc_blob")
         return removed, freed
+
+    def total_bytes(self) -> int:
+        """Bytes held by every blob of the run (what the run costs on disk, shared blobs counted once)."""
+        if not self.root.exists():
+            return 0
+        return sum(p.stat().st_size for sub in self.root.iterdir() for p in sub.iterdir())
 
     def all_hashes(self) -> set[str]:
         if not self.root.exists():

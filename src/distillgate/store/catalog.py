@@ -376,7 +376,9 @@ class Catalog:
                 for r in self.q("SELECT * FROM gate_results WHERE version_id=? ORDER BY gate", version_id)]
 
     def last_gated_version(self) -> int | None:
-        r = self.q("SELECT MAX(version_id) FROM gate_results")
+        """The newest version with gate rows whose files are still there (not pruned by retention)."""
+        r = self.q("SELECT MAX(g.version_id) FROM gate_results g JOIN versions v USING(version_id) "
+                   "WHERE v.status != 'pruned'")
         return r[0][0]
 
     def record_findings(self, iteration: int, findings: Iterable[Finding | Mapping],

@@ -430,35 +430,111 @@ class RunStore:
         last = max(its) if its else None
         return ResumePoint(v, last, 0 if last is None else last + 1)
 
-    def prune(self, keep_last: int) -> list[int]:
-        """Delete old versions to free disk, keeping the newest ``keep_last``, every alias target, the last
-        three ``stable`` versions (G-O5) and the parent of each kept rollback. Pruned versions stay in the
-        catalog (status ``pruned``, metrics and gates kept); their blobs go unless a kept version shares
-        them. Returns the pruned ids. Crash-safe: rows are marked first, files deleted after."""
+    def retention_plan(self, keep_last: int, keep_aliases: bool = True, keep_referenced: bool = True) -> dict:
+        """Which versions a purge with this policy keeps, and why: ``{"keep": {id: [reasons]}, "prune": [ids],
+        "drop_aliases": [names]}`` (nothing is changed). Always kept: the newest ``keep_last`` versions,
+        ``current``, the last three ``stable`` versions (G-O5) and the versions the current loop state names
+        (its last good and best iterations: a prune stage restores the last good weights). ``keep_aliases``:
+        also every other alias target. ``keep_referenced``: also every version whose gates all passed and every
+        version a kept rollback restored (its ``rollback_to``)."""
+        if not isinstance(keep_last, int) or isinstance(keep_last, bool) or keep_last < 2:
+            raise ConfigError("store.retention.keep_last", keep_last,
+                              "an integer >= 2 (keep_last=1 would keep only the newest version, leaving nothing "
+                              "to roll back to)")
+        rows = [r for r in self.catalog.version_rows(status=None) if r["status"] != "pruned"]
+        live = {r["version_id"]: r for r in rows}
+        keep: dict[int, list[str]] = {}
+
+        def add(vid, why):
+            if vid in live:
+                keep.setdefault(vid, []).append(why)
+
+        for r in rows[-keep_last:]:
+            add(r["version_id"], f"newest {keep_last}")
+        aliases = self.aliases()
+        for name, vid in sorted(aliases.items()):
+            if name == "current" or keep_aliases:
+                add(vid, f"alias {name}")
+        for vid in self.stable_versions():
+            add(vid, "last 3 stable (G-O5)")
+        cur = aliases.get("current")
+        if cur in live and live[cur]["status"] == "committed":
+            try:
+                v = read_version(self.dir, self.blobs, live[cur])
+                st = v.load_json("loop_state.json") if "loop_state.json" in v.files else {}
+            except (ArtifactError, ValueError):
+                st = {}
+            for key in ("last_good", "best"):
+                ref = (st.get(key) or {}).get("version") if isinstance(st.get(key), dict) else None
+                if isinstance(ref, int):
+                    add(ref, f"loop state {key}")
+        if keep_referenced:
+            for (vid,) in self.catalog.q("SELECT version_id FROM gate_results GROUP BY version_id "
+                                         "HAVING MIN(passed) = 1"):
+                add(vid, "gates all passed")
+            todo = [v for v in keep if live[v]["kind"] == "rollback"]
+            while todo:                    # a rollback's target may itself be a rollback
+                v = todo.pop()
+                target = live[v]["parent"]
+                if target in live and target not in keep:
+                    add(target, f"rollback target of v{v}")
+                    if live[target]["kind"] == "rollback":
+                        todo.append(target)
+                elif target in keep:
+                    keep[target].append(f"rollback target of v{v}")
+        doomed = [v for v in live if v not in keep]
+        drop = sorted(n for n, v in aliases.items() if v in doomed)
+        return {"keep": keep, "prune": doomed, "drop_aliases": drop}
+
+    def prune(self, keep_last: int, keep_aliases: bool = True, keep_referenced: bool = True,
+              crash_hook: CrashHook | None = None) -> list[int]:
+        """Apply a retention policy (:meth:`retention_plan`): the versions it does not keep are pruned. Pruned
+        versions stay in the catalog (status ``pruned``: metrics, gates, findings, phase timings kept); their
+        manifests go, and their blobs unless a kept version shares them. Returns the pruned ids.
+
+        Crash-safe at every point (``DISTILLGATE_CRASH_AT=gc_marked|gc_manifest|gc_blob[:N]`` tests it):
+        (1) one transaction marks the versions ``pruned`` (and drops aliases of pruned versions when
+        ``keep_aliases`` is off): before it nothing changed, after it no reader, rollback or resume uses them;
+        (2) the manifests of every pruned version are deleted (also those a killed purge left);
+        (3) blobs no live manifest names are deleted (:meth:`gc`). A kill in (2) or (3) leaves only files
+        nothing refers to; the next purge or gc removes them."""
+        from .versions import env_crash_hook
+
         if not self.writer:
             raise ArtifactError(f"run {self.run_id}: opened read-only; prune needs the writer lock")
-        if not isinstance(keep_last, int) or keep_last < 1:
-            raise ConfigError("keep_last", keep_last, "an integer >= 1")
-        rows = self.catalog.version_rows(status=None)
-        rows = [r for r in rows if r["status"] != "pruned"]
-        keep = {r["version_id"] for r in rows[-keep_last:]} | set(self.aliases().values()) | set(self.stable_versions())
-        keep |= {r["parent"] for r in rows if r["version_id"] in keep and r["kind"] == "rollback"}
-        doomed = [r["version_id"] for r in rows if r["version_id"] not in keep]
-        with self.catalog.tx() as c:
-            c.executemany("UPDATE versions SET status='pruned' WHERE version_id=?", [(v,) for v in doomed])
-        for v in doomed:
-            manifest_path(self.dir, v).unlink(missing_ok=True)
-        self.gc()
+        hook = crash_hook or env_crash_hook() or (lambda step: None)
+        plan = self.retention_plan(keep_last, keep_aliases, keep_referenced)
+        doomed = plan["prune"]
+        if doomed:
+            with self.catalog.tx() as c:
+                c.executemany("UPDATE versions SET status='pruned' WHERE version_id=?", [(v,) for v in doomed])
+                for name in plan["drop_aliases"]:
+                    c.execute("DELETE FROM aliases WHERE name=?", (name,))
+            self.record_alert("info", "store", f"retention (keep_last={keep_last}, keep_aliases={keep_aliases}, "
+                                               f"keep_referenced={keep_referenced}): pruned versions "
+                                               f"{doomed[:20]}{' ...' if len(doomed) > 20 else ''}"
+                                               + (f"; aliases dropped: {plan['drop_aliases']}"
+                                                  if plan["drop_aliases"] else ""))
+            hook("gc_marked")
+        self.gc(hook=hook)
         return doomed
 
-    def gc(self) -> tuple[int, int]:
-        """Delete blobs no live version manifest references (crash leftovers, pruned versions).
-        Returns (blobs, bytes) removed. A corrupt manifest still protects every blob it names."""
+    def gc(self, hook: CrashHook | None = None) -> tuple[int, int]:
+        """Finish what pruning left and delete blobs no live version manifest references (crash leftovers,
+        pruned versions). Returns (blobs, bytes) removed. A corrupt manifest still protects every blob it
+        names. Manifests of pruned versions are deleted first (a purge killed part-way leaves some)."""
         if not self.writer:
             raise ArtifactError(f"run {self.run_id}: opened read-only; gc needs the writer lock")
+        hook = hook or (lambda step: None)
         referenced: set[str] = set()
+        deleted = False
         for row in self.catalog.version_rows(status=None):
             if row["status"] == "pruned":
+                p = manifest_path(self.dir, row["version_id"])
+                if p.exists():
+                    p.unlink()
+                    deleted = True
+                    hook("gc_manifest")
                 continue
             try:
                 files = read_version(self.dir, self.blobs, row).files
@@ -468,7 +544,18 @@ class RunStore:
                 except (OSError, ValueError, AttributeError):
                     files = {}
             referenced |= {e["sha256"] for e in files.values() if isinstance(e, dict) and "sha256" in e}
-        return self.blobs.gc(referenced)
+        if deleted:
+            from ..io import fsync_dir
+
+            fsync_dir(self.dir / "versions")
+        return self.blobs.gc(referenced, hook=hook)
+
+    def disk_usage(self) -> dict:
+        """``{"blob_bytes", "blobs", "version_bytes"}``: bytes on disk (each blob once) vs the sum of every live
+        version's files (what storing each version in full would cost)."""
+        live = [r for r in self.catalog.version_rows(status=None) if r["status"] != "pruned"]
+        return {"blob_bytes": self.blobs.total_bytes(), "blobs": len(self.blobs.all_hashes()),
+                "version_bytes": sum(r["bytes"] for r in live)}
 
     # ---- catalog records (thin, typed; see catalog.py) ----------------------------------------------
     def begin_iteration(self, iteration: int) -> None:

@@ -41,18 +41,21 @@ FORMAT_VERSION = 1
 CRASH_ENV = "DISTILLGATE_CRASH_AT"
 COMMIT_STEPS = ("after_blob", "before_manifest", "after_manifest_tmp", "after_rename", "before_marker",
                 "marker_uncommitted", "after_marker")
+# Crash points of a retention purge (:meth:`RunStore.prune`): after the catalog marked the doomed versions,
+# after each manifest deleted, after each blob deleted.
+GC_STEPS = ("gc_marked", "gc_manifest", "gc_blob")
 CrashHook = Callable[[str], None]
 
 
 def env_crash_hook() -> CrashHook | None:
     """Test-only hook from ``DISTILLGATE_CRASH_AT=<step>[:<n>]``: SIGKILL this process at the n-th time
-    (default first) the commit reaches ``step`` (one of :data:`COMMIT_STEPS`)."""
+    (default first) a commit or a purge reaches ``step`` (one of :data:`COMMIT_STEPS` or :data:`GC_STEPS`)."""
     spec = os.environ.get(CRASH_ENV, "")
     if not spec:
         return None
     step, _, nth = spec.partition(":")
-    if step not in COMMIT_STEPS or not (nth == "" or nth.isdigit()):
-        raise ConfigError(CRASH_ENV, spec, f"one of {COMMIT_STEPS}, optionally followed by ':N'")
+    if step not in COMMIT_STEPS + GC_STEPS or not (nth == "" or nth.isdigit()):
+        raise ConfigError(CRASH_ENV, spec, f"one of {COMMIT_STEPS + GC_STEPS}, optionally followed by ':N'")
     target, seen = int(nth or 1), {}
 
     def hook(s: str) -> None:
