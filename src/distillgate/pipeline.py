@@ -355,8 +355,9 @@ def make_objective(cfg: DistillConfig, provider, vocab_size: int):
 
 
 def map_student(student, objective, dataset, train_spec, out_dir, *, seed: int, hard_weights=None,
-                resume_from=None, progress=None, callbacks=()):
-    """Train ``student`` in place on the train split; returns the TrainResult."""
+                resume_from=None, progress=None, callbacks=(), tensorboard=None):
+    """Train ``student`` in place on the train split; returns the TrainResult. ``tensorboard``: see
+    :func:`distillgate.train.train` (None: as ``train_spec.report_to`` says; False: no step trackers)."""
     from .train import train
 
     def batch_fn(epoch: int):
@@ -366,7 +367,7 @@ def map_student(student, objective, dataset, train_spec, out_dir, *, seed: int, 
     if not batch_fn(0):
         raise InputError("the train split is empty (more prompts, or a smaller data.heldout_fraction)")
     return train(student, objective, batch_fn, train_spec, out_dir, resume_from=resume_from, progress=progress,
-                 callbacks=callbacks)
+                 callbacks=callbacks, tensorboard=tensorboard)
 
 
 # ------------------------------------------------------------------------------------------ validate

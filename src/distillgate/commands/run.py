@@ -69,6 +69,11 @@ def run(args) -> int:
 
         out = render_report(load_report_data(root, summary["run_id"]), Path(summary["run_dir"]) / "report.html")
         console.print(f"report: {out}")
+        from ..tracking import log_report
+
+        with RunStore.open(root, summary["run_id"]) as store:
+            if log_report(RunConfig.model_validate(store.config), store, out):
+                console.print("report logged to the run's MLflow run (artifact report/report.html)")
     console.print(f"run {summary['run_id']}: [bold]{summary['status']}[/] after {summary['seconds']} s "
                   f"({summary['run_dir']})")
     return 0

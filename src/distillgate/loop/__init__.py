@@ -28,6 +28,7 @@ from .contract import Iteration, Stage  # noqa: F401
 from .core import converged, run_iteration, schedule
 from .run import Run, apply_recipe, initial_recipe  # noqa: F401
 from .state import LoopState
+from ..tracking import LoopTracker
 
 log = logging.getLogger(__name__)
 
@@ -88,8 +89,10 @@ def run(cfg: RunConfig | None, *, resume_run: str | None = None, root: str | Non
     run_ = Run(cfg, store, max_iterations=len(plan), progress=progress, console=console)
     run_.lineage_note = lineage
     status = "running"
+    tracker = None
     try:
         store.set_run_status("running")
+        tracker = LoopTracker(cfg, store, start, say=run_.say)
         run_.setup(state, sdir)
         budget = cfg.loop.budget_minutes * 60
         for k, entries in plan:
@@ -99,6 +102,7 @@ def run(cfg: RunConfig | None, *, resume_run: str | None = None, root: str | Non
             names = ", ".join(cfg.loop.stages[i].name for i in entries) or "setup"
             run_.say(f"[bold]iteration {k}[/] ({names})")
             it = run_iteration(run_, k, [stages[i] for i in entries], stages)
+            tracker.iteration(it)
             _print_iteration(run_, it, time.time() - t0)
             if converged(run_):
                 status = "converged"
@@ -111,13 +115,17 @@ def run(cfg: RunConfig | None, *, resume_run: str | None = None, root: str | Non
         else:                         # every scheduled iteration ran, the gates did not pass
             status = "iterations_exhausted"
         store.set_run_status(status, converged=status == "converged")
+        tracker.finish(status)
     except BaseException as e:
         from ..errors import DistillgateError
 
+        stopped = "interrupted" if isinstance(e, KeyboardInterrupt) else "failed"
         try:  # a full disk or a lost lock must not hide the error that stopped the run
-            store.set_run_status("interrupted" if isinstance(e, KeyboardInterrupt) else "failed")
+            store.set_run_status(stopped)
         except DistillgateError as inner:
             log.warning("could not record the run's status: %s", inner)
+        if tracker is not None:
+            tracker.finish(stopped)
         store.close()
         raise
     summary = {"run_id": store.run_id, "run_dir": str(store.dir), "status": status,

@@ -169,7 +169,7 @@ class Run:
         spec = it.cfg.train.model_copy(update=update)
         res = pipeline.map_student(self._student, objective, ds, spec, out, seed=spec.seed,
                                    hard_weights=it.recipe.get("hard_pool") or None, progress=self.progress,
-                                   callbacks=callbacks)
+                                   callbacks=callbacks, tensorboard=False)  # per-iteration trackers: LoopTracker
         # The iteration's result is committed as a version; its scratch checkpoints (weights + AdamW state,
         # ~0.8 GB for a 68M student) are not needed once training returned.
         shutil.rmtree(out, ignore_errors=True)

@@ -65,7 +65,7 @@ def train(model: torch.nn.Module, loss_fn: LossFn, batches: BatchSource | Callab
           out_dir: str | Path, *, resume_from: str | Path | None = None,
           callbacks: Iterable[Callable[[StepInfo], None]] = (),
           on_nonfinite: Literal["skip", "raise"] = "skip", max_consecutive_nonfinite: int = 3,
-          max_rollbacks: int = 3, progress: bool | None = None, tensorboard: bool = True,
+          max_rollbacks: int = 3, progress: bool | None = None, tensorboard: bool | None = None,
           keep_checkpoints: int = 2) -> TrainResult:
     """Train ``model`` in place for ``spec.steps`` optimizer steps; checkpoints under ``out_dir/checkpoints``.
 
@@ -74,6 +74,7 @@ def train(model: torch.nn.Module, loss_fn: LossFn, batches: BatchSource | Callab
     each with ``loss_mask`` [B,T]. ``resume_from``: a checkpoint folder, or a folder holding ``checkpoints/``;
     the newest checkpoint that verifies is restored (weights, optimizer, schedule, RNG, data position), so a
     resumed run is bitwise identical to an uninterrupted one on CPU. ``progress``: None = only on a TTY.
+    ``tensorboard``: None = as ``spec.report_to`` says (``mlflow`` there logs the steps to an MLflow run too).
     """
     if on_nonfinite not in ("skip", "raise"):
         raise ConfigError("on_nonfinite", on_nonfinite, "'skip' or 'raise'")
@@ -134,7 +135,9 @@ def _run(model, loss_fn, batch_fn, spec, out_dir, resume_from, callbacks, on_non
     # Rollback target until the first checkpoint exists (then the checkpoint is, and this is deleted). On disk,
     # not in memory: a second copy of the weights would add a full model to the peak RSS.
     snapshot = None if list_checkpoints(ckpt_root) else _snapshot(model, optimizer, out_dir / f"{_START}-{rank}")
-    metrics = MetricsLog(out_dir, enabled=main, tensorboard=tensorboard, resume_step=resumed_step)
+    report_to = spec.report_to if tensorboard is None else ["tensorboard"] * bool(tensorboard)
+    metrics = MetricsLog(out_dir, enabled=main, tensorboard="tensorboard" in report_to, resume_step=resumed_step,
+                         mlflow=spec.mlflow if "mlflow" in report_to else None)
     for e in resume_events:
         metrics.event(e)
     last_ckpt: Path | None = None

@@ -33,14 +33,17 @@ class MetricsLog:
     """
 
     def __init__(self, out_dir: str | Path, enabled: bool = True, tensorboard: bool = True,
-                 resume_step: int | None = None):
+                 resume_step: int | None = None, mlflow=None):
         self.out_dir = Path(out_dir)
         self.path = self.out_dir / "metrics.jsonl"
         self.events_path = self.out_dir / "events.jsonl"
         self.enabled = enabled
         self._tb = None
+        self._mlflow = None
         if not enabled:
             return
+        if mlflow is not None:  # a MlflowSpec: the steps go to one MLflow run per output folder
+            self._mlflow = _MlflowSteps(mlflow, self.out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         for p in (self.path, self.events_path):
             if resume_step is None:
@@ -72,16 +75,63 @@ class MetricsLog:
             for name, v in record.get("terms", {}).items():
                 if math.isfinite(v):
                     self._tb.add_scalar(f"train/term/{name}", v, s)
+        if self._mlflow is not None:
+            self._mlflow.step(record)
 
     def event(self, record: dict) -> None:
         if self.enabled:
             self._append(self.events_path, record)
 
     def close(self) -> None:
+        if self._mlflow is not None:
+            self._mlflow.close()
+            self._mlflow = None
         if self._tb is not None:
             self._tb.flush()
             self._tb.close()
             self._tb = None
+
+
+class _MlflowSteps:
+    """Training steps of one output folder as one MLflow run (tracking URI default
+    ``sqlite:///<out_dir>/mlflow.db``; a resumed training finds its run again by the output-folder tag)."""
+
+    TAG = "distillgate.output_dir"
+
+    def __init__(self, spec, out_dir: Path):
+        from mlflow.tracking import MlflowClient
+
+        out_dir = out_dir.resolve()
+        out_dir.mkdir(parents=True, exist_ok=True)
+        uri = spec.tracking_uri or f"sqlite:///{out_dir}/mlflow.db"
+        self.client = c = MlflowClient(tracking_uri=uri)
+        exp = c.get_experiment_by_name(spec.experiment)
+        exp_id = exp.experiment_id if exp is not None else c.create_experiment(
+            spec.experiment, artifact_location=(out_dir / "mlflow-artifacts").as_uri() if spec.tracking_uri is None
+            else None)
+        found = c.search_runs([exp_id], filter_string=f"tags.`{self.TAG}` = '{out_dir}'", max_results=1)
+        if found:
+            self.run_id = found[0].info.run_id
+            c.update_run(self.run_id, status="RUNNING")
+        else:
+            self.run_id = c.create_run(exp_id, run_name=out_dir.name, tags={self.TAG: str(out_dir)}).info.run_id
+
+    def step(self, record: dict) -> None:
+        import time
+
+        from mlflow.entities import Metric
+
+        now, s = int(time.time() * 1000), int(record["step"])
+        vals = {f"train/{k}": record.get(k) for k in ("loss", "lr", "grad_norm", "loss_tokens_per_s",
+                                                        "input_tokens_per_s")}
+        vals.update({f"train/term/{k}": v for k, v in record.get("terms", {}).items()})
+        rows = [Metric(k, float(v), now, s) for k, v in vals.items()
+                if isinstance(v, (int, float)) and math.isfinite(v)]
+        if rows:
+            self.client.log_batch(self.run_id, metrics=rows)
+
+    def close(self) -> None:
+        self.client.set_terminated(self.run_id, "FINISHED")
 
 
 def _truncate_after(path: Path, step: int) -> None:
