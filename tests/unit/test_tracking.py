@@ -82,3 +82,26 @@ def test_loop_run_reports_to_tensorboard_and_mlflow_offline(tiny_teacher_dir, tm
     assert main(["run", "--resume", "tracked", "--root", str(root), "--no-report", "--no-progress"]) == 0
     runs = c.search_runs([exp.experiment_id])
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    _training_steps_go_to_one_mlflow_run_per_output_folder(tmp_path, uri)
+
+
+def _training_steps_go_to_one_mlflow_run_per_output_folder(tmp_path, uri):
+    """`distill`'s step metrics (MetricsLog); here in the loop test's database (creating one costs seconds)."""
+    from mlflow.tracking import MlflowClient
+
+    from distillgate.config import MlflowSpec
+    from distillgate.train.metrics import MetricsLog
+
+    out, spec = tmp_path / "train", MlflowSpec(tracking_uri=uri, experiment="steps")
+    for resume_step, steps in ((None, (1, 2)), (2, (3,))):  # a resumed training continues the same run
+        m = MetricsLog(out, tensorboard=False, resume_step=resume_step, mlflow=spec)
+        for s in steps:
+            m.step({"step": s, "loss": 1.0 / s, "lr": 1e-3, "terms": {"kd": 0.5 * s, "ce": float("nan")}})
+        m.close()
+    c = MlflowClient(tracking_uri=uri)
+    runs = c.search_runs([c.get_experiment_by_name("steps").experiment_id])
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    rid = runs[0].info.run_id
+    assert [(x.step, x.value) for x in c.get_metric_history(rid, "train/loss")] == [(1, 1.0), (2, 0.5), (3, 1 / 3)]
+    assert c.get_metric_history(rid, "train/term/ce") == []  # NaN is left out, as in TensorBoard
+
