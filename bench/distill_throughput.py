@@ -2,6 +2,7 @@
 plain HF-Trainer KD loop, on the same teacher, student, data, batch order (4 x 256 tokens), lr and precision.
 
     .venv/bin/python bench/distill_throughput.py [--steps 10] [--warmup 3] [--rounds 2] [--precision bf16|fp32]
+                                                 [--device cpu|cuda]
 
 Each method trains in its own subprocess (so peak RSS is its own), methods interleaved round by round (so
 machine drift hits all alike). Reported per method: loss tokens/s (median of steps after warm-up, then
@@ -17,6 +18,9 @@ On a CPU without native bf16
 Teacher data: the teacher's own answers to built-in prompts, packed into 256-token rows (benchmark data are
 never the shared evaluation sets). Cached targets (top-64 + 16 tail samples by default, as the config's
 defaults) are computed once before timing (their one-time cost is printed). The last line is machine-readable.
+``--device cuda``: every method trains and evaluates on the GPU (the data and cached targets are prepared on the
+CPU first); step times are taken after a CUDA synchronize, and the peak GPU memory (torch's max allocated) is
+reported next to the RSS. The MFU peak is then the GPU's measured bf16 (or fp32) matmul rate.
 """
 
 from __future__ import annotations
@@ -39,13 +43,22 @@ METHODS = ("distillgate_cached", "distillgate_online", "trl_gkd", "hf_trainer_kd
 
 
 # ------------------------------------------------------------------------------------------ prep
-def matmul_peak_gflops(dtype=torch.bfloat16, n=2048, repeats=5) -> float:
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def matmul_peak_gflops(dtype=torch.bfloat16, n=2048, repeats=5, device: str = "cpu") -> float:
+    if device.startswith("cuda"):
+        n, repeats = 8192, 20
+    a, b = torch.randn(n, n, dtype=dtype, device=device), torch.randn(n, n, dtype=dtype, device=device)
     a @ b
+    _sync(device)
     ts = []
     for _ in range(repeats):
         t = time.perf_counter()
         a @ b
+        _sync(device)
         ts.append(time.perf_counter() - t)
     return 2 * n ** 3 / statistics.median(ts) / 1e9
 
@@ -102,27 +115,35 @@ def _rows(work: Path):
 @torch.inference_mode()
 def heldout_kl(student, teacher, held, pad, collate) -> float:
     student.eval()
+    device = next(student.parameters()).device
+    teacher.to(device)
     tot, n = 0.0, 0
     for i in range(0, len(held), 4):
-        b = collate(held[i:i + 4], pad)
-        s = torch.log_softmax(student(input_ids=b["input_ids"]).logits[:, :-1].float(), -1)
-        t = torch.log_softmax(teacher(input_ids=b["input_ids"]).logits[:, :-1].float(), -1)
+        ids = collate(held[i:i + 4], pad)["input_ids"].to(device)
+        s = torch.log_softmax(student(input_ids=ids).logits[:, :-1].float(), -1)
+        t = torch.log_softmax(teacher(input_ids=ids).logits[:, :-1].float(), -1)
         kl = (t.exp() * (t - s)).sum(-1)
         tot += float(kl.double().sum())
         n += kl.numel()
     return tot / n
 
 
-def worker(method: str, work: Path, steps: int, out: Path, precision: str) -> None:
+def worker(method: str, work: Path, steps: int, out: Path, precision: str, device: str = "cpu") -> None:
     from distillgate.models import load_model
 
     torch.manual_seed(0)
     train, held, pad, tdir, collate = _rows(work)
     # With cached targets the teacher is not needed while training: load it only for the held-out KL.
     teacher = None if method == "distillgate_cached" else load_model("default")
-    student = load_model(str(work / "student")).model
+    if teacher is not None:
+        teacher.model.to(device)
+    student = load_model(str(work / "student")).model.to(device)
     student.train()
     batches = [collate(train[i:i + BATCH], pad) for i in range(0, len(train), BATCH)]
+    if device != "cpu":  # distillgate's own batches go to the student's device here (the HF ones: by the Trainer)
+        batches_dev = [{k: v.to(device) if torch.is_tensor(v) else v for k, v in b.items()} for b in batches]
+    else:
+        batches_dev = batches
     step_times: list[float] = []
     loss_tokens = BATCH * (SEQ - 1)
     if method.startswith("distillgate"):
@@ -139,12 +160,14 @@ def worker(method: str, work: Path, steps: int, out: Path, precision: str) -> No
         last = [time.perf_counter()]
 
         def cb(info):
+            _sync(device)
             now = time.perf_counter()
             step_times.append(now - last[0])
             last[0] = now
 
         with tempfile.TemporaryDirectory() as d:
-            dg_train(student, obj, lambda epoch: batches, spec, d, callbacks=[cb], progress=False, tensorboard=False)
+            dg_train(student, obj, lambda epoch: batches_dev, spec, d, callbacks=[cb], progress=False,
+                     tensorboard=False)
     else:
         from transformers import Trainer, TrainerCallback, TrainingArguments
 
@@ -158,13 +181,16 @@ def worker(method: str, work: Path, steps: int, out: Path, precision: str) -> No
 
         class Timer(TrainerCallback):
             def on_step_begin(self, args, state, control, **kw):
+                _sync(device)
                 self.t = time.perf_counter()
 
             def on_step_end(self, args, state, control, **kw):
+                _sync(device)
                 step_times.append(time.perf_counter() - self.t)
 
         common = dict(output_dir=str(out.parent / f"{method}-tmp"), per_device_train_batch_size=BATCH, max_steps=steps,
-                      learning_rate=LR, lr_scheduler_type="constant", warmup_steps=0, bf16=precision == "bf16", use_cpu=True,
+                      learning_rate=LR, lr_scheduler_type="constant", warmup_steps=0, bf16=precision == "bf16",
+                      use_cpu=device == "cpu",
                       report_to=[], save_strategy="no", logging_steps=1000, dataloader_num_workers=0, seed=0,
                       gradient_checkpointing=False, max_grad_norm=1.0, remove_unused_columns=False)
         def sequential(cls):
@@ -204,6 +230,7 @@ def worker(method: str, work: Path, steps: int, out: Path, precision: str) -> No
         trainer.train()
     # Peak RSS of training (recorded before the held-out KL below loads the teacher into the cached run).
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 / 1024
+    gpu = torch.cuda.max_memory_allocated() / 2 ** 30 if device.startswith("cuda") else None
     if teacher is None:
         import gc
 
@@ -211,7 +238,7 @@ def worker(method: str, work: Path, steps: int, out: Path, precision: str) -> No
         teacher = load_model("default")
     kl = heldout_kl(student, teacher.model, held, pad, collate)
     out.write_text(json.dumps({"method": method, "step_seconds": step_times, "loss_tokens_per_step": loss_tokens,
-                               "peak_rss_gib": rss, "heldout_kl": kl}))
+                               "peak_rss_gib": rss, "peak_gpu_gib": gpu, "heldout_kl": kl}))
 
 
 # ------------------------------------------------------------------------------------------ main
@@ -233,17 +260,22 @@ def main() -> None:
     ap.add_argument("--precision", choices=("bf16", "fp32"), default="bf16",
                     help="every method's precision (default bf16, as the issue prescribes; fp32 is faster on a CPU "
                          "without native bf16)")
+    ap.add_argument("--device", default="cpu", help="cpu (default) or cuda / cuda:N: where every method trains")
     ap.add_argument("--threads", type=int, default=None, help="torch threads in every process (default: torch's)")
     ap.add_argument("--work", default=None, help="scratch folder (default: a temp dir)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
     a = ap.parse_args()
+    if not (a.device == "cpu" or a.device.startswith("cuda")):
+        ap.error(f"--device {a.device!r}: cpu, cuda or cuda:N")
+    if a.device.startswith("cuda") and not torch.cuda.is_available():
+        ap.error(f"--device {a.device}: torch {torch.__version__} sees no CUDA device (a CPU build of torch?)")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if a.threads:
         torch.set_num_threads(a.threads)
     if a.worker:
-        worker(a.worker, Path(a.work), a.steps, Path(a.out), a.precision)
+        worker(a.worker, Path(a.work), a.steps, Path(a.out), a.precision, a.device)
         return
     from distillgate.hardware import MALLOC_MMAP_BYTES, MALLOC_TRIM_BYTES
 
@@ -256,8 +288,8 @@ def main() -> None:
             os.environ["DISTILLGATE_MALLOC_TUNING"] = "0"
     work = Path(a.work or tempfile.mkdtemp(prefix="dg-bench-"))
     work.mkdir(parents=True, exist_ok=True)
-    peak32 = matmul_peak_gflops(torch.float32)
-    peak = matmul_peak_gflops(torch.bfloat16) if a.precision == "bf16" else peak32
+    peak32 = matmul_peak_gflops(torch.float32, device=a.device)
+    peak = matmul_peak_gflops(torch.bfloat16, device=a.device) if a.precision == "bf16" else peak32
     info = prepare(work, a.student_layers, n_train_rows=a.steps * BATCH, n_held_rows=8, topk=a.topk,
                    tail=a.tail_samples)
     methods = a.methods.split(",")
@@ -266,7 +298,8 @@ def main() -> None:
         for m in methods:
             out = work / f"{m}-{r}.json"
             cmd = [sys.executable, __file__, "--worker", m, "--work", str(work), "--steps", str(a.steps),
-                   "--out", str(out), "--precision", a.precision] + (["--threads", str(a.threads)] if a.threads else [])
+                   "--out", str(out), "--precision", a.precision, "--device", a.device] + \
+                (["--threads", str(a.threads)] if a.threads else [])
             t0 = time.time()
             p = subprocess.run(cmd, capture_output=True, text=True)
             if p.returncode != 0:
@@ -281,7 +314,7 @@ def main() -> None:
     from distillgate.hardware import native_bf16
 
     ns, nt, emb = info["student_params"], info["teacher_params"], info["embedding_params"]
-    head32 = a.precision == "bf16" and not native_bf16("cpu")
+    head32 = a.precision == "bf16" and not native_bf16("cuda" if a.device.startswith("cuda") else "cpu")
     rows = {}
     for m, rs in results.items():
         tps = statistics.median(statistics.median(r["loss_tokens_per_step"] / s for s in r["step_seconds"][a.warmup:])
@@ -292,18 +325,27 @@ def main() -> None:
             ideal = head / (peak32 * 1e9) + body / (peak * 1e9)
         else:
             ideal = (6 * ns + (2 * nt if teacher_runs else 0)) / (peak * 1e9)
+        gpus = [r["peak_gpu_gib"] for r in rs if r.get("peak_gpu_gib") is not None]
         rows[m] = {"tokens_per_s": tps, "peak_rss_gib": statistics.median(r["peak_rss_gib"] for r in rs),
+                   "peak_gpu_gib": statistics.median(gpus) if gpus else None,
                    "mfu": ideal * tps, "heldout_kl": statistics.median(r["heldout_kl"] for r in rs)}
-    print(f"\n{torch.get_num_threads()} torch thread(s); {a.precision} matmul peak {peak:.0f} GFLOP/s (fp32 {peak32:.0f})"
+    where = torch.cuda.get_device_name(a.device) if a.device.startswith("cuda") else \
+        f"CPU, {torch.get_num_threads()} torch thread(s)"
+    print(f"\n{where}; {a.precision} matmul peak {peak:.0f} GFLOP/s (fp32 {peak32:.0f})"
           f"{'; distillgate lm-head in fp32 (no native bf16)' if head32 else ''}; malloc {a.malloc}; student {ns / 1e6:.1f}M params ({info['student_layers']} layers), "
           f"teacher {nt / 1e6:.1f}M; batch {BATCH}x{SEQ}; {a.steps} steps ({a.warmup} warm-up), {a.rounds} rounds; "
           f"cached top-{a.topk} targets + {a.tail_samples} tail samples precomputed in {info['targets_seconds']:.1f} s (one-time)")
-    print(f"{'method':22s} {'tokens/s':>9s} {'peak RSS GiB':>13s} {'MFU':>6s} {'held-out KL':>12s}")
+    gpu_col = a.device.startswith("cuda")
+    print(f"{'method':22s} {'tokens/s':>9s} {'peak RSS GiB':>13s}" + (f" {'peak GPU GiB':>13s}" if gpu_col else "")
+          + f" {'MFU':>6s} {'held-out KL':>12s}")
     for m, r in rows.items():
-        print(f"{m:22s} {r['tokens_per_s']:9.1f} {r['peak_rss_gib']:13.2f} {100 * r['mfu']:5.1f}% {r['heldout_kl']:12.4f}")
+        print(f"{m:22s} {r['tokens_per_s']:9.1f} {r['peak_rss_gib']:13.2f}"
+              + (f" {r['peak_gpu_gib']:13.2f}" if gpu_col else "")
+              + f" {100 * r['mfu']:5.1f}% {r['heldout_kl']:12.4f}")
     if "trl_gkd" in rows and "distillgate_cached" in rows:
         o, t = rows["distillgate_cached"], rows["trl_gkd"]
-        print(f"tokens_per_s_ratio_vs_trl_gkd={o['tokens_per_s'] / t['tokens_per_s']:.3f} "
+        print(f"device={a.device.split(':')[0]} precision={a.precision} "
+              f"tokens_per_s_ratio_vs_trl_gkd={o['tokens_per_s'] / t['tokens_per_s']:.3f} "
               f"peak_rss_ratio_vs_trl_gkd={o['peak_rss_gib'] / t['peak_rss_gib']:.3f} "
               f"kl_ratio_vs_trl_gkd={o['heldout_kl'] / t['heldout_kl']:.3f}")
 

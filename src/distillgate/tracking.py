@@ -21,12 +21,18 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 from pathlib import Path
 
 log = logging.getLogger(__name__)
 MIRRORED_ALIASES = ("current", "best", "stable")
 RUN_TAG = "distillgate.run_id"
 VERSION_TAG = "distillgate.version"
+
+
+def _name(name: str) -> str:
+    """A metric name MLflow accepts (letters, digits, ``_-. /``); anything else becomes ``_``."""
+    return re.sub(r"[^A-Za-z0-9_\-. /]", "_", str(name))[:250]
 
 
 def _numbers(d: dict) -> dict[str, float]:
@@ -107,14 +113,14 @@ class MlflowSink:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        rows = [Metric(name, v, now, k) for name, v in metrics.items()]
+        rows = [Metric(_name(name), v, now, k) for name, v in metrics.items()]
         for g in gates:
-            rows.append(Metric(f"gate/{g.gate}/passed", float(g.passed), now, k))
+            rows.append(Metric(_name(f"gate/{g.gate}/passed"), float(g.passed), now, k))
             if g.value is not None and math.isfinite(g.value):
-                rows.append(Metric(f"gate/{g.gate}/value", float(g.value), now, k))
+                rows.append(Metric(_name(f"gate/{g.gate}/value"), float(g.value), now, k))
         if gates:
             rows.append(Metric("gates_passed", float(sum(g.passed for g in gates)), now, k))
-        rows += [Metric(f"phase_seconds/{name}", float(p["seconds"]), now, k) for name, p in phases.items()]
+        rows += [Metric(_name(f"phase_seconds/{name}"), float(p["seconds"]), now, k) for name, p in phases.items()]
         for i in range(0, len(rows), 1000):
             self.client.log_batch(self.run_id, metrics=rows[i:i + 1000])
         v = store.get_version(vid)

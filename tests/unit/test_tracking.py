@@ -105,3 +105,26 @@ def _training_steps_go_to_one_mlflow_run_per_output_folder(tmp_path, uri):
     assert [(x.step, x.value) for x in c.get_metric_history(rid, "train/loss")] == [(1, 1.0), (2, 0.5), (3, 1 / 3)]
     assert c.get_metric_history(rid, "train/term/ce") == []  # NaN is left out, as in TensorBoard
 
+
+
+def test_a_failing_tracker_is_switched_off_with_an_alert_and_the_run_goes_on(tmp_path):
+    from distillgate.loop.contract import Iteration
+    from distillgate.tracking import LoopTracker, _name
+
+    class Broken:
+        name = "mlflow"
+
+        def iteration(self, *a):
+            raise ConnectionError("tracking server gone")
+
+    cfg = load_config(RunConfig, None, ["train.report_to=[]"])
+    with RunStore.create(tmp_path, {}, run_id="r") as s:
+        said = []
+        tr = LoopTracker(cfg, s, say=said.append)
+        tr.sinks.append(Broken())
+        it = Iteration(1, None, {}, cfg)
+        tr.iteration(it)
+        assert tr.sinks == [] and "switched off (ConnectionError: tracking server gone)" in said[0]
+        assert any(a["source"] == "tracking" for a in s.catalog.alerts())
+        tr.iteration(it)  # nothing left to fail
+    assert _name("acc:mmlu/marketing (5-shot)") == "acc_mmlu/marketing _5-shot_"
