@@ -38,7 +38,8 @@ export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_
 if [ "$DRY_RUN" = 1 ]; then
   DEVICE=cpu PRECISION=fp32
   STEPS="${STEPS:-2}" ITERATIONS="${ITERATIONS:-1}" BENCH_STEPS="${BENCH_STEPS:-2}" BENCH_ROUNDS="${BENCH_ROUNDS:-1}"
-  BENCH_WARMUP=1 BENCH_EXTRA=(--methods distillgate_cached,trl_gkd --student-layers 2 --threads 1)
+  BENCH_WARMUP=1 BENCH_EXTRA=(--methods distillgate_cached,trl_gkd --student-layers 2 --threads 1
+                              --teacher "$WORK/tiny-teacher" --topk 8)
   export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
   RESULTS="$WORK/results"        # a dry run leaves nothing behind
 else
