@@ -115,7 +115,7 @@ def test_sigterm_stops_like_sigint_and_records_the_run_status(reference, tmp_pat
 
 def test_enospc_on_a_small_tmpfs_is_one_line_with_statuses_and_resume_gives_the_uninterrupted_weights(
         reference, tmp_path, monkeypatch, capsys):
-    """A real full disk: the run store on a 700 KB tmpfs (root only; elsewhere RLIMIT_FSIZE above stands in)."""
+    """A real full disk: the run store on a 500 KB tmpfs (root only; elsewhere RLIMIT_FSIZE above stands in)."""
     import shutil
 
     if os.geteuid() != 0:
@@ -123,7 +123,7 @@ def test_enospc_on_a_small_tmpfs_is_one_line_with_statuses_and_resume_gives_the_
     teacher, want = reference
     small = tmp_path / "small"
     small.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=700k", "tmpfs", str(small)], capture_output=True)
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=500k", "tmpfs", str(small)], capture_output=True)
     if r.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {r.stderr.decode()[:200]}")
     try:
