@@ -174,7 +174,7 @@ class TrainSpec(_Strict):
     threads: int | None = Field(None, ge=1, description="torch CPU threads (default: torch's choice)")
     report_to: list[Literal["tensorboard", "mlflow"]] = Field(
         ["tensorboard"], description="trackers that get the metrics, like the HF Trainer's list ([] for none): "
-                                     "tensorboard (scalars under <run>/tensorboard, or <output_dir>/tb for "
+                                     "tensorboard (scalars under <run>/tensorboard, or <output_dir>/train/tb for "
                                      "`distill`; skipped with a note when it is not installed), mlflow (one MLflow "
                                      "run per distillgate run: metrics, gates, report, registered-model aliases; "
                                      "needs `pip install 'distillgate[mlflow]'`)")
@@ -196,7 +196,7 @@ class TrainSpec(_Strict):
 
 class MlflowSpec(_Strict):
     tracking_uri: str | None = Field(None, description="MLflow tracking URI (default: sqlite:///<run dir>/mlflow.db "
-                                                       "for a run, <output_dir>/mlflow.db for `distill`: no server)")
+                                                       "for a run, <output_dir>/train/mlflow.db for `distill`: no server)")
     experiment: str = Field("distillgate", min_length=1, description="MLflow experiment name")
     registered_model: str | None = Field(None, description="registered model whose aliases mirror the run's "
                                                            "current/best/stable (default: distillgate-<run id>)")
