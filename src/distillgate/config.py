@@ -196,7 +196,8 @@ class TrainSpec(_Strict):
 
 class MlflowSpec(_Strict):
     tracking_uri: str | None = Field(None, description="MLflow tracking URI (default: sqlite:///<run dir>/mlflow.db "
-                                                       "for a run, <output_dir>/train/mlflow.db for `distill`: no server)")
+                                                       "for a run, <output_dir>/train/mlflow.db for `distill`: "
+                                                       "no server)")
     experiment: str = Field("distillgate", min_length=1, description="MLflow experiment name")
     registered_model: str | None = Field(None, description="registered model whose aliases mirror the run's "
                                                            "current/best/stable (default: distillgate-<run id>)")

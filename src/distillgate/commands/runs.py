@@ -178,8 +178,9 @@ def run_show(args) -> int:
                       ", ".join(sorted(by_version.get(v["version_id"], []))))
         con.print(t)
         du = store.disk_usage()
-        con.print(f"disk: {du['blob_bytes'] / 1e6:.1f} MB in {du['blobs']} blobs for {du['version_bytes'] / 1e6:.1f} MB "
-                  f"of version files (identical files are stored once)", highlight=False)
+        con.print(f"disk: {du['blob_bytes'] / 1e6:.1f} MB in {du['blobs']} blobs for "
+                  f"{du['version_bytes'] / 1e6:.1f} MB of version files (identical files are stored once)",
+                  highlight=False)
         gated = cat.last_gated_version()
         if gated is not None:
             t = Table("gate", "dimension", "value", "threshold", "status", "note", title=f"gate results of v{gated}")
