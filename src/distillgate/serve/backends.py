@@ -139,3 +139,23 @@ def url_backend(url: str, model: str, version: str) -> Backend:
     if not url.startswith(("http://", "https://")):
         raise ConfigError("serving.backend", url, "an http(s):// URL of an OpenAI-compatible server")
     return Backend(url=url.rstrip("/").removesuffix("/v1"), model=model, version=version)
+
+
+def start_many(kind: str, folders: dict[str, str | os.PathLike], log_dir: str | os.PathLike, **kw) -> list[Backend]:
+    """:func:`start` one backend per ``{version: folder}``, all at once (their start-ups overlap); if one
+    fails, the others are stopped and the error is raised."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(len(folders)) as pool:
+        futures = [pool.submit(start, kind, folder, version, log_dir, **kw) for version, folder in folders.items()]
+    out, error = [], None
+    for f in futures:
+        try:
+            out.append(f.result())
+        except BaseException as e:  # noqa: BLE001 - re-raised below after the others are stopped
+            error = error or e
+    if error is not None:
+        for b in out:
+            b.stop()
+        raise error
+    return out
