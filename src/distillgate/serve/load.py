@@ -69,47 +69,55 @@ def volatility_ratio_ci(teacher_ms: list[float], student_ms: list[float], confid
 
 def measure_latency_volatility(teacher_dir: str | os.PathLike, student_dir: str | os.PathLike,
                                spec: ServingSpec, work_dir: str | os.PathLike) -> dict:
-    """Start both backends, put the gateway in front, run the locust load, read the log; stop everything."""
+    """Start both backends (``spec.backend``), measure through the gateway, stop them."""
+    work = Path(work_dir)
+    started = backends.start_many(spec.backend, {"teacher": teacher_dir, "student": student_dir}, work / "logs",
+                                  device=spec.device, timeout=spec.startup_timeout_s, threads=spec.backend_threads)
+    try:
+        return measure_through_gateway({b.version: b for b in started}, spec, work)
+    finally:
+        for b in started:
+            b.stop()
+
+
+def measure_through_gateway(arms: dict[str, backends.Backend], spec: ServingSpec, work_dir: str | os.PathLike,
+                            baseline: str = "teacher", candidate: str = "student") -> dict:
+    """Gateway in front of ``arms`` (running backends), the locust load on every arm, P99/P50 per arm from
+    the request log; ``latency_volatility_ratio`` = candidate's / baseline's."""
+    from .client import GatewayClient
+
     work = Path(work_dir)
     work.mkdir(parents=True, exist_ok=True)
-    started: list[backends.Backend] = []
+    log = RequestLog(work / "requests.sqlite")
+    state = GatewayState(arms=dict(arms), assigner=Assigner(spec.experiment, {a: 1.0 for a in arms}),
+                         request_log=log, max_body_bytes=spec.max_body_bytes, max_tokens_limit=spec.max_tokens_limit,
+                         stop_replaced=False)
+    t0 = time.time()
     try:
-        started += backends.start_many(spec.backend, {"teacher": teacher_dir, "student": student_dir}, work / "logs",
-                                       device=spec.device, timeout=spec.startup_timeout_s,
-                                       threads=spec.backend_threads)
-        arms = {b.version: b for b in started}
-        log = RequestLog(work / "requests.sqlite")
-        state = GatewayState(arms=arms, assigner=Assigner(spec.experiment, {"teacher": 0.5, "student": 0.5}),
-                             request_log=log, max_body_bytes=spec.max_body_bytes,
-                             max_tokens_limit=spec.max_tokens_limit)
-        t0 = time.time()
         with ThreadedServer(build_app(state)) as server:
-            from .client import GatewayClient
-
-            with GatewayClient(server.url) as c:  # warm-up: first generate pays one-off setup costs
+            with GatewayClient(server.url) as c:  # warm-up: a first generate pays one-off setup costs
                 for arm in arms:
                     c.chat("warm up", model=arm, max_tokens=2)
             since = time.time()
             run = run_locust(server.url, spec, list(arms), work)
-        log.close()
     finally:
-        for b in started:
-            b.stop()
+        log.close()
     rows = read_requests(work / "requests.sqlite", since=since)
-    lat = {a: [r["latency_ms"] for r in rows if r["arm"] == a and r["status"] == 200] for a in ("teacher", "student")}
-    failed = {a: sum(1 for r in rows if r["arm"] == a and r["status"] != 200) for a in ("teacher", "student")}
-    if min(len(v) for v in lat.values()) < 20:
-        raise InputError(f"G-P2 through the gateway: too few answered requests ({ {a: len(v) for a, v in lat.items()} }, "
-                         f"failed {failed}); raise loop.serving.load_seconds, or see {work / 'locust.log'}")
+    names = (baseline, candidate)
+    ok = {a: [r for r in rows if r["arm"] == a and r["status"] == 200] for a in names}
+    failed = {a: sum(1 for r in rows if r["arm"] == a and r["status"] != 200) for a in names}
+    if min(len(v) for v in ok.values()) < 20:
+        raise InputError(f"G-P2 through the gateway: too few answered requests "
+                         f"({ {a: len(v) for a, v in ok.items()} }, failed {failed}); raise "
+                         f"loop.serving.load_seconds or load_users, or see {work / 'locust.log'}")
+    lat = {a: [r["latency_ms"] for r in v] for a, v in ok.items()}
     vol = {a: latency_volatility(np.asarray(v) / 1000) for a, v in lat.items()}
-    ttft = {a: float(np.median([r["ttft_ms"] for r in rows if r["arm"] == a and r["status"] == 200]))
-            for a in ("teacher", "student")}
-    ratio = vol["student"]["volatility"] / vol["teacher"]["volatility"]
+    ttft = {a: float(np.median([r["ttft_ms"] for r in v])) for a, v in ok.items()}
+    ratio = vol[candidate]["volatility"] / vol[baseline]["volatility"]
     return {"latency_volatility_ratio": ratio,
-            "details": {**vol, "ci95": volatility_ratio_ci(lat["teacher"], lat["student"]), "failed": failed,
+            "details": {**vol, "ci95": volatility_ratio_ci(lat[baseline], lat[candidate]), "failed": failed,
                         "ttft_p50_ms": ttft, "locust": run, "seconds": time.time() - t0, "work_dir": str(work),
                         "load": spec.model_dump(include={"load_users", "load_seconds", "load_max_tokens",
                                                           "long_context_words", "burst_size", "burst_every_s"}),
-                        "method": "through the gateway: real backends (" + spec.backend + "), locust load with "
-                                  "bursts, long contexts and concurrent sessions; server-side latency from the "
-                                  "request log"}}
+                        "method": "through the gateway: real backends, a locust load with bursts, long contexts "
+                                  "and concurrent sessions on loopback; server-side latency from the request log"}}

@@ -48,13 +48,13 @@ class Session(FastHttpUser):
         self.rng = random.Random(_rng.random())
         self.user, self.session = f"u-{uuid.uuid4().hex[:8]}", f"s-{uuid.uuid4().hex[:8]}"
         first = _text(self.rng, self.rng.randint(LONG // 2, LONG)) if self.rng.random() < 1 / 3 else ""
-        self.context = first.split()
+        self.words = first.split()
 
     @task
     def turn(self):
-        self.context += _text(self.rng, self.rng.randint(6, 24)).split()
-        self.context = self.context[-LONG:]
-        messages = [{"role": "user", "content": " ".join(self.context)}]
+        self.words += _text(self.rng, self.rng.randint(6, 24)).split()
+        self.words = self.words[-LONG:]
+        messages = [{"role": "user", "content": " ".join(self.words)}]
         for arm in self.rng.sample(ARMS, len(ARMS)):
             _post(self.client, arm, messages, self.user, self.session)
 

@@ -47,13 +47,13 @@ any SQLite client (``sqlite3 requests.sqlite 'select arm, avg(latency_ms) from r
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import json
 import os
-import queue
 import sqlite3
 import threading
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 from ..errors import ArtifactError
@@ -111,7 +111,7 @@ def log_path(run_dir: str | os.PathLike) -> Path:
 
 
 def _row(rec: RequestRecord) -> tuple:
-    d = asdict(rec)
+    d = dict(rec.__dict__)  # shallow: asdict() deep-copies the request body (0.2 ms a row)
     d["stream"] = int(bool(d["stream"]))
     if d["request"] is not None:
         d["request"] = json.dumps(d["request"], ensure_ascii=False, separators=(",", ":"))
@@ -138,13 +138,18 @@ def _open(path: Path) -> sqlite3.Connection:
 
 class RequestLog:
     """Appends :class:`RequestRecord` rows from a background thread, so the gateway's event loop never waits on
-    SQLite. :meth:`add` only enqueues; the thread commits whatever is queued in one transaction (each row is
-    whole or absent). :meth:`flush` waits until everything added so far is committed; :meth:`close` flushes."""
+    SQLite. :meth:`add` only appends to a queue (no lock, no thread wake-up: the gateway pays microseconds);
+    every ``interval_s`` the thread commits whatever is queued in one transaction (each row whole or absent).
+    :meth:`flush` waits until everything added before it is committed; :meth:`close` flushes."""
 
-    def __init__(self, path: str | os.PathLike):
+    def __init__(self, path: str | os.PathLike, interval_s: float = 0.05):
         self.path = Path(path)
+        self.interval_s = interval_s
         self._conn = _open(self.path)
-        self._q: queue.Queue = queue.Queue()
+        self._rows: collections.deque = collections.deque()  # append/popleft are atomic: no lock needed
+        self._waiters: collections.deque = collections.deque()
+        self._wake = threading.Event()
+        self._stop = False
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="distillgate-request-log", daemon=True)
         self._thread.start()
@@ -152,11 +157,12 @@ class RequestLog:
     def add(self, rec: RequestRecord) -> None:
         if self._error is not None:
             raise ArtifactError(f"{self.path}: request log writer failed: {self._error}")
-        self._q.put(_row(rec))
+        self._rows.append(_row(rec))
 
     def flush(self, timeout: float = 30.0) -> None:
         done = threading.Event()
-        self._q.put(done)
+        self._waiters.append(done)
+        self._wake.set()
         if not done.wait(timeout):
             raise ArtifactError(f"{self.path}: request log did not flush within {timeout:.0f} s")
         if self._error is not None:
@@ -164,26 +170,27 @@ class RequestLog:
 
     def close(self) -> None:
         if self._thread.is_alive():
-            self._q.put(None)
+            self._stop = True
+            self._wake.set()
             self._thread.join(timeout=30.0)
         with contextlib.suppress(sqlite3.Error):
             self._conn.close()
 
+    def _drain(self, q: collections.deque) -> list:
+        out = []
+        while True:
+            try:
+                out.append(q.popleft())
+            except IndexError:
+                return out
+
     def _run(self) -> None:
         while True:
-            item = self._q.get()
-            batch, signals, stop = [], [], False
-            while True:
-                if item is None:
-                    stop = True
-                elif isinstance(item, threading.Event):
-                    signals.append(item)
-                else:
-                    batch.append(item)
-                try:
-                    item = self._q.get_nowait()
-                except queue.Empty:
-                    break
+            self._wake.wait(self.interval_s)
+            self._wake.clear()
+            stop = self._stop
+            waiters = self._drain(self._waiters)  # before the rows: every row added before flush() is in
+            batch = self._drain(self._rows)
             if batch and self._error is None:
                 try:
                     self._conn.execute("BEGIN IMMEDIATE")
@@ -193,8 +200,8 @@ class RequestLog:
                     with contextlib.suppress(sqlite3.Error):
                         self._conn.execute("ROLLBACK")
                     self._error = e
-            for s in signals:
-                s.set()
+            for w in waiters:
+                w.set()
             if stop:
                 return
 
