@@ -207,3 +207,89 @@ def test_hot_swap_under_load_drops_no_request(gateway, backend):
     rows = _rows(log, state, len(results))
     assert len(rows) == len(results) and all(r["status"] == 200 for r in rows)
     assert state.arms["candidate"].version == "v3" and state.arms["candidate"].inflight == 0
+
+
+def test_gp2_through_the_gateway_under_a_locust_load(backend, tmp_path):
+    """G-P2 plumbing: a bounded locust load (sessions with growing contexts + bursts) through the gateway, both
+    arms the same requests; volatility per arm from the request log, a bootstrap CI around the ratio."""
+    from distillgate.serve.load import measure_through_gateway
+    from distillgate.serve.spec import ServingSpec
+
+    url, dirs = backend
+    spec = ServingSpec(enabled=True, load_users=4, load_seconds=4, load_max_tokens=2, long_context_words=60,
+                       burst_size=3, burst_every_s=1.0, think_time_s=0.05)
+    arms = {"teacher": Backend(url, dirs["a"], "teacher"), "student": Backend(url, dirs["b"], "student")}
+    r = measure_through_gateway(arms, spec, tmp_path / "load")
+    d = r["details"]
+    assert d["locust"]["exit_code"] == 0 and d["failed"] == {"teacher": 0, "student": 0}
+    n = {a: d["locust"]["stats"][a]["num_requests"] for a in ("teacher", "student")}
+    # each turn goes to both arms; only the turn or burst cut by the end of the run may be on one arm alone
+    assert min(n.values()) >= 20 and abs(n["teacher"] - n["student"]) <= spec.burst_size
+    assert all(abs(d[a]["n"] - n[a]) <= spec.burst_size for a in n)  # the log saw what locust sent
+    assert r["latency_volatility_ratio"] == pytest.approx(d["student"]["volatility"] / d["teacher"]["volatility"])
+    lo, hi = d["ci95"]
+    assert lo <= r["latency_volatility_ratio"] <= hi
+    rows = read_requests(tmp_path / "load" / "requests.sqlite")
+    assert max(len(x["request"]["messages"][0]["content"].split()) for x in rows) > 30  # long contexts were sent
+    assert len({x["session_id"] for x in rows}) >= 4  # many sessions
+
+
+@pytest.mark.slow
+def test_gp2_provider_uses_the_gateway_when_serving_is_enabled(tiny_teacher_dir, tiny_student_dir, tmp_path):
+    """The loop's validate path: latency_volatility_ratio through real `transformers serve` child processes."""
+    from distillgate.evaluate.providers import GateContext, load_providers, measure
+    from distillgate.models import load_model
+    from distillgate.serve.spec import ServingSpec
+
+    load_providers()
+    spec = ServingSpec(enabled=True, load_users=4, load_seconds=5, load_max_tokens=2, long_context_words=60)
+    ctx = GateContext.with_models(load_model(str(tiny_teacher_dir)), load_model(str(tiny_student_dir)),
+                                  {"serving": spec})
+    values, notes = measure(ctx, ["latency_volatility_ratio"])
+    d = ctx.details["latency_volatility_ratio"]
+    assert values["latency_volatility_ratio"] > 0 and "through the gateway" in d["method"]
+    assert values["latency_volatility_ratio/ci_low"] <= values["latency_volatility_ratio"]
+    assert d["teacher"]["n"] >= 20 and d["failed"] == {"teacher": 0, "student": 0}
+
+
+def test_serve_command_on_loopback(backend, tmp_path, tiny_student_dir, capsys, monkeypatch):
+    """`distillgate serve RUN` through cli.main (URL backends): refuses a public bind, serves, logs, stops. The
+    foreground uvicorn runner is swapped for the threaded one so the test can stop it (a subprocess would pay
+    ~10 s of imports here)."""
+    import distillgate.serve.server as server_mod
+    from distillgate.cli import main
+    from distillgate.store import RunStore
+
+    url, dirs = backend
+    with RunStore.create(tmp_path / "runs", {"teacher": {"path": dirs["a"]}}, run_id="r1") as st:
+        vw = st.begin_version(1)
+        vw.add_dir("student", tiny_student_dir)
+        vw.commit()
+    assert main(["serve", "r1", "--root", str(tmp_path / "runs"), "--host", "0.0.0.0"]) == 2
+    assert "--allow-remote" in capsys.readouterr().err
+    up, stop, port = threading.Event(), threading.Event(), free_port()
+
+    def serve_until_stopped(app, host, port):
+        with ThreadedServer(app, host, port):
+            up.set()
+            stop.wait(60)
+
+    monkeypatch.setattr(server_mod, "serve_forever", serve_until_stopped)
+    rc = []
+    t = threading.Thread(target=lambda: rc.append(main(
+        ["serve", "r1", "--root", str(tmp_path / "runs"), "--port", str(port), "--backend", url, "--control-url", url,
+         "--candidate-weight", "1"])))
+    t.start()
+    try:
+        assert up.wait(60)
+        with GatewayClient(f"http://127.0.0.1:{port}") as c:
+            r = c.chat("hi", user_id="u", max_tokens=2)
+            assert c.health()["arms"]["control"]["version"] == "teacher"
+        assert r.ok and r.arm == "candidate" and r.version == "v1"
+    finally:
+        stop.set()
+        t.join(30)
+    assert rc == [0]
+    assert "gateway on http://127.0.0.1" in capsys.readouterr().out
+    rows = read_requests(log_path(tmp_path / "runs" / "r1"))
+    assert [(x["request_id"], x["model_version"], x["status"]) for x in rows] == [(r.request_id, "v1", 200)]

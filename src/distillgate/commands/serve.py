@@ -40,7 +40,7 @@ def run(args) -> int:
     import asyncio
     from pathlib import Path
 
-    from ..errors import ConfigError, InputError
+    from ..errors import ConfigError, DistillgateError, InputError
     from ..models.load import resolve_model_path
     from ..serve import backends
     from ..serve.assign import Assigner
@@ -71,6 +71,13 @@ def run(args) -> int:
         v = store.resolve(int(ref) if ref.isdigit() else ref)
         return f"v{v.version_id}", str(v.checkout("student", serve_dir / "versions" / f"v{v.version_id}"))
 
+    def label(ref: str) -> str:
+        """``v<id>`` of a version ref served from a URL (the log's model_version), else the ref itself."""
+        try:
+            return f"v{store.resolve(int(ref) if ref.isdigit() else ref).version_id}"
+        except DistillgateError:
+            return ref
+
     def launch(ref: str) -> backends.Backend:
         version, folder = folder_of(ref)
         return backends.start(kind, folder, version, serve_dir / "logs", device=spec.device,
@@ -81,11 +88,11 @@ def run(args) -> int:
     log = None
     try:
         if kind.startswith(("http://", "https://")):
-            candidate = backends.url_backend(kind, _upstream_model(kind), args.version)
+            candidate = backends.url_backend(kind, _upstream_model(kind), label(args.version))
         else:
             candidate = None
         if args.control_url:
-            control = backends.url_backend(args.control_url, _upstream_model(args.control_url), control_ref)
+            control = backends.url_backend(args.control_url, _upstream_model(args.control_url), label(control_ref))
         else:
             control = None
         todo = {}

@@ -33,6 +33,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from starlette.background import BackgroundTask
 
+from ..errors import DistillgateError
 from .assign import Assigner
 from .backends import Backend
 from .log import RequestLog, RequestRecord
@@ -374,7 +375,10 @@ def build_app(state: GatewayState) -> FastAPI:
                 new = Backend(url=str(body["url"]).rstrip("/"), model=str(body.get("model") or ""),
                               version=str(body.get("version") or body["url"]))
             elif body.get("version") is not None and state.launcher is not None:
-                new = await state.launcher(str(body["version"]))
+                try:
+                    new = await state.launcher(str(body["version"]))
+                except DistillgateError as e:  # unknown version, backend failed to start: the arm is unchanged
+                    return JSONResponse(_error_body(str(e), "swap_failed", kind="server_error"), 502)
             else:
                 raise Refused(400, "give 'url' (+ 'model', 'version') or a 'version' to start", "invalid_swap")
         except ValueError as e:
