@@ -10,7 +10,8 @@ gateway in front. The load generator (asyncio + aiohttp, this process) then meas
 1. gateway overhead: each request goes once to the backend directly and once through the gateway (forced to
    the candidate arm, i.e. the same backend), in alternating order, ``--concurrency`` workers at once; the
    overhead is p50(gateway) - p50(direct) and p99(gateway) - p99(direct), median over ``--repeats``;
-2. requests/s at that concurrency, direct and through the gateway (separate phases, alternating);
+2. requests/s at that concurrency, direct and through the gateway (separate phases, alternating), and the
+   gateway process's CPU time per request (/proc; independent of how loaded the machine is);
 3. TTFT student vs teacher through the full path (streamed, a ~200-word prompt, arms alternating);
 4. A/A: a second gateway whose two arms serve the same backend; sticky users spread over both arms; the 95%
    bootstrap CI (scipy.stats.bootstrap, percentile, arms resampled independently) of the difference in mean
@@ -73,7 +74,13 @@ async def _workers(n: int, concurrency: int, job) -> list:
     return out
 
 
-async def overhead_round(direct: str, model: str, gateway: str, n: int, c: int, seed: int) -> dict:
+def _cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process so far (/proc/PID/stat fields 14 and 15)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def overhead_round(direct: str, model: str, gateway: str, n: int, c: int, seed: int, gw_pid: int) -> dict:
     import aiohttp
 
     rng = random.Random(seed)
@@ -94,16 +101,19 @@ async def overhead_round(direct: str, model: str, gateway: str, n: int, c: int, 
         rps = {}
         for name in (["direct", "gateway"] if seed % 2 == 0 else ["gateway", "direct"]):
             url, m = (direct, model) if name == "direct" else (gateway, "candidate")
-            t0 = time.perf_counter()
+            t0, cpu0 = time.perf_counter(), _cpu_s(gw_pid)
             await _workers(n, c, lambda i: _post(s, url, {"model": m, "messages": bodies[i], "max_tokens": 1}))
             rps[name] = n / (time.perf_counter() - t0)
+            if name == "gateway":
+                await asyncio.sleep(0.3)  # let the log writer and metrics of these requests finish
+                rps["gateway_cpu_ms"] = (_cpu_s(gw_pid) - cpu0) * 1000 / n
     d, g = np.array([p[0] for p in pairs]), np.array([p[1] for p in pairs])
     return {"direct_p50": np.percentile(d, 50), "direct_p99": np.percentile(d, 99),
             "gateway_p50": np.percentile(g, 50), "gateway_p99": np.percentile(g, 99),
             "p50_overhead": np.percentile(g, 50) - np.percentile(d, 50),
             "p99_overhead": np.percentile(g, 99) - np.percentile(d, 99),
             "paired_median_overhead": float(np.median(g - d)), "rps_direct": rps["direct"],
-            "rps_gateway": rps["gateway"]}
+            "rps_gateway": rps["gateway"], "gateway_cpu_ms": rps["gateway_cpu_ms"]}
 
 
 async def ttft_round(gateway: str, n: int, seed: int) -> dict:
@@ -194,7 +204,7 @@ def main() -> None:
         aa, aa_url = _start_gateway(tmp / "runs", be["student"], be["student"], tmp / "gateway-aa.log")
         procs.append(aa)
         rounds = [asyncio.run(overhead_round(be["student"].url, be["student"].model, gw_url, a.requests,
-                                             a.concurrency, seed)) for seed in range(a.repeats)]
+                                             a.concurrency, seed, gw.pid)) for seed in range(a.repeats)]
         ttft = asyncio.run(ttft_round(gw_url, a.ttft_requests, 0))
         aa_res = asyncio.run(aa_round(aa_url, a.aa_requests, a.concurrency, 0))
     finally:
@@ -210,6 +220,8 @@ def main() -> None:
     print(f"{'gateway':<10}{med['gateway_p50']:>10.2f}{med['gateway_p99']:>10.2f}{med['rps_gateway']:>10.1f}")
     print(f"{'overhead':<10}{med['p50_overhead']:>10.2f}{med['p99_overhead']:>10.2f}"
           f"   (paired median {med['paired_median_overhead']:.2f} ms)")
+    print(f"gateway CPU per request (all its work: proxying, log, metrics): {med['gateway_cpu_ms']:.2f} ms; "
+          f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
     print("per repeat p50/p99 overhead ms: " + ", ".join(f"{r['p50_overhead']:.2f}/{r['p99_overhead']:.2f}"
                                                           for r in rounds))
     print(f"\nTTFT through the gateway (median of {a.ttft_requests}, ~200-word prompt, streamed): "
