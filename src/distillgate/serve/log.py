@@ -1,9 +1,11 @@
 """The gateway's request log: one SQLite file per run, ``<run>/serve/requests.sqlite`` (:func:`log_path`).
 
 Every request the gateway answers (or refuses) becomes exactly one row, written once its outcome is known, in
-one transaction: a reader never sees a half-written row. A request whose body could not even be parsed
-(malformed JSON, oversized body, unknown model) gets its 4xx and is *not* logged: there is no user, arm or
-prompt to attribute it to (the Prometheus counters still count it).
+one transaction: a reader never sees a half-written row. A request refused before an arm is chosen (401 bad
+token; 400 malformed JSON, bad messages or max_tokens; 404 unknown model; 413 oversized body) gets its 4xx and
+is *not* logged: there is no arm or backend outcome to attribute (``distillgate_refused_total`` counts it).
+Errors after routing are logged with their status: the backend's own 4xx/5xx, 502 unreachable or failed
+mid-stream, 499 client gone mid-stream.
 
 The file is separate from ``catalog.sqlite`` on purpose: the gateway must not take the run's writer lock (the
 loop may be running), and the log grows with traffic while the catalog stays small. WAL journal, so readers
@@ -15,24 +17,26 @@ Schema (``PRAGMA user_version`` = :data:`SCHEMA_VERSION`), table ``requests``:
 =====================  =======  ==============================================================================
 column                 type     meaning
 =====================  =======  ==============================================================================
-request_id             TEXT PK  the gateway's id, also the response's ``id`` (``chatcmpl-<hex>``)
+request_id             TEXT PK  the gateway's id (``chatcmpl-<hex>``), sent back in the ``X-Request-Id`` header
 ts                     REAL     unix seconds (float) when the gateway received the request
 user_id                TEXT     header ``X-User-Id``, else the body's ``user``; NULL if neither
 session_id             TEXT     header ``X-Session-Id``; NULL if absent
 experiment             TEXT     experiment name the arm was drawn in (config ``serving.experiment``)
 arm                    TEXT     arm served (e.g. ``control`` / ``candidate``); assignment is sticky per
                                 user (or session when there is no user), deterministic (murmur3 hashing)
-model_version          TEXT     version served: ``v<id>`` of the run store, or the backend name for a URL
+model_version          TEXT     version served: ``v<id>`` of the run store, ``teacher``, or a URL backend's label
 route                  TEXT     ``/v1/chat/completions``
 stream                 INTEGER  1 if the client asked for server-sent events, else 0
-status                 INTEGER  HTTP status returned to the client (200, 4xx, 5xx)
+status                 INTEGER  HTTP status of the outcome (200, 4xx, 5xx; a stream that broke after its 200
+                                header: 502 backend / 499 client)
 error                  TEXT     NULL on success, else a one-line reason (backend error, timeout, ...)
 finish_reason          TEXT     ``stop`` / ``length`` from the backend; NULL on error
 prompt_tokens          INTEGER  from the backend's ``usage``; NULL if it did not report it
 completion_tokens      INTEGER  from the backend's ``usage`` (streaming: number of content chunks if no usage)
 ttft_ms                REAL     ms from receipt to the first content byte sent to the client (non-streaming:
                                 equal to latency_ms)
-latency_ms             REAL     ms from receipt to the last byte sent to the client
+latency_ms             REAL     ms from receipt to the last chunk relayed (streaming) or to the whole body
+                                handed to the server (non-streaming)
 request                TEXT     the request body as JSON (messages, sampling parameters)
 response               TEXT     the assistant's text (streaming: the chunks joined); NULL on error
 shadow_model_version   TEXT     version the request was shadow-called on (production model); NULL if none
