@@ -216,8 +216,9 @@ def test_gp2_through_the_gateway_under_a_locust_load(backend, tmp_path):
     from distillgate.serve.spec import ServingSpec
 
     url, dirs = backend
-    spec = ServingSpec(enabled=True, load_users=4, load_seconds=4, load_max_tokens=2, long_context_words=60,
-                       burst_size=3, burst_every_s=1.0, think_time_s=0.05)
+    # sized to give >= 20 answers per arm even on a loaded 2-core machine (the measurement's minimum)
+    spec = ServingSpec(enabled=True, load_users=6, load_seconds=5, load_max_tokens=1, long_context_words=48,
+                       burst_size=4, burst_every_s=0.5, think_time_s=0.02)
     arms = {"teacher": Backend(url, dirs["a"], "teacher"), "student": Backend(url, dirs["b"], "student")}
     r = measure_through_gateway(arms, spec, tmp_path / "load")
     d = r["details"]
@@ -230,7 +231,7 @@ def test_gp2_through_the_gateway_under_a_locust_load(backend, tmp_path):
     lo, hi = d["ci95"]
     assert lo <= r["latency_volatility_ratio"] <= hi
     rows = read_requests(tmp_path / "load" / "requests.sqlite")
-    assert max(len(x["request"]["messages"][0]["content"].split()) for x in rows) > 30  # long contexts were sent
+    assert max(len(x["request"]["messages"][0]["content"].split()) for x in rows) > 24  # long contexts were sent
     assert len({x["session_id"] for x in rows}) >= 4  # many sessions
 
 
