@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from .errors import ConfigError, reject_unknown
 from .evaluate.providers import CPU_PRESETS
+from .serve.spec import ServingSpec
 from .strategy import StrategySpec
 
 DOMAINS = ("finance_risk", "medical", "legal", "education", "customer_support", "ecommerce", "travel",
@@ -415,6 +416,8 @@ class LoopSpec(_Strict):
                                    description="G-C4 instructions per check (SPEC: 5,000)")
     data_dir: str | None = Field(None, description="evaluation datasets folder for the G-C2 probes "
                                                    "(e.g. ../shared/datasets)")
+    serving: ServingSpec = Field(default_factory=ServingSpec, description="the gateway: `distillgate serve` "
+                                 "and G-P2 through it (L4, issue 11)")
 
     @field_validator("stages")
     @classmethod

@@ -27,6 +27,7 @@ import os
 import random
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Iterator, Sequence
 
 import numpy as np
@@ -422,10 +423,31 @@ def _peak_memory_ratio(ctx: GateContext) -> float:
 
 
 def _latency_volatility_ratio(ctx: GateContext) -> float:
+    serving = ctx.options.get("serving")
+    if serving is not None and getattr(serving, "enabled", False):
+        return _latency_volatility_through_gateway(ctx, serving)
     t, s = ctx.teacher(), ctx.student()
     r = compare_latency_volatility(t.model, s.model, t.tokenizer, n_requests=_opt(ctx, "volatility_requests"),
                                    seed=_opt(ctx, "seed"), max_context=_opt(ctx, "context_len"),
                                    threads=ctx.options.get("threads"))
+    ctx.details["latency_volatility_ratio"] = r["details"]
+    return r["latency_volatility_ratio"]
+
+
+def _latency_volatility_through_gateway(ctx: GateContext, serving) -> float:
+    """G-P2 under real load (issue 11 part 6): both models behind real backends and the gateway, a locust
+    load on loopback. The student in memory is saved to a scratch folder first (the backend loads a folder)."""
+    import tempfile
+
+    from .serve.load import measure_latency_volatility
+
+    t, s = ctx.teacher(), ctx.student()
+    with tempfile.TemporaryDirectory(prefix="distillgate-gp2-") as tmp:
+        student_dir = Path(tmp) / "student"
+        s.model.save_pretrained(student_dir, safe_serialization=True)
+        s.tokenizer.save_pretrained(student_dir)
+        r = measure_latency_volatility(t.path, student_dir, serving, Path(tmp) / "load")
+    ctx.extra["latency_volatility_ratio/ci_low"], ctx.extra["latency_volatility_ratio/ci_high"] = r["details"]["ci95"]
     ctx.details["latency_volatility_ratio"] = r["details"]
     return r["latency_volatility_ratio"]
 

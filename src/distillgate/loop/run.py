@@ -192,7 +192,7 @@ class Run:
         return {"heldout": self.heldout, "ppl_text": c.eval.text_file, "ppl_tokens": c.eval.max_tokens,
                 "lengths": lp.perf_lengths, "repeats": lp.perf_repeats, "context_len": max(lp.perf_lengths),
                 "inheritance_groups": lp.inheritance_groups, "path_instructions": lp.path_instructions,
-                "data_dir": lp.data_dir, "seed": c.train.seed, **(extra or {})}
+                "data_dir": lp.data_dir, "seed": c.train.seed, "serving": lp.serving, **(extra or {})}
 
     def measure(self, metrics: list[str], **options) -> Measurement:
         """Measure ``metrics`` on the current student through the metric registry (the one ``distillgate
