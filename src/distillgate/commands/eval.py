@@ -24,7 +24,16 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description="Evaluate --model (and --teacher on the same suite) and print metric, "
                                    "student, teacher, delta. With --teacher: teacher_kl tasks compare the two, and "
                                    "the per-item diff lists what the student lost, by task and capability tag.",
-                       epilog=_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    # The epilog lists the formats, which imports evaluate (and torch): built only when help is printed, so
+    # that `distillgate --help` and every other command's parser stay fast.
+    format_help = p.format_help
+
+    def _format_help() -> str:
+        p.epilog = _epilog()
+        return format_help()
+
+    p.format_help = _format_help
     p.add_argument("--model", required=True, help="'default', a model folder, a .gguf file or a hub id")
     p.add_argument("--teacher", help="teacher model (same tokenizer) for the teacher column, teacher_kl and the diff")
     p.add_argument("--baseline", metavar="JSON", help="the teacher's earlier `eval --json` on the same suite (S1.3: "
