@@ -17,7 +17,8 @@ Teacher: :class:`TopKTargets` rows are sliced per chunk and take the closed-form
 the gradient w.r.t. the chunk's logits from one exp pass, no autograd over ``[c, V]``: 0.94 s vs 2.38 s per
 1,024 x 49,152 forward+backward in fp32, ``bench/fused_loss.py --dtype fp32 --autograd``); tail samples, when the targets carry
 them, make forward KL unbiased (:func:`sampled_forward_kl`). For :class:`TeacherHidden` (online teacher) the
-teacher's logits are formed per chunk from ``hidden @ weight.T`` under no_grad and autograd runs per chunk.
+teacher's logits are formed per chunk from ``hidden @ weight.T`` under no_grad and the gradient is closed-form
+too (:func:`_dense_chunk`: softmaxes of both sides, no autograd over ``[c, V]``).
 """
 
 from __future__ import annotations
@@ -30,11 +31,12 @@ from ..errors import ConfigError
 from ..hardware import native_bf16
 from ..targets import TeacherHidden, TopKTargets
 from ..weighting import CHANNELS, check_channels, combine_sum
-from .divergence import (DIVERGENCES, _inv_temperature, _t2, cross_entropy, divergence as divergence_fn,
+from .divergence import (DIVERGENCES, LOGP_FLOOR, _inv_temperature, _t2, cross_entropy, divergence as divergence_fn,
                          temper_buckets, topk_teacher_buckets)
 
 CLOSED_FORM = True
-"""Top-k targets take the closed-form chunk gradient (:func:`_topk_chunk`); False forces per-chunk autograd
+"""Top-k targets (:func:`_topk_chunk`) and dense / online teachers (:func:`_dense_chunk`) take the closed-form
+chunk gradient; False forces per-chunk autograd
 (same values; ``bench/fused_loss.py`` switches it off to measure the difference)."""
 
 LM_HEAD = "lm_head"
@@ -270,6 +272,93 @@ def _topk_chunk(logits: torch.Tensor, targets: TopKTargets, target_ids: torch.Te
     return chunk_total.detach(), {n_: t.detach() for n_, t in per.items()}, grad
 
 
+def _dense_chunk(logits: torch.Tensor, teacher_logits: torch.Tensor, target_ids: torch.Tensor,
+                 temperature: torch.Tensor | None, names, weights: dict[str, float],
+                 token_weight: torch.Tensor | None, divergence: str, beta: float, t2_scale: bool, need_grad: bool,
+                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor | None]:
+    """Channel losses of one chunk against a dense teacher (the online teacher's ``[c, V]`` logits) and their
+    gradient w.r.t. the student's logits in closed form, no autograd over ``[c, V]``.
+
+    With ``zs = z / T``, ``q = softmax(zs)``, ``p = softmax(t / T)`` (floored like :func:`dense_logprobs`):
+    forward KL ``d/dzs = q * sum(p) - p``; any divergence written ``D(p, q)`` with ``g = dD/dq`` has
+    ``d/dzs = q * (g - <q, g>)``: reverse KL ``g = log q - log p + 1``, TRL's generalized JSD
+    ``g = (1 - beta) (log q - log m)`` with ``m = beta p + (1 - beta) q``, TV ``g = sign(q - p) / 2``; then
+    ``d/dz = d/dzs / T`` and the T^2 factor. CE: ``softmax(z) - onehot(target)`` at T = 1. Each term is scaled
+    by its channel weight times the token weight (the sum :func:`combine_sum` forms). Same values as the
+    autograd path (tested in float64). Returns ``(chunk_total, per_token, grad_logits or None)``."""
+    c, v = logits.shape
+    z = logits.detach().float()
+    inv_t = _inv_temperature(temperature, c, z.device)
+    zs = z if inv_t is None else z * inv_t
+    lq = torch.log_softmax(zs, dim=-1)
+    per: dict[str, torch.Tensor] = {}
+    grad = torch.zeros_like(z) if need_grad else None
+    tw = None if token_weight is None else token_weight.to(z.device, torch.float32)
+
+    def coeff(name):            # [c, 1] weight of d loss_name / d logits in the chunk total
+        a = torch.full((c,), float(weights.get(name, 0.0)), dtype=torch.float32, device=z.device)
+        return (a if tw is None else a * tw).unsqueeze(1)
+
+    for name in names:
+        if name == "kd":
+            tl = teacher_logits.to(z.device, torch.float32)
+            lp = torch.log_softmax(tl if inv_t is None else tl * inv_t, dim=-1).clamp_min(LOGP_FLOOR)
+            p = lp.exp()
+            q = lq.exp()
+            kind = divergence
+            if kind == "gjsd" and beta == 0.0:
+                kind = "forward_kl"
+            elif kind == "gjsd" and beta == 1.0:
+                kind = "reverse_kl"
+            if kind == "forward_kl":
+                val = (p * (lp - lq)).sum(-1)
+                g_zs = q * p.sum(-1, keepdim=True) - p if need_grad else None
+            else:
+                if kind == "reverse_kl":
+                    val = (q * (lq - lp)).sum(-1)
+                    g = lq - lp + 1.0
+                elif kind == "gjsd":
+                    if not 0.0 <= beta <= 1.0:
+                        raise ConfigError("loss.beta", beta, "a number in [0, 1]")
+                    lm = torch.logsumexp(torch.stack([lq + math.log1p(-beta), lp + math.log(beta)]), dim=0)
+                    val = beta * (p * (lp - lm)).sum(-1) + (1.0 - beta) * (q * (lq - lm)).sum(-1)
+                    g = (1.0 - beta) * (lq - lm)
+                elif kind == "tv":
+                    val = 0.5 * (p - q).abs().sum(-1)
+                    g = 0.5 * torch.sign(q - p)
+                else:
+                    raise ConfigError("loss.divergence", divergence, f"one of {sorted(DIVERGENCES)}")
+                g_zs = q * (g - (q * g).sum(-1, keepdim=True)) if need_grad else None
+                del g
+            t2 = None
+            if temperature is not None and t2_scale:
+                t = torch.as_tensor(temperature, dtype=torch.float32, device=z.device).expand(c)
+                t2 = t * t
+            per[name] = val if t2 is None else val * t2
+            if need_grad:
+                k = coeff(name)
+                if t2 is not None:
+                    k = k * t2.unsqueeze(1)
+                if inv_t is not None:
+                    k = k * inv_t
+                grad.add_(g_zs.mul_(k))
+            del lp, p, q
+        elif name == "ce":
+            tgt = target_ids.to(z.device, torch.long)
+            l1 = lq if inv_t is None else torch.log_softmax(z, dim=-1)
+            per[name] = -l1.gather(1, tgt.unsqueeze(1)).squeeze(1)
+            if need_grad:
+                k = coeff(name)
+                g_ce = l1.exp().mul_(k)
+                g_ce.scatter_add_(1, tgt.unsqueeze(1), -k)
+                grad.add_(g_ce)
+                del g_ce
+        else:
+            raise ConfigError(f"loss.channels.{name}", name, "a channel computed from logits: ['ce', 'kd']")
+    chunk_total = combine_sum(per, weights, token_weight)
+    return chunk_total.detach(), per, grad
+
+
 class _FusedLMHeadLoss(torch.autograd.Function):
     """(total 0-dim, per-token [C, N]) with d total / d(h, W) computed chunk by chunk in forward."""
 
@@ -295,7 +384,10 @@ class _FusedLMHeadLoss(torch.autograd.Function):
                 if isinstance(teacher, TopKTargets) and CLOSED_FORM:               # closed-form gradient
                     chunk_total, per, g = _topk_chunk(logits, teacher_rows(s, e), target_ids[s:e], temp, names,
                                                       weights, tw, divergence, beta, t2_scale, need_h or need_w)
-                else:                                                              # dense teacher: autograd
+                elif not isinstance(teacher, TopKTargets) and CLOSED_FORM:          # dense / online teacher
+                    chunk_total, per, g = _dense_chunk(logits, teacher_rows(s, e), target_ids[s:e], temp, names,
+                                                       weights, tw, divergence, beta, t2_scale, need_h or need_w)
+                else:                                                              # autograd per chunk
                     if need_h or need_w:
                         logits.requires_grad_(True)
                     with torch.enable_grad():
