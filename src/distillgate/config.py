@@ -7,6 +7,7 @@ what is allowed. ``distillgate distill --help-config`` prints this reference.
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Any, Literal
@@ -127,6 +128,9 @@ class LossSpec(_Strict):
                                                    "teacher's tokens")
     temperature: TemperatureSpec = Field(default_factory=TemperatureSpec)
     domain_weights: dict[str, float] = Field(default_factory=dict, description="domain -> loss weight (default 1)")
+    domain_channel_shares: dict[str, dict[str, float]] = Field(
+        default_factory=dict, description="S2.5 level 1: {domain: {channel: share}} scales each channel's loss "
+                                          "on that domain's samples (default 1; the strategy may move them)")
     difficulty_weighting: bool = Field(False, description="down-weight tokens where the teacher is unsure (S2.5.2)")
     difficulty_floor: float = Field(0.5, ge=0.0, le=1.0, description="lowest difficulty weight")
     chunk_size: int = Field(256, ge=16, description="tokens per chunk of the fused lm-head + loss (256: 0.40x the "
@@ -142,6 +146,16 @@ class LossSpec(_Strict):
                 raise ValueError(f"channel {k!r} weight {w} must be >= 0")
         if not v or sum(v.values()) <= 0:
             raise ValueError("at least one channel needs a positive weight")
+        return v
+
+    @field_validator("domain_channel_shares")
+    @classmethod
+    def _dcs(cls, v):
+        reject_unknown(v, DOMAINS, "domain")
+        for d, per in v.items():
+            for ch, w in per.items():
+                if not (isinstance(w, (int, float)) and math.isfinite(w) and w >= 0):
+                    raise ValueError(f"share of channel {ch!r} in domain {d!r} must be a finite number >= 0, got {w}")
         return v
 
     @field_validator("domain_weights")

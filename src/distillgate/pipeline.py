@@ -169,9 +169,10 @@ def preflight(cfg: DistillConfig) -> Preflight:
     from .data.prompts import prompts_from_spec
     from .models.check import check_weight_folder
     from .models.load import resolve_model_path
-    from .weighting import check_channels
+    from .weighting import check_channels, check_domain_channel_shares
 
     check_channels(cfg.loss.channels)
+    check_domain_channel_shares(cfg.loss.domain_channel_shares)
     _check_files(cfg)
     try:
         tpath = resolve_model_path(cfg.teacher.path)

@@ -26,7 +26,8 @@ log = logging.getLogger(__name__)
 def initial_recipe(cfg) -> dict:
     share = round(1.0 / len(cfg.data.domains), 6)
     return {"loss": {"channels": dict(cfg.loss.channels), "temperature": cfg.loss.temperature.model_dump(),
-                     "domain_weights": dict(cfg.loss.domain_weights), "divergence": cfg.loss.divergence},
+                     "domain_weights": dict(cfg.loss.domain_weights), "divergence": cfg.loss.divergence,
+                     "domain_channel_shares": {d: dict(v) for d, v in cfg.loss.domain_channel_shares.items()}},
             "train": {"lr": cfg.train.lr, "steps": cfg.train.steps},
             "data": {"mix": {d: share for d in cfg.data.domains}},
             "hard_pool": {}, "curriculum": {"tier": "lm"}, "student": {"structure": None}}

@@ -149,6 +149,7 @@ exactly (masked logsumexp, autograd path) instead of from the single-pass sum.""
 def _topk_chunk(logits: torch.Tensor, targets: TopKTargets, target_ids: torch.Tensor,
                 temperature: torch.Tensor | None, names, weights: dict[str, float],
                 token_weight: torch.Tensor | None, divergence: str, beta: float, t2_scale: bool, need_grad: bool,
+                channel_token_weight: dict[str, torch.Tensor] | None = None,
                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor | None]:
     """Channel losses of one chunk against top-k targets, and their gradient w.r.t. the logits, analytically.
 
@@ -218,7 +219,7 @@ def _topk_chunk(logits: torch.Tensor, targets: TopKTargets, target_ids: torch.Te
                 per[name] = -leaves["ce"]
             else:
                 raise ConfigError(f"loss.channels.{name}", name, "a channel computed from logits: ['ce', 'kd']")
-        chunk_total = combine_sum(per, weights, token_weight)
+        chunk_total = combine_sum(per, weights, token_weight, channel_token_weight)
     if bad.any():      # rare: the student's tail under float32 range -> exact path for those rows
         rows = bad.nonzero().squeeze(1)
         sub = targets.select(rows)           # its tail samples (if any) are unused: bad rows use the bucket
@@ -226,9 +227,11 @@ def _topk_chunk(logits: torch.Tensor, targets: TopKTargets, target_ids: torch.Te
         with torch.enable_grad():
             per_r = channel_losses(zr, sub, target_ids[rows], None if temperature is None else temperature[rows],
                                    names, divergence, beta, t2_scale)
-            tot_r = combine_sum(per_r, weights, None if token_weight is None else token_weight[rows])
+            ctw_r = None if channel_token_weight is None else {k_: v_[rows] for k_, v_ in channel_token_weight.items()}
+            tot_r = combine_sum(per_r, weights, None if token_weight is None else token_weight[rows], ctw_r)
             keep = (~bad).float()
-            mask_tot = combine_sum({n_: t * keep for n_, t in per.items()}, weights, token_weight)
+            mask_tot = combine_sum({n_: t * keep for n_, t in per.items()}, weights, token_weight,
+                                   channel_token_weight)
         chunk_total = mask_tot + tot_r
         fixed = {}
         for n_, t in per.items():
@@ -275,6 +278,7 @@ def _topk_chunk(logits: torch.Tensor, targets: TopKTargets, target_ids: torch.Te
 def _dense_chunk(logits: torch.Tensor, teacher_logits: torch.Tensor, target_ids: torch.Tensor,
                  temperature: torch.Tensor | None, names, weights: dict[str, float],
                  token_weight: torch.Tensor | None, divergence: str, beta: float, t2_scale: bool, need_grad: bool,
+                 channel_token_weight: dict[str, torch.Tensor] | None = None,
                  ) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor | None]:
     """Channel losses of one chunk against a dense teacher (the online teacher's ``[c, V]`` logits) and their
     gradient w.r.t. the student's logits in closed form, no autograd over ``[c, V]``.
@@ -297,6 +301,8 @@ def _dense_chunk(logits: torch.Tensor, teacher_logits: torch.Tensor, target_ids:
 
     def coeff(name):            # [c, 1] weight of d loss_name / d logits in the chunk total
         a = torch.full((c,), float(weights.get(name, 0.0)), dtype=torch.float32, device=z.device)
+        if channel_token_weight is not None and name in channel_token_weight:
+            a = a * channel_token_weight[name].to(z.device, torch.float32)
         return (a if tw is None else a * tw).unsqueeze(1)
 
     for name in names:
@@ -355,7 +361,7 @@ def _dense_chunk(logits: torch.Tensor, teacher_logits: torch.Tensor, target_ids:
                 del g_ce
         else:
             raise ConfigError(f"loss.channels.{name}", name, "a channel computed from logits: ['ce', 'kd']")
-    chunk_total = combine_sum(per, weights, token_weight)
+    chunk_total = combine_sum(per, weights, token_weight, channel_token_weight)
     return chunk_total.detach(), per, grad
 
 
@@ -363,7 +369,7 @@ class _FusedLMHeadLoss(torch.autograd.Function):
     """(total 0-dim, per-token [C, N]) with d total / d(h, W) computed chunk by chunk in forward."""
 
     @staticmethod
-    def forward(ctx, h, w, teacher, target_ids, token_weight, temperature, cfg):
+    def forward(ctx, h, w, teacher, target_ids, token_weight, temperature, cfg, channel_token_weight=None):
         names, weights, divergence, beta, t2_scale, chunk, want_grad = cfg
         n, dev = h.shape[0], h.device
         cd = _compute_dtype(h, w)
@@ -381,19 +387,22 @@ class _FusedLMHeadLoss(torch.autograd.Function):
                 logits = (hc @ wc.T).float()                                       # [c, V]
                 tw = None if token_weight is None else token_weight[s:e]
                 temp = None if temperature is None else temperature[s:e]
+                ctw = None if channel_token_weight is None else {k_: v_[s:e] for k_, v_ in channel_token_weight.items()}
                 if isinstance(teacher, TopKTargets) and CLOSED_FORM:               # closed-form gradient
                     chunk_total, per, g = _topk_chunk(logits, teacher_rows(s, e), target_ids[s:e], temp, names,
-                                                      weights, tw, divergence, beta, t2_scale, need_h or need_w)
+                                                      weights, tw, divergence, beta, t2_scale, need_h or need_w,
+                                                      ctw)
                 elif not isinstance(teacher, TopKTargets) and CLOSED_FORM:          # dense / online teacher
                     chunk_total, per, g = _dense_chunk(logits, teacher_rows(s, e), target_ids[s:e], temp, names,
-                                                       weights, tw, divergence, beta, t2_scale, need_h or need_w)
+                                                       weights, tw, divergence, beta, t2_scale, need_h or need_w,
+                                                       ctw)
                 else:                                                              # autograd per chunk
                     if need_h or need_w:
                         logits.requires_grad_(True)
                     with torch.enable_grad():
                         per = channel_losses(logits, teacher_rows(s, e), target_ids[s:e], temp, names,
                                              divergence, beta, t2_scale)
-                        chunk_total = combine_sum(per, weights, tw)
+                        chunk_total = combine_sum(per, weights, tw, ctw)
                     g = torch.autograd.grad(chunk_total, logits)[0] if need_h or need_w else None
                 if g is not None:
                     g = g.to(cd)
@@ -419,7 +428,7 @@ class _FusedLMHeadLoss(torch.autograd.Function):
         grad_h, grad_w = ctx.saved_tensors
         gh = None if grad_h is None else (grad_h * grad_total).to(ctx.h_dtype)
         gw = None if grad_w is None else (grad_w * grad_total).to(ctx.w_dtype)
-        return gh, gw, None, None, None, None, None
+        return gh, gw, None, None, None, None, None, None
 
 
 def _validate(h_s, w_s, target_ids, token_weight, temperature, chunk_size, divergence):
@@ -439,6 +448,7 @@ def fused_distill_loss(h_s: torch.Tensor, W_s: torch.Tensor, teacher: TopKTarget
                        target_ids: torch.Tensor, token_weight: torch.Tensor | None,
                        temperature: torch.Tensor | None, channels: dict[str, float], divergence: str,
                        beta: float, chunk_size: int, *, t2_scale: bool = True,
+                       channel_token_weight: dict[str, torch.Tensor] | None = None,
                        ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Chunked lm-head + channel losses.
 
@@ -453,9 +463,11 @@ def fused_distill_loss(h_s: torch.Tensor, W_s: torch.Tensor, teacher: TopKTarget
             but do not contribute.
         divergence, beta: ``loss.divergence`` / ``loss.beta``; chunk_size: rows of logits per chunk.
         t2_scale: multiply the KD term by T^2 (Hinton).
+        channel_token_weight: channel -> ``[N]`` per-token share of that channel (S2.5 level 1, by domain;
+            :func:`distillgate.weighting.domain_channel_weights`), or None (all 1).
 
     Returns:
-        ``(total_sum, per_token)``: 0-dim float32 ``sum_n token_weight[n] * sum_c w_c * loss_c[n]``
+        ``(total_sum, per_token)``: 0-dim float32 ``sum_n token_weight[n] * sum_c w_c * s_c[n] * loss_c[n]``
         (differentiable w.r.t. h_s and W_s) and ``{channel: [N] float32}`` detached.
     """
     _validate(h_s, W_s, target_ids, token_weight, temperature, chunk_size, divergence)
@@ -466,13 +478,20 @@ def fused_distill_loss(h_s: torch.Tensor, W_s: torch.Tensor, teacher: TopKTarget
     names = tuple(weights)
     want_grad = torch.is_grad_enabled() and (h_s.requires_grad or W_s.requires_grad)
     cfg = (names, weights, divergence, float(beta), t2_scale, int(chunk_size), want_grad)
-    total, stacked = _FusedLMHeadLoss.apply(h_s, W_s, teacher, target_ids, token_weight, temperature, cfg)
+    ctw = None
+    if channel_token_weight:
+        ctw = {k: v.to(h_s.device, torch.float32) for k, v in channel_token_weight.items() if k in weights}
+        for k, v in ctw.items():
+            if tuple(v.shape) != (h_s.shape[0],):
+                raise ValueError(f"channel_token_weight[{k!r}]: expected shape [{h_s.shape[0]}], got {tuple(v.shape)}")
+    total, stacked = _FusedLMHeadLoss.apply(h_s, W_s, teacher, target_ids, token_weight, temperature, cfg, ctw)
     return total, {name: stacked[i] for i, name in enumerate(names)}
 
 
 def unfused_distill_loss(h_s: torch.Tensor, W_s: torch.Tensor, teacher, target_ids: torch.Tensor,
                          token_weight: torch.Tensor | None, temperature: torch.Tensor | None,
                          channels: dict[str, float], divergence: str, beta: float, *, t2_scale: bool = True,
+                         channel_token_weight: dict[str, torch.Tensor] | None = None,
                          ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The plain reference: full ``[N, V]`` logits through autograd (same maths, same return values as
     :func:`fused_distill_loss`). For tests and benchmarks; peaks at several ``[N, V]`` float32 tensors."""
@@ -482,5 +501,5 @@ def unfused_distill_loss(h_s: torch.Tensor, W_s: torch.Tensor, teacher, target_i
     cd = _compute_dtype(h_s, W_s)
     t = _teacher_slicer(teacher, cd)(0, h_s.shape[0])
     per = channel_losses(logits, t, target_ids, temperature, tuple(weights), divergence, beta, t2_scale)
-    total = combine_sum(per, weights, token_weight)
+    total = combine_sum(per, weights, token_weight, channel_token_weight)
     return total, {k: v.detach() for k, v in per.items()}

@@ -14,8 +14,8 @@ import torch
 from ..config import LossSpec
 from ..errors import ConfigError, InputError
 from ..targets import TeacherHidden, TopKTargets, prediction_positions
-from ..weighting import (CHANNELS, channel_terms, check_channels, difficulty_weight, domain_weight,
-                         sample_weight, token_weights)
+from ..weighting import (CHANNELS, channel_terms, check_channels, check_domain_channel_shares, difficulty_weight,
+                         domain_channel_weights, domain_weight, sample_weight, token_weights)
 from .fused import LM_HEAD, fused_distill_loss
 from .stats import teacher_token_stats
 from .temperature import temperatures
@@ -89,6 +89,7 @@ class DistillObjective:
     def __init__(self, loss_spec: LossSpec, teacher: TeacherProvider, vocab_size: int | None = None, *,
                  t2_scale: bool = True, confidence: Literal["top1", "entropy"] = "top1"):
         check_channels(loss_spec.channels)
+        check_domain_channel_shares(loss_spec.domain_channel_shares)
         pending = sorted(k for k in loss_spec.channels if CHANNELS[k].computed_by != LM_HEAD)
         if pending:
             raise ConfigError("loss.channels", pending, "channels this objective computes: ['ce', 'kd']")
@@ -127,12 +128,22 @@ class DistillObjective:
         if domains is not None and spec.domain_weights:
             per_sample.append(domain_weight(domains, spec.domain_weights))
         tw = token_weights(b_idx, per_sample, per_tok)
+        shares = self.channel_shares(batch, b_idx)
 
         total, per_token = fused_distill_loss(hidden, weight, teacher, target_ids, tw, temp, spec.channels,
                                               spec.divergence, spec.beta, spec.chunk_size,
-                                              t2_scale=self.t2_scale)
+                                              t2_scale=self.t2_scale, channel_token_weight=shares)
         return LossOutput(total_sum=total, n_tokens=n, terms=channel_terms(per_token), per_token=per_token,
                           aux={"temperature": temp.detach(), "token_weight": tw.detach()})
+
+    def channel_shares(self, batch: Mapping[str, Any], b_idx: torch.Tensor) -> dict[str, torch.Tensor] | None:
+        """Per-token share of each channel ``{channel: [N]}`` from ``loss.domain_channel_shares`` and the
+        batch's ``domains`` (S2.5 level 1), or None when no share is configured."""
+        shares, domains = self.spec.domain_channel_shares, batch.get("domains")
+        if not shares or domains is None:
+            return None
+        per_sample = domain_channel_weights(domains, shares, list(self.spec.channels))
+        return {c: w.to(b_idx.device)[b_idx] for c, w in per_sample.items()}
 
     def _teacher(self, batch, n: int, vocab: int):
         t = self.teacher(batch)
