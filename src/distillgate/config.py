@@ -119,6 +119,20 @@ class TemperatureSpec(_Strict):
         return self
 
 
+class CloneSpec(_Strict):
+    """``loss.clone``: the response-cloning channel (S2.4, ``loss.channels.clone``)."""
+    diversity_floor: float = Field(0.3, ge=0.0, le=1.0, description="weight of a token no other teacher sample "
+                                   "agrees on (aligned spans shared by every sample weigh 1)")
+    coherence_min: float = Field(0.3, ge=-1.0, le=1.0, description="teacher samples whose MiniLM coherence is "
+                                 "under this are dropped")
+    prompt_weight: float = Field(0.5, ge=0.0, le=1.0, description="share of the prompt similarity in a sample's "
+                                 "coherence (the rest: mean similarity to the prompt's other samples)")
+    concise_ratio: float = Field(1.5, ge=1.0, description="conciseness: the student's expected answer length may "
+                                 "reach this multiple of the teacher's median before it is penalised")
+    concise_weight: float = Field(1.0, ge=0.0, description="weight of the conciseness term inside the clone "
+                                  "channel (0: off)")
+
+
 class LossSpec(_Strict):
     divergence: Literal["forward_kl", "reverse_kl", "gjsd", "tv"] = Field(
         "forward_kl", description="token-level divergence between teacher and student distributions")
@@ -137,6 +151,7 @@ class LossSpec(_Strict):
                                                      "unfused peak memory at SmolLM2 size, bench/fused_loss.py)")
     t2_scale: bool = Field(True, description="multiply token-level divergences by T^2 (Hinton), so gradients keep "
                                              "their scale across temperatures")
+    clone: CloneSpec = Field(default_factory=CloneSpec)
 
     @field_validator("channels")
     @classmethod

@@ -55,6 +55,9 @@ register_channel("kd", "token-level divergence (loss.divergence) between teacher
                  needs=("teacher_topk|teacher_hidden",), computed_by="lm_head")
 register_channel("ce", "cross-entropy of the student on the teacher's response tokens (hard labels, T=1)",
                  needs=("target_ids",), computed_by="lm_head")
+register_channel("clone", "response behaviour cloning (S2.4): sequence log-likelihood of the teacher's sampled "
+                          "answers under the diversity mask and coherence weights, plus a conciseness term "
+                          "(loss.clone)", needs=("teacher_samples",), computed_by="lm_head")
 
 
 def check_channels(channel_weights: dict[str, float], field: str = "loss.channels") -> None:

@@ -161,7 +161,8 @@ class Run:
         exs = self.training.examples if examples is None else examples
         ds = DistillDataset(exs, pad_id=pipeline.pad_id(self.teacher.tokenizer), seq_len=self.cfg.data.seq_len,
                             heldout_fraction=0.0)
-        objective = pipeline.make_objective(it.cfg, self.training.provider(), vocab_size=len(self.teacher.tokenizer))
+        objective = pipeline.make_objective(it.cfg, self.training.provider(), vocab_size=len(self.teacher.tokenizer),
+                                            examples=exs, tokenizer=self.teacher.tokenizer, prompts=self.training.pool)
         out = self.work / f"iter-{it.index:03d}"
         shutil.rmtree(out, ignore_errors=True)  # a crashed attempt of this iteration restarts clean
         update = {"seed": self.cfg.train.seed + it.index, "checkpoint_every": 0}

@@ -40,7 +40,8 @@ chunk gradient; False forces per-chunk autograd
 (same values; ``bench/fused_loss.py`` switches it off to measure the difference)."""
 
 LM_HEAD = "lm_head"
-"""``Channel.computed_by`` value of the channels this module computes (kd, ce)."""
+"""``Channel.computed_by`` value of the channels this module computes (kd, ce, clone)."""
+_LM = "['ce', 'clone', 'kd']"
 
 
 def lm_head_channels(channels: dict[str, float]) -> dict[str, float]:
@@ -67,10 +68,10 @@ def channel_losses(logits: torch.Tensor, teacher, target_ids: torch.Tensor, temp
         elif name == "kd":
             out[name] = divergence_fn(divergence, logits, teacher, beta=beta, temperature=temperature,
                                       t2_scale=t2_scale)
-        elif name == "ce":
+        elif name in ("ce", "clone"):             # clone: the teacher sample's NLL; its mask is a token weight
             out[name] = cross_entropy(logits, target_ids)
         else:
-            raise ConfigError(f"loss.channels.{name}", name, "a channel computed from logits: ['ce', 'kd']")
+            raise ConfigError(f"loss.channels.{name}", name, f"a channel computed from logits: {_LM}")
     return out
 
 
@@ -194,7 +195,7 @@ def _topk_chunk(logits: torch.Tensor, targets: TopKTargets, target_ids: torch.Te
     if has_tail:
         leaves["tail"] = (s_tail.clamp_min(torch.finfo(torch.float32).tiny).log() + m.squeeze(1) - lse
                           ).requires_grad_(need_grad)
-    if "ce" in names:                                                            # never tempered
+    if "ce" in names or "clone" in names:                                        # never tempered
         tgt = target_ids.to(z.device, torch.long)
         lse1 = lse if scale is None else torch.logsumexp(z, dim=1)
         leaves["ce"] = (z.gather(1, tgt.unsqueeze(1)).squeeze(1) - lse1).requires_grad_(need_grad)
@@ -215,10 +216,10 @@ def _topk_chunk(logits: torch.Tensor, targets: TopKTargets, target_ids: torch.Te
                     p = topk_teacher_buckets(targets.logprobs.to(z.device), v, temperature,
                                              targets.log_tail)
                 per[name] = _t2(DIVERGENCES[divergence](p, q, beta), temperature, t2_scale)
-            elif name == "ce":
+            elif name in ("ce", "clone"):
                 per[name] = -leaves["ce"]
             else:
-                raise ConfigError(f"loss.channels.{name}", name, "a channel computed from logits: ['ce', 'kd']")
+                raise ConfigError(f"loss.channels.{name}", name, f"a channel computed from logits: {_LM}")
         chunk_total = combine_sum(per, weights, token_weight, channel_token_weight)
     if bad.any():      # rare: the student's tail under float32 range -> exact path for those rows
         rows = bad.nonzero().squeeze(1)
@@ -349,7 +350,7 @@ def _dense_chunk(logits: torch.Tensor, teacher_logits: torch.Tensor, target_ids:
                     k = k * inv_t
                 grad.add_(g_zs.mul_(k))
             del lp, p, q
-        elif name == "ce":
+        elif name in ("ce", "clone"):
             tgt = target_ids.to(z.device, torch.long)
             l1 = lq if inv_t is None else torch.log_softmax(z, dim=-1)
             per[name] = -l1.gather(1, tgt.unsqueeze(1)).squeeze(1)
@@ -360,7 +361,7 @@ def _dense_chunk(logits: torch.Tensor, teacher_logits: torch.Tensor, target_ids:
                 grad.add_(g_ce)
                 del g_ce
         else:
-            raise ConfigError(f"loss.channels.{name}", name, "a channel computed from logits: ['ce', 'kd']")
+            raise ConfigError(f"loss.channels.{name}", name, f"a channel computed from logits: {_LM}")
     chunk_total = combine_sum(per, weights, token_weight, channel_token_weight)
     return chunk_total.detach(), per, grad
 
@@ -474,7 +475,7 @@ def fused_distill_loss(h_s: torch.Tensor, W_s: torch.Tensor, teacher: TopKTarget
     weights = lm_head_channels(channels)
     other = sorted(set(channels) - set(weights))
     if other:
-        raise ConfigError("loss.channels", other, "channels computed from logits here: ['ce', 'kd']")
+        raise ConfigError("loss.channels", other, f"channels computed from logits here: {_LM}")
     names = tuple(weights)
     want_grad = torch.is_grad_enabled() and (h_s.requires_grad or W_s.requires_grad)
     cfg = (names, weights, divergence, float(beta), t2_scale, int(chunk_size), want_grad)

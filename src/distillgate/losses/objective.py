@@ -87,15 +87,20 @@ class DistillObjective:
     """
 
     def __init__(self, loss_spec: LossSpec, teacher: TeacherProvider, vocab_size: int | None = None, *,
-                 t2_scale: bool = True, confidence: Literal["top1", "entropy"] = "top1"):
+                 t2_scale: bool = True, confidence: Literal["top1", "entropy"] = "top1", clone=None):
         check_channels(loss_spec.channels)
         check_domain_channel_shares(loss_spec.domain_channel_shares)
         pending = sorted(k for k in loss_spec.channels if CHANNELS[k].computed_by != LM_HEAD)
         if pending:
-            raise ConfigError("loss.channels", pending, "channels this objective computes: ['ce', 'kd']")
+            raise ConfigError("loss.channels", pending, "channels this objective computes: ['ce', 'clone', 'kd']")
         if confidence not in ("top1", "entropy"):
             raise ConfigError("confidence", confidence, "'top1' or 'entropy'")
-        self.spec, self.teacher, self.vocab_size = loss_spec, teacher, vocab_size
+        if "clone" in loss_spec.channels and clone is None:
+            raise ConfigError("loss.channels.clone", loss_spec.channels["clone"],
+                              "a channel with its teacher data: several sampled teacher answers per prompt "
+                              "(data.samples_per_prompt >= 2, data.gen_temperature > 0) turned into clone rows "
+                              "(distillgate.data.samples.build_clone_rows)")
+        self.spec, self.teacher, self.vocab_size, self.clone = loss_spec, teacher, vocab_size, clone
         self.t2_scale, self.confidence = t2_scale, confidence
 
     def __call__(self, model: torch.nn.Module, batch: Mapping[str, Any]) -> LossOutput:
@@ -129,12 +134,47 @@ class DistillObjective:
             per_sample.append(domain_weight(domains, spec.domain_weights))
         tw = token_weights(b_idx, per_sample, per_tok)
         shares = self.channel_shares(batch, b_idx)
+        cb = None
+        if self.clone is not None and "clone" in spec.channels:
+            cb = self.clone(batch)
+            if cb.mask.shape[0] != n:
+                raise InputError(f"clone provider gave {cb.mask.shape[0]} positions, the batch has {n}")
+            shares = dict(shares or {})
+            shares["clone"] = cb.mask.to(hidden.device) * shares.get("clone", 1.0)
 
         total, per_token = fused_distill_loss(hidden, weight, teacher, target_ids, tw, temp, spec.channels,
                                               spec.divergence, spec.beta, spec.chunk_size,
                                               t2_scale=self.t2_scale, channel_token_weight=shares)
+        if cb is not None:
+            total, per_token = self._concise(total, per_token, cb, hidden, weight, b_idx, batch, per_sample, shares)
         return LossOutput(total_sum=total, n_tokens=n, terms=channel_terms(per_token), per_token=per_token,
                           aux={"temperature": temp.detach(), "token_weight": tw.detach()})
+
+    def _concise(self, total, per_token, cb, hidden, weight, b_idx, batch, per_sample, shares):
+        """The clone channel's report (masked NLL) and its conciseness term (:mod:`distillgate.losses.clone`),
+        added to ``total`` with the clone weight, the sample's weight (hard pool, domain) and its domain's
+        clone share."""
+        from .clone import concise_penalty
+
+        per_token = dict(per_token)
+        per_token["clone"] = per_token["clone"] * shares["clone"]
+        cs, w_clone = self.spec.clone, float(self.spec.channels["clone"])
+        if cs.concise_weight > 0 and w_clone > 0 and b_idx.numel():
+            pen = concise_penalty(hidden, weight, self.clone.eot_id, cb.counts, cb.ref_len, cs.concise_ratio,
+                                  self.spec.chunk_size)                                            # [B]
+            w_s = torch.ones_like(pen)
+            for s in per_sample:
+                w_s = w_s * s.to(pen.device, torch.float32)
+            domains = batch.get("domains")
+            if self.spec.domain_channel_shares and domains is not None:
+                w_s = w_s * domain_channel_weights(domains, self.spec.domain_channel_shares, ["clone"]).get(
+                    "clone", torch.ones_like(pen)).to(pen.device)
+            total = total + w_clone * cs.concise_weight * (w_s * pen).sum()
+            spread = (pen / cb.counts.clamp_min(1).float()).detach()[b_idx]
+        else:
+            spread = torch.zeros(b_idx.shape[0], dtype=torch.float32, device=b_idx.device)
+        per_token["clone_concise"] = spread
+        return total, per_token
 
     def channel_shares(self, batch: Mapping[str, Any], b_idx: torch.Tensor) -> dict[str, torch.Tensor] | None:
         """Per-token share of each channel ``{channel: [N]}`` from ``loss.domain_channel_shares`` and the
