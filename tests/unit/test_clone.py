@@ -289,3 +289,20 @@ def test_every_channel_on_keeps_accumulation_invariance_and_bitwise_resume(tiny_
                                   student=tiny_model_factory(num_layers=2, seed=7))
     for k in straight:
         assert torch.equal(straight[k], resumed[k]), k
+
+
+def test_style_scores_compare_length_similarity_markers_and_refusals():
+    from distillgate.evaluate.style import markers, style_scores
+
+    assert markers("I'm sorry, but I can't help with that.")["refusal"]
+    assert markers("It may depend; would you like more detail?")["hedging"]
+    assert markers("Thank you! Would you like more?")["follow_up"] and markers("Thanks, please wait")["politeness"]
+    teacher = [["Revenue grew by twelve percent.", "Revenue grew twelve percent."],
+               ["Costs stayed flat, thank you.", "Costs were flat."]]
+    student = ["Revenue grew by twelve percent.", "I'm sorry, but I can't help with that."]
+    out = style_scores(teacher, [[6, 5], [6, 4]], student, [6, 11], fake_encode)
+    assert out["length_ratio"] == pytest.approx(8.5 / 5.25)
+    assert out["refusal/student"] == 0.5 and out["refusal/teacher"] == 0.0
+    assert out["politeness/teacher"] == 0.25 and out["politeness/student"] == 0.5    # "sorry" is a courtesy marker
+    same = style_scores(teacher, [[6, 5], [6, 4]], [teacher[0][0], teacher[1][0]], [6, 6], fake_encode)
+    assert same["similarity"] > out["similarity"] and 0 < same["teacher_self_similarity"] <= 1
