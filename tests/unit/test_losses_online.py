@@ -64,7 +64,7 @@ def test_online_closed_form_equals_the_autograd_path(monkeypatch, kind, beta):
     hs, w, teacher, tgt, tw, temp = _inputs(seed=11)
     tw = tw.clone()
     tw[::3] = 0.0
-    for ch in ({"kd": 1.0, "ce": 0.0}, {"kd": 0.7, "ce": 1.3}):
+    for ch in ({"kd": 1.0, "ce": 0.0}, {"kd": 0.7, "ce": 1.3}, {"kd": 0.5, "ce": 0.3, "clone": 0.9}):
         for t in (teacher, teacher.hidden @ teacher.weight.T):
             tot, pt = fused_distill_loss(hs, w, t, tgt, tw, temp, ch, kind, beta, 8)
             gh, gw = torch.autograd.grad(tot, [hs, w])

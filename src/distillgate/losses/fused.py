@@ -296,8 +296,9 @@ def _dense_chunk(logits: torch.Tensor, teacher_logits: torch.Tensor, target_ids:
     inv_t = _inv_temperature(temperature, c, z.device)
     zs = z if inv_t is None else z * inv_t
     lq = torch.log_softmax(zs, dim=-1)
+    q = lq.exp()
     per: dict[str, torch.Tensor] = {}
-    grad = torch.zeros_like(z) if need_grad else None
+    grad = None
     tw = None if token_weight is None else token_weight.to(z.device, torch.float32)
 
     def coeff(name):            # [c, 1] weight of d loss_name / d logits in the chunk total
@@ -306,62 +307,72 @@ def _dense_chunk(logits: torch.Tensor, teacher_logits: torch.Tensor, target_ids:
             a = a * channel_token_weight[name].to(z.device, torch.float32)
         return (a if tw is None else a * tw).unsqueeze(1)
 
-    for name in names:
-        if name == "kd":
-            tl = teacher_logits.to(z.device, torch.float32)
-            lp = torch.log_softmax(tl if inv_t is None else tl * inv_t, dim=-1).clamp_min(LOGP_FLOOR)
-            p = lp.exp()
-            q = lq.exp()
-            kind = divergence
-            if kind == "gjsd" and beta == 0.0:
-                kind = "forward_kl"
-            elif kind == "gjsd" and beta == 1.0:
-                kind = "reverse_kl"
-            if kind == "forward_kl":
-                val = (p * (lp - lq)).sum(-1)
-                g_zs = q * p.sum(-1, keepdim=True) - p if need_grad else None
-            else:
-                if kind == "reverse_kl":
-                    val = (q * (lq - lp)).sum(-1)
-                    g = lq - lp + 1.0
-                elif kind == "gjsd":
-                    if not 0.0 <= beta <= 1.0:
-                        raise ConfigError("loss.beta", beta, "a number in [0, 1]")
-                    lm = torch.logsumexp(torch.stack([lq + math.log1p(-beta), lp + math.log(beta)]), dim=0)
-                    val = beta * (p * (lp - lm)).sum(-1) + (1.0 - beta) * (q * (lq - lm)).sum(-1)
-                    g = (1.0 - beta) * (lq - lm)
-                elif kind == "tv":
-                    val = 0.5 * (p - q).abs().sum(-1)
-                    g = 0.5 * torch.sign(q - p)
-                else:
-                    raise ConfigError("loss.divergence", divergence, f"one of {sorted(DIVERGENCES)}")
-                g_zs = q * (g - (q * g).sum(-1, keepdim=True)) if need_grad else None
-                del g
-            t2 = None
-            if temperature is not None and t2_scale:
-                t = torch.as_tensor(temperature, dtype=torch.float32, device=z.device).expand(c)
-                t2 = t * t
-            per[name] = val if t2 is None else val * t2
-            if need_grad:
-                k = coeff(name)
-                if t2 is not None:
-                    k = k * t2.unsqueeze(1)
-                if inv_t is not None:
-                    k = k * inv_t
-                grad.add_(g_zs.mul_(k))
-            del lp, p, q
-        elif name in ("ce", "clone"):
-            tgt = target_ids.to(z.device, torch.long)
-            l1 = lq if inv_t is None else torch.log_softmax(z, dim=-1)
-            per[name] = -l1.gather(1, tgt.unsqueeze(1)).squeeze(1)
-            if need_grad:
-                k = coeff(name)
-                g_ce = l1.exp().mul_(k)
-                g_ce.scatter_add_(1, tgt.unsqueeze(1), -k)
-                grad.add_(g_ce)
-                del g_ce
+    unknown = [n_ for n_ in names if n_ not in ("kd", "ce", "clone")]
+    if unknown:
+        raise ConfigError(f"loss.channels.{unknown[0]}", unknown[0], f"a channel computed from logits: {_LM}")
+    if "kd" in names:
+        tl = teacher_logits.to(z.device, torch.float32)
+        lp = torch.log_softmax(tl if inv_t is None else tl * inv_t, dim=-1).clamp_min_(LOGP_FLOOR)
+        p = lp.exp()
+        kind = divergence
+        if kind == "gjsd" and beta == 0.0:
+            kind = "forward_kl"
+        elif kind == "gjsd" and beta == 1.0:
+            kind = "reverse_kl"
+        t2 = None
+        if temperature is not None and t2_scale:
+            t = torch.as_tensor(temperature, dtype=torch.float32, device=z.device).expand(c)
+            t2 = t * t
+        k = None
+        if need_grad:
+            k = coeff("kd")
+            if t2 is not None:
+                k = k * t2.unsqueeze(1)
+            if inv_t is not None:
+                k = k * inv_t
+        if kind == "forward_kl":
+            val = torch.sub(lp, lq).mul_(p).sum(-1)
+            if need_grad:                                            # (q * sum(p) - p) * k
+                grad = q * (p.sum(-1, keepdim=True) * k)
+                grad.sub_(p.mul_(k))
         else:
-            raise ConfigError(f"loss.channels.{name}", name, f"a channel computed from logits: {_LM}")
+            if kind == "reverse_kl":
+                g = torch.sub(lq, lp)
+                val = (q * g).sum(-1)
+                g.add_(1.0)
+            elif kind == "gjsd":
+                if not 0.0 <= beta <= 1.0:
+                    raise ConfigError("loss.beta", beta, "a number in [0, 1]")
+                lm = torch.logsumexp(torch.stack([lq + math.log1p(-beta), lp + math.log(beta)]), dim=0)
+                val = beta * (p * (lp - lm)).sum(-1) + (1.0 - beta) * (q * (lq - lm)).sum(-1)
+                g = torch.sub(lq, lm).mul_(1.0 - beta)
+                del lm
+            elif kind == "tv":
+                val = 0.5 * (p - q).abs().sum(-1)
+                g = torch.sign(q - p).mul_(0.5)
+            else:
+                raise ConfigError("loss.divergence", divergence, f"one of {sorted(DIVERGENCES)}")
+            if need_grad:                                            # q * (g - <q, g>) * k
+                g.sub_((q * g).sum(-1, keepdim=True)).mul_(q).mul_(k)
+                grad = g
+            del g
+        per["kd"] = val if t2 is None else val * t2
+        del lp, p
+    hard = [n_ for n_ in names if n_ in ("ce", "clone")]       # NLL of the teacher's token, T = 1
+    if hard:
+        tgt = target_ids.to(z.device, torch.long)
+        l1 = lq if inv_t is None else torch.log_softmax(z, dim=-1)
+        nll = -l1.gather(1, tgt.unsqueeze(1)).squeeze(1)
+        for n_ in hard:
+            per[n_] = nll
+        if need_grad:                                                # (softmax(z) - onehot) * k
+            k = coeff(hard[0]) if len(hard) == 1 else coeff(hard[0]) + coeff(hard[1])
+            g = (q if inv_t is None else l1.exp()) * k
+            g.scatter_add_(1, tgt.unsqueeze(1), -k)
+            grad = g if grad is None else grad.add_(g)
+            del g
+    if need_grad and grad is None:
+        grad = torch.zeros_like(z)
     chunk_total = combine_sum(per, weights, token_weight, channel_token_weight)
     return chunk_total.detach(), per, grad
 
