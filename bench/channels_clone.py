@@ -7,8 +7,8 @@ holds this file's rows as plain ``key=value`` overrides of one base ``distillgat
 
 Setup (identical for every row): SmolLM2-135M-Instruct answers ``--prompts`` built-in prompts ``--samples``
 times at temperature 0.8 (S2.4 needs several sampled answers; every row trains on all of them, so kd-only
-sees the same tokens); 20% of the prompts are held out. The student keeps every other teacher block (15 of 30,
-fixed, so every row starts from the same weights). Each row runs ``distillgate distill`` in its own
+sees the same tokens); 20% of the prompts are held out. The student keeps 15 of the 30 teacher blocks, chosen
+by block influence on the teacher's answers (deterministic: every row starts from the same weights). Each row runs ``distillgate distill`` in its own
 subprocess (peak RSS is its own) and then measures, on the held-out prompts: KL(teacher||student) per token,
 top-1 agreement, WikiText-2 perplexity ratio (G-C1), a small G-C3 inheritance check (``--groups`` paired
 groups) and the style metrics of ``evaluate/style.py`` (length ratio, MiniLM similarity to the teacher's
@@ -38,8 +38,8 @@ CONFIGS = {
 
 
 def base_overrides(work: Path, name: str, steps: int, prompts: int, samples: int) -> list[str]:
-    keep = list(range(0, 30, 2))
-    over = ["teacher.path=default", f"output_dir={work / name}", "student.init=derive", f"student.keep_layers={keep}",
+    over = ["teacher.path=default", f"output_dir={work / name}", "student.init=derive", "student.num_layers=15",
+            "student.layer_selection=block_influence",
             "data.source=builtin", f"data.num_prompts={prompts}", f"data.samples_per_prompt={samples}",
             "data.gen_temperature=0.8", "data.max_new_tokens=48", "data.gen_batch_size=16", "data.seq_len=256",
             "data.heldout_fraction=0.2", "targets.mode=cached", "targets.top_k=64",
@@ -91,6 +91,8 @@ def main() -> None:
     ap.add_argument("--groups", type=int, default=16, help="G-C3 paired groups (the gate uses 300)")
     ap.add_argument("--configs", default=",".join(CONFIGS))
     ap.add_argument("--work", default=None, help="work folder (default: a temporary one)")
+    ap.add_argument("--reuse", action="store_true", help="keep rows already measured in --work (run the rows in "
+                    "separate commands, then print the table of all of them)")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     work = Path(args.work or tempfile.mkdtemp(prefix="dg-channels-clone-"))
@@ -104,6 +106,9 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     rows = {}
     for n in names:
+        if args.reuse and (work / f"{n}.json").is_file():
+            rows[n] = json.loads((work / f"{n}.json").read_text())
+            continue
         cmd = [sys.executable, __file__, "--worker", n, "--work", str(work), "--steps", str(args.steps),
                "--prompts", str(args.prompts), "--samples", str(args.samples), "--groups", str(args.groups)]
         print(f"[{n}] {' '.join(CONFIGS[n])}", flush=True)
@@ -111,6 +116,10 @@ def main() -> None:
         if r.returncode != 0:
             raise SystemExit(f"{n} failed:\n{r.stderr[-4000:]}")
         rows[n] = json.loads((work / f"{n}.json").read_text())
+    if args.reuse:
+        rows.update({n: json.loads((work / f"{n}.json").read_text()) for n in CONFIGS
+                     if n not in rows and (work / f"{n}.json").is_file()})
+    rows = {n: rows[n] for n in CONFIGS if n in rows}
     hdr = (f"{'config':<10} {'KL':>8} {'top-1':>7} {'PPL ratio':>9} {'G-C3':>6} {'s/step':>7} {'RSS MB':>7} "
            f"{'len ratio':>9} {'sim':>6} {'polite s/t':>11} {'hedge s/t':>10} {'refuse s/t':>11}")
     print(hdr)
