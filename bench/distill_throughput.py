@@ -301,11 +301,18 @@ def main() -> None:
     print(f"{'method':22s} {'tokens/s':>9s} {'peak RSS GiB':>13s} {'MFU':>6s} {'held-out KL':>12s}")
     for m, r in rows.items():
         print(f"{m:22s} {r['tokens_per_s']:9.1f} {r['peak_rss_gib']:13.2f} {100 * r['mfu']:5.1f}% {r['heldout_kl']:12.4f}")
+    kv = []
     if "trl_gkd" in rows and "distillgate_cached" in rows:
         o, t = rows["distillgate_cached"], rows["trl_gkd"]
-        print(f"tokens_per_s_ratio_vs_trl_gkd={o['tokens_per_s'] / t['tokens_per_s']:.3f} "
-              f"peak_rss_ratio_vs_trl_gkd={o['peak_rss_gib'] / t['peak_rss_gib']:.3f} "
-              f"kl_ratio_vs_trl_gkd={o['heldout_kl'] / t['heldout_kl']:.3f}")
+        kv += [f"tokens_per_s_ratio_vs_trl_gkd={o['tokens_per_s'] / t['tokens_per_s']:.3f}",
+               f"peak_rss_ratio_vs_trl_gkd={o['peak_rss_gib'] / t['peak_rss_gib']:.3f}",
+               f"kl_ratio_vs_trl_gkd={o['heldout_kl'] / t['heldout_kl']:.3f}"]
+    if "trl_gkd" in rows and "distillgate_online" in rows:    # the online teacher (closed-form gradient too)
+        o, t = rows["distillgate_online"], rows["trl_gkd"]
+        kv += [f"online_tokens_per_s_ratio_vs_trl_gkd={o['tokens_per_s'] / t['tokens_per_s']:.3f}",
+               f"online_kl_ratio_vs_trl_gkd={o['heldout_kl'] / t['heldout_kl']:.3f}"]
+    if kv:
+        print(" ".join(kv))
 
 
 if __name__ == "__main__":
