@@ -331,10 +331,12 @@ def _dense_chunk(logits: torch.Tensor, teacher_logits: torch.Tensor, target_ids:
             if inv_t is not None:
                 k = k * inv_t
         if kind == "forward_kl":
-            val = torch.sub(lp, lq).mul_(p).sum(-1)
+            # sum p (lp - lq) as two row dot products (no [c, V] temporary)
+            val = (torch.bmm(p.unsqueeze(1), lp.unsqueeze(2)) - torch.bmm(p.unsqueeze(1), lq.unsqueeze(2))).view(c)
             if need_grad:                                            # (q * sum(p) - p) * k
-                grad = q * (p.sum(-1, keepdim=True) * k)
-                grad.sub_(p.mul_(k))
+                sp = p.sum(-1, keepdim=True)
+                hard_q = any(n_ in names for n_ in ("ce", "clone")) and inv_t is None
+                grad = (q * sp if hard_q else q.mul_(sp)).sub_(p).mul_(k)   # q is reused unless CE needs it
         else:
             if kind == "reverse_kl":
                 g = torch.sub(lq, lp)
