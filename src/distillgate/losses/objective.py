@@ -75,7 +75,7 @@ def decoder_hidden(model: torch.nn.Module, input_ids: torch.Tensor, attention_ma
 
 
 class DistillObjective:
-    """``objective(model, batch) -> LossOutput`` for the channels of ``loss_spec`` (currently kd and ce).
+    """``objective(model, batch) -> LossOutput`` for the channels of ``loss_spec`` (kd, ce and clone).
 
     Args:
         loss_spec: ``distillgate.config.LossSpec``.
@@ -84,6 +84,8 @@ class DistillObjective:
         t2_scale: multiply the KD channel by T^2 (Hinton); on by default.
         confidence: teacher confidence used by difficulty weighting: 'top1' (top-1 probability) or
             'entropy' (1 - normalised entropy).
+        clone: the clone channel's teacher side (:class:`distillgate.losses.clone.CloneProvider`); required
+            when ``loss.channels`` names clone.
     """
 
     def __init__(self, loss_spec: LossSpec, teacher: TeacherProvider, vocab_size: int | None = None, *,
