@@ -346,12 +346,17 @@ def main() -> None:
         print(f"{m:22s} {r['tokens_per_s']:9.1f} {r['peak_rss_gib']:13.2f}"
               + (f" {r['peak_gpu_gib']:13.2f}" if gpu_col else "")
               + f" {100 * r['mfu']:5.1f}% {r['heldout_kl']:12.4f}")
+    kv = [f"device={a.device.split(':')[0]}", f"precision={a.precision}"]
     if "trl_gkd" in rows and "distillgate_cached" in rows:
         o, t = rows["distillgate_cached"], rows["trl_gkd"]
-        print(f"device={a.device.split(':')[0]} precision={a.precision} "
-              f"tokens_per_s_ratio_vs_trl_gkd={o['tokens_per_s'] / t['tokens_per_s']:.3f} "
-              f"peak_rss_ratio_vs_trl_gkd={o['peak_rss_gib'] / t['peak_rss_gib']:.3f} "
-              f"kl_ratio_vs_trl_gkd={o['heldout_kl'] / t['heldout_kl']:.3f}")
+        kv += [f"tokens_per_s_ratio_vs_trl_gkd={o['tokens_per_s'] / t['tokens_per_s']:.3f}",
+               f"peak_rss_ratio_vs_trl_gkd={o['peak_rss_gib'] / t['peak_rss_gib']:.3f}",
+               f"kl_ratio_vs_trl_gkd={o['heldout_kl'] / t['heldout_kl']:.3f}"]
+    if "trl_gkd" in rows and "distillgate_online" in rows:    # the online teacher (closed-form gradient too)
+        o, t = rows["distillgate_online"], rows["trl_gkd"]
+        kv += [f"online_tokens_per_s_ratio_vs_trl_gkd={o['tokens_per_s'] / t['tokens_per_s']:.3f}",
+               f"online_kl_ratio_vs_trl_gkd={o['heldout_kl'] / t['heldout_kl']:.3f}"]
+    print(" ".join(kv))
 
 
 if __name__ == "__main__":

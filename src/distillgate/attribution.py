@@ -32,6 +32,7 @@ from .schema import Finding  # noqa: F401  (the one Finding; attribution makes t
 KNOB_PRIOR = {
     "student.structure": 1.0, "prune.strength": 0.9, "train.lr": 0.7, "loss.temperature": 0.6,
     "loss.divergence": 0.6, "loss.channels": 0.5, "data.mix": 0.4, "loss.domain_weights": 0.35,
+    "loss.domain_channel_shares": 0.35,
     "hard_pool": 0.3, "train.steps": 0.2, "curriculum.tier": 0.5,
 }
 

@@ -7,6 +7,7 @@ what is allowed. ``distillgate distill --help-config`` prints this reference.
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Any, Literal
@@ -119,6 +120,20 @@ class TemperatureSpec(_Strict):
         return self
 
 
+class CloneSpec(_Strict):
+    """``loss.clone``: the response-cloning channel (S2.4, ``loss.channels.clone``)."""
+    diversity_floor: float = Field(0.3, ge=0.0, le=1.0, description="weight of a token no other teacher sample "
+                                   "agrees on (aligned spans shared by every sample weigh 1)")
+    coherence_min: float = Field(0.3, ge=-1.0, le=1.0, description="teacher samples whose MiniLM coherence is "
+                                 "under this are dropped")
+    prompt_weight: float = Field(0.5, ge=0.0, le=1.0, description="share of the prompt similarity in a sample's "
+                                 "coherence (the rest: mean similarity to the prompt's other samples)")
+    concise_ratio: float = Field(1.5, ge=1.0, description="conciseness: the student's expected answer length may "
+                                 "reach this multiple of the teacher's median before it is penalised")
+    concise_weight: float = Field(1.0, ge=0.0, description="weight of the conciseness term inside the clone "
+                                  "channel (0: off)")
+
+
 class LossSpec(_Strict):
     divergence: Literal["forward_kl", "reverse_kl", "gjsd", "tv"] = Field(
         "forward_kl", description="token-level divergence between teacher and student distributions")
@@ -128,12 +143,16 @@ class LossSpec(_Strict):
                                                    "teacher's tokens")
     temperature: TemperatureSpec = Field(default_factory=TemperatureSpec)
     domain_weights: dict[str, float] = Field(default_factory=dict, description="domain -> loss weight (default 1)")
+    domain_channel_shares: dict[str, dict[str, float]] = Field(
+        default_factory=dict, description="S2.5 level 1: {domain: {channel: share}} scales each channel's loss "
+                                          "on that domain's samples (default 1; the strategy may move them)")
     difficulty_weighting: bool = Field(False, description="down-weight tokens where the teacher is unsure (S2.5.2)")
     difficulty_floor: float = Field(0.5, ge=0.0, le=1.0, description="lowest difficulty weight")
     chunk_size: int = Field(256, ge=16, description="tokens per chunk of the fused lm-head + loss (256: 0.40x the "
                                                      "unfused peak memory at SmolLM2 size, bench/fused_loss.py)")
     t2_scale: bool = Field(True, description="multiply token-level divergences by T^2 (Hinton), so gradients keep "
                                              "their scale across temperatures")
+    clone: CloneSpec = Field(default_factory=CloneSpec)
 
     @field_validator("channels")
     @classmethod
@@ -143,6 +162,16 @@ class LossSpec(_Strict):
                 raise ValueError(f"channel {k!r} weight {w} must be >= 0")
         if not v or sum(v.values()) <= 0:
             raise ValueError("at least one channel needs a positive weight")
+        return v
+
+    @field_validator("domain_channel_shares")
+    @classmethod
+    def _dcs(cls, v):
+        reject_unknown(v, DOMAINS, "domain")
+        for d, per in v.items():
+            for ch, w in per.items():
+                if not (isinstance(w, (int, float)) and math.isfinite(w) and w >= 0):
+                    raise ValueError(f"share of channel {ch!r} in domain {d!r} must be a finite number >= 0, got {w}")
         return v
 
     @field_validator("domain_weights")

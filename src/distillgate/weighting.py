@@ -2,7 +2,9 @@
 
 Three levels of weights, all multiplicative per prediction position ``[N]``:
 
-1. *domain* (S2.5.1): each sample's business domain scales its tokens (``loss.domain_weights``, default 1);
+1. *domain* (S2.5.1): each sample's business domain scales its tokens (``loss.domain_weights``, default 1)
+   and each channel's share of them (``loss.domain_channel_shares`` ``{domain: {channel: share}}``, default 1:
+   :func:`domain_channel_weights`, applied per channel in :func:`combine_sum`);
 2. *difficulty* (S2.5.2): tokens where the teacher is unsure (low top-1 probability or high normalised
    entropy) are down-weighted to ``floor + (1 - floor) * confidence``;
 3. *sample* (S4.3): hard-pool samples carry ``sample_weight`` 3.0 (from the batch).
@@ -53,6 +55,9 @@ register_channel("kd", "token-level divergence (loss.divergence) between teacher
                  needs=("teacher_topk|teacher_hidden",), computed_by="lm_head")
 register_channel("ce", "cross-entropy of the student on the teacher's response tokens (hard labels, T=1)",
                  needs=("target_ids",), computed_by="lm_head")
+register_channel("clone", "response behaviour cloning (S2.4): sequence log-likelihood of the teacher's sampled "
+                          "answers under the diversity mask and coherence weights, plus a conciseness term "
+                          "(loss.clone)", needs=("teacher_samples",), computed_by="lm_head")
 
 
 def check_channels(channel_weights: dict[str, float], field: str = "loss.channels") -> None:
@@ -65,12 +70,15 @@ def check_channels(channel_weights: dict[str, float], field: str = "loss.channel
 
 
 def combine_sum(per_token: dict[str, torch.Tensor], channel_weights: dict[str, float],
-                token_weight: torch.Tensor | None) -> torch.Tensor:
-    """``sum_n token_weight[n] * sum_c w_c * loss_c[n]`` as a differentiable 0-dim float32 tensor.
+                token_weight: torch.Tensor | None,
+                channel_token_weight: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+    """``sum_n token_weight[n] * sum_c w_c * s_c[n] * loss_c[n]`` as a differentiable 0-dim float32 tensor.
 
     ``per_token`` maps channel -> ``[N]``; every channel with a non-zero weight must be present (zero-weight
     channels are skipped, so a NaN in an unused channel cannot poison the total). ``token_weight`` ``[N]`` or
-    None (all 1). With N = 0 the result is an exact 0.
+    None (all 1). ``channel_token_weight``: channel -> ``[N]`` per-token share ``s_c`` (S2.5 level 1, the
+    domain's share of that channel, :func:`domain_channel_weights`); a channel not in it has ``s_c = 1``.
+    With N = 0 the result is an exact 0.
     """
     check_channels(channel_weights)
     total = None
@@ -81,6 +89,8 @@ def combine_sum(per_token: dict[str, torch.Tensor], channel_weights: dict[str, f
             raise ConfigError(f"loss.channels.{name}", w,
                               f"a channel that was computed for this batch (computed: {sorted(per_token)})")
         term = per_token[name].float() * w
+        if channel_token_weight is not None and name in channel_token_weight:
+            term = term * channel_token_weight[name].to(term.device, torch.float32)
         total = term if total is None else total + term
     if total is None:                                                    # every weight zero: validated away
         raise ConfigError("loss.channels", dict(channel_weights), "at least one channel with weight > 0")
@@ -105,6 +115,24 @@ def combine(per_token: dict[str, torch.Tensor], channel_weights: dict[str, float
 def domain_weight(domains: Sequence[str], weights: dict[str, float]) -> torch.Tensor:
     """Per-sample domain weight ``[B]`` float32: ``weights.get(domain, 1.0)``."""
     return torch.tensor([float(weights.get(d, 1.0)) for d in domains], dtype=torch.float32)
+
+
+def check_domain_channel_shares(shares: dict[str, dict[str, float]],
+                                field: str = "loss.domain_channel_shares") -> None:
+    """Raise ConfigError naming an unknown channel or a negative / non-finite share in ``{domain: {channel:
+    share}}`` (domains are checked by the config)."""
+    for domain, per in shares.items():
+        check_channels(per, f"{field}.{domain}")
+
+
+def domain_channel_weights(domains: Sequence[str], shares: dict[str, dict[str, float]],
+                           channels: Sequence[str]) -> dict[str, torch.Tensor]:
+    """Per-sample share of each channel ``{channel: [B]}`` float32 from ``loss.domain_channel_shares``
+    (S2.5 level 1): ``shares[domain][channel]``, 1.0 where a domain or a channel is not listed. Only the
+    channels some listed domain names are returned (the others are 1 everywhere)."""
+    named = {c for per in shares.values() for c in per}
+    return {c: torch.tensor([float(shares.get(d, {}).get(c, 1.0)) for d in domains], dtype=torch.float32)
+            for c in channels if c in named}
 
 
 def difficulty_weight(confidence: torch.Tensor, floor: float) -> torch.Tensor:

@@ -26,7 +26,8 @@ log = logging.getLogger(__name__)
 def initial_recipe(cfg) -> dict:
     share = round(1.0 / len(cfg.data.domains), 6)
     return {"loss": {"channels": dict(cfg.loss.channels), "temperature": cfg.loss.temperature.model_dump(),
-                     "domain_weights": dict(cfg.loss.domain_weights), "divergence": cfg.loss.divergence},
+                     "domain_weights": dict(cfg.loss.domain_weights), "divergence": cfg.loss.divergence,
+                     "domain_channel_shares": {d: dict(v) for d, v in cfg.loss.domain_channel_shares.items()}},
             "train": {"lr": cfg.train.lr, "steps": cfg.train.steps},
             "data": {"mix": {d: share for d in cfg.data.domains}},
             "hard_pool": {}, "curriculum": {"tier": "lm"}, "student": {"structure": None}}
@@ -160,7 +161,8 @@ class Run:
         exs = self.training.examples if examples is None else examples
         ds = DistillDataset(exs, pad_id=pipeline.pad_id(self.teacher.tokenizer), seq_len=self.cfg.data.seq_len,
                             heldout_fraction=0.0)
-        objective = pipeline.make_objective(it.cfg, self.training.provider(), vocab_size=len(self.teacher.tokenizer))
+        objective = pipeline.make_objective(it.cfg, self.training.provider(), vocab_size=len(self.teacher.tokenizer),
+                                            examples=exs, tokenizer=self.teacher.tokenizer, prompts=self.training.pool)
         out = self.work / f"iter-{it.index:03d}"
         shutil.rmtree(out, ignore_errors=True)  # a crashed attempt of this iteration restarts clean
         update = {"seed": self.cfg.train.seed + it.index, "checkpoint_every": 0}

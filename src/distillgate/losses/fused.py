@@ -17,7 +17,8 @@ Teacher: :class:`TopKTargets` rows are sliced per chunk and take the closed-form
 the gradient w.r.t. the chunk's logits from one exp pass, no autograd over ``[c, V]``: 0.94 s vs 2.38 s per
 1,024 x 49,152 forward+backward in fp32, ``bench/fused_loss.py --dtype fp32 --autograd``); tail samples, when the targets carry
 them, make forward KL unbiased (:func:`sampled_forward_kl`). For :class:`TeacherHidden` (online teacher) the
-teacher's logits are formed per chunk from ``hidden @ weight.T`` under no_grad and autograd runs per chunk.
+teacher's logits are formed per chunk from ``hidden @ weight.T`` under no_grad and the gradient is closed-form
+too (:func:`_dense_chunk`: softmaxes of both sides, no autograd over ``[c, V]``).
 """
 
 from __future__ import annotations
@@ -30,15 +31,17 @@ from ..errors import ConfigError
 from ..hardware import native_bf16
 from ..targets import TeacherHidden, TopKTargets
 from ..weighting import CHANNELS, check_channels, combine_sum
-from .divergence import (DIVERGENCES, _inv_temperature, _t2, cross_entropy, divergence as divergence_fn,
+from .divergence import (DIVERGENCES, LOGP_FLOOR, _inv_temperature, _t2, cross_entropy, divergence as divergence_fn,
                          temper_buckets, topk_teacher_buckets)
 
 CLOSED_FORM = True
-"""Top-k targets take the closed-form chunk gradient (:func:`_topk_chunk`); False forces per-chunk autograd
+"""Top-k targets (:func:`_topk_chunk`) and dense / online teachers (:func:`_dense_chunk`) take the closed-form
+chunk gradient; False forces per-chunk autograd
 (same values; ``bench/fused_loss.py`` switches it off to measure the difference)."""
 
 LM_HEAD = "lm_head"
-"""``Channel.computed_by`` value of the channels this module computes (kd, ce)."""
+"""``Channel.computed_by`` value of the channels this module computes (kd, ce, clone)."""
+_LM = "['ce', 'clone', 'kd']"
 
 
 def lm_head_channels(channels: dict[str, float]) -> dict[str, float]:
@@ -65,10 +68,10 @@ def channel_losses(logits: torch.Tensor, teacher, target_ids: torch.Tensor, temp
         elif name == "kd":
             out[name] = divergence_fn(divergence, logits, teacher, beta=beta, temperature=temperature,
                                       t2_scale=t2_scale)
-        elif name == "ce":
+        elif name in ("ce", "clone"):             # clone: the teacher sample's NLL; its mask is a token weight
             out[name] = cross_entropy(logits, target_ids)
         else:
-            raise ConfigError(f"loss.channels.{name}", name, "a channel computed from logits: ['ce', 'kd']")
+            raise ConfigError(f"loss.channels.{name}", name, f"a channel computed from logits: {_LM}")
     return out
 
 
@@ -147,6 +150,7 @@ exactly (masked logsumexp, autograd path) instead of from the single-pass sum.""
 def _topk_chunk(logits: torch.Tensor, targets: TopKTargets, target_ids: torch.Tensor,
                 temperature: torch.Tensor | None, names, weights: dict[str, float],
                 token_weight: torch.Tensor | None, divergence: str, beta: float, t2_scale: bool, need_grad: bool,
+                channel_token_weight: dict[str, torch.Tensor] | None = None,
                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor | None]:
     """Channel losses of one chunk against top-k targets, and their gradient w.r.t. the logits, analytically.
 
@@ -191,7 +195,7 @@ def _topk_chunk(logits: torch.Tensor, targets: TopKTargets, target_ids: torch.Te
     if has_tail:
         leaves["tail"] = (s_tail.clamp_min(torch.finfo(torch.float32).tiny).log() + m.squeeze(1) - lse
                           ).requires_grad_(need_grad)
-    if "ce" in names:                                                            # never tempered
+    if "ce" in names or "clone" in names:                                        # never tempered
         tgt = target_ids.to(z.device, torch.long)
         lse1 = lse if scale is None else torch.logsumexp(z, dim=1)
         leaves["ce"] = (z.gather(1, tgt.unsqueeze(1)).squeeze(1) - lse1).requires_grad_(need_grad)
@@ -212,11 +216,11 @@ def _topk_chunk(logits: torch.Tensor, targets: TopKTargets, target_ids: torch.Te
                     p = topk_teacher_buckets(targets.logprobs.to(z.device), v, temperature,
                                              targets.log_tail)
                 per[name] = _t2(DIVERGENCES[divergence](p, q, beta), temperature, t2_scale)
-            elif name == "ce":
+            elif name in ("ce", "clone"):
                 per[name] = -leaves["ce"]
             else:
-                raise ConfigError(f"loss.channels.{name}", name, "a channel computed from logits: ['ce', 'kd']")
-        chunk_total = combine_sum(per, weights, token_weight)
+                raise ConfigError(f"loss.channels.{name}", name, f"a channel computed from logits: {_LM}")
+        chunk_total = combine_sum(per, weights, token_weight, channel_token_weight)
     if bad.any():      # rare: the student's tail under float32 range -> exact path for those rows
         rows = bad.nonzero().squeeze(1)
         sub = targets.select(rows)           # its tail samples (if any) are unused: bad rows use the bucket
@@ -224,9 +228,11 @@ def _topk_chunk(logits: torch.Tensor, targets: TopKTargets, target_ids: torch.Te
         with torch.enable_grad():
             per_r = channel_losses(zr, sub, target_ids[rows], None if temperature is None else temperature[rows],
                                    names, divergence, beta, t2_scale)
-            tot_r = combine_sum(per_r, weights, None if token_weight is None else token_weight[rows])
+            ctw_r = None if channel_token_weight is None else {k_: v_[rows] for k_, v_ in channel_token_weight.items()}
+            tot_r = combine_sum(per_r, weights, None if token_weight is None else token_weight[rows], ctw_r)
             keep = (~bad).float()
-            mask_tot = combine_sum({n_: t * keep for n_, t in per.items()}, weights, token_weight)
+            mask_tot = combine_sum({n_: t * keep for n_, t in per.items()}, weights, token_weight,
+                                   channel_token_weight)
         chunk_total = mask_tot + tot_r
         fixed = {}
         for n_, t in per.items():
@@ -270,11 +276,114 @@ def _topk_chunk(logits: torch.Tensor, targets: TopKTargets, target_ids: torch.Te
     return chunk_total.detach(), {n_: t.detach() for n_, t in per.items()}, grad
 
 
+def _dense_chunk(logits: torch.Tensor, teacher_logits: torch.Tensor, target_ids: torch.Tensor,
+                 temperature: torch.Tensor | None, names, weights: dict[str, float],
+                 token_weight: torch.Tensor | None, divergence: str, beta: float, t2_scale: bool, need_grad: bool,
+                 channel_token_weight: dict[str, torch.Tensor] | None = None,
+                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor | None]:
+    """Channel losses of one chunk against a dense teacher (the online teacher's ``[c, V]`` logits) and their
+    gradient w.r.t. the student's logits in closed form, no autograd over ``[c, V]``.
+
+    With ``zs = z / T``, ``q = softmax(zs)``, ``p = softmax(t / T)`` (floored like :func:`dense_logprobs`):
+    forward KL ``d/dzs = q * sum(p) - p``; any divergence written ``D(p, q)`` with ``g = dD/dq`` has
+    ``d/dzs = q * (g - <q, g>)``: reverse KL ``g = log q - log p + 1``, TRL's generalized JSD
+    ``g = (1 - beta) (log q - log m)`` with ``m = beta p + (1 - beta) q``, TV ``g = sign(q - p) / 2``; then
+    ``d/dz = d/dzs / T`` and the T^2 factor. CE: ``softmax(z) - onehot(target)`` at T = 1. Each term is scaled
+    by its channel weight times the token weight (the sum :func:`combine_sum` forms). Same values as the
+    autograd path (tested in float64). Returns ``(chunk_total, per_token, grad_logits or None)``."""
+    c, v = logits.shape
+    z = logits.detach().float()
+    inv_t = _inv_temperature(temperature, c, z.device)
+    zs = z if inv_t is None else z * inv_t
+    lq = torch.log_softmax(zs, dim=-1)
+    q = lq.exp()
+    per: dict[str, torch.Tensor] = {}
+    grad = None
+    tw = None if token_weight is None else token_weight.to(z.device, torch.float32)
+
+    def coeff(name):            # [c, 1] weight of d loss_name / d logits in the chunk total
+        a = torch.full((c,), float(weights.get(name, 0.0)), dtype=torch.float32, device=z.device)
+        if channel_token_weight is not None and name in channel_token_weight:
+            a = a * channel_token_weight[name].to(z.device, torch.float32)
+        return (a if tw is None else a * tw).unsqueeze(1)
+
+    unknown = [n_ for n_ in names if n_ not in ("kd", "ce", "clone")]
+    if unknown:
+        raise ConfigError(f"loss.channels.{unknown[0]}", unknown[0], f"a channel computed from logits: {_LM}")
+    if "kd" in names:
+        tl = teacher_logits.to(z.device, torch.float32)
+        lp = torch.log_softmax(tl if inv_t is None else tl * inv_t, dim=-1).clamp_min_(LOGP_FLOOR)
+        p = lp.exp()
+        kind = divergence
+        if kind == "gjsd" and beta == 0.0:
+            kind = "forward_kl"
+        elif kind == "gjsd" and beta == 1.0:
+            kind = "reverse_kl"
+        t2 = None
+        if temperature is not None and t2_scale:
+            t = torch.as_tensor(temperature, dtype=torch.float32, device=z.device).expand(c)
+            t2 = t * t
+        k = None
+        if need_grad:
+            k = coeff("kd")
+            if t2 is not None:
+                k = k * t2.unsqueeze(1)
+            if inv_t is not None:
+                k = k * inv_t
+        if kind == "forward_kl":
+            # sum p (lp - lq) as two row dot products (no [c, V] temporary)
+            val = (torch.bmm(p.unsqueeze(1), lp.unsqueeze(2)) - torch.bmm(p.unsqueeze(1), lq.unsqueeze(2))).view(c)
+            if need_grad:                                            # (q * sum(p) - p) * k
+                sp = p.sum(-1, keepdim=True)
+                hard_q = any(n_ in names for n_ in ("ce", "clone")) and inv_t is None
+                grad = (q * sp if hard_q else q.mul_(sp)).sub_(p).mul_(k)   # q is reused unless CE needs it
+        else:
+            if kind == "reverse_kl":
+                g = torch.sub(lq, lp)
+                val = (q * g).sum(-1)
+                g.add_(1.0)
+            elif kind == "gjsd":
+                if not 0.0 <= beta <= 1.0:
+                    raise ConfigError("loss.beta", beta, "a number in [0, 1]")
+                lm = torch.logsumexp(torch.stack([lq + math.log1p(-beta), lp + math.log(beta)]), dim=0)
+                val = beta * (p * (lp - lm)).sum(-1) + (1.0 - beta) * (q * (lq - lm)).sum(-1)
+                g = torch.sub(lq, lm).mul_(1.0 - beta)
+                del lm
+            elif kind == "tv":
+                val = 0.5 * (p - q).abs().sum(-1)
+                g = torch.sign(q - p).mul_(0.5)
+            else:
+                raise ConfigError("loss.divergence", divergence, f"one of {sorted(DIVERGENCES)}")
+            if need_grad:                                            # q * (g - <q, g>) * k
+                g.sub_((q * g).sum(-1, keepdim=True)).mul_(q).mul_(k)
+                grad = g
+            del g
+        per["kd"] = val if t2 is None else val * t2
+        del lp, p
+    hard = [n_ for n_ in names if n_ in ("ce", "clone")]       # NLL of the teacher's token, T = 1
+    if hard:
+        tgt = target_ids.to(z.device, torch.long)
+        l1 = lq if inv_t is None else torch.log_softmax(z, dim=-1)
+        nll = -l1.gather(1, tgt.unsqueeze(1)).squeeze(1)
+        for n_ in hard:
+            per[n_] = nll
+        if need_grad:                                                # (softmax(z) - onehot) * k
+            k = coeff(hard[0]) if len(hard) == 1 else coeff(hard[0]) + coeff(hard[1])
+            g = (q if inv_t is None else l1.exp()) * k
+            g.scatter_add_(1, tgt.unsqueeze(1), -k)
+            grad = g if grad is None else grad.add_(g)
+            del g
+    if need_grad and grad is None:
+        grad = torch.zeros_like(z)
+    chunk_total = combine_sum(per, weights, token_weight, channel_token_weight)
+    return chunk_total.detach(), per, grad
+
+
 class _FusedLMHeadLoss(torch.autograd.Function):
     """(total 0-dim, per-token [C, N]) with d total / d(h, W) computed chunk by chunk in forward."""
 
     @staticmethod
-    def forward(ctx, h, w, teacher, target_ids, token_weight, temperature, cfg):
+    def forward(ctx, h, w, teacher, target_ids, token_weight, temperature, cfg, channel_token_weight=None):
         names, weights, divergence, beta, t2_scale, chunk, want_grad = cfg
         n, dev = h.shape[0], h.device
         cd = _compute_dtype(h, w)
@@ -292,16 +401,22 @@ class _FusedLMHeadLoss(torch.autograd.Function):
                 logits = (hc @ wc.T).float()                                       # [c, V]
                 tw = None if token_weight is None else token_weight[s:e]
                 temp = None if temperature is None else temperature[s:e]
+                ctw = None if channel_token_weight is None else {k_: v_[s:e] for k_, v_ in channel_token_weight.items()}
                 if isinstance(teacher, TopKTargets) and CLOSED_FORM:               # closed-form gradient
                     chunk_total, per, g = _topk_chunk(logits, teacher_rows(s, e), target_ids[s:e], temp, names,
-                                                      weights, tw, divergence, beta, t2_scale, need_h or need_w)
-                else:                                                              # dense teacher: autograd
+                                                      weights, tw, divergence, beta, t2_scale, need_h or need_w,
+                                                      ctw)
+                elif not isinstance(teacher, TopKTargets) and CLOSED_FORM:          # dense / online teacher
+                    chunk_total, per, g = _dense_chunk(logits, teacher_rows(s, e), target_ids[s:e], temp, names,
+                                                       weights, tw, divergence, beta, t2_scale, need_h or need_w,
+                                                       ctw)
+                else:                                                              # autograd per chunk
                     if need_h or need_w:
                         logits.requires_grad_(True)
                     with torch.enable_grad():
                         per = channel_losses(logits, teacher_rows(s, e), target_ids[s:e], temp, names,
                                              divergence, beta, t2_scale)
-                        chunk_total = combine_sum(per, weights, tw)
+                        chunk_total = combine_sum(per, weights, tw, ctw)
                     g = torch.autograd.grad(chunk_total, logits)[0] if need_h or need_w else None
                 if g is not None:
                     g = g.to(cd)
@@ -327,7 +442,7 @@ class _FusedLMHeadLoss(torch.autograd.Function):
         grad_h, grad_w = ctx.saved_tensors
         gh = None if grad_h is None else (grad_h * grad_total).to(ctx.h_dtype)
         gw = None if grad_w is None else (grad_w * grad_total).to(ctx.w_dtype)
-        return gh, gw, None, None, None, None, None
+        return gh, gw, None, None, None, None, None, None
 
 
 def _validate(h_s, w_s, target_ids, token_weight, temperature, chunk_size, divergence):
@@ -347,6 +462,7 @@ def fused_distill_loss(h_s: torch.Tensor, W_s: torch.Tensor, teacher: TopKTarget
                        target_ids: torch.Tensor, token_weight: torch.Tensor | None,
                        temperature: torch.Tensor | None, channels: dict[str, float], divergence: str,
                        beta: float, chunk_size: int, *, t2_scale: bool = True,
+                       channel_token_weight: dict[str, torch.Tensor] | None = None,
                        ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Chunked lm-head + channel losses.
 
@@ -361,26 +477,35 @@ def fused_distill_loss(h_s: torch.Tensor, W_s: torch.Tensor, teacher: TopKTarget
             but do not contribute.
         divergence, beta: ``loss.divergence`` / ``loss.beta``; chunk_size: rows of logits per chunk.
         t2_scale: multiply the KD term by T^2 (Hinton).
+        channel_token_weight: channel -> ``[N]`` per-token share of that channel (S2.5 level 1, by domain;
+            :func:`distillgate.weighting.domain_channel_weights`), or None (all 1).
 
     Returns:
-        ``(total_sum, per_token)``: 0-dim float32 ``sum_n token_weight[n] * sum_c w_c * loss_c[n]``
+        ``(total_sum, per_token)``: 0-dim float32 ``sum_n token_weight[n] * sum_c w_c * s_c[n] * loss_c[n]``
         (differentiable w.r.t. h_s and W_s) and ``{channel: [N] float32}`` detached.
     """
     _validate(h_s, W_s, target_ids, token_weight, temperature, chunk_size, divergence)
     weights = lm_head_channels(channels)
     other = sorted(set(channels) - set(weights))
     if other:
-        raise ConfigError("loss.channels", other, "channels computed from logits here: ['ce', 'kd']")
+        raise ConfigError("loss.channels", other, f"channels computed from logits here: {_LM}")
     names = tuple(weights)
     want_grad = torch.is_grad_enabled() and (h_s.requires_grad or W_s.requires_grad)
     cfg = (names, weights, divergence, float(beta), t2_scale, int(chunk_size), want_grad)
-    total, stacked = _FusedLMHeadLoss.apply(h_s, W_s, teacher, target_ids, token_weight, temperature, cfg)
+    ctw = None
+    if channel_token_weight:
+        ctw = {k: v.to(h_s.device, torch.float32) for k, v in channel_token_weight.items() if k in weights}
+        for k, v in ctw.items():
+            if tuple(v.shape) != (h_s.shape[0],):
+                raise ValueError(f"channel_token_weight[{k!r}]: expected shape [{h_s.shape[0]}], got {tuple(v.shape)}")
+    total, stacked = _FusedLMHeadLoss.apply(h_s, W_s, teacher, target_ids, token_weight, temperature, cfg, ctw)
     return total, {name: stacked[i] for i, name in enumerate(names)}
 
 
 def unfused_distill_loss(h_s: torch.Tensor, W_s: torch.Tensor, teacher, target_ids: torch.Tensor,
                          token_weight: torch.Tensor | None, temperature: torch.Tensor | None,
                          channels: dict[str, float], divergence: str, beta: float, *, t2_scale: bool = True,
+                         channel_token_weight: dict[str, torch.Tensor] | None = None,
                          ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The plain reference: full ``[N, V]`` logits through autograd (same maths, same return values as
     :func:`fused_distill_loss`). For tests and benchmarks; peaks at several ``[N, V]`` float32 tensors."""
@@ -390,5 +515,5 @@ def unfused_distill_loss(h_s: torch.Tensor, W_s: torch.Tensor, teacher, target_i
     cd = _compute_dtype(h_s, W_s)
     t = _teacher_slicer(teacher, cd)(0, h_s.shape[0])
     per = channel_losses(logits, t, target_ids, temperature, tuple(weights), divergence, beta, t2_scale)
-    total = combine_sum(per, weights, token_weight)
+    total = combine_sum(per, weights, token_weight, channel_token_weight)
     return total, {k: v.detach() for k, v in per.items()}

@@ -14,8 +14,8 @@ import torch
 from ..config import LossSpec
 from ..errors import ConfigError, InputError
 from ..targets import TeacherHidden, TopKTargets, prediction_positions
-from ..weighting import (CHANNELS, channel_terms, check_channels, difficulty_weight, domain_weight,
-                         sample_weight, token_weights)
+from ..weighting import (CHANNELS, channel_terms, check_channels, check_domain_channel_shares, difficulty_weight,
+                         domain_channel_weights, domain_weight, sample_weight, token_weights)
 from .fused import LM_HEAD, fused_distill_loss
 from .stats import teacher_token_stats
 from .temperature import temperatures
@@ -75,7 +75,7 @@ def decoder_hidden(model: torch.nn.Module, input_ids: torch.Tensor, attention_ma
 
 
 class DistillObjective:
-    """``objective(model, batch) -> LossOutput`` for the channels of ``loss_spec`` (currently kd and ce).
+    """``objective(model, batch) -> LossOutput`` for the channels of ``loss_spec`` (kd, ce and clone).
 
     Args:
         loss_spec: ``distillgate.config.LossSpec``.
@@ -84,17 +84,25 @@ class DistillObjective:
         t2_scale: multiply the KD channel by T^2 (Hinton); on by default.
         confidence: teacher confidence used by difficulty weighting: 'top1' (top-1 probability) or
             'entropy' (1 - normalised entropy).
+        clone: the clone channel's teacher side (:class:`distillgate.losses.clone.CloneProvider`); required
+            when ``loss.channels`` names clone.
     """
 
     def __init__(self, loss_spec: LossSpec, teacher: TeacherProvider, vocab_size: int | None = None, *,
-                 t2_scale: bool = True, confidence: Literal["top1", "entropy"] = "top1"):
+                 t2_scale: bool = True, confidence: Literal["top1", "entropy"] = "top1", clone=None):
         check_channels(loss_spec.channels)
+        check_domain_channel_shares(loss_spec.domain_channel_shares)
         pending = sorted(k for k in loss_spec.channels if CHANNELS[k].computed_by != LM_HEAD)
         if pending:
-            raise ConfigError("loss.channels", pending, "channels this objective computes: ['ce', 'kd']")
+            raise ConfigError("loss.channels", pending, "channels this objective computes: ['ce', 'clone', 'kd']")
         if confidence not in ("top1", "entropy"):
             raise ConfigError("confidence", confidence, "'top1' or 'entropy'")
-        self.spec, self.teacher, self.vocab_size = loss_spec, teacher, vocab_size
+        if "clone" in loss_spec.channels and clone is None:
+            raise ConfigError("loss.channels.clone", loss_spec.channels["clone"],
+                              "a channel with its teacher data: several sampled teacher answers per prompt "
+                              "(data.samples_per_prompt >= 2, data.gen_temperature > 0) turned into clone rows "
+                              "(distillgate.data.samples.build_clone_rows)")
+        self.spec, self.teacher, self.vocab_size, self.clone = loss_spec, teacher, vocab_size, clone
         self.t2_scale, self.confidence = t2_scale, confidence
 
     def __call__(self, model: torch.nn.Module, batch: Mapping[str, Any]) -> LossOutput:
@@ -127,12 +135,57 @@ class DistillObjective:
         if domains is not None and spec.domain_weights:
             per_sample.append(domain_weight(domains, spec.domain_weights))
         tw = token_weights(b_idx, per_sample, per_tok)
+        shares = self.channel_shares(batch, b_idx)
+        cb = None
+        if self.clone is not None and "clone" in spec.channels:
+            cb = self.clone(batch)
+            if cb.mask.shape[0] != n:
+                raise InputError(f"clone provider gave {cb.mask.shape[0]} positions, the batch has {n}")
+            shares = dict(shares or {})
+            shares["clone"] = cb.mask.to(hidden.device) * shares.get("clone", 1.0)
 
         total, per_token = fused_distill_loss(hidden, weight, teacher, target_ids, tw, temp, spec.channels,
                                               spec.divergence, spec.beta, spec.chunk_size,
-                                              t2_scale=self.t2_scale)
+                                              t2_scale=self.t2_scale, channel_token_weight=shares)
+        if cb is not None:
+            total, per_token = self._concise(total, per_token, cb, hidden, weight, b_idx, batch, per_sample, shares)
         return LossOutput(total_sum=total, n_tokens=n, terms=channel_terms(per_token), per_token=per_token,
                           aux={"temperature": temp.detach(), "token_weight": tw.detach()})
+
+    def _concise(self, total, per_token, cb, hidden, weight, b_idx, batch, per_sample, shares):
+        """The clone channel's report (masked NLL) and its conciseness term (:mod:`distillgate.losses.clone`),
+        added to ``total`` with the clone weight, the sample's weight (hard pool, domain) and its domain's
+        clone share."""
+        from .clone import concise_penalty
+
+        per_token = dict(per_token)
+        per_token["clone"] = per_token["clone"] * shares["clone"]
+        cs, w_clone = self.spec.clone, float(self.spec.channels["clone"])
+        if cs.concise_weight > 0 and w_clone > 0 and b_idx.numel():
+            pen = concise_penalty(hidden, weight, self.clone.eot_id, cb.counts, cb.ref_len, cs.concise_ratio,
+                                  self.spec.chunk_size)                                            # [B]
+            w_s = torch.ones_like(pen)
+            for s in per_sample:
+                w_s = w_s * s.to(pen.device, torch.float32)
+            domains = batch.get("domains")
+            if self.spec.domain_channel_shares and domains is not None:
+                w_s = w_s * domain_channel_weights(domains, self.spec.domain_channel_shares, ["clone"]).get(
+                    "clone", torch.ones_like(pen)).to(pen.device)
+            total = total + w_clone * cs.concise_weight * (w_s * pen).sum()
+            spread = (pen / cb.counts.clamp_min(1).float()).detach()[b_idx]
+        else:
+            spread = torch.zeros(b_idx.shape[0], dtype=torch.float32, device=b_idx.device)
+        per_token["clone_concise"] = spread
+        return total, per_token
+
+    def channel_shares(self, batch: Mapping[str, Any], b_idx: torch.Tensor) -> dict[str, torch.Tensor] | None:
+        """Per-token share of each channel ``{channel: [N]}`` from ``loss.domain_channel_shares`` and the
+        batch's ``domains`` (S2.5 level 1), or None when no share is configured."""
+        shares, domains = self.spec.domain_channel_shares, batch.get("domains")
+        if not shares or domains is None:
+            return None
+        per_sample = domain_channel_weights(domains, shares, list(self.spec.channels))
+        return {c: w.to(b_idx.device)[b_idx] for c, w in per_sample.items()}
 
     def _teacher(self, batch, n: int, vocab: int):
         t = self.teacher(batch)

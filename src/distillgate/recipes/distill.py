@@ -52,7 +52,8 @@ def distill(cfg: DistillConfig, *, progress: bool | None = None, resume: bool = 
 
     # 4. map: train on the teacher's targets.
     provider = teacher_provider(cfg, teacher, train_ex, progress=progress is not False)
-    objective = make_objective(cfg, provider, vocab_size=len(teacher.tokenizer))
+    objective = make_objective(cfg, provider, vocab_size=len(teacher.tokenizer), examples=train_ex,
+                               tokenizer=teacher.tokenizer, prompts=prompts)
     resume_from = out / "train" if resume and (out / "train" / "checkpoints").exists() else None
     result = map_student(student, objective, dataset, cfg.train, out / "train", seed=cfg.train.seed,
                          resume_from=resume_from, progress=progress)
