@@ -14,7 +14,7 @@ import torch
 from ..config import LossSpec
 from ..errors import ConfigError, InputError
 from ..targets import TeacherHidden, TopKTargets, prediction_positions
-from ..weighting import (CHANNELS, channel_terms, check_channels, difficulty_weight, domain_weight,
+from ..weighting import (CHANNELS, channel_terms, check_channels, combine_sum, difficulty_weight, domain_weight,
                          sample_weight, token_weights)
 from .fused import LM_HEAD, fused_distill_loss
 from .stats import teacher_token_stats
@@ -87,11 +87,16 @@ class DistillObjective:
     """
 
     def __init__(self, loss_spec: LossSpec, teacher: TeacherProvider, vocab_size: int | None = None, *,
-                 t2_scale: bool = True, confidence: Literal["top1", "entropy"] = "top1"):
+                 t2_scale: bool = True, confidence: Literal["top1", "entropy"] = "top1", side=None):
         check_channels(loss_spec.channels)
-        pending = sorted(k for k in loss_spec.channels if CHANNELS[k].computed_by != LM_HEAD)
+        # side: the student side of the attn / feature channels (teacher_side.StudentChannels), or None
+        side_names = tuple(getattr(side, "names", ()))
+        pending = sorted(k for k in loss_spec.channels if CHANNELS[k].computed_by != LM_HEAD and k not in side_names)
         if pending:
-            raise ConfigError("loss.channels", pending, "channels this objective computes: ['ce', 'kd']")
+            raise ConfigError("loss.channels", pending, f"channels this objective computes: "
+                                                        f"{sorted(['ce', 'kd', *side_names])} (attn / feature "
+                                                        f"need their teacher data: teacher_side.ChannelSetup)")
+        self.side = side
         if confidence not in ("top1", "entropy"):
             raise ConfigError("confidence", confidence, "'top1' or 'entropy'")
         self.spec, self.teacher, self.vocab_size = loss_spec, teacher, vocab_size
@@ -109,9 +114,13 @@ class DistillObjective:
         b_idx, t_idx = prediction_positions(batch)
         b_idx, t_idx = b_idx.to(input_ids.device), t_idx.to(input_ids.device)
         n = int(b_idx.shape[0])
-        hidden = decoder_hidden(model, input_ids, batch.get("attention_mask"))[b_idx, t_idx]      # [N, H]
+        teacher, side_data = self._teacher(batch, n, vocab)
+        if self.side is None:
+            hidden = decoder_hidden(model, input_ids, batch.get("attention_mask"))[b_idx, t_idx]  # [N, H]
+        else:                                    # attn / feature: hooks capture (and inject) during the forward
+            with self.side.capture(model, side_data, b_idx, t_idx):
+                hidden = decoder_hidden(model, input_ids, batch.get("attention_mask"))[b_idx, t_idx]
         target_ids = input_ids[b_idx, t_idx + 1]
-        teacher = self._teacher(batch, n, vocab)
 
         stats = None
         if spec.temperature.policy == "entropy" or spec.difficulty_weighting:
@@ -128,14 +137,27 @@ class DistillObjective:
             per_sample.append(domain_weight(domains, spec.domain_weights))
         tw = token_weights(b_idx, per_sample, per_tok)
 
-        total, per_token = fused_distill_loss(hidden, weight, teacher, target_ids, tw, temp, spec.channels,
-                                              spec.divergence, spec.beta, spec.chunk_size,
-                                              t2_scale=self.t2_scale)
+        head = {k: w for k, w in spec.channels.items() if CHANNELS[k].computed_by == LM_HEAD}
+        if any(w > 0 for w in head.values()):
+            total, per_token = fused_distill_loss(hidden, weight, teacher, target_ids, tw, temp, head,
+                                                  spec.divergence, spec.beta, spec.chunk_size,
+                                                  t2_scale=self.t2_scale)
+        else:                                  # only side channels weigh (e.g. an attn-only ablation)
+            total, per_token = hidden.sum() * 0.0, {}
+        if self.side is not None:
+            extra = self.side.losses(model, side_data, b_idx, t_idx, batch.get("attention_mask"))
+            weights = {k: spec.channels[k] for k in extra}
+            if any(w > 0 for w in weights.values()):
+                total = total + combine_sum(extra, weights, tw)
+            per_token.update({k: v.detach() for k, v in extra.items()})
         return LossOutput(total_sum=total, n_tokens=n, terms=channel_terms(per_token), per_token=per_token,
                           aux={"temperature": temp.detach(), "token_weight": tw.detach()})
 
     def _teacher(self, batch, n: int, vocab: int):
         t = self.teacher(batch)
+        side = {}
+        if hasattr(t, "kd") and hasattr(t, "side"):                      # teacher_side.ChannelTargets
+            t, side = t.kd, t.side
         if isinstance(t, TopKTargets):
             rows = t.indices.shape[0]
             if rows == n and n and int(t.indices.max()) >= vocab:
@@ -151,4 +173,4 @@ class DistillObjective:
         if rows != n:
             raise InputError(f"teacher gave {rows} positions but the batch has {n} prediction positions "
                              f"(loss_mask alignment: docs/architecture.md 'Data and alignment')")
-        return t
+        return t, side

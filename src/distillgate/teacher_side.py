@@ -1,0 +1,600 @@
+"""Teacher-side data of the attn (S2.2) and feature (S2.3) channels, and the student side that consumes it.
+
+One :class:`ChannelPlan` says what the channels align: the teacher's key heads (scored by attention rollout on
+calibration text, :func:`find_key_heads`) mapped to the student's heads through the layer map (and a pruned
+student's head keep sets), and for every student layer the teacher layer it came from, with the PCA basis
+and scale of that layer's feature. The teacher side then comes from one of two places:
+
+* **cached** (``targets.mode: cached``, the fast default): :class:`SideCache`, one teacher forward over the
+  examples, rows per prediction position in the targets cache's order, keyed like it (teacher, tokenizer,
+  data, plus the plan's digest). Attention: the top ``loss.attention.cache_top_k`` keys per query and head
+  (uint16 position + fp16 log-prob, 4 bytes) and the head output's log-norm (fp16); features: PCA coefficients
+  (fp16) of each student layer's teacher feature in a rank-``loss.feature.cache_rank`` basis fitted on
+  calibration data. Bytes per position: ``heads * (4 k + 2) + layers * 2 r`` (3 heads, k 16: 198; 15 layers,
+  r 32: 960), next to the targets' 320.
+  *Why cache the top-k keys, not q/k:* recomputing the distribution needs the chosen heads' k at every position
+  of the example (the prompt too) and q, v at the queries: 3 x (64 + 64 + 64) x 2 = 1,152 bytes per token at
+  SmolLM2's head_dim, 5.8x the top-16 rows, for an exact instead of a top-16 + tail distribution; running
+  the teacher's layers up to the deepest key head online costs up to a full teacher forward per step (the online
+  path, ~1.5x slower per step in bench/distill_throughput.py). Top-16 keys hold most of a head's mass (the
+  cache records the mean mass kept).
+* **online** (``targets.mode: online``): :class:`OnlineChannelTeacher`, the same teacher forward that gives the
+  KD channel its hidden states also captures the key heads' q/k/v and the block features: dense attention, exact
+  features.
+
+The student side (:class:`StudentChannels`) hooks the student's forward (``models.adapters``) and returns the
+per-token losses ``{"attn": [N], "feature": [N]}`` the objective combines with the KD terms.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from .errors import CacheMismatchError, ConfigError, InputError
+from .io import atomic_dir, distillgate_home, sha256_json, verify_manifest
+from .losses.attention import attention_loss, gather_queries, head_attention, rollout_head_scores, topk_keys
+from .losses.feature import feature_loss
+from .models.adapters import BlockCapture, FeatureAdapters, HeadCapture, check_attention_supported, decoder_layers
+from .targets import TeacherHidden, TopKTargets, prediction_positions
+
+log = logging.getLogger(__name__)
+
+SIDE_CHANNELS = ("attn", "feature")
+KIND = "teacher_side"
+FORMAT_VERSION = 1
+
+
+# ------------------------------------------------------------------------------------------------ data
+
+@dataclass
+class AttnTargets:
+    """The teacher's key heads at N prediction positions: ``idx [N, h, k]`` key positions, ``logprobs
+    [N, h, k]`` (dense when k is the sequence length), ``lognorm [N, h]`` log |head output|."""
+
+    idx: torch.Tensor
+    logprobs: torch.Tensor
+    lognorm: torch.Tensor
+
+
+@dataclass
+class FeatureTargets:
+    """The teacher's block features for every student layer at N prediction positions: ``feats [N, L, Ht]``."""
+
+    feats: torch.Tensor
+
+
+@dataclass
+class ChannelTargets:
+    """What a provider returns when side channels are on: the KD teacher and ``side`` (channel -> data)."""
+
+    kd: TopKTargets | TeacherHidden
+    side: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class HeadPair:
+    student_layer: int
+    student_head: int
+    teacher_layer: int
+    teacher_head: int
+    score: float
+
+
+@dataclass
+class ChannelPlan:
+    """What the side channels align (JSON-able through :meth:`to_json`, tensors apart)."""
+
+    heads: list[HeadPair]                    # attn: in this order everywhere ([N, h, ...] axes)
+    feature_layers: list[int]                # feature: teacher layer of each student layer (empty: off)
+    head_scores: list[list[float]] = field(default_factory=list)   # [Lt][H] rollout scores
+    scale: torch.Tensor | None = None        # [L] teacher feature mean square per student layer (mse scale)
+    mean: torch.Tensor | None = None         # [L, Ht] PCA mean
+    basis: torch.Tensor | None = None        # [L, Ht, r] PCA components (None: no feature cache)
+    recon_error: list[float] = field(default_factory=list)  # per layer: share of variance the basis loses
+    top_k: int = 0                           # attention keys cached per query (0: dense / online)
+
+    def teacher_attn_layers(self) -> dict[int, list[int]]:
+        out: dict[int, list[int]] = {}
+        for p in self.heads:
+            out.setdefault(p.teacher_layer, []).append(p.teacher_head)
+        return out
+
+    def to_json(self) -> dict:
+        return {"heads": [dataclasses.asdict(p) for p in self.heads], "feature_layers": list(self.feature_layers),
+                "head_scores": self.head_scores, "recon_error": self.recon_error, "top_k": self.top_k,
+                "basis_rank": 0 if self.basis is None else int(self.basis.shape[-1])}
+
+    def digest(self) -> str:
+        d = self.to_json()
+        d.pop("head_scores")
+        if self.basis is not None:
+            d["basis"] = sha256_json([round(float(x), 6) for x in self.basis.flatten()[:4096]]
+                                     + [float(self.basis.sum()), float(self.mean.sum())])
+        return sha256_json(d)
+
+
+def _concat(parts: Sequence, cls):
+    return cls(**{f.name: torch.cat([getattr(p, f.name) for p in parts]) for f in dataclasses.fields(cls)})
+
+
+# ------------------------------------------------------------------------------------------------ the plan
+
+def _batch(ids: torch.Tensor) -> dict:
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
+@torch.no_grad()
+def find_key_heads(model, calib_ids: torch.Tensor, last_positions: int) -> torch.Tensor:
+    """``[L, H]`` mean rollout flow score of every teacher head over the rows of ``calib_ids [B, T]``
+    (:func:`distillgate.losses.attention.rollout_head_scores`); q/k from hooks, the model's SDPA untouched."""
+    check_attention_supported(model)
+    layers = decoder_layers(model)
+    n_heads = layers[0].self_attn.q_proj.out_features // layers[0].self_attn.head_dim
+    total = torch.zeros(len(layers), n_heads, dtype=torch.float64)
+    for b in range(calib_ids.shape[0]):
+        row = calib_ids[b:b + 1]
+        with HeadCapture(model, range(len(layers))) as cap:
+            model.base_model(**_batch(row), use_cache=False)
+        probs = []
+        for li in range(len(layers)):
+            q, k, _, sc = cap.qkv(li, range(n_heads))
+            logp, _ = head_attention(q, k, None, sc, None)
+            probs.append(logp[0].exp())
+        total += rollout_head_scores(probs, row.shape[1], last_positions)
+    return total / max(1, calib_ids.shape[0])
+
+
+def _student_heads(layer_map: dict, head_map: dict | None, student) -> dict[tuple[int, int], tuple[int, int]]:
+    """teacher (layer, head) -> student (layer, head) for every student head."""
+    out = {}
+    layers = decoder_layers(student)
+    for s, t in ((int(a), int(b)) for a, b in layer_map.items()):
+        a = layers[s].self_attn
+        n = a.q_proj.out_features // a.head_dim
+        heads = list(head_map[s]) if head_map and s in head_map else list(range(n))
+        if len(heads) != n:
+            raise InputError(f"head map of student layer {s} lists {len(heads)} heads, the layer has {n}")
+        for j, th in enumerate(heads):
+            out[(t, int(th))] = (s, j)
+    return out
+
+
+@torch.no_grad()
+def fit_feature_basis(model, calib_ids: torch.Tensor, teacher_layers: list[int], rank: int, max_positions: int):
+    """``(scale [L], mean [L, Ht], basis [L, Ht, r] or None, recon_error [L])`` from the teacher's block outputs at
+    up to ``max_positions`` calibration positions (token 0, the attention sink with its massive activations, left
+    out). recon_error: share of the centred variance the rank-r basis loses."""
+    uniq = sorted(set(teacher_layers))
+    feats: dict[int, list] = {t: [] for t in uniq}
+    n = 0
+    for b in range(calib_ids.shape[0]):
+        if n >= max_positions:
+            break
+        with BlockCapture(model, uniq) as cap:
+            model.base_model(**_batch(calib_ids[b:b + 1]), use_cache=False)
+        for t in uniq:
+            feats[t].append(cap.out[t][0, 1:].float())
+        n += calib_ids.shape[1] - 1
+    scale, mean, basis, err = [], [], [], []
+    for t in teacher_layers:
+        x = torch.cat(feats[t])[:max_positions].double()
+        scale.append(float(x.pow(2).mean()))
+        mu = x.mean(0)
+        mean.append(mu.float())
+        if rank:
+            xc = x - mu
+            _, s, vh = torch.linalg.svd(xc, full_matrices=False)
+            r = min(rank, vh.shape[0])
+            u = vh[:r].T                                                         # [Ht, r]
+            if r < rank:                                                         # fewer positions than rank
+                u = torch.cat([u, torch.zeros(u.shape[0], rank - r, dtype=u.dtype)], 1)
+            basis.append(u.float())
+            var = float(s.pow(2).sum())
+            err.append(float(s[r:].pow(2).sum()) / var if var > 0 else 0.0)
+    return (torch.tensor(scale), torch.stack(mean), torch.stack(basis) if rank else None, err)
+
+
+def head_map_from_keep(keep: dict | None) -> dict[int, list[int]] | None:
+    """A prune stage's ``keep_total`` (models.prune.Keep as a dict) -> student layer -> original head index per
+    student head (the derived student's heads are the teacher's)."""
+    if not keep:
+        return None
+    return {i: list(h) for i, h in enumerate(keep["heads"])}
+
+
+def make_plan(loss_spec, teacher_model, student, layer_map: dict | None, calib_ids: torch.Tensor, *,
+              mode: str, head_map: dict | None = None, known_heads: list | None = None) -> ChannelPlan:
+    """The plan for the side channels with a positive weight in ``loss_spec.channels``.
+
+    ``layer_map``: student layer -> teacher layer (a derived student's); None means the identity (student as
+    deep as the teacher). ``known_heads``: teacher [layer, head, score] found earlier (a resumed loop) -- the
+    rollout is not run again. Raises ConfigError naming the field when a chosen head has no student head.
+    """
+    ch = loss_spec.channels
+    att, feat = loss_spec.attention, loss_spec.feature
+    s_layers = decoder_layers(student)
+    if layer_map is None:
+        if len(s_layers) != len(decoder_layers(teacher_model)):
+            raise InputError("the side channels need the student's layer map (student.init: derive), or a student "
+                             "as deep as the teacher")
+        layer_map = {i: i for i in range(len(s_layers))}
+    layer_map = {int(k): int(v) for k, v in layer_map.items()}
+    heads: list[HeadPair] = []
+    scores_json: list = []
+    if ch.get("attn", 0) > 0:
+        check_attention_supported(teacher_model)
+        check_attention_supported(student)
+        avail = _student_heads(layer_map, head_map, student)
+        if att.heads is not None:
+            chosen = [(int(a), int(b), float("nan")) for a, b in att.heads]
+            missing = [c[:2] for c in chosen if c[:2] not in avail]
+            if missing:
+                raise ConfigError("loss.attention.heads", att.heads, f"teacher heads the student kept (missing: "
+                                                                     f"{missing})")
+        else:
+            if known_heads is not None:
+                # a head the student no longer has (pruned since) drops out; the others keep their places
+                chosen = [tuple(x) for x in known_heads if (int(x[0]), int(x[1])) in avail]
+            else:
+                scores = find_key_heads(teacher_model, calib_ids, att.last_positions)
+                scores_json = [[round(float(v), 6) for v in row] for row in scores]
+                ranked = sorted(((float(scores[t, h]), t, h) for (t, h) in avail), reverse=True)
+                chosen = [(t, h, sc) for sc, t, h in ranked[:att.key_heads]]
+        for t, h, sc in chosen:
+            s, j = avail[(int(t), int(h))]
+            heads.append(HeadPair(s, j, int(t), int(h), float(sc)))
+    plan = ChannelPlan(heads=heads, feature_layers=[], head_scores=scores_json,
+                       top_k=att.cache_top_k if mode == "cached" else 0)
+    if ch.get("feature", 0) > 0:
+        plan.feature_layers = [layer_map[i] for i in range(len(s_layers))]
+        rank = feat.cache_rank if mode == "cached" else 0
+        plan.scale, plan.mean, plan.basis, plan.recon_error = fit_feature_basis(
+            teacher_model, calib_ids, plan.feature_layers, rank, feat.calib_tokens)
+    return plan
+
+
+# ------------------------------------------------------------------------------------------------ teacher rows
+
+@torch.no_grad()
+def teacher_side_rows(model, batch: dict, plan: ChannelPlan, *, top_k: int, want_hidden: bool = False):
+    """One teacher forward over ``batch``: ``(final hidden [N, H] or None, {"attn": AttnTargets, "feature":
+    FeatureTargets})`` at the prediction positions; attention top-``top_k`` keys (0: dense)."""
+    b_idx, t_idx = prediction_positions(batch)
+    by_layer = plan.teacher_attn_layers()
+    with HeadCapture(model, by_layer) as hc, BlockCapture(model, plan.feature_layers) as bc:
+        out = model.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+    side: dict[str, Any] = {}
+    if plan.heads:
+        lps, norms = [], []
+        for p in plan.heads:
+            q, k, v, sc = hc.qkv(p.teacher_layer, [p.teacher_head])
+            logp, ln = head_attention(q, k, v, sc, batch["attention_mask"])
+            lps.append(gather_queries(logp, b_idx, t_idx))                       # [N, 1, T]
+            norms.append(gather_queries(ln, b_idx, t_idx))                       # [N, 1]
+        logp, ln = torch.cat(lps, 1), torch.cat(norms, 1)
+        if top_k:
+            idx, lp = topk_keys(logp, top_k)
+        else:
+            idx = torch.arange(logp.shape[-1]).expand_as(logp)
+            lp = logp
+        side["attn"] = AttnTargets(idx, lp, ln)
+    if plan.feature_layers:
+        side["feature"] = FeatureTargets(torch.stack([bc.out[t][b_idx, t_idx].float() for t in plan.feature_layers], 1))
+    hidden = out.last_hidden_state[b_idx, t_idx] if want_hidden else None
+    return hidden, side
+
+
+class OnlineChannelTeacher:
+    """Online provider: ``provider(batch) -> ChannelTargets(TeacherHidden, side)`` from one teacher forward."""
+
+    def __init__(self, teacher_model, plan: ChannelPlan):
+        from .targets import _check_plain_head
+
+        self.model, self.plan = teacher_model, plan
+        self.weight = _check_plain_head(teacher_model).detach()
+        self.model.eval()
+
+    def __call__(self, batch: dict) -> ChannelTargets:
+        hidden, side = teacher_side_rows(self.model, batch, self.plan, top_k=0, want_hidden=True)
+        return ChannelTargets(TeacherHidden(hidden=hidden, weight=self.weight), side)
+
+
+# ------------------------------------------------------------------------------------------------ cache
+
+def _key(teacher, examples, plan: ChannelPlan) -> str:
+    from .targets import targets_key
+
+    tk = targets_key(teacher, examples, 1, 0)
+    return sha256_json({"teacher": tk.teacher, "tokenizer": tk.tokenizer, "data": tk.data, "plan": plan.digest(),
+                        "format_version": FORMAT_VERSION})
+
+
+class SideCache:
+    """Committed teacher-side rows of some examples (see the module docstring for the layout)."""
+
+    def __init__(self, path: Path, meta: dict, tensors: dict, where: dict, plan: ChannelPlan):
+        self.path, self.meta, self.t, self.where, self.plan = path, meta, tensors, where, plan
+
+    @classmethod
+    def open(cls, path, key: str, plan: ChannelPlan) -> "SideCache":
+        from safetensors.torch import load_file
+
+        path = Path(path)
+        m = verify_manifest(path, kind=KIND)
+        if m["meta"].get("key") != key:
+            raise CacheMismatchError(f"{path}: teacher-side cache of another teacher, data or channel plan")
+        t = load_file(str(path / "rows.safetensors"))
+        ids = json.loads((path / "index.json").read_text())["examples"]
+        off = t["offsets"].tolist()
+        return cls(path, m["meta"], t, {e: (off[i], off[i + 1]) for i, e in enumerate(ids)}, plan)
+
+    def __contains__(self, example_id) -> bool:
+        return example_id in self.where
+
+    def rows(self, example_id: str) -> dict:
+        a, b = self.where[example_id]
+        out = {}
+        if "attn_idx" in self.t:
+            idx = self.t["attn_idx"][a:b]
+            idx = (idx.to(torch.int32) & 0xFFFF).long() if idx.dtype == torch.int16 else idx.long()
+            out["attn"] = AttnTargets(idx, self.t["attn_lp"][a:b].float(), self.t["attn_lognorm"][a:b].float())
+        if "feat_coef" in self.t:
+            c = self.t["feat_coef"][a:b].float()                                  # [n, L, r]
+            out["feature"] = FeatureTargets(self.plan.mean.unsqueeze(0) + torch.einsum("nlr,lhr->nlh", c, self.plan.basis))
+        return out
+
+
+def compute_side_cache(teacher, examples: Sequence, plan: ChannelPlan, *, pad_id: int, batch_size: int,
+                       root=None) -> SideCache:
+    """The cache for ``examples`` under ``<root or $DISTILLGATE_HOME/teacher_side>/<key[:16]>`` (reused when it
+    exists and verifies; built atomically otherwise)."""
+    from safetensors.torch import save_file
+
+    from .data.dataset import collate
+
+    model = teacher.model if hasattr(teacher, "fingerprint") else teacher
+    key = _key(teacher, examples, plan)
+    folder = (Path(root) if root else distillgate_home() / "teacher_side") / key[:16]
+    if folder.exists():
+        try:
+            return SideCache.open(folder, key, plan)
+        except CacheMismatchError:
+            raise
+        except Exception as e:
+            log.warning("%s: unusable teacher-side cache (%s); recomputing", folder, e)
+    rows: dict[int, dict] = {}
+    mass, err_num, err_den = [], 0.0, 0.0
+    for s in range(0, len(examples), batch_size):
+        part = list(examples[s:s + batch_size])
+        batch = collate(part, pad_id)
+        _, side = teacher_side_rows(model, batch, plan, top_k=plan.top_k)
+        counts = (batch["loss_mask"][:, 1:] != 0).sum(1).tolist()
+        start = 0
+        for i, c in enumerate(counts):
+            sl = slice(start, start + c)
+            r: dict = {}
+            if "attn" in side:
+                a = side["attn"]
+                r["attn_idx"] = torch.where(a.idx[sl] >= 32768, a.idx[sl] - 65536, a.idx[sl]).to(torch.int16)
+                r["attn_lp"] = a.logprobs[sl].clamp_min(-6e4).half()
+                r["attn_lognorm"] = a.lognorm[sl].half()
+                mass.append(a.logprobs[sl].exp().sum(-1).flatten())
+            if "feature" in side:
+                f = side["feature"].feats[sl]                                        # [c, L, Ht]
+                fc = f - plan.mean.unsqueeze(0)
+                coef = torch.einsum("nlh,lhr->nlr", fc, plan.basis)
+                rec = torch.einsum("nlr,lhr->nlh", coef, plan.basis)
+                err_num += float((fc - rec).pow(2).sum())
+                err_den += float(fc.pow(2).sum())
+                r["feat_coef"] = coef.half()
+            rows[s + i] = r
+            start += c
+    names = sorted(rows[0]) if rows else []
+    tensors = {n: torch.cat([rows[i][n] for i in range(len(examples))]).contiguous() for n in names}
+    counts = [0] + [next(iter(rows[i].values())).shape[0] for i in range(len(examples))]
+    tensors["offsets"] = torch.tensor(counts, dtype=torch.int64).cumsum(0)
+    n_pos = int(tensors["offsets"][-1])
+    h, L = len(plan.heads), len(plan.feature_layers)
+    r_ = 0 if plan.basis is None else int(plan.basis.shape[-1])
+    meta = {"key": key, "plan": plan.to_json(), "n_positions": n_pos,
+            "bytes_per_position": h * (4 * plan.top_k + 2) + L * 2 * r_,
+            "attn_topk_mass": float(torch.cat(mass).mean()) if mass else None,
+            "feature_recon_error": err_num / err_den if err_den else None}
+    with atomic_dir(folder, kind=KIND, format_version=FORMAT_VERSION, meta=meta, exist_ok=True) as tmp:
+        save_file(tensors, str(tmp / "rows.safetensors"))
+        (tmp / "index.json").write_text(json.dumps({"examples": [e.id for e in examples]}))
+    return SideCache.open(folder, key, plan)
+
+
+class SideProvider:
+    """Cached path: ``provider(batch) -> ChannelTargets(kd_provider(batch), side rows in the same order)``."""
+
+    def __init__(self, kd_provider, caches: list[SideCache]):
+        self.kd, self.caches = kd_provider, list(caches)
+
+    def _rows(self, ex_id):
+        for c in self.caches:
+            if ex_id in c:
+                return c.rows(ex_id)
+        raise InputError(f"no teacher-side (attn/feature) rows for example {ex_id!r}")
+
+    def __call__(self, batch: dict) -> ChannelTargets:
+        counts = (batch["loss_mask"][:, 1:] != 0).sum(1).tolist()
+        parts = []
+        for ex_id, c in zip(batch["example_ids"], counts):
+            r = self._rows(ex_id)
+            n = next(iter(r.values()))
+            n = n.idx.shape[0] if isinstance(n, AttnTargets) else n.feats.shape[0]
+            if n != c:
+                raise CacheMismatchError(f"teacher-side cache: example {ex_id!r} has {c} target tokens in the "
+                                         f"batch but {n} cached")
+            parts.append(r)
+        side = {}
+        for name, cls in (("attn", AttnTargets), ("feature", FeatureTargets)):
+            if parts and name in parts[0]:
+                side[name] = _concat([p[name] for p in parts], cls)
+        return ChannelTargets(self.kd(batch), side)
+
+
+# ------------------------------------------------------------------------------------------------ student side
+
+class StudentChannels:
+    """The student side of attn/feature for :class:`distillgate.losses.objective.DistillObjective`."""
+
+    def __init__(self, plan: ChannelPlan, loss_spec, adapters: FeatureAdapters | None = None, setup=None):
+        self.plan, self.spec, self._adapters, self._setup = plan, loss_spec, adapters, setup
+        self.names = tuple(n for n in SIDE_CHANNELS if n in loss_spec.channels)
+
+    @property
+    def adapters(self) -> FeatureAdapters | None:
+        """The adapters attached now (a ChannelSetup attaches them for each training call)."""
+        return self._setup.adapters if self._setup is not None else self._adapters
+
+    @contextlib.contextmanager
+    def capture(self, model, side: dict, b_idx, t_idx):
+        layers = sorted({p.student_layer for p in self.plan.heads}) if "attn" in self.names else []
+        with HeadCapture(model, layers) as hc:
+            if self.adapters is not None and "feature" in self.names:
+                f = side.get("feature")
+                inject = self.spec.feature.inject and f is not None
+                self.adapters.set_teacher(f.feats if inject else None, b_idx, t_idx)
+            self._hc = hc
+            try:
+                yield self
+            finally:
+                if self.adapters is not None:
+                    self._captured = dict(self.adapters.captured)
+                    self.adapters.clear()
+
+    def losses(self, model, side: dict, b_idx, t_idx, attention_mask) -> dict[str, torch.Tensor]:
+        out = {}
+        for name in self.names:
+            if name not in side:
+                fld = "loss.attention.cache_top_k" if name == "attn" else "loss.feature.cache_rank"
+                raise ConfigError(f"loss.channels.{name}", self.spec.channels[name],
+                                  f"a channel whose teacher data the provider gives (none for this batch: "
+                                  f"targets.mode online, or {fld} > 0 with the side cache built)")
+        if "attn" in self.names:
+            a = side["attn"]
+            lps, norms = [], []
+            for p in self.plan.heads:
+                q, k, v, sc = self._hc.qkv(p.student_layer, [p.student_head])
+                logp, ln = head_attention(q, k, v, sc, attention_mask)
+                lps.append(gather_queries(logp, b_idx, t_idx))
+                norms.append(gather_queries(ln, b_idx, t_idx))
+            out["attn"] = attention_loss(torch.cat(lps, 1), torch.cat(norms, 1), a.idx.to(b_idx.device),
+                                         a.logprobs, a.lognorm, self.spec.attention.norm_weight)
+        if "feature" in self.names:
+            if self.adapters is None:
+                raise InputError("the feature channel needs the student's FeatureAdapters attached")
+            cap = self._captured
+            f = side["feature"].feats
+            proj = torch.stack([self.adapters.project(i, f[:, i]) for i in range(len(cap))], 1)
+            s = torch.stack([cap[i] for i in range(len(cap))], 1)
+            out["feature"] = feature_loss(s, proj, self.spec.feature.loss,
+                                          None if self.plan.scale is None else self.plan.scale)
+        return out
+
+
+# ------------------------------------------------------------------------------------------------ one setup
+
+class ChannelSetup:
+    """Everything a training call needs for the side channels: the plan, the provider wrapper, the adapters
+    (attached to the student only for the call) and the gate-anneal callback."""
+
+    def __init__(self, loss_spec, plan: ChannelPlan, teacher, mode: str):
+        self.spec, self.plan, self.teacher, self.mode = loss_spec, plan, teacher, mode
+        self.adapters: FeatureAdapters | None = None
+        self.caches: list[SideCache] = []
+
+    def provider(self, kd_provider, groups: Sequence[Sequence], *, pad_id: int = 0, batch_size: int = 8, root=None):
+        if self.mode == "online":
+            model = self.teacher.model if hasattr(self.teacher, "fingerprint") else self.teacher
+            return OnlineChannelTeacher(model, self.plan)
+        self.caches = [compute_side_cache(self.teacher, list(g), self.plan, pad_id=pad_id, batch_size=batch_size,
+                                          root=root) for g in groups if len(g)]
+        return SideProvider(kd_provider, self.caches)
+
+    def cache_meta(self) -> dict:
+        """Bytes per position, attention top-k mass and feature reconstruction error of the caches built."""
+        if not self.caches:
+            return {}
+        ms = [c.meta for c in self.caches]
+        n = sum(m["n_positions"] for m in ms) or 1
+
+        def avg(k):
+            vals = [(m[k], m["n_positions"]) for m in ms if m.get(k) is not None]
+            return sum(v * w for v, w in vals) / n if vals else None
+        return {"bytes_per_position": ms[0]["bytes_per_position"], "attn_topk_mass": avg("attn_topk_mass"),
+                "feature_recon_error": avg("feature_recon_error"), "positions": n}
+
+    def attach(self, student) -> "ChannelSetup":
+        if self.spec.channels.get("feature", 0) > 0:
+            layers = decoder_layers(student)
+            tw = self.plan.mean.shape[-1] if self.plan.mean is not None else None
+            widths = [(int(getattr(student.config, "hidden_size")), int(tw or student.config.hidden_size))
+                      for _ in layers]
+            f = self.spec.feature
+            self.adapters = FeatureAdapters(widths, f.gate_init, f.anneal, f.anneal_start, f.anneal_end)
+            self.adapters.attach(student)
+        return self
+
+    def detach(self) -> None:
+        if self.adapters is not None:
+            self.adapters.detach()
+
+    @contextlib.contextmanager
+    def attached(self, student):
+        self.attach(student)
+        try:
+            yield self
+        finally:
+            self.detach()
+
+    def student_channels(self) -> StudentChannels:
+        return StudentChannels(self.plan, self.spec, setup=self)
+
+    def on_step(self, info) -> None:
+        """Trainer callback: the gates' schedule position after ``info.step`` of ``info.total_steps``."""
+        if self.adapters is not None:
+            self.adapters.progress.fill_(info.step / max(1, info.total_steps))
+
+    def record(self) -> dict:
+        d = {"plan": self.plan.to_json(), "cache": self.cache_meta()}
+        if self.adapters is not None:
+            d["gates_final_sigmoid"] = [round(float(x), 6) for x in torch.sigmoid(self.adapters.gate_logit)]
+        return d
+
+
+def side_channels_on(loss_spec) -> bool:
+    return any(loss_spec.channels.get(n, 0) > 0 for n in SIDE_CHANNELS)
+
+
+def check_side_channels(cfg, tconf=None) -> None:
+    """Preflight: a side channel named with a positive weight must have its teacher data: cached mode needs
+    ``loss.attention.cache_top_k`` / ``loss.feature.cache_rank`` > 0; the teacher must be Llama-style."""
+    ch = cfg.loss.channels
+    cached = cfg.targets.mode == "cached"
+    if ch.get("attn", 0) > 0:
+        if cached and cfg.loss.attention.cache_top_k == 0:
+            raise ConfigError("loss.attention.cache_top_k", 0, "keys per query > 0 for loss.channels.attn with "
+                                                               "targets.mode=cached (its teacher data), or "
+                                                               "targets.mode=online")
+        if tconf is not None and getattr(tconf, "model_type", None) not in ("llama", "mistral", "qwen2"):
+            raise ConfigError("loss.channels.attn", ch["attn"], f"a Llama-style teacher (q/k/v_proj, rotary); "
+                                                                f"got model_type {getattr(tconf, 'model_type', None)!r}")
+    if ch.get("feature", 0) > 0 and cached and cfg.loss.feature.cache_rank == 0:
+        raise ConfigError("loss.feature.cache_rank", 0, "a PCA rank > 0 for loss.channels.feature with "
+                                                        "targets.mode=cached (its teacher data), or "
+                                                        "targets.mode=online")
+    if side_channels_on(cfg.loss) and cfg.student.init != "derive":
+        raise ConfigError("student.init", cfg.student.init, "'derive' when loss.channels attn or feature is on "
+                                                            "(their teacher data follows the derivation's layer map)")
