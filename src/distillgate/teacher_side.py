@@ -214,18 +214,16 @@ def make_plan(loss_spec, teacher_model, student, layer_map: dict | None, calib_i
               mode: str, head_map: dict | None = None, known_heads: list | None = None) -> ChannelPlan:
     """The plan for the side channels with a positive weight in ``loss_spec.channels``.
 
-    ``layer_map``: student layer -> teacher layer (a derived student's); None means the identity (student as
-    deep as the teacher). ``known_heads``: teacher [layer, head, score] found earlier (a resumed loop) -- the
+    ``layer_map``: student layer -> teacher layer (a derived student's); None (a student that was not derived):
+    student layer i -> teacher layer ``round((i + 1) * Lt / Ls) - 1``, heads by index. ``known_heads``: teacher [layer, head, score] found earlier (a resumed loop) -- the
     rollout is not run again. Raises ConfigError naming the field when a chosen head has no student head.
     """
     ch = loss_spec.channels
     att, feat = loss_spec.attention, loss_spec.feature
     s_layers = decoder_layers(student)
-    if layer_map is None:
-        if len(s_layers) != len(decoder_layers(teacher_model)):
-            raise InputError("the side channels need the student's layer map (student.init: derive), or a student "
-                             "as deep as the teacher")
-        layer_map = {i: i for i in range(len(s_layers))}
+    if layer_map is None:        # no derivation (student.init config / model): spread evenly, as profile diffs do
+        lt, ls = len(decoder_layers(teacher_model)), len(s_layers)
+        layer_map = {i: round((i + 1) * lt / ls) - 1 for i in range(ls)}
     layer_map = {int(k): int(v) for k, v in layer_map.items()}
     heads: list[HeadPair] = []
     scores_json: list = []
@@ -246,7 +244,7 @@ def make_plan(loss_spec, teacher_model, student, layer_map: dict | None, calib_i
             else:
                 scores = find_key_heads(teacher_model, calib_ids, att.last_positions)
                 scores_json = [[round(float(v), 6) for v in row] for row in scores]
-                ranked = sorted(((float(scores[t, h]), t, h) for (t, h) in avail), reverse=True)
+                ranked = sorted(((float(scores[t, h]), t, h) for (t, h) in avail if h < scores.shape[1]), reverse=True)
                 chosen = [(t, h, sc) for sc, t, h in ranked[:att.key_heads]]
         for t, h, sc in chosen:
             s, j = avail[(int(t), int(h))]
@@ -570,7 +568,7 @@ class ChannelSetup:
     def record(self) -> dict:
         d = {"plan": self.plan.to_json(), "cache": self.cache_meta()}
         if self.adapters is not None:
-            d["gates_final_sigmoid"] = [round(float(x), 6) for x in torch.sigmoid(self.adapters.gate_logit)]
+            d["gates_final_sigmoid"] = [round(float(x), 6) for x in torch.sigmoid(self.adapters.gate_logit.detach())]
         return d
 
 
@@ -595,6 +593,3 @@ def check_side_channels(cfg, tconf=None) -> None:
         raise ConfigError("loss.feature.cache_rank", 0, "a PCA rank > 0 for loss.channels.feature with "
                                                         "targets.mode=cached (its teacher data), or "
                                                         "targets.mode=online")
-    if side_channels_on(cfg.loss) and cfg.student.init != "derive":
-        raise ConfigError("student.init", cfg.student.init, "'derive' when loss.channels attn or feature is on "
-                                                            "(their teacher data follows the derivation's layer map)")

@@ -321,3 +321,57 @@ def test_every_channel_on_accumulation_invariant_and_bitwise_resume(tmp_path):
         assert (a / name).read_bytes() == (b / name).read_bytes(), name
     ta, tb = (json.loads((p / "trainer.json").read_text()) for p in (a, b))
     assert ta["history"]["loss"] == tb["history"]["loss"]
+
+
+# ------------------------------------------------------------------------------------------ distill and run
+
+_CHANNELS = "loss.channels={kd: 1.0, attn: 0.5, feature: 0.5}"
+
+
+def test_distill_trains_every_channel_from_a_config(tiny_teacher_dir, tmp_path, monkeypatch):
+    from transformers import AutoModelForCausalLM
+
+    from distillgate.cli import main
+
+    monkeypatch.setenv("DISTILLGATE_HOME", str(tmp_path / "home"))
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"teacher: {{path: {tiny_teacher_dir}}}\nstudent: {{num_layers: 1, layer_selection: block_influence,"
+                   f" calib_tokens: 256}}\ndata: {{num_prompts: 16, max_new_tokens: 24}}\n"
+                   f"train: {{steps: 3, batch_size: 2, warmup_steps: 0, precision: fp32}}\n"
+                   f"loss: {{channels: {{kd: 1.0, attn: 0.5, feature: 0.5}}, attention: {{key_heads: 2}}, "
+                   f"feature: {{cache_rank: 8}}}}\noutput_dir: {tmp_path / 'out'}\n")
+    assert main(["distill", "--config", str(cfg), "--no-progress"]) == 0
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    ch = summary["channels"]
+    assert len(ch["plan"]["heads"]) == 2 and len(ch["plan"]["feature_layers"]) == 1
+    assert ch["cache"]["bytes_per_position"] == 2 * (4 * 16 + 2) + 1 * 2 * 8
+    assert 0 <= ch["cache"]["feature_recon_error"] < 1 and 0 < ch["cache"]["attn_topk_mass"] <= 1.0 + 1e-3
+    assert {"attn", "feature", "kd"} <= set(summary["train"]["final_terms"])
+    m = AutoModelForCausalLM.from_pretrained(str(tmp_path / "out" / "student"))
+    assert not any("adapter" in k for k in m.state_dict())
+
+
+def test_run_trains_every_channel_in_the_joint_stage(tiny_teacher_dir, tmp_path, monkeypatch):
+    from distillgate import loop as loop_mod
+    from distillgate.config import RunConfig, load_config
+    from distillgate.store import RunStore
+
+    monkeypatch.setenv("DISTILLGATE_HOME", str(tmp_path / "home"))
+    over = [f"teacher.path={tiny_teacher_dir}", "student.init=config",
+            "student.config={num_hidden_layers: 1, intermediate_size: 32}",
+            "data.max_new_tokens=12", "data.gen_batch_size=8", "train.steps=2", "train.batch_size=2",
+            "train.warmup_steps=0", "train.precision=fp32", "targets.top_k=8", "loop.prompts_per_iteration=8",
+            "loop.heldout_prompts=4", "loop.stages=[{name: anchor, iterations: 0}, {name: joint, iterations: 2}]",
+            "loop.perf_lengths=[16]", "loop.perf_repeats=1", f"store_root={tmp_path / 'runs'}", _CHANNELS,
+            "loss.attention.key_heads=2", "loss.feature.cache_rank=8"]
+    summary = loop_mod.run(load_config(RunConfig, None, over), progress=False)
+    with RunStore.open(tmp_path / "runs", summary["run_id"]) as s:
+        heads = []
+        for row in s.versions()[1:]:
+            v = s.get_version(row["version_id"])
+            rec = json.loads(v.path_of(next(n for n in v.files if n.startswith("channels"))).read_text())
+            heads.append([(h["teacher_layer"], h["teacher_head"]) for h in rec["plan"]["heads"]])
+            assert rec["cache"]["bytes_per_position"] > 0 and rec["head_scores"]
+            metrics = v.load_json("metrics.json")["student"]
+            assert metrics["loss/attn"] >= 0 and metrics["loss/feature"] >= 0
+        assert len(heads) == 2 and heads[0] == heads[1] and len(heads[0]) == 2   # found once, kept

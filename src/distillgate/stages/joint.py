@@ -36,7 +36,7 @@ class JointStage:
         from ..io import atomic_write_json
 
         setup = self._channels(it, run)
-        run.distil(it, steps=self.options.steps, channels=setup)
+        run.distil(it, steps=self.options.steps, **({} if setup is None else {"channels": setup}))
         if setup is not None:   # the plan, the caches' bytes/position, top-k mass, PCA error, the final gates
             st = run.stage_state(getattr(self, "state_key", self.name))
             atomic_write_json(it.files["channels"], {**setup.record(), "head_scores": st.get("head_scores")})
