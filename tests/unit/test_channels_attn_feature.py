@@ -375,3 +375,17 @@ def test_run_trains_every_channel_in_the_joint_stage(tiny_teacher_dir, tmp_path,
             metrics = v.load_json("metrics.json")["student"]
             assert metrics["loss/attn"] >= 0 and metrics["loss/feature"] >= 0
         assert len(heads) == 2 and heads[0] == heads[1] and len(heads[0]) == 2   # found once, kept
+
+
+def test_an_all_masked_batch_gives_an_exact_zero_with_every_channel():
+    teacher = tiny_model(seed=0, layers=3)
+    student = _sliced(tiny_model(seed=4, layers=3), [0, 2])
+    sp = _spec({"kd": 1.0, "attn": 1.0, "feature": 1.0}, norm_weight=0.1)
+    setup = _setup(sp, teacher, student, {0: 0, 1: 2})
+    obj = DistillObjective(sp, setup.provider(None, []), VOCAB, side=setup.student_channels())
+    batch = _batch()
+    batch["loss_mask"] = torch.zeros_like(batch["loss_mask"])
+    with setup.attached(student):
+        out = obj(student, batch)
+    assert out.n_tokens == 0 and float(out.total_sum.detach()) == 0.0 and out.terms["attn"] == 0.0
+    assert out.terms["feature"] == 0.0

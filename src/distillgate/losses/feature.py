@@ -4,8 +4,9 @@
 ``feature_loss(student [N, L, H], teacher [N, L, H], kind, scale [L] or None) -> [N]`` float32:
 
 * ``mse``: per layer ``mean_d (s - t)^2 / scale_l``, averaged over the L layers. ``scale_l`` is the teacher
-  feature's mean square on calibration data (a constant): SmolLM2's residual stream grows ~30x in norm from the
-  first block to the last, and an unscaled MSE would be the last blocks' alone.
+  feature's mean square on calibration data (a constant): SmolLM2's residual RMS grows 18x from the first block
+  to the last (2.1 to 38.3 on 256 WikiText-2 tokens; token 0, the attention sink, reaches 242), and an unscaled MSE
+  would be the last blocks' alone.
 * ``cosine``: ``1 - cos(s, t)`` per layer, averaged.
 
 The teacher side is a constant (no gradient reaches it); an all-masked batch (N = 0) gives an empty ``[0]``.

@@ -112,5 +112,18 @@ def summary_table(summary: dict):
     t.add_row("train steps / skipped / precision", "", "",
               f"{tr['steps']} / {tr['skipped_steps']} / {tr.get('precision') or '?'}")
     t.add_row("peak RSS", "", "", f"{tr['peak_rss_mb']:.0f} MB")
+    ch = summary.get("channels") or {}
+    heads = (ch.get("plan") or {}).get("heads") or []
+    if heads:
+        t.add_row("attn key heads (teacher -> student)", "", "", ", ".join(
+            f"L{h['teacher_layer']}.H{h['teacher_head']}->L{h['student_layer']}.H{h['student_head']}" for h in heads))
+    cache = ch.get("cache") or {}
+    if cache:
+        extra = [f"{cache['bytes_per_position']} B/position"]
+        if cache.get("attn_topk_mass") is not None:
+            extra.append(f"attn top-k mass {cache['attn_topk_mass']:.3f}")
+        if cache.get("feature_recon_error") is not None:
+            extra.append(f"PCA error {cache['feature_recon_error']:.3f}")
+        t.add_row("attn / feature teacher cache", "", "", ", ".join(extra))
     t.add_row("student saved to", "", "", summary["student"]["path"])
     return t

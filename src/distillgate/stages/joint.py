@@ -59,6 +59,7 @@ class JointStage:
             if "key_heads" not in st:
                 st["key_heads"] = [[p.teacher_layer, p.teacher_head, p.score] for p in heads]
                 st["head_scores"] = setup.plan.head_scores
+            run.say("  attn: teacher key heads " + ", ".join(f"L{p.teacher_layer}.H{p.teacher_head}" for p in heads))
             it.findings.append(Finding("channels", "info", "map", "attn aligns teacher heads " + ", ".join(
                 f"L{p.teacher_layer}.H{p.teacher_head} (score {p.score:.3f}) -> student L{p.student_layer}.H"
                 f"{p.student_head}" for p in heads), {"heads": [list(map(float, (p.teacher_layer, p.teacher_head,
