@@ -65,6 +65,9 @@ def _data(cfg, args, teacher):
     ts.state.heldout_prompts = [p.id for p in held]
     heldout = ts.answers(held)
     train = ts.add_prompts(1, ts.take(args.train_prompts, mix, "lm", seed=1))
+    if args.train_examples:                     # train on the first N (the answers and targets stay cached)
+        train = train[:args.train_examples]
+        ts.groups = [train]
     return ts, heldout, train
 
 
@@ -145,6 +148,9 @@ def main() -> None:
     ap.add_argument("--layer-selection", default="block_influence")
     ap.add_argument("--train-prompts", type=int, default=96)
     ap.add_argument("--heldout-prompts", type=int, default=24)
+    ap.add_argument("--train-examples", type=int, default=0, help="train on the first N training examples only "
+                    "(0: all): fewer examples for the side channels' teacher data to cover")
+    ap.add_argument("--reuse", default=None, help="a work folder of an earlier run: its saved student, no setup")
     ap.add_argument("--steps", type=int, default=24)
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--seq-len", type=int, default=256)
@@ -167,12 +173,12 @@ def main() -> None:
         import torch
 
         torch.set_num_threads(args.threads)
-    work = setup(args)
+    work = Path(args.reuse) if args.reuse else setup(args)
     results = []
     passthrough, skip = [], False
     for a in sys.argv[1:]:                       # the same arguments for every row, without --rows
-        if skip or a.startswith("--rows"):
-            skip = a == "--rows"
+        if skip or a.startswith("--rows") or a.startswith("--reuse"):
+            skip = a in ("--rows", "--reuse")
             continue
         passthrough.append(a)
     for name in rows:

@@ -373,7 +373,7 @@ def channel_setup(cfg: DistillConfig, teacher, student, layer_map, calib_example
     calib = calibration_ids(cfg.model_copy(update={"student": cfg.student.model_copy(
         update={"calib_tokens": n, "calib_file": None})}), teacher.tokenizer, calib_examples)
     plan = make_plan(cfg.loss, teacher.model, student, layer_map, calib, mode=cfg.targets.mode, head_map=head_map,
-                     known_heads=known_heads)
+                     known_heads=known_heads, fingerprint=getattr(teacher, "fingerprint", None))
     return ChannelSetup(cfg.loss, plan, teacher, cfg.targets.mode)
 
 

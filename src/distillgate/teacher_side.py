@@ -16,8 +16,8 @@ and scale of that layer's feature. The teacher side then comes from one of two p
   of the example (the prompt too) and q, v at the queries: 3 x (64 + 64 + 64) x 2 = 1,152 bytes per token at
   SmolLM2's head_dim, 5.8x the top-16 rows, for an exact instead of a top-16 + tail distribution; running
   the teacher's layers up to the deepest key head online costs up to a full teacher forward per step (the online
-  path, ~1.5x slower per step in bench/distill_throughput.py). Top-16 keys hold most of a head's mass (the
-  cache records the mean mass kept).
+  path, 1.5x slower per step in fp32 in bench/distill_throughput.py). The cache records the mean attention mass
+  its top-k keys keep (``attn_topk_mass``) and the PCA's reconstruction error (``feature_recon_error``).
 * **online** (``targets.mode: online``): :class:`OnlineChannelTeacher`, the same teacher forward that gives the
   KD channel its hidden states also captures the key heads' q/k/v and the block features: dense attention, exact
   features.
@@ -113,11 +113,14 @@ class ChannelPlan:
                 "basis_rank": 0 if self.basis is None else int(self.basis.shape[-1])}
 
     def digest(self) -> str:
+        import hashlib
+
         d = self.to_json()
         d.pop("head_scores")
         if self.basis is not None:
-            d["basis"] = sha256_json([round(float(x), 6) for x in self.basis.flatten()[:4096]]
-                                     + [float(self.basis.sum()), float(self.mean.sum())])
+            h = hashlib.sha256(self.basis.contiguous().numpy().tobytes())
+            h.update(self.mean.contiguous().numpy().tobytes())
+            d["basis"] = h.hexdigest()
         return sha256_json(d)
 
 
@@ -202,6 +205,34 @@ def fit_feature_basis(model, calib_ids: torch.Tensor, teacher_layers: list[int],
     return (torch.tensor(scale), torch.stack(mean), torch.stack(basis) if rank else None, err)
 
 
+def feature_basis(teacher_model, calib_ids: torch.Tensor, teacher_layers: list[int], rank: int,
+                  max_positions: int, fingerprint: str | None = None, root=None):
+    """:func:`fit_feature_basis`, kept on disk under ``<root or $DISTILLGATE_HOME/teacher_side>/basis-<key>``
+    (keyed by the teacher's fingerprint, the calibration tokens, the layers, rank and positions) when the teacher's
+    fingerprint is known: a loop iteration or a resumed run reuses it instead of refitting."""
+    if fingerprint is None:
+        return fit_feature_basis(teacher_model, calib_ids, teacher_layers, rank, max_positions)
+    from safetensors.torch import load_file, save_file
+
+    key = sha256_json({"teacher": fingerprint, "calib": calib_ids.tolist(), "layers": list(teacher_layers),
+                       "rank": rank, "positions": max_positions, "format_version": FORMAT_VERSION})
+    folder = (Path(root) if root else distillgate_home() / "teacher_side") / f"basis-{key[:16]}"
+    if folder.exists():
+        try:
+            m = verify_manifest(folder, kind="feature_basis")
+            if m["meta"].get("key") == key:
+                t = load_file(str(folder / "basis.safetensors"))
+                return t["scale"], t["mean"], t.get("basis"), list(m["meta"]["recon_error"])
+        except Exception as e:
+            log.warning("%s: unusable feature basis (%s); refitting", folder, e)
+    scale, mean, basis, err = fit_feature_basis(teacher_model, calib_ids, teacher_layers, rank, max_positions)
+    with atomic_dir(folder, kind="feature_basis", format_version=FORMAT_VERSION,
+                    meta={"key": key, "recon_error": err, "rank": rank}, exist_ok=True) as tmp:
+        save_file({"scale": scale, "mean": mean.contiguous(), **({} if basis is None else {"basis": basis.contiguous()})},
+                  str(tmp / "basis.safetensors"))
+    return scale, mean, basis, err
+
+
 def head_map_from_keep(keep: dict | None) -> dict[int, list[int]] | None:
     """A prune stage's ``keep_total`` (models.prune.Keep as a dict) -> student layer -> original head index per
     student head (the derived student's heads are the teacher's)."""
@@ -211,7 +242,8 @@ def head_map_from_keep(keep: dict | None) -> dict[int, list[int]] | None:
 
 
 def make_plan(loss_spec, teacher_model, student, layer_map: dict | None, calib_ids: torch.Tensor, *,
-              mode: str, head_map: dict | None = None, known_heads: list | None = None) -> ChannelPlan:
+              mode: str, head_map: dict | None = None, known_heads: list | None = None,
+              fingerprint: str | None = None) -> ChannelPlan:
     """The plan for the side channels with a positive weight in ``loss_spec.channels``.
 
     ``layer_map``: student layer -> teacher layer (a derived student's); None (a student that was not derived):
@@ -254,8 +286,8 @@ def make_plan(loss_spec, teacher_model, student, layer_map: dict | None, calib_i
     if ch.get("feature", 0) > 0:
         plan.feature_layers = [layer_map[i] for i in range(len(s_layers))]
         rank = feat.cache_rank if mode == "cached" else 0
-        plan.scale, plan.mean, plan.basis, plan.recon_error = fit_feature_basis(
-            teacher_model, calib_ids, plan.feature_layers, rank, feat.calib_tokens)
+        plan.scale, plan.mean, plan.basis, plan.recon_error = feature_basis(
+            teacher_model, calib_ids, plan.feature_layers, rank, feat.calib_tokens, fingerprint)
     return plan
 
 

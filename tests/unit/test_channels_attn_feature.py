@@ -212,6 +212,16 @@ def test_cached_side_equals_online_when_lossless(tmp_path):
     # the cache is reused (same key), a changed plan is another cache
     again = compute_side_cache(teacher, exs[:2], ca.plan, pad_id=3, batch_size=2, root=tmp_path)
     assert again.path == ca.caches[0].path
+    # the PCA basis is kept on disk by teacher fingerprint and calibration tokens, and read back exactly
+    from distillgate.teacher_side import feature_basis
+
+    calib = torch.cat([s["input_ids"] for s in make_sequences(6, T=12, seed=9)])
+    first = feature_basis(teacher, calib, [0, 2], 8, 64, fingerprint="fp", root=tmp_path)
+    second = feature_basis(teacher, calib, [0, 2], 8, 64, fingerprint="fp", root=tmp_path)
+    assert len(list(tmp_path.glob("basis-*"))) == 1
+    for x, y in zip(first[:3], second[:3]):
+        assert torch.equal(x, y)
+    assert first[3] == second[3]
 
 
 def test_closed_gates_export_is_the_trained_student_and_loads_in_transformers(tmp_path):
