@@ -399,3 +399,16 @@ def test_an_all_masked_batch_gives_an_exact_zero_with_every_channel():
         out = obj(student, batch)
     assert out.n_tokens == 0 and float(out.total_sum.detach()) == 0.0 and out.terms["attn"] == 0.0
     assert out.terms["feature"] == 0.0
+
+
+def test_a_reindexed_head_follows_its_map_and_a_missing_one_is_refused():
+    teacher = tiny_model(seed=0, layers=3)
+    student = _sliced(tiny_model(seed=4, layers=3), [0, 2])
+    calib = torch.cat([s["input_ids"] for s in make_sequences(2, T=12, seed=9)])
+    sp = LossSpec(channels={"kd": 1.0, "attn": 1.0}, attention={"heads": [[2, 3], [0, 1]]})
+    # student layer 1 (teacher layer 2) holds the teacher's heads in reverse order (a re-indexed / pruned student)
+    plan = make_plan(sp, teacher, student, {0: 0, 1: 2}, calib, mode="online", head_map={1: [3, 2, 1, 0]})
+    assert [(p.student_layer, p.student_head) for p in plan.heads] == [(1, 0), (0, 1)]
+    with pytest.raises(ConfigError, match=r"loss\.attention\.heads"):
+        make_plan(sp.model_copy(update={"attention": sp.attention.model_copy(update={"heads": [(1, 0)]})}),
+                  teacher, student, {0: 0, 1: 2}, calib, mode="online")
