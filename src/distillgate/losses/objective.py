@@ -75,7 +75,8 @@ def decoder_hidden(model: torch.nn.Module, input_ids: torch.Tensor, attention_ma
 
 
 class DistillObjective:
-    """``objective(model, batch) -> LossOutput`` for the channels of ``loss_spec`` (currently kd and ce).
+    """``objective(model, batch) -> LossOutput`` for the channels of ``loss_spec``: kd and ce (the fused lm-head
+    loss) and, with ``side``, attn and feature (:mod:`distillgate.teacher_side`), summed in :func:`combine_sum`.
 
     Args:
         loss_spec: ``distillgate.config.LossSpec``.
@@ -84,6 +85,8 @@ class DistillObjective:
         t2_scale: multiply the KD channel by T^2 (Hinton); on by default.
         confidence: teacher confidence used by difficulty weighting: 'top1' (top-1 probability) or
             'entropy' (1 - normalised entropy).
+        side: the student side of attn / feature (``teacher_side.StudentChannels``); the teacher provider then
+            returns ``teacher_side.ChannelTargets``.
     """
 
     def __init__(self, loss_spec: LossSpec, teacher: TeacherProvider, vocab_size: int | None = None, *,
