@@ -172,7 +172,7 @@ def preflight(cfg: DistillConfig) -> Preflight:
     from .weighting import check_channels
 
     check_channels(cfg.loss.channels)
-    from .teacher_side import check_side_channels
+    from .side_channels import check_side_channels
 
     check_side_channels(cfg)
     _check_files(cfg)
@@ -353,7 +353,7 @@ def build_student(cfg: DistillConfig, teacher, calib: torch.Tensor | None):
 # ------------------------------------------------------------------------------------------ map
 
 def make_objective(cfg: DistillConfig, provider, vocab_size: int, side=None):
-    """The trainer's loss; ``side``: a :class:`distillgate.teacher_side.ChannelSetup` when attn / feature are on
+    """The trainer's loss; ``side``: a :class:`distillgate.side_channels.ChannelSetup` when attn / feature are on
     (its provider must then wrap ``provider``)."""
     from .losses.objective import DistillObjective
 
@@ -364,8 +364,9 @@ def make_objective(cfg: DistillConfig, provider, vocab_size: int, side=None):
 def channel_setup(cfg: DistillConfig, teacher, student, layer_map, calib_examples, *, head_map=None,
                   known_heads=None):
     """The attn / feature channels' plan (key heads by rollout, PCA basis) on calibration text from
-    ``calib_examples``, or None when neither has a positive weight (``teacher_side.ChannelSetup``)."""
-    from .teacher_side import ChannelSetup, make_plan, side_channels_on
+    ``calib_examples``, or None when neither has a positive weight (``side_channels.ChannelSetup``)."""
+    from .side_channels import ChannelSetup, side_channels_on
+    from .teacher_side import make_plan
 
     if not side_channels_on(cfg.loss):
         return None

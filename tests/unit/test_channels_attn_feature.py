@@ -16,7 +16,8 @@ from distillgate.losses.attention import attention_kl, attention_loss, head_atte
 from distillgate.losses.feature import feature_loss
 from distillgate.losses.objective import DistillObjective
 from distillgate.models.adapters import FeatureAdapters, anneal
-from distillgate.teacher_side import (ChannelSetup, SideProvider, check_side_channels, compute_side_cache, make_plan)
+from distillgate.side_channels import ChannelSetup, check_side_channels
+from distillgate.teacher_side import SideProvider, compute_side_cache, make_plan
 from distillgate.train import StopTraining, train
 from distillgate.targets import OnlineTeacher
 

@@ -155,10 +155,10 @@ class Run:
         """Train the student in place on ``examples`` (default: the whole training set) with this iteration's
         recipe (objective, lr, hard pool) for ``steps`` (default: the recipe's); metrics go to ``it``.
         ``callbacks``: ``fn(StepInfo)`` after every optimizer step (e.g. a prune stage's gate schedule).
-        ``channels``: a :class:`distillgate.teacher_side.ChannelSetup` for the attn / feature channels (the joint
+        ``channels``: a :class:`distillgate.side_channels.ChannelSetup` for the attn / feature channels (the joint
         stage builds it); without one those channels are left out of this call, with a finding."""
         from ..data.dataset import DistillDataset
-        from ..teacher_side import SIDE_CHANNELS, side_channels_on
+        from ..side_channels import SIDE_CHANNELS, side_channels_on
 
         exs = self.training.examples if examples is None else examples
         ds = DistillDataset(exs, pad_id=pipeline.pad_id(self.teacher.tokenizer), seq_len=self.cfg.data.seq_len,

@@ -76,7 +76,7 @@ def decoder_hidden(model: torch.nn.Module, input_ids: torch.Tensor, attention_ma
 
 class DistillObjective:
     """``objective(model, batch) -> LossOutput`` for the channels of ``loss_spec``: kd and ce (the fused lm-head
-    loss) and, with ``side``, attn and feature (:mod:`distillgate.teacher_side`), summed in :func:`combine_sum`.
+    loss) and, with ``side``, attn and feature (:mod:`distillgate.side_channels`), summed in :func:`combine_sum`.
 
     Args:
         loss_spec: ``distillgate.config.LossSpec``.
@@ -85,20 +85,20 @@ class DistillObjective:
         t2_scale: multiply the KD channel by T^2 (Hinton); on by default.
         confidence: teacher confidence used by difficulty weighting: 'top1' (top-1 probability) or
             'entropy' (1 - normalised entropy).
-        side: the student side of attn / feature (``teacher_side.StudentChannels``); the teacher provider then
+        side: the student side of attn / feature (``side_channels.StudentChannels``); the teacher provider then
             returns ``teacher_side.ChannelTargets``.
     """
 
     def __init__(self, loss_spec: LossSpec, teacher: TeacherProvider, vocab_size: int | None = None, *,
                  t2_scale: bool = True, confidence: Literal["top1", "entropy"] = "top1", side=None):
         check_channels(loss_spec.channels)
-        # side: the student side of the attn / feature channels (teacher_side.StudentChannels), or None
+        # side: the student side of the attn / feature channels (side_channels.StudentChannels), or None
         side_names = tuple(getattr(side, "names", ()))
         pending = sorted(k for k in loss_spec.channels if CHANNELS[k].computed_by != LM_HEAD and k not in side_names)
         if pending:
             raise ConfigError("loss.channels", pending, f"channels this objective computes: "
                                                         f"{sorted(['ce', 'kd', *side_names])} (attn / feature "
-                                                        f"need their teacher data: teacher_side.ChannelSetup)")
+                                                        f"need their teacher data: side_channels.ChannelSetup)")
         self.side = side
         if confidence not in ("top1", "entropy"):
             raise ConfigError("confidence", confidence, "'top1' or 'entropy'")

@@ -46,7 +46,8 @@ class JointStage:
         found once (rollout on the run's first examples) and kept in the stage state, so later iterations and a
         resumed run align the same heads; a pruned student's heads follow the prune stage's keep sets."""
         from .. import pipeline
-        from ..teacher_side import head_map_from_keep, side_channels_on
+        from ..side_channels import side_channels_on
+        from ..teacher_side import head_map_from_keep
 
         if not side_channels_on(it.cfg.loss):
             return None
