@@ -134,13 +134,58 @@ class CloneSpec(_Strict):
                                   "channel (0: off)")
 
 
+class AttentionSpec(_Strict):
+    key_heads: int = Field(3, ge=1, le=64, description="teacher heads aligned by the attn channel (S2.2: the three "
+                                                        "that carry the core semantic aggregation), the top ones by "
+                                                        "attention-rollout flow into the last positions on "
+                                                        "calibration text")
+    heads: list[tuple[int, int]] | None = Field(None, description="explicit teacher [layer, head] pairs to align "
+                                                                  "(default: found by rollout)")
+    calib_tokens: int = Field(1024, ge=16, description="calibration tokens (teacher answers) the key heads are "
+                                                       "scored on")
+    last_positions: int = Field(8, ge=1, description="the rollout's end: this many last real tokens of each "
+                                                     "calibration row")
+    cache_top_k: int = Field(16, ge=0, description="targets.mode=cached: keys kept per query and head in the "
+                                                   "attention cache (4 bytes each; the rest is one tail bucket); "
+                                                   "0: no cache (the attn channel then needs targets.mode=online)")
+    norm_weight: float = Field(0.1, ge=0.0, description="weight of the output-norm term (log |head output| "
+                                                        "squared difference) next to the key KL")
+
+
+class FeatureSpec(_Strict):
+    loss: Literal["mse", "cosine"] = Field("mse", description="alignment of each student block output with the "
+                                                              "(projected) teacher block feature: MSE scaled by "
+                                                              "the teacher feature's mean square, or 1 - cosine")
+    inject: bool = Field(True, description="add the teacher feature through the gated adapter (off: alignment "
+                                           "loss only)")
+    gate_init: float = Field(0.02, gt=0.0, lt=1.0, description="initial gate sigmoid(a) (near closed)")
+    anneal: Literal["linear", "cosine", "constant"] = Field(
+        "linear", description="gate multiplier 1 -> 0 within each training call (each loop iteration)")
+    anneal_start: float = Field(0.0, ge=0.0, le=1.0, description="share of the steps before the gates start closing")
+    anneal_end: float = Field(0.75, ge=0.0, le=1.0, description="share of the steps after which the gates are "
+                                                                "closed (the rest trains the plain student)")
+    cache_rank: int = Field(32, ge=0, description="targets.mode=cached: rank of the PCA basis (per teacher "
+                                                  "layer, fitted on calibration data) the cached features are "
+                                                  "stored in (2 bytes per layer and component); 0: no cache "
+                                                  "(the feature channel then needs targets.mode=online)")
+    calib_tokens: int = Field(2048, ge=16, description="calibration positions the PCA basis is fitted on")
+
+    @model_validator(mode="after")
+    def _order(self):
+        if self.anneal_end < self.anneal_start:
+            raise ValueError(f"anneal_end {self.anneal_end} must be >= anneal_start {self.anneal_start}")
+        return self
+
+
 class LossSpec(_Strict):
     divergence: Literal["forward_kl", "reverse_kl", "gjsd", "tv"] = Field(
         "forward_kl", description="token-level divergence between teacher and student distributions")
     beta: float = Field(0.5, ge=0.0, le=1.0, description="generalized JSD interpolation (divergence=gjsd)")
     channels: dict[str, float] = Field({"kd": 1.0, "ce": 0.0},
                                        description="channel -> weight; kd: divergence, ce: cross-entropy on the "
-                                                   "teacher's tokens")
+                                                   "teacher's tokens, attn: key-head attention alignment "
+                                                   "(S2.2, loss.attention), feature: gated intermediate "
+                                                   "adapters (S2.3, loss.feature)")
     temperature: TemperatureSpec = Field(default_factory=TemperatureSpec)
     domain_weights: dict[str, float] = Field(default_factory=dict, description="domain -> loss weight (default 1)")
     domain_channel_shares: dict[str, dict[str, float]] = Field(
@@ -153,6 +198,8 @@ class LossSpec(_Strict):
     t2_scale: bool = Field(True, description="multiply token-level divergences by T^2 (Hinton), so gradients keep "
                                              "their scale across temperatures")
     clone: CloneSpec = Field(default_factory=CloneSpec)
+    attention: AttentionSpec = Field(default_factory=AttentionSpec)
+    feature: FeatureSpec = Field(default_factory=FeatureSpec)
 
     @field_validator("channels")
     @classmethod

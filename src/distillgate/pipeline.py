@@ -195,6 +195,9 @@ def preflight(cfg: DistillConfig) -> Preflight:
     check_channels(cfg.loss.channels)
     check_domain_channel_shares(cfg.loss.domain_channel_shares)
     _check_clone(cfg)
+    from .side_channels import check_side_channels
+
+    check_side_channels(cfg)
     _check_files(cfg)
     try:
         tpath = resolve_model_path(cfg.teacher.path)
@@ -204,6 +207,7 @@ def preflight(cfg: DistillConfig) -> Preflight:
                                                             f"reachable hub id ({e})") from None
     if Path(tpath).is_dir():
         check_weight_folder(tpath)
+    check_side_channels(cfg, tconf)
     try:
         tparams = _param_count_from_config(tconf)
     except Exception as e:
@@ -387,13 +391,41 @@ def clone_provider(cfg: DistillConfig, examples, tokenizer, prompts=None):
     return CloneProvider(rows, end_of_turn_id(tokenizer))
 
 
-def make_objective(cfg: DistillConfig, provider, vocab_size: int, *, examples=None, tokenizer=None, prompts=None):
-    """The training objective; ``examples`` / ``tokenizer`` / ``prompts`` feed the clone channel's teacher
-    side when ``loss.channels`` names it."""
+def make_objective(cfg: DistillConfig, provider, vocab_size: int, *, examples=None, tokenizer=None, prompts=None,
+                   side=None):
+    """The trainer's loss. ``examples`` / ``tokenizer`` / ``prompts`` feed the clone channel's teacher side when
+    ``loss.channels`` names it; ``side``: a :class:`distillgate.side_channels.ChannelSetup` when attn / feature
+    are on (its provider must then wrap ``provider``)."""
     from .losses.objective import DistillObjective
 
     clone = clone_provider(cfg, examples or [], tokenizer, prompts) if "clone" in cfg.loss.channels else None
-    return DistillObjective(cfg.loss, provider, vocab_size=vocab_size, t2_scale=cfg.loss.t2_scale, clone=clone)
+    return DistillObjective(cfg.loss, provider, vocab_size=vocab_size, t2_scale=cfg.loss.t2_scale, clone=clone,
+                            side=None if side is None else side.student_channels())
+
+
+def channel_setup(cfg: DistillConfig, teacher, student, layer_map, calib_examples, *, head_map=None,
+                  known_heads=None):
+    """The attn / feature channels' plan (key heads by rollout, PCA basis) on calibration text from
+    ``calib_examples``, or None when neither has a positive weight (``side_channels.ChannelSetup``)."""
+    from .side_channels import ChannelSetup, side_channels_on
+    from .teacher_side import make_plan
+
+    if not side_channels_on(cfg.loss):
+        return None
+    n = max(cfg.loss.attention.calib_tokens, cfg.loss.feature.calib_tokens)
+    calib = calibration_ids(cfg.model_copy(update={"student": cfg.student.model_copy(
+        update={"calib_tokens": n, "calib_file": None})}), teacher.tokenizer, calib_examples)
+    plan = make_plan(cfg.loss, teacher.model, student, layer_map, calib, mode=cfg.targets.mode, head_map=head_map,
+                     known_heads=known_heads, fingerprint=getattr(teacher, "fingerprint", None))
+    return ChannelSetup(cfg.loss, plan, teacher, cfg.targets.mode)
+
+
+def channel_provider(setup, cfg: DistillConfig, teacher, kd_provider, groups, root=None):
+    """``kd_provider`` wrapped with the side channels' teacher data (cached per group of examples, or online)."""
+    if setup is None:
+        return kd_provider
+    return setup.provider(kd_provider, groups, pad_id=pad_id(teacher.tokenizer), batch_size=cfg.targets.batch_size,
+                          root=root)
 
 
 def map_student(student, objective, dataset, train_spec, out_dir, *, seed: int, hard_weights=None,

@@ -58,6 +58,12 @@ register_channel("ce", "cross-entropy of the student on the teacher's response t
 register_channel("clone", "response behaviour cloning (S2.4): sequence log-likelihood of the teacher's sampled "
                           "answers under the diversity mask and coherence weights, plus a conciseness term "
                           "(loss.clone)", needs=("teacher_samples",), computed_by="lm_head")
+register_channel("attn", "key-head attention alignment (S2.2): KL over keys per query of the teacher's key heads "
+                         "(found by attention rollout) and their output-norm pattern, through the layer map",
+                 needs=("teacher_attention",), computed_by="attention")
+register_channel("feature", "gated intermediate adapters (S2.3): the teacher's matching block feature injected "
+                            "through an annealed gate, and the student's block outputs aligned with it",
+                 needs=("teacher_features",), computed_by="adapters")
 
 
 def check_channels(channel_weights: dict[str, float], field: str = "loss.channels") -> None:

@@ -409,7 +409,7 @@ def test_fused_head_runs_in_fp32_under_bf16_autocast_without_native_bf16(monkeyp
 
 def test_fused_rejects_channels_it_does_not_compute():
     hs, w, teachers, tgt, tw, temp = _fused_inputs()
-    with pytest.raises(ConfigError, match="loss.channels.attn.*'ce'.*'kd'"):
+    with pytest.raises(ConfigError, match=r"loss\.channels.*attn.*'ce'.*'kd'"):
         fused_distill_loss(hs, w, teachers["dense"], tgt, tw, temp, {"kd": 1.0, "attn": 1.0}, "tv", 0.5, 8)
 
 
@@ -567,7 +567,7 @@ def test_objective_all_masked_batch_gives_zero_not_nan(tiny_model_factory):
 
 
 def test_objective_rejects_unknown_channel_and_mismatched_teacher(tiny_model_factory):
-    with pytest.raises(ConfigError, match="loss.channels.attn.*'ce'.*'kd'"):
+    with pytest.raises(ConfigError, match=r"loss\.channels.*attn.*'ce'.*'kd'"):
         DistillObjective(LossSpec(channels={"kd": 1.0, "attn": 0.5}), lambda b: None)
     student = tiny_model_factory(num_layers=2, seed=1)
     batch = _batch([[5, 6, 7, 8]], [[0, 1, 1, 1]])

@@ -152,26 +152,48 @@ class Run:
             self.current.baseline_iteration = v.iteration
 
     # ------------------------------------------------------------------------------------- training
-    def distil(self, it, *, steps: int | None = None, examples: list | None = None, callbacks=()):
+    def distil(self, it, *, steps: int | None = None, examples: list | None = None, callbacks=(), channels=None):
         """Train the student in place on ``examples`` (default: the whole training set) with this iteration's
         recipe (objective, lr, hard pool) for ``steps`` (default: the recipe's); metrics go to ``it``.
-        ``callbacks``: ``fn(StepInfo)`` after every optimizer step (e.g. a prune stage's gate schedule)."""
+        ``callbacks``: ``fn(StepInfo)`` after every optimizer step (e.g. a prune stage's gate schedule).
+        ``channels``: a :class:`distillgate.side_channels.ChannelSetup` for the attn / feature channels (the joint
+        stage builds it); without one those channels are left out of this call, with a finding."""
         from ..data.dataset import DistillDataset
+        from ..side_channels import SIDE_CHANNELS, side_channels_on
 
         exs = self.training.examples if examples is None else examples
         ds = DistillDataset(exs, pad_id=pipeline.pad_id(self.teacher.tokenizer), seq_len=self.cfg.data.seq_len,
                             heldout_fraction=0.0)
-        objective = pipeline.make_objective(it.cfg, self.training.provider(), vocab_size=len(self.teacher.tokenizer),
-                                            examples=exs, tokenizer=self.teacher.tokenizer, prompts=self.training.pool)
+        cfg = it.cfg
+        if channels is None and side_channels_on(cfg.loss):
+            off = {k: w for k, w in cfg.loss.channels.items() if k in SIDE_CHANNELS and w > 0}
+            rest = {k: w for k, w in cfg.loss.channels.items() if k not in SIDE_CHANNELS}
+            it.findings.append(Finding("channels", "warning", "map", f"channels {sorted(off)} need their teacher data, "
+                                       f"which this stage does not build: trained without them this iteration",
+                                       {"channels": off}))
+            cfg = cfg.model_copy(update={"loss": cfg.loss.model_copy(update={"channels": rest})})
+        provider = self.training.provider()
+        if channels is not None:
+            provider = pipeline.channel_provider(channels, cfg, self.teacher, provider, self.training.groups)
+        objective = pipeline.make_objective(cfg, provider, vocab_size=len(self.teacher.tokenizer), examples=exs,
+                                            tokenizer=self.teacher.tokenizer, prompts=self.training.pool,
+                                            side=channels)
         out = self.work / f"iter-{it.index:03d}"
         shutil.rmtree(out, ignore_errors=True)  # a crashed attempt of this iteration restarts clean
         update = {"seed": self.cfg.train.seed + it.index, "checkpoint_every": 0}
         if steps is not None:
             update["steps"] = steps
         spec = it.cfg.train.model_copy(update=update)
-        res = pipeline.map_student(self._student, objective, ds, spec, out, seed=spec.seed,
-                                   hard_weights=it.recipe.get("hard_pool") or None, progress=self.progress,
-                                   callbacks=callbacks, tensorboard=False)  # per-iteration trackers: LoopTracker
+        if channels is not None:
+            channels.attach(self._student)
+            callbacks = (*callbacks, channels.on_step)
+        try:
+            res = pipeline.map_student(self._student, objective, ds, spec, out, seed=spec.seed,
+                                       hard_weights=it.recipe.get("hard_pool") or None, progress=self.progress,
+                                       callbacks=callbacks, tensorboard=False)  # per-iteration trackers: LoopTracker
+        finally:
+            if channels is not None:
+                channels.detach()
         # The iteration's result is committed as a version; its scratch checkpoints (weights + AdamW state,
         # ~0.8 GB for a 68M student) are not needed once training returned.
         shutil.rmtree(out, ignore_errors=True)

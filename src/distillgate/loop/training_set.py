@@ -37,6 +37,7 @@ class TrainingSet:
         self.prompt_examples: list = []  # teacher answers to the run's prompts, in the order they were taken
         self.stage_examples: list = []   # examples a stage added (add_examples), in the order they were added
         self.target_caches: list = []
+        self.groups: list[list] = []     # the examples of each addition, in order (one teacher-side cache each)
 
     @property
     def examples(self) -> list:
@@ -106,6 +107,7 @@ class TrainingSet:
         if not new:
             return
         into += new
+        self.groups.append(list(new))
         if self.cfg.targets.mode == "cached":
             self.target_caches.append(pipeline.teacher_provider(self.cfg, self.teacher, new, progress=self.progress))
 

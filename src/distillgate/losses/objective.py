@@ -14,8 +14,9 @@ import torch
 from ..config import LossSpec
 from ..errors import ConfigError, InputError
 from ..targets import TeacherHidden, TopKTargets, prediction_positions
-from ..weighting import (CHANNELS, channel_terms, check_channels, check_domain_channel_shares, difficulty_weight,
-                         domain_channel_weights, domain_weight, sample_weight, token_weights)
+from ..weighting import (CHANNELS, channel_terms, check_channels, check_domain_channel_shares, combine_sum,
+                         difficulty_weight, domain_channel_weights, domain_weight, sample_weight,
+                         token_weights)
 from .fused import LM_HEAD, fused_distill_loss
 from .stats import teacher_token_stats
 from .temperature import temperatures
@@ -75,7 +76,9 @@ def decoder_hidden(model: torch.nn.Module, input_ids: torch.Tensor, attention_ma
 
 
 class DistillObjective:
-    """``objective(model, batch) -> LossOutput`` for the channels of ``loss_spec`` (kd, ce and clone).
+    """``objective(model, batch) -> LossOutput`` for the channels of ``loss_spec``: kd, ce and clone (the fused
+    lm-head loss) and, with ``side``, attn and feature (:mod:`distillgate.side_channels`), summed in
+    :func:`combine_sum`.
 
     Args:
         loss_spec: ``distillgate.config.LossSpec``.
@@ -86,15 +89,23 @@ class DistillObjective:
             'entropy' (1 - normalised entropy).
         clone: the clone channel's teacher side (:class:`distillgate.losses.clone.CloneProvider`); required
             when ``loss.channels`` names clone.
+        side: the student side of attn / feature (``side_channels.StudentChannels``); the teacher provider then
+            returns ``teacher_side.ChannelTargets``.
     """
 
     def __init__(self, loss_spec: LossSpec, teacher: TeacherProvider, vocab_size: int | None = None, *,
-                 t2_scale: bool = True, confidence: Literal["top1", "entropy"] = "top1", clone=None):
+                 t2_scale: bool = True, confidence: Literal["top1", "entropy"] = "top1", clone=None, side=None):
         check_channels(loss_spec.channels)
         check_domain_channel_shares(loss_spec.domain_channel_shares)
-        pending = sorted(k for k in loss_spec.channels if CHANNELS[k].computed_by != LM_HEAD)
+        # side: the student side of the attn / feature channels (side_channels.StudentChannels), or None
+        side_names = tuple(getattr(side, "names", ()))
+        pending = sorted(k for k in loss_spec.channels if CHANNELS[k].computed_by != LM_HEAD and k not in side_names)
         if pending:
-            raise ConfigError("loss.channels", pending, "channels this objective computes: ['ce', 'clone', 'kd']")
+            raise ConfigError("loss.channels", pending, f"channels this objective computes: "
+                                                        f"{sorted(['ce', 'clone', 'kd', *side_names])} (attn / "
+                                                        f"feature need their teacher data: "
+                                                        f"side_channels.ChannelSetup)")
+        self.side = side
         if confidence not in ("top1", "entropy"):
             raise ConfigError("confidence", confidence, "'top1' or 'entropy'")
         if "clone" in loss_spec.channels and clone is None:
@@ -117,9 +128,13 @@ class DistillObjective:
         b_idx, t_idx = prediction_positions(batch)
         b_idx, t_idx = b_idx.to(input_ids.device), t_idx.to(input_ids.device)
         n = int(b_idx.shape[0])
-        hidden = decoder_hidden(model, input_ids, batch.get("attention_mask"))[b_idx, t_idx]      # [N, H]
+        teacher, side_data = self._teacher(batch, n, vocab)
+        if self.side is None:
+            hidden = decoder_hidden(model, input_ids, batch.get("attention_mask"))[b_idx, t_idx]  # [N, H]
+        else:                                    # attn / feature: hooks capture (and inject) during the forward
+            with self.side.capture(model, side_data, b_idx, t_idx):
+                hidden = decoder_hidden(model, input_ids, batch.get("attention_mask"))[b_idx, t_idx]
         target_ids = input_ids[b_idx, t_idx + 1]
-        teacher = self._teacher(batch, n, vocab)
 
         stats = None
         if spec.temperature.policy == "entropy" or spec.difficulty_weighting:
@@ -144,11 +159,22 @@ class DistillObjective:
             shares = dict(shares or {})
             shares["clone"] = cb.mask.to(hidden.device) * shares.get("clone", 1.0)
 
-        total, per_token = fused_distill_loss(hidden, weight, teacher, target_ids, tw, temp, spec.channels,
-                                              spec.divergence, spec.beta, spec.chunk_size,
-                                              t2_scale=self.t2_scale, channel_token_weight=shares)
-        if cb is not None:
-            total, per_token = self._concise(total, per_token, cb, hidden, weight, b_idx, batch, per_sample, shares)
+        head = {k: w for k, w in spec.channels.items() if CHANNELS[k].computed_by == LM_HEAD}
+        if any(w > 0 for w in head.values()):
+            total, per_token = fused_distill_loss(hidden, weight, teacher, target_ids, tw, temp, head,
+                                                  spec.divergence, spec.beta, spec.chunk_size,
+                                                  t2_scale=self.t2_scale, channel_token_weight=shares)
+            if cb is not None:
+                total, per_token = self._concise(total, per_token, cb, hidden, weight, b_idx, batch, per_sample,
+                                                 shares)
+        else:                                  # only side channels weigh (e.g. an attn-only ablation)
+            total, per_token = hidden.sum() * 0.0, {}
+        if self.side is not None:
+            extra = self.side.losses(model, side_data, b_idx, t_idx, batch.get("attention_mask"))
+            weights = {k: spec.channels[k] for k in extra}
+            if any(w > 0 for w in weights.values()):
+                total = total + combine_sum(extra, weights, tw, shares)   # domain shares (S2.5.1) too
+            per_token.update({k: v.detach() for k, v in extra.items()})
         return LossOutput(total_sum=total, n_tokens=n, terms=channel_terms(per_token), per_token=per_token,
                           aux={"temperature": temp.detach(), "token_weight": tw.detach()})
 
@@ -189,6 +215,9 @@ class DistillObjective:
 
     def _teacher(self, batch, n: int, vocab: int):
         t = self.teacher(batch)
+        side = {}
+        if hasattr(t, "kd") and hasattr(t, "side"):                      # teacher_side.ChannelTargets
+            t, side = t.kd, t.side
         if isinstance(t, TopKTargets):
             rows = t.indices.shape[0]
             if rows == n and n and int(t.indices.max()) >= vocab:
@@ -204,4 +233,4 @@ class DistillObjective:
         if rows != n:
             raise InputError(f"teacher gave {rows} positions but the batch has {n} prediction positions "
                              f"(loss_mask alignment: docs/architecture.md 'Data and alignment')")
-        return t
+        return t, side

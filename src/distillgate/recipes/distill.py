@@ -14,8 +14,8 @@ from pathlib import Path
 from ..config import DistillConfig
 from ..errors import ConfigError
 from ..io import atomic_write_json
-from ..pipeline import (build_student, calibration_ids, extract, load_teacher, make_objective, map_student, preflight,
-                        teacher_provider, validate)
+from ..pipeline import (build_student, calibration_ids, channel_provider, channel_setup, extract, load_teacher,
+                        make_objective, map_student, preflight, teacher_provider, validate)
 
 
 @dataclass
@@ -50,13 +50,23 @@ def distill(cfg: DistillConfig, *, progress: bool | None = None, resume: bool = 
     teacher_side: dict = {}  # the teacher's held-out log-probs and text perplexity, measured once
     before = validate(student, teacher, held, cfg, teacher_cache=teacher_side)
 
-    # 4. map: train on the teacher's targets.
+    # 4. map: train on the teacher's targets (and, with attn / feature on, their key heads and block features;
+    #    the feature adapters are part of the student only while it trains).
     provider = teacher_provider(cfg, teacher, train_ex, progress=progress is not False)
+    side = channel_setup(cfg, teacher, student, sinfo.get("layer_map"), train_ex)
+    provider = channel_provider(side, cfg, teacher, provider, [train_ex])
     objective = make_objective(cfg, provider, vocab_size=len(teacher.tokenizer), examples=train_ex,
-                               tokenizer=teacher.tokenizer, prompts=prompts)
+                               tokenizer=teacher.tokenizer, prompts=prompts, side=side)
     resume_from = out / "train" if resume and (out / "train" / "checkpoints").exists() else None
-    result = map_student(student, objective, dataset, cfg.train, out / "train", seed=cfg.train.seed,
-                         resume_from=resume_from, progress=progress)
+    if side is not None:
+        side.attach(student)
+    try:
+        result = map_student(student, objective, dataset, cfg.train, out / "train", seed=cfg.train.seed,
+                             resume_from=resume_from, progress=progress,
+                             callbacks=() if side is None else (side.on_step,))
+    finally:
+        if side is not None:
+            side.detach()
 
     # 5. validate and save.
     after = validate(student, teacher, held, cfg, teacher_cache=teacher_side)
@@ -73,6 +83,7 @@ def distill(cfg: DistillConfig, *, progress: bool | None = None, resume: bool = 
                     "init": sinfo},
         "data": dataset.counts(),
         "before": before.metrics, "after": after.metrics, "train": result.to_json(),
+        "channels": None if side is None else side.record(),
         "seconds": round(time.time() - t0, 1),
     }
     atomic_write_json(out / "summary.json", summary)
@@ -102,5 +113,18 @@ def summary_table(summary: dict):
     t.add_row("train steps / skipped / precision", "", "",
               f"{tr['steps']} / {tr['skipped_steps']} / {tr.get('precision') or '?'}")
     t.add_row("peak RSS", "", "", f"{tr['peak_rss_mb']:.0f} MB")
+    ch = summary.get("channels") or {}
+    heads = (ch.get("plan") or {}).get("heads") or []
+    if heads:
+        t.add_row("attn key heads (teacher -> student)", "", "", ", ".join(
+            f"L{h['teacher_layer']}.H{h['teacher_head']}->L{h['student_layer']}.H{h['student_head']}" for h in heads))
+    cache = ch.get("cache") or {}
+    if cache:
+        extra = [f"{cache['bytes_per_position']} B/position"]
+        if cache.get("attn_topk_mass") is not None:
+            extra.append(f"attn top-k mass {cache['attn_topk_mass']:.3f}")
+        if cache.get("feature_recon_error") is not None:
+            extra.append(f"PCA error {cache['feature_recon_error']:.3f}")
+        t.add_row("attn / feature teacher cache", "", "", ", ".join(extra))
     t.add_row("student saved to", "", "", summary["student"]["path"])
     return t

@@ -33,4 +33,39 @@ class JointStage:
         run.training.add_prompts(it.index, new)
 
     def map(self, it, run) -> None:
-        run.distil(it, steps=self.options.steps)
+        from ..io import atomic_write_json
+
+        setup = self._channels(it, run)
+        run.distil(it, steps=self.options.steps, **({} if setup is None else {"channels": setup}))
+        if setup is not None:   # the plan, the caches' bytes/position, top-k mass, PCA error, the final gates
+            st = run.stage_state(getattr(self, "state_key", self.name))
+            atomic_write_json(it.files["channels"], {**setup.record(), "head_scores": st.get("head_scores")})
+
+    def _channels(self, it, run):
+        """The attn / feature channels' setup for this iteration (None when both are off). The key heads are
+        found once (rollout on the run's first examples) and kept in the stage state, so later iterations and a
+        resumed run align the same heads; a pruned student's heads follow the prune stage's keep sets."""
+        from .. import pipeline
+        from ..side_channels import side_channels_on
+        from ..teacher_side import head_map_from_keep
+
+        if not side_channels_on(it.cfg.loss):
+            return None
+        st = run.stage_state(getattr(self, "state_key", self.name))
+        keep = next((s.data["keep_total"] for s in run.state.stages.values() if "keep_total" in s.data), None)
+        setup = pipeline.channel_setup(it.cfg, run.teacher, run.student, run.state.layer_map, run.training.examples,
+                                       head_map=head_map_from_keep(keep), known_heads=st.get("key_heads"))
+        heads = setup.plan.heads
+        if heads:
+            if "key_heads" not in st:
+                st["key_heads"] = [[p.teacher_layer, p.teacher_head, p.score] for p in heads]
+                st["head_scores"] = setup.plan.head_scores
+            run.say("  attn: teacher key heads " + ", ".join(f"L{p.teacher_layer}.H{p.teacher_head}" for p in heads))
+            it.findings.append(Finding("channels", "info", "map", "attn aligns teacher heads " + ", ".join(
+                f"L{p.teacher_layer}.H{p.teacher_head} (score {p.score:.3f}) -> student L{p.student_layer}.H"
+                f"{p.student_head}" for p in heads), {"heads": [list(map(float, (p.teacher_layer, p.teacher_head,
+                                                                                   p.score))) for p in heads]}))
+        path = run.work / f"channels-{it.index:03d}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        it.files["channels"] = str(path)
+        return setup

@@ -1,0 +1,213 @@
+"""What each S2 loss channel buys (issue 9): the same student, data, order and number of tokens for every row of
+:data:`ROWS`, trained with that row's channels; each row measured the same way.
+
+    HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 .venv/bin/python bench/channels.py                 # every row
+    .venv/bin/python bench/channels.py --rows kd,kd+attn --steps 12 --threads 1
+    .venv/bin/python bench/channels.py --mode online                                       # teacher online
+
+Setup (once, in this process): the demo config's teacher (SmolLM2-135M-Instruct), the teacher's answers to
+``--train-prompts`` / ``--heldout-prompts`` built-in prompts (cached), one student derived from the teacher
+(``--layer-selection``, default block_influence: the cheap one; every row starts from the same weights), saved.
+Each row then runs in its own process (so its peak RSS is its own): the student trains ``--steps`` optimizer steps
+(same batches, same order, same seed) with the row's ``loss.channels`` (the side channels' teacher data built or
+reused from its keyed cache first, not timed), and is measured: held-out KL to the teacher and top-1 agreement
+(exact, on held-out teacher answers), WikiText-2 perplexity ratio student/teacher (G-C1's measure), a small
+G-C3 capability-inheritance check (``--groups`` paired groups), median seconds per optimizer step, and the peak
+RSS of training.
+
+Rows are a dict of named channel weights: add one line to :data:`ROWS` for a new channel (kd+clone, all four).
+The last line is machine-readable: ``kl_ratio_<row>_vs_kd=X ...`` (lower is better: the row's held-out KL over the
+kd-only row's).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+WIKITEXT = ROOT.parent / "shared" / "datasets" / "wikitext2" / "valid.txt"
+
+KD = {"kd": 1.0, "ce": 0.1}           # the demo's token-level channels: every row has them
+ROWS: dict[str, dict[str, float]] = {
+    "kd": dict(KD),
+    "kd+attn": {**KD, "attn": 1.0},
+    "kd+feature": {**KD, "feature": 1.0},
+    # the response-cloning channel (issue 9 part 3) adds here: "kd+clone": {**KD, "clone": 1.0}, and
+    # "all": {**KD, "attn": 1.0, "feature": 1.0, "clone": 1.0}
+}
+
+
+def _config(args):
+    from distillgate.config import RunConfig, load_config
+
+    over = [f"eval.text_file={args.ppl_text}", f"eval.max_tokens={args.ppl_tokens}",
+            f"student.layer_selection={args.layer_selection}", f"targets.mode={args.mode}",
+            f"train.steps={args.steps}", f"train.batch_size={args.batch_size}", "train.checkpoint_every=0",
+            f"data.seq_len={args.seq_len}"]
+    return load_config(RunConfig, args.config, over + list(args.overrides))
+
+
+def _data(cfg, args, teacher):
+    from distillgate.loop.state import LoopState
+    from distillgate.loop.training_set import TrainingSet, prompt_pool
+
+    ts = TrainingSet(cfg, teacher, LoopState(), prompt_pool(cfg, 8), progress=False)
+    mix = {d: 1.0 / len(cfg.data.domains) for d in cfg.data.domains}
+    held = ts.take(args.heldout_prompts, mix, "lm", seed=-1)
+    ts.state.heldout_prompts = [p.id for p in held]
+    heldout = ts.answers(held)
+    train = ts.add_prompts(1, ts.take(args.train_prompts, mix, "lm", seed=1))
+    if args.train_examples:                     # train on the first N (the answers and targets stay cached)
+        train = train[:args.train_examples]
+        ts.groups = [train]
+    return ts, heldout, train
+
+
+def setup(args) -> Path:
+    """Teacher answers + targets (cached), the one student, saved under a temp folder; returns it."""
+    from distillgate import pipeline
+    from distillgate.io import atomic_write_json
+    from distillgate.models import save_model
+
+    cfg = _config(args)
+    t0 = time.perf_counter()
+    teacher = pipeline.load_teacher(cfg)
+    ts, heldout, train = _data(cfg, args, teacher)
+    student, info = pipeline.build_student(cfg, teacher, pipeline.calibration_ids(cfg, teacher.tokenizer, train))
+    work = Path(tempfile.mkdtemp(prefix="channels-bench-"))
+    save_model(student, teacher.tokenizer, work / "student")
+    atomic_write_json(work / "student_info.json", {"layer_map": info.get("layer_map"),
+                                                   "kept": info.get("report", {}).get("kept_layers")})
+    print(f"setup: {len(train)} training examples, {len(heldout)} held-out; student layers "
+          f"{info.get('report', {}).get('kept_layers')} ({time.perf_counter() - t0:.0f} s)", flush=True)
+    return work
+
+
+def run_row(args, name: str, work: Path) -> dict:
+    """One row, in this process: train the saved student with ROWS[name], measure it."""
+    import torch
+
+    from distillgate import pipeline
+    from distillgate.data.dataset import DistillDataset
+    from distillgate.evaluate.providers import load_providers, measure_student
+    from distillgate.models import load_model
+    from distillgate.train import read_metrics
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cfg = _config(args)
+    cfg = cfg.model_copy(update={"loss": cfg.loss.model_copy(update={"channels": dict(ROWS[name])})})
+    teacher = pipeline.load_teacher(cfg)
+    ts, heldout, train = _data(cfg, args, teacher)
+    student = load_model(str(work / "student")).model.train()
+    layer_map = json.loads((work / "student_info.json").read_text())["layer_map"]
+    t0 = time.perf_counter()
+    side = pipeline.channel_setup(cfg, teacher, student, layer_map, train)
+    provider = pipeline.channel_provider(side, cfg, teacher, ts.provider(), ts.groups)
+    t_side = time.perf_counter() - t0
+    obj = pipeline.make_objective(cfg, provider, vocab_size=len(teacher.tokenizer), side=side)
+    ds = DistillDataset(train, pad_id=pipeline.pad_id(teacher.tokenizer), seq_len=cfg.data.seq_len,
+                        heldout_fraction=0.0)
+    out = work / f"train-{name}"
+    if side is not None:
+        side.attach(student)
+    try:
+        res = pipeline.map_student(student, obj, ds, cfg.train, out, seed=cfg.train.seed, progress=False,
+                                   callbacks=() if side is None else (side.on_step,))
+    finally:
+        if side is not None:
+            side.detach()
+    secs = [r["seconds"] for r in read_metrics(out / "metrics.jsonl") if not r.get("skipped")]
+    student.eval()
+    load_providers()
+    metrics = ["kl", "top1_agreement", "ppl_ratio"] + (["inheritance"] if args.groups else [])
+    vals, _, _ = measure_student(teacher, student, metrics,
+                                 {"heldout": heldout, "ppl_text": cfg.eval.text_file, "ppl_tokens": cfg.eval.max_tokens,
+                                  "inheritance_groups": args.groups, "seed": cfg.train.seed}, {})
+    rec = side.record() if side is not None else {}
+    return {"row": name, "channels": ROWS[name], **{k: vals.get(k) for k in metrics},
+            "s_per_step": statistics.median(secs[1:] or secs), "peak_rss_gib": res.peak_rss_mb / 1024,
+            "side_setup_s": t_side, "tokens": res.tokens, "final_terms": res.final_terms,
+            "heads": [(h["teacher_layer"], h["teacher_head"], round(h["score"], 4)) for h in
+                      rec.get("plan", {}).get("heads", [])], "cache": rec.get("cache")}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", default=str(ROOT / "configs" / "demo.yaml"))
+    ap.add_argument("--rows", default=",".join(ROWS), help=f"rows to run, from {list(ROWS)}")
+    ap.add_argument("--mode", default="cached", choices=["cached", "online"], help="targets.mode of every row")
+    ap.add_argument("--layer-selection", default="block_influence")
+    ap.add_argument("--train-prompts", type=int, default=96)
+    ap.add_argument("--heldout-prompts", type=int, default=24)
+    ap.add_argument("--train-examples", type=int, default=0, help="train on the first N training examples only "
+                    "(0: all): fewer examples for the side channels' teacher data to cover")
+    ap.add_argument("--reuse", default=None, help="a work folder of an earlier run: its saved student, no setup")
+    ap.add_argument("--steps", type=int, default=24)
+    ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--groups", type=int, default=8, help="G-C3 paired groups (0: skip the check)")
+    ap.add_argument("--ppl-text", default=str(WIKITEXT))
+    ap.add_argument("--ppl-tokens", type=int, default=2048)
+    ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--row", default=None, help=argparse.SUPPRESS)     # internal: run one row in this process
+    ap.add_argument("--work", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("overrides", nargs="*", help="config overrides key=value (e.g. teacher.path=DIR)")
+    args = ap.parse_args()
+    if args.row:
+        print("ROW " + json.dumps(run_row(args, args.row, Path(args.work))), flush=True)
+        return
+    rows = [r for r in args.rows.split(",") if r]
+    bad = [r for r in rows if r not in ROWS]
+    if bad:
+        raise SystemExit(f"--rows: unknown {bad}; rows: {list(ROWS)}")
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    work = Path(args.reuse) if args.reuse else setup(args)
+    results = []
+    passthrough, skip = [], False
+    for a in sys.argv[1:]:                       # the same arguments for every row, without --rows
+        if skip or a.startswith("--rows") or a.startswith("--reuse"):
+            skip = a in ("--rows", "--reuse")
+            continue
+        passthrough.append(a)
+    for name in rows:
+        t0 = time.perf_counter()
+        p = subprocess.run([sys.executable, __file__, *passthrough, "--row", name, "--work", str(work)],
+                           capture_output=True, text=True, env=dict(os.environ))
+        line = next((x for x in p.stdout.splitlines() if x.startswith("ROW ")), None)
+        if p.returncode or line is None:
+            raise SystemExit(f"row {name} failed (exit {p.returncode}):\n{p.stderr[-4000:]}")
+        r = json.loads(line[4:])
+        results.append(r)
+        print(f"{name}: KL {r['kl']:.4f}, top-1 {r['top1_agreement']:.3f}, PPL ratio {r['ppl_ratio']:.3f}, "
+              f"G-C3 {r.get('inheritance')}, {r['s_per_step']:.2f} s/step, {r['peak_rss_gib']:.2f} GiB, "
+              f"side setup {r['side_setup_s']:.0f} s, heads {r['heads']}, cache {r['cache']} "
+              f"({time.perf_counter() - t0:.0f} s)", flush=True)
+    print()
+    print("| row | channels | held-out KL | top-1 | WikiText-2 PPL ratio | G-C3 inheritance | s/step | peak RSS GiB |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in results:
+        inh = r.get("inheritance")
+        print(f"| {r['row']} | {r['channels']} | {r['kl']:.4f} | {r['top1_agreement']:.3f} | {r['ppl_ratio']:.3f} | "
+              f"{'-' if inh is None else f'{inh:.3f}'} | {r['s_per_step']:.2f} | {r['peak_rss_gib']:.2f} |")
+    base = next((r for r in results if r["row"] == "kd"), None)
+    if base is None:
+        print("no kd row: no ratios")
+        return
+    print(" ".join(f"kl_ratio_{r['row'].replace('kd+', '')}_vs_kd={r['kl'] / base['kl']:.4f}"
+                   for r in results if r["row"] != "kd"))
+
+
+if __name__ == "__main__":
+    main()
