@@ -147,7 +147,14 @@ def _gate_row(g: GateResult) -> str:
     return (f'<tr class="g-{esc(g.status)}"><td><code>{esc(g.id)}</code></td><td>{esc(g.dimension)}</td>'
             f'<td>{esc(g.metric)}</td><td class="num">{_fmt(g.value)}</td>'
             f'<td class="num">{esc(g.comparator)} {_fmt(g.threshold)} {esc(g.unit)}</td>'
-            f'<td class="num">{_fmt(g.margin)}</td><td>{_badge(g.status, "gate")}</td><td>{esc(g.note)}</td></tr>')
+            f'<td class="num">{_fmt(g.margin)}</td><td>{_badge(g.status, "gate")}</td><td>{_provenance(g)}{esc(g.note)}</td></tr>')
+
+
+def _provenance(g: GateResult) -> str:
+    """A traffic-based value says what traffic it stands on (simulated / replay / real logs)."""
+    if not g.provenance:
+        return ""
+    return f'<span class="badge prov prov-{esc(g.provenance.split("+")[0].split()[0])}">{esc(g.provenance)} traffic</span> '
 
 
 def _gates(d: ReportData) -> str:
