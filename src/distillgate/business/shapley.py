@@ -107,7 +107,7 @@ def exact_shapley(players: list[str], v) -> dict[str, float]:
 
 
 def _closed_form(players, dividends) -> np.ndarray:
-    return np.array([sum(d / len(t) for t, d in dividends.items() if p in t) for p in players])
+    return np.array([sum(d / len(t) for t, d in dividends.items() if p in t) for p in players], dtype=float)
 
 
 def attribute(s: Sessions, kpi_name: str, *, modules: list[str] | None = None, control: str = "control",

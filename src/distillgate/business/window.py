@@ -46,6 +46,18 @@ def evaluate_window(events: list[TurnEvent], *, window_days: float | None = 30.0
     gate = dict(ab["gate"])
     gate["kpi_shapley_coverage"] = (min(a["coverage"] for a in attributions.values()) if
                                     len(attributions) == len(SHAPLEY_FOR) else None)
+    undefined = {}  # why a gate value is None on this window (the gate table shows it)
+    for metric, (k, which) in stats.GATE_KPIS.items():
+        if gate[metric] is None:
+            undefined[metric] = (f"control {k} is 0: a relative change is undefined" if which == "delta" and
+                                 not arms["control"][k] else f"{k} has no value on this window")
+        elif None in ab["gate_ci"][metric]:
+            undefined[metric] = "its CI is undefined (a resample without the KPI)"
+    if gate["kpi_ci95_width_points"] is None:
+        undefined["kpi_ci95_width_points"] = "no CI for " + ", ".join(m for m in stats.GATE_KPIS if m in undefined)
+    if gate["kpi_shapley_coverage"] is None:
+        undefined["kpi_shapley_coverage"] = "no attribution for " + ", ".join(m for m in SHAPLEY_FOR
+                                                                              if m not in attributions)
     domains = {}
     for d in sorted(set(s.domain.tolist())):
         idx = [i for i in range(len(s)) if s.domain[i] == d]
@@ -56,7 +68,7 @@ def evaluate_window(events: list[TurnEvent], *, window_days: float | None = 30.0
     ts = [e.ts for e in evs]
     return {"provenance": s.provenance, "window_days": window_days, "first_ts": min(ts), "last_ts": max(ts),
             "sessions": len(s), "turns": len(evs), "arms": arms, "ab": ab, "shapley": attributions,
-            "domains": domains, "gate": gate, "sessions_needed": ab["sessions_needed"]}
+            "domains": domains, "gate": gate, "undefined": undefined, "sessions_needed": ab["sessions_needed"]}
 
 
 def _f(x):
@@ -76,8 +88,9 @@ def _provider(metric: str):
         v = b["gate"].get(metric)
         ctx.details[metric] = {"provenance": b["provenance"], "sessions": b["sessions"],
                                "ci": b["ab"].get("gate_ci", {}).get(metric),
-                               **({} if v is not None else {"note": f"undefined on this window "
-                                                                    f"({b['sessions']} sessions)"})}
+                               **({} if v is not None else {
+                                   "note": f"{b['provenance']} window of {b['sessions']} sessions: "
+                                           f"{b.get('undefined', {}).get(metric, 'undefined')}"})}
         return v
     fn.__qualname__ = f"business_metric[{metric}]"
     return fn
