@@ -314,3 +314,61 @@ def test_bad_production_options_fail_at_preflight(tiny_teacher_dir, tmp_path):
     with pytest.raises(ConfigError, match=r"loop\.stages\[1\]\.options\.traffic\.types"):
         loop_mod.run(_cfg(tiny_teacher_dir, tmp_path / "runs", bad), progress=False)
     assert not (tmp_path / "runs").exists()
+
+
+def test_resume_is_bitwise_with_the_production_stage(tiny_teacher_dir, tmp_path):
+    """Killed in iteration 2 (after iteration 1's window fed its failed requests back): the resumed run
+    re-adds them and ends with the straight run's state and weights."""
+    from distillgate.testing.resume import assert_same_weights, committed, killed_and_resumed
+
+    stages = f"[{{name: anchor, iterations: 0}}, {PROD}, {{name: joint, iterations: 2}}]"
+    seen = {}
+    run_id = killed_and_resumed(lambda root: _cfg(tiny_teacher_dir, root, stages, run_id="r"),
+                                (tmp_path / "a", tmp_path / "b"), kill_at=2,
+                                on_distil=lambda run, it: seen.setdefault(it.index, [e.id for e in run.training.examples]))
+    (sa, wa), (sb, wb) = committed(tmp_path / "a", run_id), committed(tmp_path / "b", run_id)
+    assert sa == sb and sa["production"]["data"]["fed"], "iteration 1's failed requests were fed back"
+    assert any(i.startswith("traffic-") for i in seen[2])
+    assert_same_weights(wa, wb)
+
+
+def test_feedback_rules_write_the_next_recipe_with_reasons():
+    from distillgate.schema import Finding
+    from distillgate.stages.production import ProductionOptions, ProductionStage
+    from distillgate.strategy import StrategySpec, next_recipe
+
+    stage = ProductionStage(ProductionOptions())
+    recipe = {"loss": {"domain_weights": {}}, "data": {"mix": {"legal": 0.5, "travel": 0.5}}, "prune": {"strength": 1.0}}
+    failed = [{"text": "What is 3 x 4?", "domain": "travel", "traffic_type": "arithmetic", "session_id": "s1"}]
+    findings = [Finding("traffic_failures", "info", "traffic", "1 failed", {"prompts": failed, "provenance": "simulated"}),
+                Finding("kpi_shortfall", "warning", "legal", "legal: 40% vs 80%", {"domain": "legal"}),
+                Finding("latency_budget", "warning", "latency", "volatility 1.9 > 1.3", {"over": {"volatility_ratio": 1.9}})]
+    new, decisions = next_recipe(recipe, findings, iteration=1, last_good=None, gate_status={}, recent_decisions=[],
+                                 spec=StrategySpec(rules=[]), rules=stage.rules())
+    by = {d.rule: d for d in decisions}
+    assert new["traffic"]["prompts"] == failed and "simulated traffic" in by["traffic_feedback"].reason
+    assert new["loss"]["domain_weights"]["legal"] == 1.5 and new["data"]["mix"]["legal"] == pytest.approx(0.6)
+    assert new["prune"]["strength"] == 1.25 and "volatility" in by["latency_prune"].reason
+    assert {d.rule for d in decisions} == {"traffic_feedback", "kpi_domain", "latency_prune"}
+
+
+def test_gates_cli_reads_a_real_event_log(tmp_path, tiny_student_dir, tiny_teacher_dir):
+    from distillgate.cli import main
+
+    rows = []
+    rng = random.Random(0)
+    for i in range(60):
+        arm = "candidate" if i % 2 else "control"
+        turns = 1 + (rng.random() < (0.6 if arm == "candidate" else 0.4))
+        for t in range(1, turns + 1):
+            rows.append(_ev(f"s{i}", arm, t, "continue" if t < turns else rng.choice(["resolved", "escalate"]),
+                            ts=i * 3600.0, correct=rng.random() < 0.7, modules=rng.choice(MODULES[:3]).split()))
+    log = _write(tmp_path / "events.jsonl", rows)
+    out = tmp_path / "gates.json"
+    skip = "ppl_ratio,f1_gap_points,inheritance,path_consistency"
+    rc = main(["gates", "--student", str(tiny_student_dir), "--teacher", str(tiny_teacher_dir), "--skip-perf",
+               "--skip", skip, "--traffic-log", str(log), "--json", str(out)])
+    assert rc in (0, 1)
+    rep = json.loads(out.read_text())
+    bus = [g for g in rep["gates"] if g["dimension"] == "business"]
+    assert all(g["provenance"] == "real logs" and g["status"] in ("pass", "fail") for g in bus), bus

@@ -42,7 +42,7 @@ TRAFFIC_PREFIX = "traffic-"
 
 class ProductionOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    traffic: TrafficOptions = Field(default_factory=lambda: TrafficOptions(sessions=24),
+    traffic: TrafficOptions = Field(default_factory=TrafficOptions,
                                     description="the simulated A/B window (sessions, days, users, types, domains, "
                                                 "user behaviour)")
     control: Literal["teacher", "last_good"] = Field("teacher", description="the production arm: the teacher, or "
