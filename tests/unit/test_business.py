@@ -372,3 +372,21 @@ def test_gates_cli_reads_a_real_event_log(tmp_path, tiny_student_dir, tiny_teach
     rep = json.loads(out.read_text())
     bus = [g for g in rep["gates"] if g["dimension"] == "business"]
     assert all(g["provenance"] == "real logs" and g["status"] in ("pass", "fail") for g in bus), bus
+
+
+def test_a_router_arm_records_the_gateways_assignment():
+    """Behind the gateway one client answers both arms and says which served (sticky per user)."""
+    from types import SimpleNamespace
+
+    from distillgate.traffic.arms import GatewayArm
+
+    class Client:  # the gateway client's chat() contract
+        def chat(self, messages, *, user_id=None, session_id=None, max_tokens=None):
+            arm = assign(user_id, "gw", 0.5)
+            return SimpleNamespace(status=200, text="Thank you. 12 dollars.", arm=arm, version="v1",
+                                   ttft_ms=5.0, latency_ms=20.0, error=None)
+
+    ev = simulate(GatewayArm(Client()), TrafficOptions(sessions=30, types=REF_TYPES))
+    assert {e.arm for e in ev} == {"control", "candidate"}
+    assert all(e.arm == assign(e.user_id, "gw", 0.5) for e in ev)
+    assert set(K.per_arm(K.sessions(ev))) == {"control", "candidate"}

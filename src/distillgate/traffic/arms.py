@@ -3,7 +3,9 @@
 :class:`Arm` is the protocol (``respond(messages, user_id, session_id) -> Answer``). :class:`ModelArm` answers
 with a Hugging Face causal LM in this process (greedy, the tokenizer's chat template); the production stage and
 the tests use it. An arm behind the gateway (``distillgate serve``) is a thin adapter with the same method that
-posts to ``/v1/chat/completions`` with ``X-User-Id`` / ``X-Session-Id`` headers.
+posts to ``/v1/chat/completions`` with ``X-User-Id`` / ``X-Session-Id`` headers: :class:`GatewayArm` wraps any
+client with the gateway client's ``chat(messages, user_id=, session_id=, max_tokens=)`` (``distillgate serve``'s
+``GatewayClient``); the gateway picks the arm (sticky per user) and says which in the answer.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ class Answer:
     ttft_ms: float | None = None
     error: str | None = None
     model_version: str | None = None
+    arm: str | None = None  # the arm that served it, when a router (the gateway) chose it
 
 
 @runtime_checkable
@@ -89,3 +92,18 @@ class ModelArm:
         t1 = time.perf_counter()
         ttft = None if first.t is None else 1000 * (first.t - t0)
         return Answer(text, 1000 * (t1 - t0), ttft, err, self.version)
+
+
+class GatewayArm:
+    """Both arms behind the gateway: ``client.chat(...)`` answers and reports the arm and version that served it
+    (a router: :func:`distillgate.traffic.generator.simulate` records the arm from the answer)."""
+
+    name = "gateway"
+
+    def __init__(self, client, *, max_new_tokens: int = 32):
+        self.client, self.max_new_tokens = client, max_new_tokens
+
+    def respond(self, messages: list[dict], user_id: str, session_id: str) -> Answer:
+        r = self.client.chat(messages, user_id=user_id, session_id=session_id, max_tokens=self.max_new_tokens)
+        err = r.error if r.error is not None or r.status == 200 else f"HTTP {r.status}"
+        return Answer(r.text or "", r.latency_ms, r.ttft_ms, err, r.version, r.arm)

@@ -70,11 +70,14 @@ def _sources(domains, seed: int) -> dict[str, list]:
     return {d: [p for p in pool if p.domain == d] for d in domains}
 
 
-def simulate(arms: dict[str, Arm], opts: TrafficOptions, *, judge: Arm | None = None,
+def simulate(arms: dict[str, Arm] | Arm, opts: TrafficOptions, *, judge: Arm | None = None,
              progress: Callable[[int, int], None] | None = None) -> list[TurnEvent]:
-    """One A/B window: ``arms`` maps ``control`` and ``candidate`` to their :class:`Arm`; ``judge`` (optional)
-    answers requests without a reference so the S4 checks can compare against it."""
-    if set(arms) != {"control", "candidate"}:
+    """One A/B window: ``arms`` maps ``control`` and ``candidate`` to their :class:`Arm` (users assigned here,
+    sticky), or is one router arm (the gateway, :class:`~distillgate.traffic.arms.GatewayArm`) that assigns
+    users itself and names the arm in each answer; ``judge`` (optional) answers requests without a reference so
+    the S4 checks can compare against it."""
+    router = None if isinstance(arms, dict) else arms
+    if router is None and set(arms) != {"control", "candidate"}:
         raise ValueError(f"arms must be exactly control and candidate, got {sorted(arms)}")
     sources = _sources(opts.domains, opts.seed)
     names, weights = list(opts.types), list(opts.types.values())
@@ -84,7 +87,7 @@ def simulate(arms: dict[str, Arm], opts: TrafficOptions, *, judge: Arm | None = 
         rng = random.Random(f"distillgate-traffic-{opts.seed}-{s}")
         user_id = f"u{rng.randrange(opts.users):05d}"
         session_id = f"s{opts.seed}-{s:05d}"
-        arm = assign(user_id, opts.experiment, opts.split)
+        arm = assign(user_id, opts.experiment, opts.split) if router is None else None
         ttype = rng.choices(names, weights)[0]
         domain = rng.choice(opts.domains)
         script = TYPES[ttype](domain, rng, sources[domain])
@@ -98,7 +101,9 @@ def simulate(arms: dict[str, Arm], opts: TrafficOptions, *, judge: Arm | None = 
             else:  # a retry after a bad answer: the same request again, with the same reference
                 text = RETRY + messages[-2]["content"].removeprefix(RETRY)
             messages.append({"role": "user", "content": text})
-            ans = arms[arm].respond(messages, user_id, session_id)
+            ans = (router or arms[arm]).respond(messages, user_id, session_id)
+            if router is not None:
+                arm = ans.arm or arm or "unknown"  # the gateway's (sticky) arm; a switch shows in the KPIs' check
             ref_judge = judge.respond(messages, user_id, session_id).text if judge is not None and ref is None else ""
             g = grade(text, ans.text, ref, ref_judge)
             outcome, clicked = um.decide(g.correct, ans.latency_ms, ans.error is not None, script.time_constrained,
