@@ -94,6 +94,9 @@ def test_importer_refuses_missing_fields_bad_json_and_unknown_provenance(tmp_pat
         read_events(tmp_path / "b.jsonl", provenance="real")
     with pytest.raises(InputError, match=r"provenance None"):  # a log must say what it is
         read_events(_write(tmp_path / "c.jsonl", [LOG[0]]))
+    one_arm = read_events(_write(tmp_path / "d.jsonl", LOG[4:8]), provenance="real")
+    with pytest.raises(InputError, match=r"needs >= 2 sessions per arm; control: 0"):
+        stats.ab_test(K.sessions(one_arm))
 
 
 def test_sticky_assignment_and_sample_size():
@@ -282,6 +285,7 @@ def test_joint_iterations_with_an_ab_window_measure_the_business_gates(tiny_teac
         v0, v1, v2 = (s.get_version(r["version_id"]) for r in rows[:3])
         assert "business.json" not in v0.files  # start_iteration 1
         gates1 = v1.load_json("gates.json")
+        metrics1 = v1.load_json("metrics.json")["student"]
         b1 = json.loads(v1.path_of("business.json").read_text())
         events = read_events(v1.path_of("traffic.jsonl"))
         decisions = [d for r in rows[:3] for d in s.get_version(r["version_id"]).load_json("decisions.json")] \
@@ -296,6 +300,7 @@ def test_joint_iterations_with_an_ab_window_measure_the_business_gates(tiny_teac
     assert sum(g["status"] != "not_measured" for g in bus) >= 2
     assert b1["sessions"] == len({e.session_id for e in events}) == 8 and {e.provenance for e in events} == {"simulated"}
     assert set(b1["arms"]) == {"control", "candidate"} and b1["control"] == "teacher"
+    assert metrics1["business/session_turns/delta"] == pytest.approx(b1["ab"]["kpis"]["session_turns"]["delta"])
     # the tiny random student fails requests: they come back as next round's prompts (a decision with a reason)
     if b1["failed"]:
         assert recipe2.get("traffic", {}).get("prompts") == b1["failed"]

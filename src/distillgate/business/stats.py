@@ -27,6 +27,7 @@ import warnings
 import numpy as np
 from scipy import stats
 
+from ..errors import InputError
 from .kpis import KPIS, Sessions, kpi
 
 RELATIVE = ("session_turns", "handoff_rate", "latency_volatility")
@@ -55,7 +56,8 @@ def ab_test(s: Sessions, *, control: str = "control", candidate: str = "candidat
     """Per-arm levels, deltas and their bootstrap CIs for every KPI; the G-B1 gate values; sessions needed."""
     ia, ib = s.of_arm(control), s.of_arm(candidate)
     if len(ia) < 2 or len(ib) < 2:
-        raise ValueError(f"an A/B test needs >= 2 sessions per arm; {control}: {len(ia)}, {candidate}: {len(ib)}")
+        raise InputError(f"an A/B test needs >= 2 sessions per arm; {control}: {len(ia)}, {candidate}: {len(ib)} "
+                         f"(more sessions, or a split nearer 0.5)")
 
     def statistic(xa, xb, axis=-1):
         la = [kpi(k, s, xa) for k in KPIS]

@@ -5,14 +5,15 @@ gates with their provenance.
 :func:`evaluate_window` returns a JSON-able dict: per-arm KPIs with CIs and deltas (:func:`.stats.ab_test`),
 Shapley attributions of the three G-B1 KPIs (:func:`.shapley.attribute`, in the gate's unit: % of the control
 level for turns and hand-offs, points for accuracy), per-domain KPIs, the gate metrics and the window's
-provenance (``real logs`` / ``replay`` / ``simulated``). ``kpi_shapley_coverage`` (G-B2) is the smallest, over
+provenance (``real logs`` / ``replay`` / ``simulated``); a KPI whose control level is 0 is attributed in points
+instead of %. ``kpi_shapley_coverage`` (G-B2) is the smallest, over
 the three KPIs, share of sessions whose change is attributed to modules (sessions without module tags, or in a
 module stratum one arm never saw, cannot be attributed).
 """
 
 from __future__ import annotations
 
-from ..evaluate.providers import GateContext, register_metric, register_metric_provider
+from ..evaluate.providers import GateContext, register_metric_provider
 from ..traffic.events import TurnEvent
 from . import kpis as K
 from . import shapley, stats
@@ -38,11 +39,11 @@ def evaluate_window(events: list[TurnEvent], *, window_days: float | None = 30.0
     attributions = {}
     for metric, k in SHAPLEY_FOR.items():
         ctrl = arms["control"][k]
-        scale = 100.0 / ctrl if k in stats.RELATIVE and ctrl else 100.0
-        if k in stats.RELATIVE and not ctrl:
-            continue  # a relative change of a zero control level is undefined
+        relative = k in stats.RELATIVE and bool(ctrl)  # a zero control level has no relative change: points
+        scale = 100.0 / ctrl if relative else 100.0
         attributions[metric] = shapley.attribute(s, k, confidence=confidence, n_resamples=shapley_resamples,
                                                  seed=seed, scale=scale)
+        attributions[metric]["unit"] = "%" if relative else "points"
     gate = dict(ab["gate"])
     gate["kpi_shapley_coverage"] = (min(a["coverage"] for a in attributions.values()) if
                                     len(attributions) == len(SHAPLEY_FOR) else None)
@@ -56,8 +57,7 @@ def evaluate_window(events: list[TurnEvent], *, window_days: float | None = 30.0
     if gate["kpi_ci95_width_points"] is None:
         undefined["kpi_ci95_width_points"] = "no CI for " + ", ".join(m for m in stats.GATE_KPIS if m in undefined)
     if gate["kpi_shapley_coverage"] is None:
-        undefined["kpi_shapley_coverage"] = "no attribution for " + ", ".join(m for m in SHAPLEY_FOR
-                                                                              if m not in attributions)
+        undefined["kpi_shapley_coverage"] = "no Shapley attribution"
     domains = {}
     for d in sorted(set(s.domain.tolist())):
         idx = [i for i in range(len(s)) if s.domain[i] == d]
@@ -99,7 +99,24 @@ def _provider(metric: str):
 for _m, (_hib, _desc) in GATE_METRICS.items():
     register_metric_provider(_m, _provider(_m), higher_is_better=_hib, description=_desc, regression=False,
                              tier="high", module=__name__)
+KPI_DELTAS = [f"business/{k}/delta" for k in K.KPIS]
+
+
+def _delta_provider(kpi_name: str):
+    def fn(ctx: GateContext):
+        b = ctx.options.get("business")
+        if not b:
+            ctx.details[f"business/{kpi_name}/delta"] = {"note": "no A/B window"}
+            return None
+        r = b["ab"]["kpis"][kpi_name]
+        ctx.details[f"business/{kpi_name}/delta"] = {"provenance": b["provenance"], "ci": r["delta_ci"]}
+        return r["delta"]
+    fn.__qualname__ = f"business_delta[{kpi_name}]"
+    return fn
+
+
 for _k in K.KPIS:
-    register_metric(f"business/{_k}/delta", higher_is_better=_k not in ("handoff_rate", "latency_volatility",
-                                                                        "abnormal_termination"),
-                    description=f"A/B change of {_k} ({stats.delta_unit(_k)})", regression=False, module=__name__)
+    register_metric_provider(f"business/{_k}/delta", _delta_provider(_k),
+                             higher_is_better=_k not in ("handoff_rate", "latency_volatility", "abnormal_termination"),
+                             description=f"A/B change of {_k} ({stats.delta_unit(_k)}), candidate vs control",
+                             regression=False, module=__name__)

@@ -62,7 +62,8 @@ def shapley_bars(b: dict):
     atts = b.get("shapley") or {}
     if not atts:
         return None
-    fig = make_subplots(rows=1, cols=len(atts), subplot_titles=[m.replace("_", " ") for m in atts],
+    fig = make_subplots(rows=1, cols=len(atts), subplot_titles=[f'{m.replace("_", " ")} ({a.get("unit", "")})'
+                                                                for m, a in atts.items()],
                         horizontal_spacing=0.12)
     for j, (metric, a) in enumerate(atts.items()):
         mods = list(a["modules"])

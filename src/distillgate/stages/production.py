@@ -33,6 +33,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from ..errors import InputError
+from ..io import atomic_write_text
 from ..schema import Finding
 from ..traffic.generator import TrafficOptions
 
@@ -141,19 +143,25 @@ class ProductionStage:
         traffic = o.traffic.model_copy(update={"seed": o.traffic.seed * 1000 + it.index})
         t0 = time.time()
         events = simulate(arms, traffic, judge=judge)
-        b = evaluate_window(events, window_days=o.window_days, confidence=o.confidence, n_resamples=o.n_resamples,
-                            shapley_resamples=o.shapley_resamples, seed=traffic.seed, target_width=o.target_width)
-        b.update(iteration=it.index, control=control_name, seconds=round(time.time() - t0, 1),
-                 latency=_latency(events), failed=_failed(events, o.feedback_prompts))
         run.work.mkdir(parents=True, exist_ok=True)
         it.files["traffic.jsonl"] = write_events(run.work / f"traffic-{it.index:03d}.jsonl", events)
+        try:
+            b = evaluate_window(events, window_days=o.window_days, confidence=o.confidence,
+                                n_resamples=o.n_resamples, shapley_resamples=o.shapley_resamples, seed=traffic.seed,
+                                target_width=o.target_width)
+        except InputError as e:  # too few sessions in an arm: the gates stay not measured, saying why
+            it.findings.append(Finding("data", "warning", "production", f"A/B window not evaluated: {e}", {}, it.index))
+            run.say(f"  L4 A/B window not evaluated: {e}")
+            return
+        b.update(iteration=it.index, control=control_name, seconds=round(time.time() - t0, 1),
+                 latency=_latency(events), failed=_failed(events, o.feedback_prompts))
         path = run.work / f"business-{it.index:03d}.json"
-        path.write_text(json.dumps(b, indent=1, default=str))
+        atomic_write_text(path, json.dumps(b, indent=1, default=str))
         it.files["business.json"] = path
         it.measure_options["business"] = b
-        from ..business.window import GATE_METRICS
+        from ..business.window import GATE_METRICS, KPI_DELTAS
 
-        it.extra_metrics += [m for m in GATE_METRICS if m not in it.extra_metrics]
+        it.extra_metrics += [m for m in [*GATE_METRICS, *KPI_DELTAS] if m not in it.extra_metrics]
         g, ab = b["gate"], b["ab"]["kpis"]
         run.say(f"  L4 A/B window ({b['provenance']}, control = {control_name}): {b['sessions']} sessions, "
                 f"{b['turns']} turns in {b['seconds']:.0f} s; turns {_pm(g['session_turns_delta_pct'], '%')}, "
