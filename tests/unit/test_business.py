@@ -277,7 +277,8 @@ def test_joint_iterations_with_an_ab_window_measure_the_business_gates(tiny_teac
     from distillgate.report.from_store import render_run_report
     from distillgate.store import RunStore
 
-    stages = f"[{{name: anchor, iterations: 0}}, {PROD}, {{name: joint, iterations: 2}}]"
+    prod = PROD.replace("options: {", "options: {control: last_good, ")
+    stages = f"[{{name: anchor, iterations: 0}}, {prod}, {{name: joint, iterations: 2}}]"
     loop_mod.run(_cfg(tiny_teacher_dir, tmp_path / "runs", stages, run_id="ab", **{"loop.min_iterations": 2}),
                  progress=False)
     with RunStore.open(tmp_path / "runs", "ab") as s:
@@ -291,6 +292,7 @@ def test_joint_iterations_with_an_ab_window_measure_the_business_gates(tiny_teac
         decisions = [d for r in rows[:3] for d in s.get_version(r["version_id"]).load_json("decisions.json")] \
             if "decisions.json" in v1.files else []
         recipe2 = v2.load_json("recipe.json")
+        b2 = json.loads(v2.path_of("business.json").read_text())
     bus = [g for g in gates1["gates"] if g["dimension"] == "business"]
     # each business gate is measured on the simulated window, or (a tiny window: no control hand-off at all)
     # not measured with the reason; never silently passed
@@ -299,7 +301,9 @@ def test_joint_iterations_with_an_ab_window_measure_the_business_gates(tiny_teac
             (g["status"] == "not_measured" and "simulated window of 8 sessions: " in g["note"]), g
     assert sum(g["status"] != "not_measured" for g in bus) >= 2
     assert b1["sessions"] == len({e.session_id for e in events}) == 8 and {e.provenance for e in events} == {"simulated"}
-    assert set(b1["arms"]) == {"control", "candidate"} and b1["control"] == "teacher"
+    assert set(b1["arms"]) == {"control", "candidate"}
+    # control: last_good is the last stable student version (iteration 0's in iteration 1, 1's in 2)
+    assert (b1["control"], b2["control"]) == (f"version {rows[0]['version_id']}", f"version {rows[1]['version_id']}")
     assert metrics1["business/session_turns/delta"] == pytest.approx(b1["ab"]["kpis"]["session_turns"]["delta"])
     # the tiny random student fails requests: they come back as next round's prompts (a decision with a reason)
     if b1["failed"]:
