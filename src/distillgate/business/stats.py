@@ -16,7 +16,8 @@ Deltas (the null value of each is 0, which the A/A test checks):
 Gate metrics: ``session_turns_delta_pct``, ``handoff_delta_pct``, ``first_response_accuracy_pct`` (the
 candidate's level, in %), and ``kpi_ci95_width_points``, the widest of those three CIs. The sample-size
 estimate scales the window's sessions by ``(width / target)^2`` (a CI's width shrinks as 1/sqrt(n)): the
-sessions a window needs for every G-B1 CI to be narrower than ``target`` points (1.5).
+sessions a window needs for every G-B1 CI to be narrower than ``target`` points (1.5), per metric
+(``sessions_needed_by``) and the most of the defined ones (``sessions_needed``).
 """
 
 from __future__ import annotations
@@ -89,7 +90,11 @@ def ab_test(s: Sessions, *, control: str = "control", candidate: str = "candidat
         out.setdefault("gate_ci", {})[metric] = ci
     gate["kpi_ci95_width_points"] = None if None in widths.values() else max(widths.values())
     out["gate"], out["ci_width"] = gate, widths
-    out["sessions_needed"] = sessions_needed(widths, len(ia) + len(ib), target_width)
+    n = len(ia) + len(ib)
+    out["sessions_needed_by"] = {m: sessions_needed({m: w}, n, target_width) for m, w in widths.items()}
+    # the most any defined CI needs (an undefined CI, e.g. no control hand-offs, says nothing about its width)
+    known = [v for v in out["sessions_needed_by"].values() if v is not None]
+    out["sessions_needed"] = max(known) if known else None
     return out
 
 

@@ -108,6 +108,9 @@ def business_section(d, chart) -> str:
                   'the gate table stands on simulated traffic, not on production logs.</p>')
     lat = last.get("latency") or {}
     need = last.get("sessions_needed")
+    undefined = [m for m, v in (last["ab"].get("sessions_needed_by") or {}).items() if v is None]
+    if need is not None and undefined:
+        need = f"{need} (no estimate for {', '.join(undefined)}: its CI is undefined)"
     facts = (f'<p class="muted">Iteration {last["iteration"]}: {last["sessions"]} sessions, {last["turns"]} turns '
              f'over {_n(last.get("window_days"))} days (provenance: {_e(last["provenance"])}; control = '
              f'{_e(last.get("control", "?"))}); sessions needed for every G-B1 CI under 1.5 points: '
