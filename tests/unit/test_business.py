@@ -359,6 +359,11 @@ def test_feedback_rules_write_the_next_recipe_with_reasons():
     assert new["loss"]["domain_weights"]["legal"] == 1.5 and new["data"]["mix"]["legal"] == pytest.approx(0.6)
     assert new["prune"]["strength"] == 1.25 and "volatility" in by["latency_prune"].reason
     assert {d.rule for d in decisions} == {"traffic_feedback", "kpi_domain", "latency_prune"}
+    from distillgate.stages.production import traffic_sources
+
+    src = traffic_sources(new)  # what the consistency stage draws S4 challenges from, besides the prompt pool
+    assert [(r.text, r.domain, r.source) for r in src] == [("What is 3 x 4?", "travel", "traffic")]
+    assert src[0].id.startswith("traffic-") and traffic_sources(recipe) == []
 
 
 def test_gates_cli_reads_a_real_event_log(tmp_path, tiny_student_dir, tiny_teacher_dir):
