@@ -202,8 +202,11 @@ class GateReport(BaseModel):
             status = g.status if g.counted or g.status != "missing" else "missing (skipped)"
             margin = "" if g.margin is None else _fmt(g.margin) + (
                 "" if g.rel_margin is None else f" ({100 * g.rel_margin:+.3g}%)")
+            note = g.note or ("" if g.provenance else (g.requires or ""))
+            if g.provenance:  # a measured traffic gate says what traffic, not what it would require
+                note = f"{g.provenance} traffic" + (f"; {note}" if note else "")
             t.add_row(g.id, g.metric, _fmt(g.value), f"{g.comparator} {_fmt(g.threshold)}",
-                      f"[{style[g.status]}]{status}[/]", margin, g.note or (g.requires or ""))
+                      f"[{style[g.status]}]{status}[/]", margin, note)
         d = Table(title="dimension scores")
         for col in ("dimension", "status", "passed/counted", "pass_share", "closeness", "not measured"):
             d.add_column(col)
@@ -217,7 +220,18 @@ class GateReport(BaseModel):
         verdict += "; converged" if self.converged else (
             f"; not converged: {not_meas} gates not measured or skipped"
             + (f" ({', '.join(unscored)} without a score)" if unscored else ""))
+        verdict += provenance_note(self.gates)
         return Group(t, d, verdict)
+
+
+def provenance_note(gates: list[GateResult]) -> str:
+    """"; business gates measured on simulated traffic" (or replay / real logs): a verdict says what its
+    traffic-based gates stand on."""
+    by: dict[str, list[str]] = {}
+    for g in gates:
+        if g.provenance:
+            by.setdefault(g.provenance, []).append(g.id)
+    return "".join(f"; {', '.join(ids)} measured on {p} traffic" for p, ids in by.items())
 
 
 def json_safe(obj: Any) -> Any:
@@ -246,10 +260,12 @@ def _as_float(v: Any) -> float | None:
 
 
 def evaluate_gate(gate: Gate, value: float | None, on_missing: str, closeness_scale: float,
-                  note: str = "") -> GateResult:
-    """Verdict of one gate for one value (None: nothing measured)."""
+                  note: str = "", provenance: str | None = None) -> GateResult:
+    """Verdict of one gate for one value (None: nothing measured); ``provenance``: where a traffic-based
+    value's data came from (real logs / replay / simulated), kept with the verdict."""
     base = dict(id=gate.id, dimension=gate.dimension, metric=gate.metric, comparator=gate.comparator,
-                threshold=gate.threshold, unit=gate.unit, requires=gate.requires)
+                threshold=gate.threshold, unit=gate.unit, requires=gate.requires,
+                provenance=provenance if value is not None else None)
     if value is None:
         if gate.requires:
             return GateResult(**base, value=None, status="not_measured", passed=False, counted=False,
@@ -268,11 +284,12 @@ def evaluate_gate(gate: Gate, value: float | None, on_missing: str, closeness_sc
 
 
 def evaluate_gates(spec: GateSpec, metrics: dict[str, float | None], notes: dict[str, str] | None = None,
-                   details: dict[str, Any] | None = None) -> GateReport:
-    """Compare a flat ``{metric: value}`` dict with every gate of ``spec`` (see module docstring)."""
-    notes = notes or {}
+                   details: dict[str, Any] | None = None, provenance: dict[str, str] | None = None) -> GateReport:
+    """Compare a flat ``{metric: value}`` dict with every gate of ``spec`` (see module docstring);
+    ``provenance``: ``{metric: real logs | replay | simulated}`` for values measured on traffic."""
+    notes, provenance = notes or {}, provenance or {}
     results = [evaluate_gate(g, _as_float(metrics.get(g.metric)), spec.on_missing, spec.closeness_scale,
-                             notes.get(g.metric, "")) for g in spec.gates]
+                             notes.get(g.metric, ""), provenance.get(g.metric)) for g in spec.gates]
     dims = {}
     for dim in DIMENSIONS:
         rs = [r for r in results if r.dimension == dim]

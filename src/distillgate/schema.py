@@ -122,3 +122,5 @@ class GateResult(BaseModel):
     closeness: float | None = None
     requires: str | None = None
     note: str = ""
+    provenance: str | None = Field(None, description="where the value's data came from, for gates on traffic: "
+                                   "real logs / replay / simulated (None: measured here)")

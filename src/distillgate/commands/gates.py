@@ -54,6 +54,12 @@ def register(subparsers) -> None:
                    help="G-C3 paired groups (SPEC: 300; CPU preset shown)")
     g.add_argument("--path-instructions", type=int, default=P["path_instructions"],
                    help="G-C4 instructions (SPEC: 5,000; CPU preset shown)")
+    g.add_argument("--traffic-log", default=None, metavar="FILE", help="a JSONL traffic event log (the schema of "
+                   "distillgate.traffic.events: one turn per line, arms control / candidate): the business gates "
+                   "(G-B) are measured from it, with its provenance")
+    g.add_argument("--traffic-provenance", default="real", choices=("real", "replay", "simulated"),
+                   help="what --traffic-log is, for lines that do not say (default: real production logs)")
+    g.add_argument("--window-days", type=float, default=30.0, help="KPI window over the log's timestamps (G-B1)")
     g.add_argument("--seed", type=int, default=P["seed"])
     g.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     g.add_argument("--trust-remote-code", action="store_true")
@@ -146,6 +152,14 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("--data-dir", args.data_dir, "an existing folder (wnut17/, ud_english_ewt/, blimp/)")
     if args.json and not Path(args.json).parent.is_dir():
         raise ConfigError("--json", args.json, "a path in an existing folder")
+    business = None
+    if args.traffic_log:  # read and validated whole before anything loads
+        from ..business.window import evaluate_window
+        from ..traffic.events import read_events
+
+        _positive("--window-days", args.window_days)
+        business = evaluate_window(read_events(args.traffic_log, args.traffic_provenance),
+                                   window_days=args.window_days, seed=args.seed)
     given: dict[str, float | None] = {}
     for f in args.metrics:
         given.update(read_metrics(f))
@@ -170,7 +184,7 @@ def run(args: argparse.Namespace) -> int:
         "warmup": args.warmup, "context_len": args.context_len, "volatility_requests": args.volatility_requests,
         "leak_seconds": args.leak_seconds, "threads": args.threads, "seed": args.seed, "data_dir": args.data_dir,
         "inheritance_groups": args.inheritance_groups, "path_instructions": args.path_instructions,
-        "trust_remote_code": args.trust_remote_code})
+        "trust_remote_code": args.trust_remote_code, "business": business})
     from ..perf import torch_threads
 
     with torch_threads(args.threads):  # every measurement (perplexity too) runs on the same thread count
@@ -178,7 +192,8 @@ def run(args: argparse.Namespace) -> int:
     details = {"measurements": ctx.details, "provider_modules": problems, "student": student_path,
                "teacher": teacher_path, "metrics_files": args.metrics, "skipped": sorted(skip),
                "sources": {m: ("--metrics" if m in given else "measured") for m, v in metrics.items() if v is not None}}
-    report = evaluate_gates(spec, metrics, notes, details)
+    provenance = {m: d["provenance"] for m, d in ctx.details.items() if isinstance(d, dict) and d.get("provenance")}
+    report = evaluate_gates(spec, metrics, notes, details, provenance=provenance)
 
     # ---- print and save
     console = Console()

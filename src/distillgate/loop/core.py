@@ -133,8 +133,9 @@ def validate(it: Iteration, run) -> None:
         _, it.hard_candidates = divergence_samples(run.student, run.teacher.model, recent,
                                                    pipeline.pad_id(run.teacher.tokenizer))
     spec = load_gate_spec(cfg.loop.gates_spec)
+    provenance = {k: d["provenance"] for k, d in m.details.items() if isinstance(d, dict) and d.get("provenance")}
     it.gates = evaluate_gates(spec, {k: v for k, v in it.metrics.items() if isinstance(v, (int, float))},
-                              {k: v for k, v in m.notes.items() if k not in it.metrics})
+                              {k: v for k, v in m.notes.items() if k not in it.metrics}, provenance=provenance)
 
 
 def attribute_phase(it: Iteration, run) -> None:

@@ -25,7 +25,7 @@ def gates_from_report(report: dict[str, Any]) -> tuple[list[GateResult], dict[st
         rows = [GateResult(id=g["id"], dimension=g["dimension"], metric=g["metric"], value=g.get("value"),
                            threshold=g["threshold"], comparator=g["comparator"], passed=bool(g["passed"]),
                            status=g["status"], margin=g.get("margin"), unit=g.get("unit", "") or "",
-                           note=g.get("note", "") or (g.get("requires") or ""))
+                           note=g.get("note", "") or (g.get("requires") or ""), provenance=g.get("provenance"))
                 for g in report["gates"]]
         scores = {d: (s.get("closeness") if s.get("status") != "no_score" else None)
                   for d, s in report.get("dimensions", {}).items()}
@@ -44,7 +44,7 @@ def gate_from_row(gate: str, passed: bool, value: float | None, threshold: float
                       threshold=_finite(threshold),
                       comparator=comparator if comparator in COMPARATORS else "", passed=bool(passed),
                       status=status, margin=_finite(detail.get("margin")), unit=detail.get("unit", "") or "",
-                      note=detail.get("note", "") or "")
+                      note=detail.get("note", "") or "", provenance=detail.get("provenance"))
 
 
 def _finite(v: Any) -> float | None:

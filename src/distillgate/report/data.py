@@ -75,6 +75,7 @@ class GateResult:
     margin: float | None = None  # signed distance to the threshold, positive = on the passing side
     unit: str = ""
     note: str = ""
+    provenance: str | None = None  # traffic-based gates: real logs / replay / simulated
 
 
 @dataclass
@@ -89,6 +90,7 @@ class Iteration:
     version: str | None = None  # committed artifact version id
     started: str | None = None
     consistency: dict | None = None  # the S4 stage's consistency.json (per-kind table, pool rates, examples)
+    business: dict | None = None  # the production stage's business.json (A/B window: KPIs, CIs, Shapley, provenance)
 
 
 @dataclass

@@ -179,6 +179,8 @@ def load_report_data(root: str | Path, run_id: str, param_diffs: bool = True, mo
                 entry.stage, entry.version = _stage(v), str(v.version_id)
                 if "consistency.json" in v.files:
                     entry.consistency = v.load_json("consistency.json")
+                if "business.json" in v.files:
+                    entry.business = v.load_json("business.json")
                 if "benchmark.json" in v.files:
                     bench = {**{x: y for x, y in v.load_json("benchmark.json").items() if x != "student"},
                              "iteration": k}

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from ..io import atomic_write_text
 from . import charts
+from .business import business_section
 from .consistency import consistency_section
 from .benchmark import benchmark_section
 from .data import DIMENSIONS, PHASES, STAGES, Finding, GateResult, Iteration, ReportData
@@ -147,7 +148,14 @@ def _gate_row(g: GateResult) -> str:
     return (f'<tr class="g-{esc(g.status)}"><td><code>{esc(g.id)}</code></td><td>{esc(g.dimension)}</td>'
             f'<td>{esc(g.metric)}</td><td class="num">{_fmt(g.value)}</td>'
             f'<td class="num">{esc(g.comparator)} {_fmt(g.threshold)} {esc(g.unit)}</td>'
-            f'<td class="num">{_fmt(g.margin)}</td><td>{_badge(g.status, "gate")}</td><td>{esc(g.note)}</td></tr>')
+            f'<td class="num">{_fmt(g.margin)}</td><td>{_badge(g.status, "gate")}</td><td>{_provenance(g)}{esc(g.note)}</td></tr>')
+
+
+def _provenance(g: GateResult) -> str:
+    """A traffic-based value says what traffic it stands on (simulated / replay / real logs)."""
+    if not g.provenance:
+        return ""
+    return f'<span class="badge prov prov-{esc(g.provenance.split("+")[0].split()[0])}">{esc(g.provenance)} traffic</span> '
 
 
 def _gates(d: ReportData) -> str:
@@ -305,7 +313,8 @@ def render_html(data: ReportData) -> str:
     generated = data.generated or datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
     chart = _Charts()
     body = "".join([_overview(data, chart), _pipeline(data, chart), _gates(data), _metrics(data, chart),
-                    _structure(data, chart), consistency_section(data), _params(data, chart),
+                    _structure(data, chart), consistency_section(data), business_section(data, chart),
+                    _params(data, chart),
                     benchmark_section(data.benchmark), _findings(data, chart), _decisions(data), _alerts(data)])
     config = (f'<section id="config"><h2>Configuration</h2><details><summary>run config</summary><pre>'
               f'{esc(json.dumps(data.run.config, indent=2, sort_keys=True, default=str))}</pre></details></section>'

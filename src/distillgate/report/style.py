@@ -42,6 +42,8 @@ code { font:12px/1.4 ui-monospace,SFMono-Regular,Menlo,Consolas,monospace; }
 .status-budget_exhausted, .status-iterations_exhausted, .gate-error, .sev-warning { background:var(--warn-bg); color:var(--warn); }
 .status-running, .sev-info { background:var(--run-bg); color:var(--run); }
 .gate-not_measured { background:var(--idle-bg); color:var(--idle); }
+.prov { text-transform:none; margin-right:6px; } .prov-simulated, .prov-replay { background:var(--warn-bg); color:var(--warn); }
+.prov-real { background:var(--ok-bg); color:var(--ok); }
 table { border-collapse:collapse; width:100%; margin:8px 0; }
 td code, th code { white-space:nowrap; }
 th, td { text-align:left; padding:6px 10px; border-bottom:1px solid var(--line); vertical-align:top; }

@@ -2,7 +2,7 @@
 :mod:`distillgate.loop.contract`).
 
 Built in: ``anchor`` (S1, :mod:`.anchor`), ``joint`` (S2, :mod:`.joint`), ``prune`` (S3, :mod:`.prune`) and
-``consistency`` (S4, :mod:`.consistency`). Other stages register with
+``consistency`` (S4, :mod:`.consistency`) and ``production`` (L4 A/B windows, :mod:`.production`). Other stages register with
 :func:`register_stage`, or, from an installed package, through the Python entry-point group
 ``distillgate.stages`` (``[project.entry-points."distillgate.stages"] my_stage = "my_pkg.stage:MyStage"``):
 the entry's name is the config name and it loads to the stage class (or any ``factory(options)`` with an
@@ -103,12 +103,14 @@ def _builtins() -> None:
     from .anchor import AnchorStage
     from .consistency import ConsistencyStage
     from .joint import JointStage
+    from .production import ProductionStage
     from .prune import PruneStage
 
     register_stage("anchor", AnchorStage)
     register_stage("joint", JointStage)
     register_stage("prune", PruneStage)
     register_stage("consistency", ConsistencyStage)
+    register_stage("production", ProductionStage)
 
 
 _builtins()

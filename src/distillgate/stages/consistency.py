@@ -156,11 +156,13 @@ class ConsistencyStage:
 
     def validate(self, it, run) -> None:
         from ..consistency import challenge, pool as pool_mod
+        from .production import traffic_sources
 
         st = self._state(run)
         o = self.options
         held = {e.prompt_id for e in run.heldout}  # never made into training challenges: held-out stays unseen
         sources = [run.training.pool[i] for i in run.training.pool_order if i not in held]
+        sources += traffic_sources(it.recipe)  # requests that failed in the last A/B window (L4 feedback)
         new = [c.to_json() for c in challenge.generate(sources, o.challenges, run.cfg.train.seed * 7919 + it.index,
                                                        o.kinds)]
         members = st.get("pool", [])
