@@ -398,7 +398,19 @@ class LoopSpec(_Strict):
         return v
 
 
+class DistributedSpec(_Strict):
+    """Used only under torchrun (``torchrun --nproc-per-node N -m distillgate run ...``)."""
+
+    backend: Literal["auto", "gloo", "nccl"] = Field("auto", description="process-group backend; auto: NCCL when "
+                                                                        "CUDA is available, else gloo")
+    timeout_s: float = Field(1800.0, gt=0.0, description="longest wait of any collective: a rank that died makes "
+                                                         "the others fail after at most this long (rank 0 "
+                                                         "validates alone while the others wait, so it must exceed "
+                                                         "one validate phase)")
+
+
 class RunConfig(DistillConfig):
     loop: LoopSpec = Field(default_factory=LoopSpec)
+    distributed: DistributedSpec = Field(default_factory=DistributedSpec)
     store_root: str = Field("runs", description="run store folder (SQLite catalog + artifacts)")
     run_id: str | None = Field(None, description="run id (default: timestamp + config hash)")

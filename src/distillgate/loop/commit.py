@@ -12,7 +12,7 @@ from .state import LastGood
 
 
 def commit(run, it) -> int:
-    from ..models import save_model
+    from ..train import distributed as dist
 
     st, store = run.state, run.store
     regressed = any(f.kind == "regression" for f in it.findings)
@@ -38,6 +38,22 @@ def commit(run, it) -> int:
     decisions = [d.to_dict() for d in it.decisions]
     stage = it.stage
     code, name = getattr(stage, "code", "S1"), getattr(stage, "name", "setup")
+    vid = _write_version(run, it, code, name, aliases, metrics_json, gates_json, findings, decisions) \
+        if dist.is_main() else None
+    vid = dist.broadcast_object(vid)  # under torchrun only rank 0 writes; every rank learns the version id
+    run.lineage_note = None
+    if good:
+        st.last_good.version = vid
+    if best:
+        st.best["version"] = vid
+    record_catalog(store, vid, it.index, metrics_json, gates_json, findings, decisions)
+    return vid
+
+
+def _write_version(run, it, code, name, aliases, metrics_json, gates_json, findings, decisions) -> int:
+    from ..models import save_model
+
+    st, store = run.state, run.store
     tmp = Path(tempfile.mkdtemp(dir=store.dir, prefix=".student-"))
     try:
         run.student.eval()
@@ -63,12 +79,6 @@ def commit(run, it) -> int:
             vid = vw.commit(aliases=tuple(aliases), reason=f"iteration {it.index}")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    run.lineage_note = None
-    if good:
-        st.last_good.version = vid
-    if best:
-        st.best["version"] = vid
-    record_catalog(store, vid, it.index, metrics_json, gates_json, findings, decisions)
     return vid
 
 

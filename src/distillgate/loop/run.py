@@ -17,6 +17,7 @@ from pathlib import Path
 
 from .. import pipeline
 from ..schema import Finding
+from .ranks import work_root
 from .state import LoopState, StageState
 from .training_set import TrainingSet, prompt_pool
 
@@ -53,7 +54,7 @@ class Measurement:
 class Run:
     def __init__(self, cfg, store, *, max_iterations: int, progress=None, console=None):
         self.cfg, self.store, self.progress, self.console = cfg, store, progress, console
-        self.work = Path(store.dir) / "work"
+        self.work = work_root(store)  # under torchrun: a private folder on ranks > 0 (they never write the store)
         self.max_iterations = max_iterations
         self.state = LoopState()
         self.teacher = None
@@ -81,7 +82,9 @@ class Run:
     def setup(self, state: LoopState | None, student_dir: Path | None) -> None:
         from ..models import load_model
 
-        for stale in Path(self.store.dir).glob(".student-*"):  # staging of a commit that was killed
+        from ..train.distributed import is_main
+
+        for stale in Path(self.store.dir).glob(".student-*") if is_main() else ():  # a killed commit's staging
             shutil.rmtree(stale, ignore_errors=True)
         self.teacher = pipeline.load_teacher(self.cfg)
         show = self.progress is not False
@@ -174,9 +177,11 @@ class Run:
         # ~0.8 GB for a 68M student) are not needed once training returned.
         shutil.rmtree(out, ignore_errors=True)
         it.train_terms = dict(res.final_terms)
-        it.metrics.update({"train/tokens_per_s": res.tokens_per_s, "train/loss": res.final_loss,
-                           "train/skipped_steps": res.skipped_steps, "train/rollbacks": res.rollbacks,
-                           "train/examples": len(exs)})
+        from ..train.distributed import broadcast_object
+
+        it.metrics.update(broadcast_object({  # rank 0's timings on every rank: the same state everywhere
+            "train/tokens_per_s": res.tokens_per_s, "train/loss": res.final_loss,
+            "train/skipped_steps": res.skipped_steps, "train/rollbacks": res.rollbacks, "train/examples": len(exs)}))
         for k, v in res.final_terms.items():
             it.metrics[f"loss/{k}"] = v
         if res.skipped_steps or res.rollbacks:
@@ -199,7 +204,13 @@ class Run:
         gates`` uses), with the run's options (``options`` override them); the student is in eval mode."""
         from ..evaluate.providers import load_providers, measure_student
 
+        from ..train import distributed as dist
+
         load_providers()
-        values, notes, ctx = measure_student(self.teacher, self._student, metrics, self.measure_options(options),
-                                             self.teacher_cache)
-        return Measurement(values, notes, ctx.details, ctx.cache.get("heldout_samples") or [])
+        result = None
+        if dist.is_main():  # under torchrun: rank 0 measures alone (timings undisturbed), every rank gets its
+            with dist.solo():  # numbers, so attribution and the next recipe are the same on every rank
+                values, notes, ctx = measure_student(self.teacher, self._student, metrics,
+                                                     self.measure_options(options), self.teacher_cache)
+            result = Measurement(values, notes, ctx.details, ctx.cache.get("heldout_samples") or [])
+        return dist.broadcast_object(result)
