@@ -31,6 +31,11 @@ class ModelSpec(_Strict):
                                              "a .gguf file, or a hub id (online only)")
     dtype: Literal["float32", "bfloat16"] = Field("float32", description="weights dtype when loaded")
     trust_remote_code: bool = Field(False, description="run model code shipped with the weights (off by default)")
+    device: str = Field("cpu", pattern=r"^(auto|cpu|cuda(:[0-9]+)?)$", description="where the teacher runs: auto (this rank's GPU when CUDA is available, "
+                                           "else cpu), cpu, cuda or cuda:N")
+    fit: Literal["auto", "strict"] = Field(
+        "auto", description="when the teacher does not fit its device's free memory: auto keeps it in bfloat16, "
+                            "then offloads it to the CPU (recorded with the reason); strict refuses")
 
 
 class StudentSpec(_Strict):
@@ -53,6 +58,10 @@ class StudentSpec(_Strict):
         "activation", description="MLP unit importance: mean |act * down-proj norm| on calibration text, or weight norm")
     calib_tokens: int = Field(2048, ge=64, description="calibration tokens used to measure importance")
     calib_file: str | None = Field(None, description="text file for calibration (default: teacher-generated train text)")
+    device: str = Field("cpu", pattern=r"^(auto|cpu|cuda(:[0-9]+)?)$", description="where the student trains and is evaluated: auto (this rank's GPU when "
+                                           "CUDA is available, else cpu), cpu, cuda or cuda:N")
+    dtype: Literal["float32", "bfloat16"] = Field("float32", description="the student's weights dtype (training "
+                                                                          "precision is train.precision)")
 
 
 class DataSpec(_Strict):

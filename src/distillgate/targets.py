@@ -144,8 +144,10 @@ def _check_plain_head(model) -> torch.Tensor:
 def teacher_hidden(model, batch: dict) -> torch.Tensor:
     """[N, H] final hidden states (what the lm head reads) at the batch's prediction positions."""
     b, t = prediction_positions(batch)
-    out = model.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
-    return out.last_hidden_state[b, t]
+    dev = model.get_output_embeddings().weight.device  # an offloaded teacher (W3) runs where its weights are
+    out = model.base_model(input_ids=batch["input_ids"].to(dev), attention_mask=batch["attention_mask"].to(dev),
+                           use_cache=False)
+    return out.last_hidden_state[b.to(dev), t.to(dev)]
 
 
 @torch.no_grad()
@@ -193,7 +195,8 @@ class OnlineTeacher:
         self.model.eval()
 
     def __call__(self, batch: dict) -> TeacherHidden:
-        return TeacherHidden(hidden=teacher_hidden(self.model, batch), weight=self.weight)
+        dev = batch["input_ids"].device  # the student's: an offloaded teacher's output moves there
+        return TeacherHidden(hidden=teacher_hidden(self.model, batch).to(dev), weight=self.weight.to(dev))
 
 
 # ------------------------------------------------------------------------------------------------- cache
@@ -281,7 +284,10 @@ def compute_targets(teacher, examples: Sequence, *, k: int, batch_size: int, out
             idx = batches[b]
             batch = collate([examples[i] for i in idx], pad_id)
             tk = topk_from_hidden(teacher_hidden(model, batch), weight, k, tail_samples=tail_samples,
-                                  generator=torch.Generator().manual_seed(seed + b))
+                                  generator=torch.Generator(weight.device).manual_seed(seed + b))
+            if weight.device.type != "cpu":  # the cache is written from host memory
+                tk = dataclasses.replace(tk, **{f.name: getattr(tk, f.name).cpu() for f in dataclasses.fields(tk)
+                                                if getattr(tk, f.name) is not None})
             counts = (batch["loss_mask"][:, 1:] != 0).sum(1).tolist()
             start = 0
             lp_min, lp_dtype = torch.finfo(_LP_DTYPES[logprob_dtype]).min, _LP_DTYPES[logprob_dtype]

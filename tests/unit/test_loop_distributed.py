@@ -86,6 +86,11 @@ def test_two_ranks_match_one_process_with_the_same_global_batch(two_ranks, tiny_
     for f in wa:
         for k in wa[f]:
             torch.testing.assert_close(wb[f][k], wa[f][k], atol=WEIGHT_ATOL, rtol=0)
+    from distillgate.report.from_store import load_report_data
+
+    for root, n in ((two_ranks / "runs", 2), (tmp_path / "runs", 1)):  # W3: the report says where models ran
+        summary = load_report_data(root, "r", param_diffs=False).run.summary
+        assert f"Ran on {n} rank(s): teacher on cpu (float32); student on cpu (float32)." in summary
     # teacher answers and top-k targets (with tail samples) computed sharded over 2 ranks == one process, bytewise
     for kind in ("datasets", "targets"):
         a_dirs = sorted((tmp_path / "home" / kind).iterdir())

@@ -42,6 +42,10 @@ def preflight(cfg: RunConfig) -> None:
 
         load_gate_spec(cfg.loop.gates_spec)
     validate_options(cfg.loop.stages)
+    from ..placement import resolve_device
+
+    resolve_device(cfg.teacher.device, "teacher.device")  # e.g. cuda asked for on a machine without it
+    resolve_device(cfg.student.device, "student.device")
     if "probes" in cfg.loop.capability_checks and not cfg.loop.data_dir:
         raise ConfigError("loop.data_dir", None, "the evaluation datasets folder (needed by 'probes')")
 

@@ -61,7 +61,7 @@ def _write_version(run, it, code, name, aliases, metrics_json, gates_json, findi
                           meta={"iteration": it.index, "layer_map": st.layer_map, "teacher": run.cfg.teacher.path,
                                 "teacher_fingerprint": run.teacher.fingerprint})
         run.student.train()
-        meta = {"stage": code, "stage_name": name, **(run.lineage_note or {})}
+        meta = {"stage": code, "stage_name": name, "placement": run.placement, **(run.lineage_note or {})}
         with store.begin_version(it.index, kind="iteration", meta=meta) as vw:
             vw.add_dir("student", sdir)
             for fname, path in it.files.items():

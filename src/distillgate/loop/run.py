@@ -64,6 +64,7 @@ class Run:
         self.teacher_cache: dict = {}   # teacher-side measurements, valid for this teacher and data (one run)
         self.current = None             # the Iteration being run
         self.lineage_note: dict | None = None  # goes into the next committed version's meta (e.g. teacher_changed)
+        self.placement: dict = {}       # where each model runs (W3): committed in every version's meta
 
     # ------------------------------------------------------------------------------------- basics
     def say(self, msg: str) -> None:
@@ -87,6 +88,9 @@ class Run:
         for stale in Path(self.store.dir).glob(".student-*") if is_main() else ():  # a killed commit's staging
             shutil.rmtree(stale, ignore_errors=True)
         self.teacher = pipeline.load_teacher(self.cfg)
+        from ..train.distributed import world_size
+
+        self.placement.update(teacher=self.teacher.placement.to_json(), ranks=world_size())
         show = self.progress is not False
         fresh = state is None
         self.state = LoopState(recipe=initial_recipe(self.cfg)) if fresh else state
@@ -98,8 +102,7 @@ class Run:
         self.heldout = self.training.answers([self.training.pool[i] for i in self.state.heldout_prompts])
         self.training.restore()
         if student_dir is not None:
-            self._student = load_model(str(student_dir)).model
-            self._student.train()
+            self.replace_student(load_model(str(student_dir)).model, "resumed")
 
     def ensure_student(self, it) -> None:
         """The initial student (once per run, before the first map): derived by importance from the teacher,
@@ -131,7 +134,12 @@ class Run:
         structure changed (validate re-measures it)."""
         from ..models.info import structure
 
-        self._student = model
+        import torch
+
+        from ..placement import place_student
+
+        self.placement["student"] = place_student(self.cfg.student).to_json()
+        self._student = model.to(self.placement["student"]["device"], getattr(torch, self.cfg.student.dtype))
         model.train()
         desc = structure(model)
         if layer_map is not None:

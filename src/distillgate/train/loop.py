@@ -33,6 +33,7 @@ import torch
 from ..config import TrainSpec
 from ..errors import ArtifactError, ConfigError
 from ..hardware import native_bf16, tune_malloc
+from ..placement import to_device
 from ..signals import raise_if_terminated
 from . import distributed as dist
 from .checkpoint import (list_checkpoints, load_latest, read_weights_and_optimizer, save_checkpoint,
@@ -190,7 +191,7 @@ def _run(model, loss_fn, batch_fn, spec, out_dir, resume_from, callbacks, on_non
                 t0 = time.perf_counter()
                 lr = sched.apply(optimizer, st["step"])
                 window = [cursor.next() for _ in range(spec.grad_accum * world)]
-                mine = window[rank::world]
+                mine = [to_device(b, params[0].device) for b in window[rank::world]]
                 counts = [loss_token_count(b) for b in mine]
                 n_tok, n_in = (int(v) for v in dist.all_reduce_sum([sum(counts), sum(input_token_count(b) for b in mine)]))
                 optimizer.zero_grad(set_to_none=True)
