@@ -81,7 +81,7 @@ def test_two_ranks_match_one_process_with_the_same_global_batch(two_ranks, tiny_
     assert [h["iteration"] for h in two] == [0, 1, 2, 3]
     for a, b in zip(one[1:], two[1:]):  # the loss curve, iteration by iteration
         for m in ("train/loss", "kl", "top1_agreement"):
-            assert b["metrics"][m] == pytest.approx(a["metrics"][m], rel=LOSS_RTOL), (h := a["iteration"], m)
+            assert b["metrics"][m] == pytest.approx(a["metrics"][m], rel=LOSS_RTOL), (a["iteration"], m)
     wa, wb = committed(tmp_path / "runs", "r")[1], committed(two_ranks / "runs", "r")[1]
     for f in wa:
         for k in wa[f]:
@@ -165,6 +165,9 @@ def test_a_killed_rank_fails_the_launch_and_resume_under_torchrun_finishes(two_r
     with RunStore.open(root, "r") as s:
         done = [v["iteration"] for v in s.versions()]
         assert 1 in done and 3 not in done
+        assert s.info()["status"] in ("interrupted", "failed")  # rank 0 recorded the stop: it was not SIGKILLed
+        failed = [it for it in s.catalog.iterations() if it["status"] == "failed"]
+        assert failed and failed[0]["iteration"] == max(done) + 1  # the step in progress failed as a whole
     p = _torchrun(["--resume", "r", "--root", str(root)], two_ranks / "home")
     out = _finish(p)
     assert p.returncode == 0, out[-4000:]

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from .. import pipeline
 from ..schema import Finding
+from ..train import distributed as dist
 from .ranks import work_root
 from .state import LoopState, StageState
 from .training_set import TrainingSet, prompt_pool
@@ -83,14 +84,10 @@ class Run:
     def setup(self, state: LoopState | None, student_dir: Path | None) -> None:
         from ..models import load_model
 
-        from ..train.distributed import is_main
-
-        for stale in Path(self.store.dir).glob(".student-*") if is_main() else ():  # a killed commit's staging
+        for stale in Path(self.store.dir).glob(".student-*") if dist.is_main() else ():  # a killed commit's staging
             shutil.rmtree(stale, ignore_errors=True)
         self.teacher = pipeline.load_teacher(self.cfg)
-        from ..train.distributed import world_size
-
-        self.placement.update(teacher=self.teacher.placement.to_json(), ranks=world_size())
+        self.placement.update(teacher=self.teacher.placement.to_json(), ranks=dist.world_size())
         show = self.progress is not False
         fresh = state is None
         self.state = LoopState(recipe=initial_recipe(self.cfg)) if fresh else state
@@ -132,10 +129,9 @@ class Run:
         """Make ``model`` the student: the structure descriptor in this iteration's and the next recipe
         (``student.structure``, which attribution can blame), the layer map, and perf marked stale when the
         structure changed (validate re-measures it)."""
-        from ..models.info import structure
-
         import torch
 
+        from ..models.info import structure
         from ..placement import place_student
 
         self.placement["student"] = place_student(self.cfg.student).to_json()
@@ -185,9 +181,7 @@ class Run:
         # ~0.8 GB for a 68M student) are not needed once training returned.
         shutil.rmtree(out, ignore_errors=True)
         it.train_terms = dict(res.final_terms)
-        from ..train.distributed import broadcast_object
-
-        it.metrics.update(broadcast_object({  # rank 0's timings on every rank: the same state everywhere
+        it.metrics.update(dist.broadcast_object({  # rank 0's timings on every rank: the same state everywhere
             "train/tokens_per_s": res.tokens_per_s, "train/loss": res.final_loss,
             "train/skipped_steps": res.skipped_steps, "train/rollbacks": res.rollbacks, "train/examples": len(exs)}))
         for k, v in res.final_terms.items():
@@ -211,8 +205,6 @@ class Run:
         """Measure ``metrics`` on the current student through the metric registry (the one ``distillgate
         gates`` uses), with the run's options (``options`` override them); the student is in eval mode."""
         from ..evaluate.providers import load_providers, measure_student
-
-        from ..train import distributed as dist
 
         load_providers()
         result = None

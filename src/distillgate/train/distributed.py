@@ -5,7 +5,13 @@ micro-batches from the (identical on every rank) batch source; rank r takes the 
 ``position % world == r``. Loss-token counts of the window are all-reduced *before* the backward passes so
 every rank divides by the global count, and gradients are summed with one all-reduce per step, which makes
 ``world`` ranks x ``grad_accum`` micro-batches give the same update as 1 rank x ``world * grad_accum``.
-Only rank 0 writes checkpoints, metrics and the progress bar.
+Only rank 0 writes checkpoints, metrics and the progress bar. (DDP's own wrapper would overlap the all-reduce
+with the backward pass; on CPU gloo with small students the one flat all-reduce per step costs little, and the
+token-count normalisation stays exact.)
+
+The loop under torchrun (:mod:`distillgate.loop.ranks`) adds: joining the process group from torchrun's
+environment (:func:`init_from_env`), rank 0's objects on every rank (:func:`broadcast_object`), round-robin work
+splitting (:func:`mine`) and merging (:func:`merge_shards`), and :class:`solo` for work rank 0 does alone.
 """
 
 from __future__ import annotations
