@@ -260,8 +260,11 @@ def load_teacher(cfg: DistillConfig):
     from .models.load import resolve_model_path
     from .placement import place_teacher
 
-    path = resolve_model_path(cfg.teacher.path)
-    n = _param_count_from_config(AutoConfig.from_pretrained(path, trust_remote_code=cfg.teacher.trust_remote_code))
+    try:
+        n = _param_count_from_config(AutoConfig.from_pretrained(resolve_model_path(cfg.teacher.path),
+                                                                trust_remote_code=cfg.teacher.trust_remote_code))
+    except Exception:  # unreadable config: load_model below raises the error that names the problem
+        n = 0
     plan = place_teacher(cfg.teacher, n)
     teacher = load_model(cfg.teacher.path, dtype=plan.dtype, trust_remote_code=cfg.teacher.trust_remote_code,
                          device=plan.device)

@@ -206,11 +206,17 @@ class Run:
         gates`` uses), with the run's options (``options`` override them); the student is in eval mode."""
         from ..evaluate.providers import load_providers, measure_student
 
+        from ..evaluate.providers import HELDOUT_METRICS
+
         load_providers()
+        opts, done = self.measure_options(options), None
+        if dist.world_size() > 1 and opts.get("heldout") and set(metrics) & {*HELDOUT_METRICS, "ppl_ratio"}:
+            # every rank: the held-out comparison, its batches split over the ranks and merged
+            _, _, done = measure_student(self.teacher, self._student, ["kl"], opts, self.teacher_cache)
         result = None
-        if dist.is_main():  # under torchrun: rank 0 measures alone (timings undisturbed), every rank gets its
+        if dist.is_main():  # then rank 0 measures the rest alone (timings undisturbed); every rank gets the
             with dist.solo():  # numbers, so attribution and the next recipe are the same on every rank
-                values, notes, ctx = measure_student(self.teacher, self._student, metrics,
-                                                     self.measure_options(options), self.teacher_cache)
+                values, notes, ctx = measure_student(self.teacher, self._student, metrics, opts,
+                                                     self.teacher_cache, done)
             result = Measurement(values, notes, ctx.details, ctx.cache.get("heldout_samples") or [])
         return dist.broadcast_object(result)
