@@ -181,6 +181,9 @@ class TrainSpec(_Strict):
     checkpoint_every: int = Field(0, ge=0, description="save a resumable checkpoint every N steps (0: only at end)")
     log_every: int = Field(1, ge=1, description="metrics JSONL every N steps")
     threads: int | None = Field(None, ge=1, description="torch CPU threads (default: torch's choice)")
+    fsdp: bool = Field(False, description="under torchrun: shard parameters, gradients and AdamW state over the "
+                                          "ranks (FSDP2 fully_shard per decoder layer) instead of replicating them; "
+                                          "same updates, same checkpoints")
 
 
 class EvalSpec(_Strict):

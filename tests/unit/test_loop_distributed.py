@@ -176,3 +176,15 @@ def test_a_killed_rank_fails_the_launch_and_resume_under_torchrun_finishes(two_r
     for f in wa:
         for k in wa[f]:
             assert wb[f][k].equal(wa[f][k]), k  # bitwise: resume under torchrun == uninterrupted
+
+
+@pytest.mark.slow
+def test_fsdp2_under_torchrun_follows_the_ddp_run(two_ranks, tiny_teacher_dir, tmp_path):
+    """train.fsdp: the decoder layers sharded over the 2 ranks; the loop's curve is the replicated run's."""
+    root = tmp_path / "runs"
+    p = _torchrun([*_over(tiny_teacher_dir, root, 1), "train.fsdp=true"], two_ranks / "home")
+    out = _finish(p)
+    assert p.returncode == 0, out[-4000:]
+    for a, b in zip(_history(two_ranks / "runs")[1:], _history(root)[1:]):
+        for m in ("train/loss", "kl"):
+            assert b["metrics"][m] == pytest.approx(a["metrics"][m], rel=LOSS_RTOL), (a["iteration"], m)
