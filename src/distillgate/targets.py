@@ -309,6 +309,7 @@ def compute_targets(teacher, examples: Sequence, *, k: int, batch_size: int, out
     cache = _write_cache(out_dir, examples, rows, key, vocab, logprob_dtype, shard_rows, overwrite) \
         if dist.is_main() else None
     dist.barrier()  # the other ranks read only what rank 0 committed
+    dist.committed_by_rank0(out_dir)
     return cache if cache is not None else TargetCache.open(out_dir, key)
 
 
@@ -444,6 +445,7 @@ def get_or_compute_targets(teacher, examples: Sequence, *, k: int, batch_size: i
         except Exception as e:  # uncommitted or corrupted: recompute
             log.warning("%s: unusable targets cache (%s); recomputing", folder, e)
     if dist.broadcast_object(found is not None):
+        dist.committed_by_rank0(folder)
         return found if found is not None else TargetCache.open(folder, key)
     return compute_targets(teacher, examples, k=k, batch_size=batch_size, out_dir=folder, pad_id=pad_id,
                            logprob_dtype=logprob_dtype, progress=progress, overwrite=False,

@@ -219,6 +219,7 @@ def get_or_generate_dataset(teacher, prompts: Sequence[PromptRecord], spec, *, r
         except ArtifactError as e:
             log.warning("%s: cached dataset unusable (%s); regenerating", folder, e)
     if dist.broadcast_object(found is not None):
+        dist.committed_by_rank0(folder)
         return found if found is not None else DistillDataset.load(folder, **opts)
     examples = generate_responses(teacher.model, tok, prompts, max_new_tokens=spec.max_new_tokens,
                                   samples_per_prompt=spec.samples_per_prompt, temperature=spec.gen_temperature,
@@ -232,6 +233,7 @@ def get_or_generate_dataset(teacher, prompts: Sequence[PromptRecord], spec, *, r
     if dist.is_main():
         full.save(folder, meta={"key_parts": parts}, exist_ok=True)
     dist.barrier()  # the other ranks read only what rank 0 committed
+    dist.committed_by_rank0(folder)
     return DistillDataset.load(folder, **opts)
 
 

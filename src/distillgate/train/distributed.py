@@ -174,3 +174,14 @@ def merge_shards(part: dict, *, everywhere: bool = False) -> dict:
     for p in parts or []:
         merged.update(p)
     return merged
+
+
+def committed_by_rank0(path) -> None:
+    """On a rank > 0: fail clearly when the artifact rank 0 just committed at ``path`` is not visible here."""
+    import os
+
+    if not is_main() and not os.path.exists(path):
+        from ..errors import ArtifactError
+
+        raise ArtifactError(f"rank {rank()}: {path}: rank 0 committed it but it is not visible on this node; a "
+                            f"multi-node run needs store_root and DISTILLGATE_HOME on a file system every node shares")
