@@ -33,6 +33,11 @@ class ModelSpec(_Strict):
                                              "a .gguf file, or a hub id (online only)")
     dtype: Literal["float32", "bfloat16"] = Field("float32", description="weights dtype when loaded")
     trust_remote_code: bool = Field(False, description="run model code shipped with the weights (off by default)")
+    device: str = Field("cpu", pattern=r"^(auto|cpu|cuda(:[0-9]+)?)$", description="where the teacher runs: auto (this rank's GPU when CUDA is available, "
+                                           "else cpu), cpu, cuda or cuda:N")
+    fit: Literal["auto", "strict"] = Field(
+        "auto", description="when the teacher does not fit its device's free memory: auto keeps it in bfloat16, "
+                            "then offloads it to the CPU (recorded with the reason); strict refuses")
 
 
 class StudentSpec(_Strict):
@@ -55,6 +60,10 @@ class StudentSpec(_Strict):
         "activation", description="MLP unit importance: mean |act * down-proj norm| on calibration text, or weight norm")
     calib_tokens: int = Field(2048, ge=64, description="calibration tokens used to measure importance")
     calib_file: str | None = Field(None, description="text file for calibration (default: teacher-generated train text)")
+    device: str = Field("cpu", pattern=r"^(auto|cpu|cuda(:[0-9]+)?)$", description="where the student trains and is evaluated: auto (this rank's GPU when "
+                                           "CUDA is available, else cpu), cpu, cuda or cuda:N")
+    dtype: Literal["float32", "bfloat16"] = Field("float32", description="the student's weights dtype (training "
+                                                                          "precision is train.precision)")
 
 
 class DataSpec(_Strict):
@@ -249,6 +258,9 @@ class TrainSpec(_Strict):
     checkpoint_every: int = Field(0, ge=0, description="save a resumable checkpoint every N steps (0: only at end)")
     log_every: int = Field(1, ge=1, description="metrics JSONL every N steps")
     threads: int | None = Field(None, ge=1, description="torch CPU threads (default: torch's choice)")
+    fsdp: bool = Field(False, description="under torchrun: shard parameters, gradients and AdamW state over the "
+                                          "ranks (FSDP2 fully_shard per decoder layer) instead of replicating them; "
+                                          "same updates, same checkpoints")
     report_to: list[Literal["tensorboard", "mlflow"]] = Field(
         ["tensorboard"], description="trackers that get the metrics, like the HF Trainer's list ([] for none): "
                                      "tensorboard (scalars under <run>/tensorboard, or <output_dir>/train/tb for "
@@ -539,8 +551,20 @@ class StoreSpec(_Strict):
                                                                                 "runs gc` (or auto_gc) keeps")
 
 
+class DistributedSpec(_Strict):
+    """Used only under torchrun (``torchrun --nproc-per-node N -m distillgate run ...``)."""
+
+    backend: Literal["auto", "gloo", "nccl"] = Field("auto", description="process-group backend; auto: NCCL when "
+                                                                        "CUDA is available, else gloo")
+    timeout_s: float = Field(1800.0, gt=0.0, description="longest wait of any collective: a rank that died makes "
+                                                         "the others fail after at most this long (rank 0 "
+                                                         "validates alone while the others wait, so it must exceed "
+                                                         "one validate phase)")
+
+
 class RunConfig(DistillConfig):
     loop: LoopSpec = Field(default_factory=LoopSpec)
+    distributed: DistributedSpec = Field(default_factory=DistributedSpec)
     store_root: str = Field("runs", description="run store folder (SQLite catalog + artifacts)")
     store: StoreSpec = Field(default_factory=StoreSpec, description="run store policies (retention)")
     run_id: str | None = Field(None, description="run id (default: timestamp + config hash)")

@@ -279,9 +279,24 @@ def preflight(cfg: DistillConfig) -> Preflight:
 # ------------------------------------------------------------------------------------------ load / extract
 
 def load_teacher(cfg: DistillConfig):
-    from .models import load_model
+    """The teacher, placed by :func:`distillgate.placement.place_teacher` (``teacher.device/dtype/fit``); the
+    decision is in ``teacher.placement``."""
+    from transformers import AutoConfig
 
-    return load_model(cfg.teacher.path, dtype=cfg.teacher.dtype, trust_remote_code=cfg.teacher.trust_remote_code)
+    from .models import load_model
+    from .models.load import resolve_model_path
+    from .placement import place_teacher
+
+    try:
+        n = _param_count_from_config(AutoConfig.from_pretrained(resolve_model_path(cfg.teacher.path),
+                                                                trust_remote_code=cfg.teacher.trust_remote_code))
+    except Exception:  # unreadable config: load_model below raises the error that names the problem
+        n = 0
+    plan = place_teacher(cfg.teacher, n)
+    teacher = load_model(cfg.teacher.path, dtype=plan.dtype, trust_remote_code=cfg.teacher.trust_remote_code,
+                         device=plan.device)
+    teacher.placement = plan
+    return teacher
 
 
 def extract(teacher, prompts, data_spec, *, root=None, progress=True):

@@ -144,8 +144,10 @@ def _check_plain_head(model) -> torch.Tensor:
 def teacher_hidden(model, batch: dict) -> torch.Tensor:
     """[N, H] final hidden states (what the lm head reads) at the batch's prediction positions."""
     b, t = prediction_positions(batch)
-    out = model.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
-    return out.last_hidden_state[b, t]
+    dev = model.get_output_embeddings().weight.device  # an offloaded teacher (W3) runs where its weights are
+    out = model.base_model(input_ids=batch["input_ids"].to(dev), attention_mask=batch["attention_mask"].to(dev),
+                           use_cache=False)
+    return out.last_hidden_state[b.to(dev), t.to(dev)]
 
 
 @torch.no_grad()
@@ -193,7 +195,8 @@ class OnlineTeacher:
         self.model.eval()
 
     def __call__(self, batch: dict) -> TeacherHidden:
-        return TeacherHidden(hidden=teacher_hidden(self.model, batch), weight=self.weight)
+        dev = batch["input_ids"].device  # the student's: an offloaded teacher's output moves there
+        return TeacherHidden(hidden=teacher_hidden(self.model, batch).to(dev), weight=self.weight.to(dev))
 
 
 # ------------------------------------------------------------------------------------------------- cache
@@ -262,20 +265,29 @@ def compute_targets(teacher, examples: Sequence, *, k: int, batch_size: int, out
         raise ConfigError("targets.tail_samples", tail_samples, "an integer >= 0")
     if not 1 <= k <= vocab:
         raise ConfigError("targets.top_k", k, f"an integer in [1, vocab size {vocab}]")
+    from .train import distributed as dist
+
     key = targets_key(teacher, examples, k, tail_samples)
     tail_samples = key.tail_samples
-    gen = torch.Generator().manual_seed(int(key.digest[:15], 16))
+    seed = int(key.digest[:15], 16)
     model.eval()
     order = sorted(range(len(examples)), key=lambda i: -len(examples[i].input_ids))
+    batches = [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
     rows: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-    bar, task = progress_bar(progress, len(examples), "teacher targets")
+    bar, task = progress_bar(progress and dist.is_main(), len(examples), "teacher targets")
     t0, n_tok = time.perf_counter(), 0
     try:
-        for s in range(0, len(order), batch_size):
-            idx = order[s:s + batch_size]
+        # Under torchrun each rank takes every world-th batch; batches and their tail-sample generators (seeded
+        # from the key and the batch index) do not depend on the world size, so the merged cache is
+        # byte-identical to a single process's (tested).
+        for b in dist.mine(len(batches)):
+            idx = batches[b]
             batch = collate([examples[i] for i in idx], pad_id)
             tk = topk_from_hidden(teacher_hidden(model, batch), weight, k, tail_samples=tail_samples,
-                                  generator=gen)
+                                  generator=torch.Generator(weight.device).manual_seed(seed + b))
+            if weight.device.type != "cpu":  # the cache is written from host memory
+                tk = dataclasses.replace(tk, **{f.name: getattr(tk, f.name).cpu() for f in dataclasses.fields(tk)
+                                                if getattr(tk, f.name) is not None})
             counts = (batch["loss_mask"][:, 1:] != 0).sum(1).tolist()
             start = 0
             lp_min, lp_dtype = torch.finfo(_LP_DTYPES[logprob_dtype]).min, _LP_DTYPES[logprob_dtype]
@@ -288,11 +300,17 @@ def compute_targets(teacher, examples: Sequence, *, k: int, batch_size: int, out
                 start += c
             n_tok += int(batch["attention_mask"].sum())
             if bar is not None:
-                bar.update(task, advance=len(idx), tps=f"{n_tok / (time.perf_counter() - t0):,.0f} tok/s")
+                bar.update(task, advance=len(idx) * dist.world_size(),
+                           tps=f"{n_tok / (time.perf_counter() - t0):,.0f} tok/s on rank 0")
     finally:
         if bar is not None:
             bar.stop()
-    return _write_cache(out_dir, examples, rows, key, vocab, logprob_dtype, shard_rows, overwrite)
+    rows = dist.merge_shards(rows)
+    cache = _write_cache(out_dir, examples, rows, key, vocab, logprob_dtype, shard_rows, overwrite) \
+        if dist.is_main() else None
+    dist.barrier()  # the other ranks read only what rank 0 committed
+    dist.committed_by_rank0(out_dir)
+    return cache if cache is not None else TargetCache.open(out_dir, key)
 
 
 def _write_cache(out_dir, examples, rows, key: TargetKey, vocab, logprob_dtype, shard_rows, overwrite):
@@ -414,15 +432,21 @@ def get_or_compute_targets(teacher, examples: Sequence, *, k: int, batch_size: i
                            progress: bool = True, tail_samples: int = 0) -> TargetCache:
     """The cache for (teacher, tokenizer, examples, k) under ``<root or $DISTILLGATE_HOME/targets>/<key[:16]>``,
     computed on first use and reused while none of them changes."""
+    from .train import distributed as dist
+
     key = targets_key(teacher, examples, k, tail_samples)
     folder = (Path(root) if root else distillgate_home() / "targets") / key.digest[:16]
-    if folder.exists():
+    found = None
+    if folder.exists() and dist.is_main():  # under torchrun rank 0 decides, so every rank computes or none
         try:
-            return TargetCache.open(folder, key)
+            found = TargetCache.open(folder, key)
         except CacheMismatchError:
             raise
         except Exception as e:  # uncommitted or corrupted: recompute
             log.warning("%s: unusable targets cache (%s); recomputing", folder, e)
+    if dist.broadcast_object(found is not None):
+        dist.committed_by_rank0(folder)
+        return found if found is not None else TargetCache.open(folder, key)
     return compute_targets(teacher, examples, k=k, batch_size=batch_size, out_dir=folder, pad_id=pad_id,
                            logprob_dtype=logprob_dtype, progress=progress, overwrite=False,
                            tail_samples=tail_samples)

@@ -39,7 +39,10 @@ def run(args) -> int:
 
     # Tables are wide (gate, metric, value, threshold, status, margin, note): don't fold them at 80 columns
     # when the output is a pipe or a log file.
-    console = Console(width=None if sys.stdout.isatty() else 160)
+    import os
+
+    # under torchrun only rank 0 talks (every rank runs the same loop)
+    console = Console(width=None if sys.stdout.isatty() else 160, quiet=int(os.environ.get("RANK", "0")) != 0)
     if args.resume:
         if args.config or args.overrides:
             raise ConfigError("--resume", args.resume, "no --config or overrides (a run resumes with its own config)")
@@ -53,6 +56,8 @@ def run(args) -> int:
     summary = run_loop(cfg, resume_run=args.resume, root=args.root, console=console,
                        allow_teacher_change=args.allow_teacher_change,
                        progress=False if args.no_progress else None)
+    if summary.get("rank", 0) != 0:  # under torchrun: rank 0 prints and writes the report
+        return 0
     root = str(Path(summary["run_dir"]).parent)
     from ..gates import GateReport
     from ..store import RunStore

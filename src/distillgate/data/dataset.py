@@ -210,11 +210,17 @@ def get_or_generate_dataset(teacher, prompts: Sequence[PromptRecord], spec, *, r
     folder = Path(root) if root else distillgate_home() / "datasets"
     folder = folder / key[:16]
     opts = {"seq_len": spec.seq_len, "heldout_fraction": spec.heldout_fraction, "seed": spec.seed}
-    if folder.exists():
+    from ..train import distributed as dist
+
+    found = None
+    if folder.exists() and dist.is_main():  # under torchrun rank 0 decides, so every rank generates or none
         try:
-            return DistillDataset.load(folder, **opts)
+            found = DistillDataset.load(folder, **opts)
         except ArtifactError as e:
             log.warning("%s: cached dataset unusable (%s); regenerating", folder, e)
+    if dist.broadcast_object(found is not None):
+        dist.committed_by_rank0(folder)
+        return found if found is not None else DistillDataset.load(folder, **opts)
     examples = generate_responses(teacher.model, tok, prompts, max_new_tokens=spec.max_new_tokens,
                                   samples_per_prompt=spec.samples_per_prompt, temperature=spec.gen_temperature,
                                   top_p=spec.gen_top_p, batch_size=spec.gen_batch_size, seed=spec.seed,
@@ -224,7 +230,10 @@ def get_or_generate_dataset(teacher, prompts: Sequence[PromptRecord], spec, *, r
     full = DistillDataset(examples, pad_id=pad, seq_len=1 << 30, heldout_fraction=0.0, tokenizer_fingerprint=tok_fp,
                           prompts=prompts, key=key)
     # exist_ok: a concurrent run that committed this key first wins (same inputs); an unusable folder is replaced
-    full.save(folder, meta={"key_parts": parts}, exist_ok=True)
+    if dist.is_main():
+        full.save(folder, meta={"key_parts": parts}, exist_ok=True)
+    dist.barrier()  # the other ranks read only what rank 0 committed
+    dist.committed_by_rank0(folder)
     return DistillDataset.load(folder, **opts)
 
 

@@ -107,14 +107,19 @@ def generate_responses(model, tokenizer, prompts: Sequence[PromptRecord], *, max
                                top_k=0 if sampling else None,  # 0: no top-k cut (HF's default is 50)
                                num_return_sequences=samples_per_prompt, eos_token_id=stops,
                                pad_token_id=pad, use_cache=True)
+    from ..train import distributed as dist
+
     device = next(model.parameters()).device
     results: dict[int, list[Example]] = {}
     n_new = 0
-    bar, task = progress_bar(progress, len(prompts), "teacher answers")
+    bar, task = progress_bar(progress and dist.is_main(), len(prompts), "teacher answers")
     t0 = time.perf_counter()
+    starts = list(range(0, len(order), batch_size))
     try:
-        for b, start in enumerate(range(0, len(order), batch_size)):
-            idx = order[start:start + batch_size]
+        # Under torchrun each rank answers every world-th batch (same batches, same per-batch seeds as one
+        # process); every rank gets all the answers.
+        for b in dist.mine(len(starts)):
+            idx = order[starts[b]:starts[b] + batch_size]
             width = max(len(encoded[i]) for i in idx)
             ids = torch.full((len(idx), width), pad, dtype=torch.long)
             att = torch.zeros((len(idx), width), dtype=torch.long)
@@ -136,10 +141,11 @@ def generate_responses(model, tokenizer, prompts: Sequence[PromptRecord], *, max
                 results[i] = exs
             if bar is not None:
                 rate = n_new / max(time.perf_counter() - t0, 1e-9)
-                bar.update(task, advance=len(idx), tps=f"{rate:,.0f} tok/s")
+                bar.update(task, advance=len(idx) * dist.world_size(), tps=f"{rate:,.0f} tok/s on rank 0")
     finally:
         if bar is not None:
             bar.stop()
+    results = dist.merge_shards(results, everywhere=True)  # token lists: small next to the targets
     return [ex for i in range(len(prompts)) for ex in results[i]]
 
 

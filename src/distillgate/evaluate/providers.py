@@ -202,13 +202,19 @@ def measure(ctx: GateContext, names, given: dict[str, float | None] | None = Non
     return metrics, notes
 
 
-def measure_student(teacher, student_model, names, options: dict, teacher_cache: dict | None = None):
+def measure_student(teacher, student_model, names, options: dict, teacher_cache: dict | None = None,
+                    done: GateContext | None = None):
     """:func:`measure` ``names`` for an in-memory student (sharing the teacher's tokenizer) against a loaded
-    ``teacher``, the student in eval mode meanwhile; returns ``(metrics, notes, ctx)``."""
+    ``teacher``, the student in eval mode meanwhile; returns ``(metrics, notes, ctx)``. ``done``: the context of
+    an earlier measurement of the same student whose shared passes (the held-out comparison) are reused."""
     from types import SimpleNamespace
 
     student = SimpleNamespace(model=student_model, tokenizer=teacher.tokenizer, fingerprint=None, path=None)
     ctx = GateContext.with_models(teacher, student, options, teacher_cache)
+    if done is not None:
+        ctx.cache.update(done.cache)
+        ctx.extra.update(done.extra)
+        ctx.details.update(done.details)
     was = student_model.training
     student_model.eval()
     try:

@@ -191,9 +191,16 @@ def compare_to_teacher(student, teacher, examples, *, batch_size: int = 8, top_k
     if not exact:
         t_idx_all, t_lp_all = teacher_topk(teacher, exs, top_k=top_k, batch_size=batch_size, pad_id=pad_id,
                                            cache=cache, cache_dir=cache_dir)
+    from ..train import distributed as dist
+
+    split = exact and dist.world_size() > 1  # under torchrun: rank r compares batches r, r+N, ... (exact path)
     per_example, fwd_all, rev_all, top1_all, nll_s_all, nll_t_all = [], [], [], [], [], []
+    parts: dict[int, tuple] = {}
     offset = 0
-    for rows, batch in _batches(exs, batch_size, pad_id):
+    for bi, (rows, batch) in enumerate(_batches(exs, batch_size, pad_id)):
+        if split and bi % dist.world_size() != dist.rank():
+            continue
+        first = len(per_example)
         s_lp = _logprobs_at_positions(student, batch, full_logits=exact)        # [n, V]
         n = s_lp.shape[0]
         b, t = prediction_positions(batch)
@@ -228,6 +235,12 @@ def compare_to_teacher(student, teacher, examples, *, batch_size: int = 8, top_k
         fwd_all.append(fwd.double())
         rev_all.append(rev.double())
         top1_all.append(top1.double())
+        if split:
+            parts[bi] = (per_example[first:], fwd_all[-1], rev_all[-1], top1_all[-1], nll_s_all[-1], nll_t_all[-1])
+    if split:  # every rank gets every batch's results, in batch order: the same means as one process
+        merged = [v for _, v in sorted(dist.merge_shards(parts, everywhere=True).items())]
+        per_example = [row for m in merged for row in m[0]]
+        fwd_all, rev_all, top1_all, nll_s_all, nll_t_all = ([m[j] for m in merged] for j in range(1, 6))
     if not exact and offset != len(t_idx_all):
         raise CacheMismatchError(f"teacher cache holds {len(t_idx_all)} positions, data has {offset}")
     fwd, rev, top1 = torch.cat(fwd_all), torch.cat(rev_all), torch.cat(top1_all)

@@ -43,6 +43,10 @@ def preflight(cfg: RunConfig) -> None:
 
         load_gate_spec(cfg.loop.gates_spec)
     validate_options(cfg.loop.stages)
+    from ..placement import resolve_device
+
+    resolve_device(cfg.teacher.device, "teacher.device")  # e.g. cuda asked for on a machine without it
+    resolve_device(cfg.student.device, "student.device")
     if "probes" in cfg.loop.capability_checks and not cfg.loop.data_dir:
         raise ConfigError("loop.data_dir", None, "the evaluation datasets folder (needed by 'probes')")
 
@@ -55,12 +59,21 @@ def run(cfg: RunConfig | None, *, resume_run: str | None = None, root: str | Non
     recorded (before any model loads), unless ``allow_teacher_change``: then an alert is recorded and the next
     version carries a ``teacher_changed`` lineage note."""
     from ..stages import build
-    from ..store import RunStore
+    from ..train import distributed as dist
+    from .ranks import open_store, work_root
 
     t_start = time.time()
     state, sdir, start, lineage = None, None, 0, None
+    root = root or (cfg.store_root if cfg else "runs")
+    if resume_run is None:
+        preflight(cfg)  # nothing is created before this passes
+    group = _join_ranks(cfg, root, resume_run)
+    try:
+        store = open_store(cfg, root, resume_run)
+    except BaseException:
+        dist.shutdown(group)
+        raise
     if resume_run is not None:
-        store = RunStore.open(root or (cfg.store_root if cfg else "runs"), resume_run, writer=True)
         cfg = RunConfig.model_validate(store.config)
         point = store.resume_point()
         if point.version is not None:
@@ -72,18 +85,16 @@ def run(cfg: RunConfig | None, *, resume_run: str | None = None, root: str | Non
                                                 teacher_spec=cfg.teacher.path)
             except BaseException:
                 store.close()
+                dist.shutdown(group)
                 raise
             repair_catalog(store, point.version)
             state = LoopState.load(point.version.load_json("loop_state.json"))
             if state.last_good is not None and state.last_good.version is None:
                 state.last_good.version = point.version.version_id  # "this version" when it was written
-            sdir = point.version.checkout("student", store.dir / "work" / "resume-student", replace=True)
+            sdir = point.version.checkout("student", work_root(store) / "resume-student", replace=True)
             # Continue after the iteration whose state we restored (after a rollback, `current` is an older
             # iteration than the newest one committed: the run goes on from there, nothing is overwritten).
             start = point.version.iteration + 1
-    else:
-        preflight(cfg)  # nothing is created before this passes
-        store = RunStore.create(root or cfg.store_root, cfg.model_dump(), run_id=cfg.run_id)
     stages = build(cfg.loop.stages)
     plan = schedule(cfg.loop.stages)
     run_ = Run(cfg, store, max_iterations=len(plan), progress=progress, console=console)
@@ -127,15 +138,33 @@ def run(cfg: RunConfig | None, *, resume_run: str | None = None, root: str | Non
         if tracker is not None:
             tracker.finish(stopped)
         store.close()
+        dist.shutdown(group)
         raise
     summary = {"run_id": store.run_id, "run_dir": str(store.dir), "status": status,
                "iterations": [{"iteration": h["iteration"], **{k: h["metrics"].get(k) for k in
                                ("kl", "top1_agreement", "ppl_ratio", "ttft_ratio", "peak_memory_ratio",
                                 "flops_ratio")},
                                "gates_passed": h["gates_passed"]} for h in run_.state.history],
-               "seconds": round(time.time() - t_start, 1)}
+               "seconds": round(time.time() - t_start, 1), "rank": dist.rank(), "world_size": dist.world_size()}
     store.close()
+    dist.barrier()  # rank 0 has closed the store: a relaunch right after finds its lock free
+    dist.shutdown(group)
     return summary
+
+
+def _join_ranks(cfg: RunConfig | None, root: str, resume_run: str | None) -> bool:
+    """Under torchrun: join the process group (backend and collective timeout from ``distributed``; a resumed
+    run's config is read from its store, read-only). Returns whether this call created the group."""
+    from ..train import distributed as dist
+
+    if not dist.launched():
+        return False
+    if cfg is None:
+        from ..store import RunStore
+
+        with RunStore.open(root, resume_run) as peek:
+            cfg = RunConfig.model_validate(peek.config)
+    return dist.init_from_env(cfg.distributed.backend, cfg.distributed.timeout_s)
 
 
 def _print_iteration(run_: Run, it: Iteration, seconds: float) -> None:

@@ -12,7 +12,7 @@ from .state import LastGood
 
 
 def commit(run, it) -> int:
-    from ..models import save_model
+    from ..train import distributed as dist
 
     st, store = run.state, run.store
     regressed = any(f.kind == "regression" for f in it.findings)
@@ -38,6 +38,27 @@ def commit(run, it) -> int:
     decisions = [d.to_dict() for d in it.decisions]
     stage = it.stage
     code, name = getattr(stage, "code", "S1"), getattr(stage, "name", "setup")
+    vid = _write_version(run, it, code, name, aliases, metrics_json, gates_json, findings, decisions) \
+        if dist.is_main() else None
+    vid = dist.broadcast_object(vid)  # under torchrun only rank 0 writes; every rank learns the version id
+    run.lineage_note = None
+    if good:
+        st.last_good.version = vid
+    if best:
+        st.best["version"] = vid
+    record_catalog(store, vid, it.index, metrics_json, gates_json, findings, decisions)
+    pol = run.cfg.store.retention
+    if pol.auto_gc and dist.is_main():  # after the rows: the gate verdicts of this version count as references
+        pruned = store.prune(pol.keep_last, pol.keep_aliases, pol.keep_referenced)
+        if pruned:
+            run.say(f"  retention: pruned versions {pruned} (keep_last={pol.keep_last})")
+    return vid
+
+
+def _write_version(run, it, code, name, aliases, metrics_json, gates_json, findings, decisions) -> int:
+    from ..models import save_model
+
+    st, store = run.state, run.store
     tmp = Path(tempfile.mkdtemp(dir=store.dir, prefix=".student-"))
     try:
         run.student.eval()
@@ -45,7 +66,7 @@ def commit(run, it) -> int:
                           meta={"iteration": it.index, "layer_map": st.layer_map, "teacher": run.cfg.teacher.path,
                                 "teacher_fingerprint": run.teacher.fingerprint})
         run.student.train()
-        meta = {"stage": code, "stage_name": name, **(run.lineage_note or {})}
+        meta = {"stage": code, "stage_name": name, "placement": run.placement, **(run.lineage_note or {})}
         with store.begin_version(it.index, kind="iteration", meta=meta) as vw:
             # move: the folder was saved on the run's file system for this commit alone, so its files are renamed
             # into the blob store (hashed in place) instead of copied: one write of the weights per iteration, and
@@ -66,17 +87,6 @@ def commit(run, it) -> int:
             vid = vw.commit(aliases=tuple(aliases), reason=f"iteration {it.index}")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    run.lineage_note = None
-    if good:
-        st.last_good.version = vid
-    if best:
-        st.best["version"] = vid
-    record_catalog(store, vid, it.index, metrics_json, gates_json, findings, decisions)
-    pol = run.cfg.store.retention
-    if pol.auto_gc:  # after the rows: the gate verdicts of this version count as references
-        pruned = store.prune(pol.keep_last, pol.keep_aliases, pol.keep_referenced)
-        if pruned:
-            run.say(f"  retention: pruned versions {pruned} (keep_last={pol.keep_last})")
     return vid
 
 

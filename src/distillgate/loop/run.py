@@ -17,6 +17,8 @@ from pathlib import Path
 
 from .. import pipeline
 from ..schema import Finding
+from ..train import distributed as dist
+from .ranks import work_root
 from .state import LoopState, StageState
 from .training_set import TrainingSet, prompt_pool
 
@@ -54,7 +56,7 @@ class Measurement:
 class Run:
     def __init__(self, cfg, store, *, max_iterations: int, progress=None, console=None):
         self.cfg, self.store, self.progress, self.console = cfg, store, progress, console
-        self.work = Path(store.dir) / "work"
+        self.work = work_root(store)  # under torchrun: a private folder on ranks > 0 (they never write the store)
         self.max_iterations = max_iterations
         self.state = LoopState()
         self.teacher = None
@@ -64,6 +66,7 @@ class Run:
         self.teacher_cache: dict = {}   # teacher-side measurements, valid for this teacher and data (one run)
         self.current = None             # the Iteration being run
         self.lineage_note: dict | None = None  # goes into the next committed version's meta (e.g. teacher_changed)
+        self.placement: dict = {}       # where each model runs (W3): committed in every version's meta
 
     # ------------------------------------------------------------------------------------- basics
     def say(self, msg: str) -> None:
@@ -82,9 +85,10 @@ class Run:
     def setup(self, state: LoopState | None, student_dir: Path | None) -> None:
         from ..models import load_model
 
-        for stale in Path(self.store.dir).glob(".student-*"):  # staging of a commit that was killed
+        for stale in Path(self.store.dir).glob(".student-*") if dist.is_main() else ():  # a killed commit's staging
             shutil.rmtree(stale, ignore_errors=True)
         self.teacher = pipeline.load_teacher(self.cfg)
+        self.placement.update(teacher=self.teacher.placement.to_json(), ranks=dist.world_size())
         show = self.progress is not False
         fresh = state is None
         self.state = LoopState(recipe=initial_recipe(self.cfg)) if fresh else state
@@ -96,8 +100,7 @@ class Run:
         self.heldout = self.training.answers([self.training.pool[i] for i in self.state.heldout_prompts])
         self.training.restore()
         if student_dir is not None:
-            self._student = load_model(str(student_dir)).model
-            self._student.train()
+            self.replace_student(load_model(str(student_dir)).model, "resumed")
 
     def ensure_student(self, it) -> None:
         """The initial student (once per run, before the first map): derived by importance from the teacher,
@@ -127,9 +130,13 @@ class Run:
         """Make ``model`` the student: the structure descriptor in this iteration's and the next recipe
         (``student.structure``, which attribution can blame), the layer map, and perf marked stale when the
         structure changed (validate re-measures it)."""
-        from ..models.info import structure
+        import torch
 
-        self._student = model
+        from ..models.info import structure
+        from ..placement import place_student
+
+        self.placement["student"] = place_student(self.cfg.student).to_json()
+        self._student = model.to(self.placement["student"]["device"], getattr(torch, self.cfg.student.dtype))
         model.train()
         desc = structure(model)
         if layer_map is not None:
@@ -198,9 +205,9 @@ class Run:
         # ~0.8 GB for a 68M student) are not needed once training returned.
         shutil.rmtree(out, ignore_errors=True)
         it.train_terms = dict(res.final_terms)
-        it.metrics.update({"train/tokens_per_s": res.tokens_per_s, "train/loss": res.final_loss,
-                           "train/skipped_steps": res.skipped_steps, "train/rollbacks": res.rollbacks,
-                           "train/examples": len(exs)})
+        it.metrics.update(dist.broadcast_object({  # rank 0's timings on every rank: the same state everywhere
+            "train/tokens_per_s": res.tokens_per_s, "train/loss": res.final_loss,
+            "train/skipped_steps": res.skipped_steps, "train/rollbacks": res.rollbacks, "train/examples": len(exs)}))
         for k, v in res.final_terms.items():
             it.metrics[f"loss/{k}"] = v
         if res.skipped_steps or res.rollbacks:
@@ -223,7 +230,17 @@ class Run:
         gates`` uses), with the run's options (``options`` override them); the student is in eval mode."""
         from ..evaluate.providers import load_providers, measure_student
 
+        from ..evaluate.providers import HELDOUT_METRICS
+
         load_providers()
-        values, notes, ctx = measure_student(self.teacher, self._student, metrics, self.measure_options(options),
-                                             self.teacher_cache)
-        return Measurement(values, notes, ctx.details, ctx.cache.get("heldout_samples") or [])
+        opts, done = self.measure_options(options), None
+        if dist.world_size() > 1 and opts.get("heldout") and set(metrics) & {*HELDOUT_METRICS, "ppl_ratio"}:
+            # every rank: the held-out comparison, its batches split over the ranks and merged
+            _, _, done = measure_student(self.teacher, self._student, ["kl"], opts, self.teacher_cache)
+        result = None
+        if dist.is_main():  # then rank 0 measures the rest alone (timings undisturbed); every rank gets the
+            with dist.solo():  # numbers, so attribution and the next recipe are the same on every rank
+                values, notes, ctx = measure_student(self.teacher, self._student, metrics, opts,
+                                                     self.teacher_cache, done)
+            result = Measurement(values, notes, ctx.details, ctx.cache.get("heldout_samples") or [])
+        return dist.broadcast_object(result)

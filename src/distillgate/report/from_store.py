@@ -197,8 +197,10 @@ def load_report_data(root: str | Path, run_id: str, param_diffs: bool = True, mo
         alerts = [Alert(SEVERITY_ALIASES.get(a["level"], a["level"]), a["message"], a["source"],
                         vid_iter.get(a["version_id"]), _iso(a["time"])) for a in cat.alerts()]
         info = store.info()
+        placed = store.get_version(rows[-1]["version_id"]).meta.get("placement") if rows else None
     summary = (f"{len(iterations)} iteration(s), {info['versions']} committed version(s); current = version "
-               f"{info['current']}, best iteration = {info['best_iteration']}. Catalog status: {run['status']}.")
+               f"{info['current']}, best iteration = {info['best_iteration']}. Catalog status: {run['status']}."
+               + placement_text(placed))
     if param_diffs and len(models) < 2:
         summary += f" No parameter differences: fewer than two iterations store weights under {model_prefix}/."
     data = ReportData(
@@ -208,3 +210,17 @@ def load_report_data(root: str | Path, run_id: str, param_diffs: bool = True, mo
         baseline_metrics=nest_metrics(baseline), structure=structure, benchmark=bench)
     data.validate()
     return data
+
+
+def placement_text(placed: dict | None) -> str:
+    """' Ran on ...': where the teacher and the student ran (W3) and on how many ranks (W2); '' when unknown."""
+    if not placed:
+        return ""
+    parts = []
+    for who in ("teacher", "student"):
+        p = placed.get(who)
+        if p:
+            why = "" if p.get("reason", "as configured") == "as configured" else f", {p['reason']}"
+            parts.append(f"{who} on {p['device']} ({p['dtype']}{why})")
+    ranks = placed.get("ranks", 1)
+    return f" Ran on {ranks} rank(s): {'; '.join(parts)}." if parts else ""

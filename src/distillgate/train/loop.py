@@ -8,7 +8,8 @@ Reads top to bottom as setup -> (resume) -> steps -> final checkpoint -> result.
    *before* any backward and all-reduce that count over ranks;
 3. per micro-batch: ``loss_fn`` under autocast, then ``(total_sum / window_tokens).backward()``, so the
    gradient is the mean over every loss token of the window whatever the split (1x4 == 4x1);
-4. all-reduce gradients (multi-process only), clip to ``max_grad_norm``, ``optimizer.step()``.
+4. all-reduce gradients (multi-process only; with ``train.fsdp`` an FSDP2 replica reduce-scatters them, see
+   :mod:`.fsdp`), clip to ``max_grad_norm``, ``optimizer.step()``.
 
 Non-finite policy (``on_nonfinite='skip'``, the default): a NaN/Inf loss or gradient norm skips the step
 (no update, gradients dropped, the step still counts and its data is consumed) and is recorded. After
@@ -33,11 +34,13 @@ import torch
 from ..config import TrainSpec
 from ..errors import ArtifactError, ConfigError
 from ..hardware import native_bf16, tune_malloc
+from ..placement import to_device
 from ..signals import raise_if_terminated
 from . import distributed as dist
 from .checkpoint import (list_checkpoints, load_latest, read_weights_and_optimizer, save_checkpoint,
                          write_weights_and_optimizer)
 from .cursor import DataCursor, input_token_count, loss_token_count
+from .fsdp import ShardedTraining
 from .metrics import MetricsLog, peak_rss_mb, steady_median
 from .progress import TrainProgress, print_summary
 from .schedule import WarmupCosine
@@ -132,6 +135,10 @@ def _run(model, loss_fn, batch_fn, spec, out_dir, resume_from, callbacks, on_non
         st["events"] = st["events"] + resume_events
     else:
         seed_everything(spec.seed + rank)  # ranks draw different dropout masks; rank 0 == single process
+    # train.fsdp: an FSDP2 replica trains; model/optimizer stay the (gathered) view checkpoints use
+    shard = ShardedTraining(model, optimizer, lambda ps: make_optimizer(ps, spec)) if spec.fsdp and world > 1 \
+        else None
+    net, step_opt = (shard.net, shard.opt) if shard else (model, optimizer)
     # Rollback target until the first checkpoint exists (then the checkpoint is, and this is deleted). On disk,
     # not in memory: a second copy of the weights would add a full model to the peak RSS.
     snapshot = None if list_checkpoints(ckpt_root) else _snapshot(model, optimizer, out_dir / f"{_START}-{rank}")
@@ -157,6 +164,8 @@ def _run(model, loss_fn, batch_fn, spec, out_dir, resume_from, callbacks, on_non
         else:
             read_weights_and_optimizer(snapshot, model, optimizer)
             source = "start of this run"
+        if shard is not None:
+            shard.from_plain()
         sched.scale *= 0.5
         st["rollbacks"] += 1
         st["consecutive"] = 0
@@ -169,6 +178,8 @@ def _run(model, loss_fn, batch_fn, spec, out_dir, resume_from, callbacks, on_non
 
     def checkpoint() -> Path | None:
         nonlocal snapshot
+        if shard is not None:
+            shard.to_plain()  # collective: every rank, before rank 0 writes the view
         if not main:
             dist.barrier()
             return None
@@ -191,22 +202,22 @@ def _run(model, loss_fn, batch_fn, spec, out_dir, resume_from, callbacks, on_non
         with TrainProgress(spec.steps, st["step"], enabled=show) as bar:
             while st["step"] < spec.steps and not stopped:
                 t0 = time.perf_counter()
-                lr = sched.apply(optimizer, st["step"])
+                lr = sched.apply(step_opt, st["step"])
                 window = [cursor.next() for _ in range(spec.grad_accum * world)]
-                mine = window[rank::world]
+                mine = [to_device(b, params[0].device) for b in window[rank::world]]
                 counts = [loss_token_count(b) for b in mine]
                 n_tok, n_in = (int(v) for v in dist.all_reduce_sum([sum(counts), sum(input_token_count(b) for b in mine)]))
-                optimizer.zero_grad(set_to_none=True)
+                step_opt.zero_grad(set_to_none=True)
                 loss_sum, term_sums, bad = 0.0, {}, ""
                 for b, n in zip(mine, counts):
                     with torch.autocast(**autocast):
-                        out = loss_fn(model, b)
+                        out = loss_fn(net, b)
                     total = out.total_sum.float()
                     if not bool(torch.isfinite(total)):
                         bad = f"non-finite loss ({float(total.detach())})"
                         break
                     if n_tok > 0:
-                        (total / n_tok).backward()
+                        (total * shard.loss_scale / n_tok if shard else total / n_tok).backward()
                     loss_sum += float(total.detach())
                     for k, v in out.terms.items():
                         term_sums[k] = term_sums.get(k, 0.0) + float(v) * n
@@ -220,16 +231,19 @@ def _run(model, loss_fn, batch_fn, spec, out_dir, resume_from, callbacks, on_non
                     bad = "non-finite loss on another rank"
                 grad_norm = float("nan")
                 if not bad:
-                    dist.all_reduce_grads(params)
-                    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, spec.max_grad_norm, foreach=False))
+                    if shard is None:
+                        dist.all_reduce_grads(params)
+                        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, spec.max_grad_norm, foreach=False))
+                    else:  # FSDP2 reduce-scattered them already
+                        grad_norm = shard.clip(spec.max_grad_norm)
                     if not math.isfinite(grad_norm):
                         bad = f"non-finite gradient norm ({grad_norm})"
                 if n_tok == 0 and not bad:
                     bad = "no loss tokens in the window"
                 if not bad:
-                    optimizer.step()
+                    step_opt.step()
                     st["consecutive"] = 0
-                optimizer.zero_grad(set_to_none=True)
+                step_opt.zero_grad(set_to_none=True)
                 dt = time.perf_counter() - t0
                 st["step"] += 1
                 st["tokens"] += n_tok
