@@ -404,3 +404,28 @@ def test_a_router_arm_records_the_gateways_assignment():
     assert {e.arm for e in ev} == {"control", "candidate"}
     assert all(e.arm == assign(e.user_id, "gw", 0.5) for e in ev)
     assert set(K.per_arm(K.sessions(ev))) == {"control", "candidate"}
+
+
+@pytest.mark.slow
+def test_the_ab_window_runs_through_the_gateway(tiny_teacher_dir, tmp_path):
+    """``through: gateway``: both arms behind real `transformers serve` backends and the gateway; the simulated
+    users' requests are in the gateway's request log, committed next to the events, arm for arm."""
+    import sqlite3
+
+    from distillgate import loop as loop_mod
+    from distillgate.store import RunStore
+
+    prod = PROD.replace("options: {", "options: {through: gateway, start_iteration: 0, ")
+    stages = f"[{{name: anchor, iterations: 0}}, {prod}, {{name: joint, iterations: 1}}]"
+    loop_mod.run(_cfg(tiny_teacher_dir, tmp_path / "runs", stages, run_id="gw",
+                      **{"loop.min_iterations": 1, "loop.serving.startup_timeout_s": 120}), progress=False)
+    with RunStore.open(tmp_path / "runs", "gw") as s:
+        v = s.get_version(s.versions()[-1]["version_id"])
+        events = read_events(v.path_of("traffic.jsonl"))
+        b = json.loads(v.path_of("business.json").read_text())
+        with sqlite3.connect(v.path_of("requests.sqlite")) as db:
+            logged = db.execute("SELECT arm, status FROM requests").fetchall()
+    assert b["sessions"] == 8 and {e.provenance for e in events} == {"simulated"}
+    # every turn the users saw went through the gateway (plus nothing else), served by the arm the event names
+    assert sorted(a for a, _ in logged) == sorted(e.arm for e in events)
+    assert {a for a, _ in logged} <= {"control", "candidate"} and all(st == 200 for _, st in logged)

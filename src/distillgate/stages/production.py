@@ -52,6 +52,11 @@ class ProductionOptions(BaseModel):
     judge: bool = Field(False, description="the teacher also answers requests without a reference, so the S4 "
                                            "checks grade against its answer (slower: one more generation each)")
     max_new_tokens: int = Field(32, ge=1, description="answer length of both arms")
+    through: Literal["process", "gateway"] = Field("process", description="how the arms answer: in this process "
+                                                   "(the models in memory), or through the gateway: both versions "
+                                                   "behind real backends (loop.serving.backend), sticky A/B "
+                                                   "assignment and the request log of `distillgate serve` "
+                                                   "(the log is committed next to the events)")
     start_iteration: int = Field(1, ge=0, description="first iteration with an A/B window")
     every: int = Field(1, ge=1, description="an A/B window every this many iterations")
     window_days: float = Field(30.0, gt=0, description="the KPI window over event timestamps (G-B1: 30 days)")
@@ -142,8 +147,11 @@ class ProductionStage:
         judge = ModelArm("judge", run.teacher.model, tok, max_new_tokens=o.max_new_tokens) if o.judge else None
         traffic = o.traffic.model_copy(update={"seed": o.traffic.seed * 1000 + it.index})
         t0 = time.time()
-        events = simulate(arms, traffic, judge=judge)
         run.work.mkdir(parents=True, exist_ok=True)
+        if o.through == "gateway":
+            events = self._through_gateway(it, run, control_model, control_name, traffic, judge)
+        else:
+            events = simulate(arms, traffic, judge=judge)
         it.files["traffic.jsonl"] = write_events(run.work / f"traffic-{it.index:03d}.jsonl", events)
         try:
             b = evaluate_window(events, window_days=o.window_days, confidence=o.confidence,
@@ -170,6 +178,48 @@ class ProductionStage:
                 f"{_pm(100 * (ab['first_response_accuracy']['control']['value'] or 0), '%', sign=False)}); widest CI "
                 f"{_pm(g['kpi_ci95_width_points'], ' points', sign=False)}, ~{b['sessions_needed'] or '?'} "
                 f"sessions for {o.target_width:g}")
+
+    def _through_gateway(self, it, run, control_model, control_name, traffic, judge):
+        """The A/B window through the real serving path: both arms saved to folders and started as backends
+        (``loop.serving``), the gateway in front of them with sticky assignment (``candidate_weight``), the
+        simulated users talking to it over loopback (:class:`~distillgate.traffic.arms.GatewayArm`), every
+        request in the gateway's request log (committed as ``requests.sqlite``)."""
+        import shutil
+
+        from ..serve import backends
+        from ..serve.assign import Assigner
+        from ..serve.client import GatewayClient
+        from ..serve.gateway import GatewayState, build_app
+        from ..serve.log import RequestLog
+        from ..serve.server import ThreadedServer
+        from ..traffic.arms import GatewayArm
+        from ..traffic.generator import simulate
+
+        o, spec = self.options, run.cfg.loop.serving
+        work = run.work / f"production-{it.index:03d}"
+        shutil.rmtree(work, ignore_errors=True)
+        folders = {}
+        for arm, model in (("control", control_model), ("candidate", run.student)):
+            folders[arm] = work / arm
+            model.save_pretrained(folders[arm], safe_serialization=True)
+            run.teacher.tokenizer.save_pretrained(folders[arm])
+        started = backends.start_many(spec.backend, folders, work / "logs", device=spec.device,
+                                      timeout=spec.startup_timeout_s, threads=spec.backend_threads)
+        arms = {b.version: b for b in started}
+        log = RequestLog(work / "requests.sqlite")
+        state = GatewayState(arms=arms, assigner=Assigner(spec.experiment, {
+            "control": 1.0 - spec.candidate_weight, "candidate": spec.candidate_weight}),
+            request_log=log, max_body_bytes=spec.max_body_bytes, max_tokens_limit=spec.max_tokens_limit,
+            stop_replaced=False)
+        try:
+            with ThreadedServer(build_app(state)) as server, GatewayClient(server.url) as client:
+                events = simulate(GatewayArm(client, max_new_tokens=o.max_new_tokens), traffic, judge=judge)
+        finally:
+            log.close()
+            for b in started:
+                b.stop()
+        it.files["requests.sqlite"] = work / "requests.sqlite"
+        return events
 
     def _findings(self, b: dict, k: int) -> list[Finding]:
         o, out = self.options, []
