@@ -48,7 +48,7 @@ def _overrides(args, arm: str, seed: int, root: str) -> list[str]:
     steps = args.steps if arm == "explore" else args.steps + extra
     over = [
         f"teacher.path={args.teacher}", "student.init=derive", f"student.keep_layers={args.keep_layers}",
-        f"student.mlp_width={args.mlp_width}", "student.mlp_selection=magnitude",
+        f"student.mlp_width={args.mlp_width}", "student.mlp_selection=activation", "student.calib_tokens=1024",
         f"data.max_new_tokens={args.max_new_tokens}", "data.seed=0", "targets.top_k=64",
         "loss.channels={kd: 1.0, ce: 0.0}", "loss.temperature={policy: complexity, min: 0.9, max: 1.2}",
         f"train.steps={steps}", "train.batch_size=4", f"train.lr={args.lr}", "train.warmup_steps=2",
@@ -56,6 +56,7 @@ def _overrides(args, arm: str, seed: int, root: str) -> list[str]:
         f"loop.stages=[{{name: anchor, iterations: 0}}, {{name: joint, iterations: {args.iterations}}}]",
         "loop.budget_minutes=600", f"loop.prompts_per_iteration={args.prompts}",
         f"loop.heldout_prompts={args.heldout}", "loop.perf_lengths=[16]", "loop.perf_repeats=1",
+        "loop.strategy.hard_candidates=16",
         f"loop.strategy.exploration.selection_prompts={args.selection}", f"loop.strategy.exploration.seed={seed}",
         f"store_root={root}", f"run_id={arm}-s{seed}"]
     if args.ppl_text:
@@ -105,12 +106,13 @@ def main() -> None:
     ap.add_argument("--teacher", default="default")
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--iterations", type=int, default=3, help="joint iterations per run")
-    ap.add_argument("--steps", type=int, default=16, help="main optimizer steps per iteration of the explore arm")
+    ap.add_argument("--steps", type=int, default=12, help="main optimizer steps per iteration of the explore arm")
     ap.add_argument("--budget", type=float, default=0.5, help="exploration's extra steps / main steps")
     ap.add_argument("--variants", type=int, default=2)
     ap.add_argument("--lr", type=float, default=3e-4, help="the recipe's (and the fixed arm's) learning rate")
-    ap.add_argument("--keep-layers", default="[0, 1, 2, 3, 26, 27, 28, 29]")
-    ap.add_argument("--mlp-width", type=int, default=768)
+    ap.add_argument("--keep-layers", default="[0, 1, 2, 3, 4, 5, 6, 7, 23, 24, 25, 26, 27, 28, 29]",
+                    help="teacher blocks the student keeps (default: the 15 the demo's greedy_fast picks)")
+    ap.add_argument("--mlp-width", type=int, default=1024)
     ap.add_argument("--prompts", type=int, default=24, help="new prompts per iteration")
     ap.add_argument("--heldout", type=int, default=16)
     ap.add_argument("--selection", type=int, default=12)

@@ -179,7 +179,7 @@ def explore(it, run, stage_names: list[str]) -> None:
         old = _get(it.recipe, name, defaults)
         lo, hi = run.cfg.loop.strategy.knob_range(name)
         k = knob(name)
-        bounded = k if lo is None else type(k)(k.name, k.scale, lo, hi, k.step, k.prior, k.description)
+        bounded = k if lo is None else dataclasses.replace(k, low=lo, high=hi)
         if not bounded.contains(value):
             why = f"explore: {name} -> {value!r} refused: outside its allowed range {bounded.allowed()}"
             log.warning(why)

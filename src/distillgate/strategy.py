@@ -34,6 +34,7 @@ acted on.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 from dataclasses import dataclass, field
 from typing import Callable
@@ -198,7 +199,7 @@ class StrategyStep:
         if k is None or value is None:
             return True
         lo, hi = self.spec.knob_range(name)
-        bounded = k if lo is None else type(k)(k.name, k.scale, lo, hi, k.step, k.prior, k.description, k.choices)
+        bounded = k if lo is None else dataclasses.replace(k, low=lo, high=hi)
         if bounded.contains(value):
             return True
         why = (f"{rule}: {name} -> {value!r} refused: outside its allowed range {bounded.allowed()} "
@@ -342,8 +343,7 @@ def tune(s: StrategyStep) -> None:
             new = not bool(cur)
             direction = 1 if new else -1
         else:
-            step = type(k)(k.name, k.scale, k.low, k.high, _tune_step(s, name), k.prior, k.description)
-            new = step.moved(cur, direction)
+            new = dataclasses.replace(k, step=_tune_step(s, name)).moved(cur, direction)
         change, source = mem.expected(name, metric, direction)
         if k.scale not in ("bool",) and not isinstance(cur, bool):
             change *= k.magnitude(cur, new) if new != cur else 0.0

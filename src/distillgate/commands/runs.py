@@ -157,7 +157,7 @@ def _strategy_table(con, store) -> None:
     from rich.table import Table
 
     from ..knobs import effect_table
-    from ..report.strategy import EFFECT_HEADER, effect_rows
+    from ..report.strategy import EFFECT_HEADER, MOVES_HEADER, effect_rows, move_rows
 
     try:
         v = store.resolve("current")
@@ -165,9 +165,14 @@ def _strategy_table(con, store) -> None:
         return
     if "loop_state.json" not in v.files:
         return
-    rows = effect_table(v.load_json("loop_state.json").get("strategy") or {})
+    data = v.load_json("loop_state.json").get("strategy") or {}
+    rows = effect_table(data)
     if not rows:
         return
+    t = Table(*MOVES_HEADER, title="decisions and their measured effects (newest 20)")
+    for cells in move_rows(data.get("moves") or [], last=20):
+        t.add_row(*cells)
+    con.print(t)
     t = Table(*EFFECT_HEADER, title="what the strategy learned (measured effect per move up: mean ± sd, n)")
     for cells in effect_rows(rows):
         t.add_row(*cells)

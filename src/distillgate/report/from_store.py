@@ -111,7 +111,8 @@ def _strategy(store, findings) -> dict:
     if "loop_state.json" not in v.files:
         return {}
     data = v.load_json("loop_state.json").get("strategy") or {}
-    return {"effects": effect_table(data), "refused": sum(f.kind == "refused_change" for f in findings)}
+    return {"effects": effect_table(data), "moves": list(data.get("moves") or []),
+            "refused": sum(f.kind == "refused_change" for f in findings)}
 
 
 def versions_by_iteration(rows: list[dict]) -> dict[int, dict]:

@@ -27,6 +27,25 @@ def effect_rows(rows: list[dict]) -> list[list[str]]:
     return out
 
 
+MOVES_HEADER = ("iteration", "rule", "knob", "old -> new", "answers", "expected", "measured (net of trend)",
+                "verdict", "kept")
+
+
+def move_rows(moves: list[dict], last: int = 30) -> list[list[str]]:
+    """Each decision with the finding it answered, its expected and its measured effect (newest ``last``)."""
+    out = []
+    for m in moves[-last:]:
+        metric = m.get("metric") or "kl"
+        eff = (m.get("measured") or {}).get(metric)
+        exp = m.get("expected")
+        out.append([str(m["iteration"]), m["rule"], m["knob"], f"{m['old']} -> {m['new']}", m.get("answers") or "-",
+                    "-" if exp is None else f"{metric} {100 * exp:+.1f}% ({m.get('expected_source') or '-'})",
+                    "-" if eff is None else f"{metric} {100 * eff:+.1f}%", m["status"],
+                    m["status_kept"] + (f" (reverted in {m['reverted_in']})" if m.get("reverted_in") is not None
+                                        else "")])
+    return out
+
+
 EFFECT_HEADER = ("knob", "rules", "tried", "kept", "reverted", "verified / failed", "exploration trials",
                  "measured effect on KL per move up", "on the answered metric")
 
@@ -59,5 +78,10 @@ def strategy_section(d, chart) -> str:
     note = ("Effects of rule moves are observational (the metric's change in the iteration the move applied to, "
             "net of the trend); exploration trials are A/B on the selection split from the same weights. "
             f"Changes refused for leaving a knob's allowed range: {refused}.")
+    moves = (d.strategy or {}).get("moves") or []
+    mbody = "".join("<tr>" + "".join(f"<td>{_e(c)}</td>" for c in cells) + "</tr>" for cells in move_rows(moves))
+    mhead = "".join(f"<th>{_e(h)}</th>" for h in MOVES_HEADER)
+    log = (f'<h3>Decisions and their measured effects</h3><table class="gates"><tr>{mhead}</tr>{mbody}</table>'
+           if moves else "")
     return (f'<section id="strategy"><h2>Strategy: what each knob did</h2><p class="muted">{_e(note)}</p>'
-            f'<table class="gates"><tr>{head}</tr>{body}</table>{chart(_chart(rows))}</section>')
+            f'<table class="gates"><tr>{head}</tr>{body}</table>{chart(_chart(rows))}{log}</section>')
