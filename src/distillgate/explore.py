@@ -4,7 +4,7 @@ Before an exploring stage's map (``loop.strategy.exploration.stages``), from the
 
 1. Optuna proposes ``variants`` one-knob changes of the iteration's recipe (``TPESampler`` over the earlier
    trials of this run, kept in the loop state; the first ``startup_trials`` are random). Each picks a knob from
-   ``exploration.knobs`` and a value in its range;
+   ``exploration.knobs`` (each knob once, in order, before the sampler chooses) and a value in its range;
 2. the main recipe and each variant train ``h`` steps from the same weights, on the same batches in the same
    order, at a constant learning rate (no warmup or decay: a short horizon compares rates of progress), where
    ``h = floor(budget x main steps / (variants + 1))`` (fewer variants when that is under one step);
@@ -142,7 +142,10 @@ def explore(it, run, stage_names: list[str]) -> None:
     memory = Memory(run.state.strategy)
     study, choice = _study(spec, memory.trials, names, seed=spec.seed * 100_003 + it.index)
     proposals = []
-    for _ in range(n):
+    for j in range(n):
+        tried = len([t for t in memory.trials if t.get("knob") in names]) + j
+        if tried < len(names):  # every knob once first (its value from the sampler), then TPE chooses the knob
+            study.enqueue_trial({"knob": names[tried]}, skip_if_exists=False)
         name, value = _propose(spec, study, choice)
         proposals.append((name, value))
     start = {k: v.detach().clone() for k, v in run.student.state_dict().items()}
