@@ -32,7 +32,7 @@ import logging
 import math
 import time
 
-from .knobs import KNOB_SPACE, Memory, knob
+from .knobs import KNOB_SPACE, Memory, direction, knob
 from .schema import Decision, Finding
 
 log = logging.getLogger(__name__)
@@ -200,8 +200,8 @@ def explore(it, run, stage_names: list[str]) -> None:
                       f"expected kl {100 * best['relative']:+.1f}% (explore)")
             d = Decision(it.index, "explore", name, old, value, reason, "exploration (selection split)", expected)
             it.decisions.append(d)
-            direction = 1 if (isinstance(value, (int, float)) and isinstance(old, (int, float)) and value >= old) else -1
-            memory.add_move(d, it.index, "kl", expected["change"], expected["source"], d.answers, direction)
+            memory.add_move(d, it.index, "kl", expected["change"], expected["source"], d.answers,
+                            direction(old, value))
     seconds = time.time() - t0
     it.metrics.update({"explore/steps": (n + 1) * h, "explore/variants": n, "explore/horizon": h,
                        "explore/seconds": round(seconds, 3), "explore/best_relative_kl": best["relative"],

@@ -254,6 +254,15 @@ class Memory:
                            "status": "pending", "status_kept": "kept", "measured": {}})
 
 
+def direction(old, new) -> int:
+    """+1 when ``old -> new`` moves a knob up (or switches it on), -1 down, 0 for a categorical change."""
+    if isinstance(new, bool):
+        return 1 if new else -1
+    if isinstance(old, (int, float)) and isinstance(new, (int, float)) and not isinstance(old, bool):
+        return 1 if new >= old else -1
+    return 0
+
+
 def _small(v):
     return f"{len(v)} entries" if isinstance(v, (dict, list)) and len(v) > 4 else v
 
@@ -337,6 +346,6 @@ def fmt_effect(e: dict | None) -> str:
     return f"{100 * e['mean']:+.1f}%{sd} (n={e['n']})"
 
 
-__all__ = ["Knob", "KNOB_SPACE", "knob", "prior_effect", "ExplorationSpec", "Memory", "measure_moves",
+__all__ = ["Knob", "KNOB_SPACE", "knob", "prior_effect", "direction", "ExplorationSpec", "Memory", "measure_moves",
            "effect_table", "fmt_effect", "QUALITY_METRICS"]
 

@@ -42,7 +42,7 @@ from typing import Callable
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from .errors import reject_unknown
-from .knobs import KNOB_SPACE, QUALITY_METRICS, ExplorationSpec, Memory, knob
+from .knobs import KNOB_SPACE, QUALITY_METRICS, ExplorationSpec, Memory, direction, knob
 from .schema import TIERS, Decision, Finding
 
 log = logging.getLogger(__name__)
@@ -153,14 +153,6 @@ def _set(recipe: dict, dotted: str, value) -> None:
         node[keys[-1]] = value
 
 
-def _direction(old, new) -> int:
-    if isinstance(new, bool):
-        return 1 if new else -1
-    if isinstance(old, (int, float)) and isinstance(new, (int, float)):
-        return 1 if new >= old else -1
-    return 1
-
-
 def _with_expected(reason: str, expected: dict | None) -> str:
     if not expected or expected.get("change") is None:
         return reason
@@ -237,8 +229,7 @@ class StrategyStep:
 
     def expect(self, name: str, metric: str, old, new) -> dict:
         """The expected relative change of ``metric`` for ``name``: ``old -> new``, per move, with its source."""
-        direction = _direction(old, new)
-        change, source = self.memory.expected(name, metric, direction)
+        change, source = self.memory.expected(name, metric, direction(old, new) or 1)
         k = knob(name)
         if k is not None and isinstance(old, (int, float)) and isinstance(new, (int, float)) \
                 and not isinstance(old, bool):
@@ -338,20 +329,20 @@ def tune(s: StrategyStep) -> None:
         k, cur = KNOB_SPACE[name], s.get(name)
         if cur is None:
             continue
-        direction = mem.direction(name)
+        sign = mem.direction(name)
         if k.scale == "bool":
             new = not bool(cur)
-            direction = 1 if new else -1
+            sign = 1 if new else -1
         else:
-            new = dataclasses.replace(k, step=_tune_step(s, name)).moved(cur, direction)
-        change, source = mem.expected(name, metric, direction)
+            new = dataclasses.replace(k, step=_tune_step(s, name)).moved(cur, sign)
+        change, source = mem.expected(name, metric, sign)
         if k.scale not in ("bool",) and not isinstance(cur, bool):
             change *= k.magnitude(cur, new) if new != cur else 0.0
         good = change < 0 if metric != "top1_agreement" else change > 0
         if good:
-            candidates.append((-abs(change), order, name, cur, new, change, source, direction))
-    for _, _, name, cur, new, change, source, direction in sorted(candidates):
-        why = (f"{f.message}: {name} {cur} -> {new} (one step {'up' if direction > 0 else 'down'}), the knob "
+            candidates.append((-abs(change), order, name, cur, new, change, source, sign))
+    for _, _, name, cur, new, change, source, sign in sorted(candidates):
+        why = (f"{f.message}: {name} {cur} -> {new} (one step {'up' if sign > 0 else 'down'}), the knob "
                f"with the best expected effect on {metric}")
         if s.change("tune", name, new, why, answers=answers,
                     expected={"metric": metric, "change": round(change, 6), "source": source}):

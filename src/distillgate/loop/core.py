@@ -25,7 +25,7 @@ import dataclasses
 import time
 
 from ..attribution import attribute, registry_meta
-from ..knobs import Memory, fmt_effect, measure_moves
+from ..knobs import Memory, direction, fmt_effect, measure_moves
 from ..schema import PHASES, Decision, Finding
 from ..signals import raise_if_terminated
 from ..strategy import knob_defaults, next_recipe, rule_list
@@ -206,18 +206,10 @@ def compensate(it: Iteration, run, all_stages: list) -> None:
     for d in decisions:
         exp = d.expected or {}
         memory.add_move(d, it.index + 1, exp.get("metric"), exp.get("change"), exp.get("source", ""), d.answers,
-                        _direction(d.old, d.new))
+                        direction(d.old, d.new))
     it.decisions += decisions   # after the exploration's (this iteration's recipe), if any
     for r in refused:
         it.findings.append(Finding("refused_change", "warning", r["knob"], r["reason"], r, iteration=it.index))
-
-
-def _direction(old, new) -> int:
-    if isinstance(new, bool):
-        return 1 if new else -1
-    if isinstance(old, (int, float)) and isinstance(new, (int, float)) and not isinstance(old, bool):
-        return 1 if new >= old else -1
-    return 0
 
 
 def _repair_finding(r: dict) -> Finding:
