@@ -76,7 +76,8 @@ def strategy_section(d, chart) -> str:
     head = "".join(f"<th>{_e(h)}</th>" for h in EFFECT_HEADER)
     refused = (d.strategy or {}).get("refused", 0)
     note = ("Effects of rule moves are observational (the metric's change in the iteration the move applied to, "
-            "net of the trend); exploration trials are A/B on the selection split from the same weights. "
+            "net of the trend), shared by every move that applied to the same iteration (the repair findings name them); "
+            "exploration trials are A/B on the selection split from the same weights, one knob apart. "
             f"Changes refused for leaving a knob's allowed range: {refused}.")
     moves = (d.strategy or {}).get("moves") or []
     mbody = "".join("<tr>" + "".join(f"<td>{_e(c)}</td>" for c in cells) + "</tr>" for cells in move_rows(moves))
