@@ -161,21 +161,50 @@ def _magnitude(old, new) -> float:
     return 1.0  # categorical change (policy name, divergence type, layer list, ...)
 
 
-def knob_blame(recipe: dict, last_good: dict, regressed: list[tuple[str, float]]) -> list[dict]:
+# A measured worsening of 10% per move counts like the strongest prior (1.0) in the blame weight.
+MEASURED_SCALE = 10.0
+
+
+def knob_blame(recipe: dict, last_good: dict, regressed: list[tuple[str, float]],
+               knob_effects: dict | None = None, lower_is_better: dict | None = None) -> list[dict]:
     """Rank the knobs changed since the last good iteration by suspected impact on the regression.
 
-    score = prior(knob family) x magnitude of the change (|log ratio| for positive numbers, 1 for categorical)
-    x (1 + worst relative regression). Each entry carries its terms so a reader can check the ranking.
+    score = weight x magnitude of the change (|log ratio| for positive numbers, 1 for categorical) x (1 + worst
+    relative regression). weight = the knob family's prior, or, where this run measured the knob's effect on the
+    worst regressed metric (``knob_effects[knob][metric]``: relative changes per move up, from earlier moves and
+    exploration trials, :mod:`distillgate.knobs`), the prior shrunk toward the measured worsening this change
+    predicts: ``(prior + n * clip(MEASURED_SCALE * predicted worsening, 0, 2)) / (1 + n)``. A knob measured to
+    help is blamed less; one measured to hurt more. Each entry carries its terms so a reader can check it.
     """
     worst = max((w for _, w in regressed), default=0.0)
+    worst_metric = max(regressed, key=lambda x: x[1])[0] if regressed else None
+    lower = (lower_is_better or {}).get(worst_metric, True)
     blamed = []
     for ch in changed_knobs(recipe, last_good):
         fam = _knob_family(ch["knob"])
         prior = KNOB_PRIOR.get(fam, 0.25)
         mag = _magnitude(ch["old"], ch["new"])
-        blamed.append({**ch, "family": fam, "prior": prior, "magnitude": round(mag, 4),
-                       "score": round(prior * mag * (1.0 + min(worst, 10.0)), 4)})
+        weight, extra = prior, {}
+        eff = ((knob_effects or {}).get(ch["knob"]) or {}).get(worst_metric) if worst_metric else None
+        if eff:
+            n = len(eff)
+            mean = sum(eff) / n
+            up = _is_up(ch["old"], ch["new"])
+            predicted = mean * (1 if up else -1) * (1 if lower else -1)  # > 0: this change worsens the metric
+            weight = (prior + n * min(2.0, max(0.0, MEASURED_SCALE * predicted))) / (1 + n)
+            extra = {"measured": {"metric": worst_metric, "mean_per_move": round(mean, 6), "n": n,
+                                  "predicted_worsening": round(predicted, 6)}, "source": "measured"}
+        blamed.append({**ch, "family": fam, "prior": prior, "weight": round(weight, 4), "magnitude": round(mag, 4),
+                       "score": round(weight * mag * (1.0 + min(worst, 10.0)), 4), **extra})
     return sorted(blamed, key=lambda x: -x["score"])
+
+
+def _is_up(old, new) -> bool:
+    if isinstance(new, bool):
+        return bool(new)
+    if isinstance(old, (int, float)) and isinstance(new, (int, float)):
+        return new >= old
+    return True
 
 
 def slope(values: list[float]) -> float:
@@ -196,11 +225,12 @@ def attribute(*, iteration: int, metrics: dict[str, float], prev: dict[str, floa
               hard_candidates: list[SampleDivergence] = (), layer_kl: list[float] | None = None,
               gate_failures: Iterable[dict] = (),
               plateau_threshold: float = 0.01, plateau_rounds: int = 3, weak_domain_factor: float = 1.25,
-              hard_top_fraction: float = 0.1) -> list[Finding]:
-    """All findings for one iteration (see module docstring); each carries ``iteration``."""
+              hard_top_fraction: float = 0.1, knob_effects: dict | None = None) -> list[Finding]:
+    """All findings for one iteration (see module docstring); each carries ``iteration``. ``knob_effects``:
+    ``{knob: {metric: [relative change per move up]}}`` this run measured (used by :func:`knob_blame`)."""
     findings = _attribute(iteration, metrics, prev, teacher, meta, samples, recipe, last_good_recipe,
                           channel_history, hard_candidates, layer_kl, gate_failures, plateau_threshold,
-                          plateau_rounds, weak_domain_factor, hard_top_fraction)
+                          plateau_rounds, weak_domain_factor, hard_top_fraction, knob_effects)
     for f in findings:
         f.iteration = iteration
         f.uncertain = _uncertain(f, metrics, prev)
@@ -225,7 +255,7 @@ def _uncertain(f: Finding, metrics: dict, prev: dict | None) -> bool:
 
 def _attribute(iteration, metrics, prev, teacher, meta, samples, recipe, last_good_recipe, channel_history,
                hard_candidates, layer_kl, gate_failures, plateau_threshold, plateau_rounds, weak_domain_factor,
-               hard_top_fraction) -> list[Finding]:
+               hard_top_fraction, knob_effects=None) -> list[Finding]:
     findings: list[Finding] = []
     heat = divergence_heatmap(samples) if samples else None
     dkl = domain_kl(samples)
@@ -236,7 +266,8 @@ def _attribute(iteration, metrics, prev, teacher, meta, samples, recipe, last_go
     if prev:
         reg = regressions(metrics, prev, meta)
         if reg:
-            blame = knob_blame(recipe, last_good_recipe or recipe, reg)
+            blame = knob_blame(recipe, last_good_recipe or recipe, reg, knob_effects,
+                               {n: not m.higher_is_better for n, m in meta.items()})
             for name, worse in reg:
                 findings.append(Finding(
                     "regression", "error", name,

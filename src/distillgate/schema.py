@@ -84,7 +84,11 @@ class Finding:
 
 @dataclass
 class Decision:
-    """One change of one knob of the next recipe, with the rule that made it and why."""
+    """One change of one knob of the next recipe, with the rule that made it and why.
+
+    ``answers``: the finding it answers (``kind subject``); ``expected``: ``{metric, change, source}``, the
+    relative change of ``metric`` the change is expected to cause (from the knob's prior or from what this run
+    measured, :mod:`distillgate.knobs`); the next iteration's ``repair_*`` finding records what it did."""
 
     iteration: int
     rule: str
@@ -92,6 +96,8 @@ class Decision:
     old: Any
     new: Any
     reason: str
+    answers: str = ""
+    expected: dict | None = None
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

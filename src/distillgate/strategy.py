@@ -19,25 +19,37 @@ them; a stage's ``rules()`` run after them):
    share of the token-level channel (kd, which the held-out KL measures) rises against its other channels;
 3. ``plateau``: a channel whose loss slope stayed under its threshold for ``plateau_rounds`` iterations gets
    more weight (SPEC S2.5 level 3);
-4. ``hard_pool``: the most divergent training samples enter a hard pool trained with ``hard_weight`` (S4.3);
-5. ``curriculum``: the capability tier (L3: lm -> mid -> high) advances only when the lower tier's gates hold.
+4. ``tune``: a failing language-modelling gate (G-C1 and the other quality metrics of
+   :data:`~distillgate.knobs.QUALITY_METRICS`) moves one knob of ``tune_knobs`` one step: the one with the best
+   expected effect, from what this run measured of earlier moves (and exploration trials) or else the knob's
+   prior; a move whose measured effect failed is reverted the next iteration and its direction flipped;
+5. ``hard_pool``: the most divergent training samples enter a hard pool trained with ``hard_weight`` (S4.3);
+6. ``curriculum``: the capability tier (L3: lm -> mid -> high) advances only when the lower tier's gates hold.
 
-Every number is a field of :class:`StrategySpec` (the config's ``loop.strategy`` section). Findings marked
-``uncertain`` (a measurement whose confidence interval crosses its threshold) are never acted on.
+Every change names the finding it answers and its expected effect (:class:`Decision`), and goes through the knob
+space (:mod:`distillgate.knobs`): a value outside a knob's allowed range is refused, with the reason logged and
+returned, never clamped. Every number is a field of :class:`StrategySpec` (the config's ``loop.strategy``
+section). Findings marked ``uncertain`` (a measurement whose confidence interval crosses its threshold) are never
+acted on.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
+import logging
 from dataclasses import dataclass, field
 from typing import Callable
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from .errors import reject_unknown
+from .knobs import KNOB_SPACE, QUALITY_METRICS, ExplorationSpec, Memory, direction, knob
 from .schema import TIERS, Decision, Finding
 
-CORE_RULE_NAMES = ("revert", "weak_domain", "domain_shares", "plateau", "hard_pool", "curriculum")
+log = logging.getLogger(__name__)
+
+CORE_RULE_NAMES = ("revert", "weak_domain", "domain_shares", "plateau", "tune", "hard_pool", "curriculum")
 
 
 class StrategySpec(BaseModel):
@@ -65,6 +77,20 @@ class StrategySpec(BaseModel):
     tier_gates: dict[str, list[str]] = Field({"lm": ["G-C1"], "mid": ["G-C2"], "high": ["G-C3", "G-C4"]},
                                              description="gates that must pass before the curriculum leaves a "
                                                          "tier (L3)")
+    tune_knobs: list[str] = Field(["train.lr", "loss.channels.ce", "loss.difficulty_weighting"],
+                                  description="knobs the tune rule may move to repair a failing language-"
+                                              "modelling gate, one per iteration (train.steps and data.prompts "
+                                              "are in the knob space too, but buy quality with compute)")
+    knob_steps: dict[str, float] = Field(default_factory=dict, description="knob -> size of one tune move "
+                                         "(factor for log knobs, delta for linear ones; default: the knob "
+                                         "space's)")
+    ranges: dict[str, list[float]] = Field(default_factory=dict, description="knob -> [low, high] allowed "
+                                           "range, narrower than the knob space's; a change outside is refused")
+    trend_decay: float = Field(0.5, ge=0.0, le=1.0, description="share of the previous iteration's relative "
+                               "change a metric is expected to repeat without any change: a rule move's measured "
+                               "effect is its iteration's change minus this times the one before")
+    exploration: ExplorationSpec = Field(default_factory=ExplorationSpec,
+                                         description="short exploratory variants per iteration (off by default)")
 
     @field_validator("rules")
     @classmethod
@@ -77,6 +103,36 @@ class StrategySpec(BaseModel):
     def _tiers(cls, v):
         reject_unknown(v, TIERS, "tier")
         return v
+
+    @field_validator("tune_knobs")
+    @classmethod
+    def _tune_knobs(cls, v):
+        movable = [n for n, k in KNOB_SPACE.items() if k.scale in ("log", "linear", "int", "bool") and "*" not in n]
+        reject_unknown(v, movable, "tune knob")
+        return v
+
+    @field_validator("knob_steps", "ranges")
+    @classmethod
+    def _knob_names(cls, v, info):
+        reject_unknown(v, [n for n in KNOB_SPACE if "*" not in n], "knob")
+        for name, val in v.items():
+            k = KNOB_SPACE[name]
+            if info.field_name == "ranges" and (len(val) != 2 or k.low is None
+                                                or not (k.low <= val[0] <= val[1] <= k.high)):
+                raise ValueError(f"ranges.{name}: {val} must be [low, high] inside {k.allowed()}")
+            if info.field_name == "knob_steps" and (val <= (1.0 if k.scale in ("log", "int") else 0.0)):
+                raise ValueError(f"knob_steps.{name}: {val} must be > {1 if k.scale in ('log', 'int') else 0}")
+        return v
+
+    def knob_range(self, name: str) -> tuple[float | None, float | None]:
+        """The allowed range of a recipe key (the knob space's, narrowed by ``ranges`` and ``max_weight``)."""
+        k = knob(name)
+        if k is None:
+            return None, None
+        lo, hi = self.ranges.get(k.name, (k.low, k.high))
+        if k.name in ("loss.domain_weights.*", "loss.channels.kd", "loss.channels.*") and hi is not None:
+            hi = min(hi, self.max_weight)
+        return lo, hi
 
 
 def _get(recipe: dict, dotted: str):
@@ -99,6 +155,12 @@ def _set(recipe: dict, dotted: str, value) -> None:
         node[keys[-1]] = value
 
 
+def _with_expected(reason: str, expected: dict | None) -> str:
+    if not expected or expected.get("change") is None:
+        return reason
+    return f"{reason}; expected {expected['metric']} {100 * expected['change']:+.1f}% ({expected['source']})"
+
+
 def _normalise(mix: dict[str, float]) -> dict[str, float]:
     total = sum(mix.values()) or 1.0
     return {k: round(v / total, 6) for k, v in mix.items()}
@@ -117,22 +179,64 @@ class StrategyStep:
     spec: StrategySpec
     decisions: list[Decision] = field(default_factory=list)
     cooling: set[str] = field(default_factory=set)
+    memory: Memory = field(default_factory=lambda: Memory(None))
+    defaults: dict = field(default_factory=dict)    # the config's value of a knob the recipe does not hold
+    refused: list[dict] = field(default_factory=list)
 
     def get(self, knob: str):
-        return _get(self.recipe, knob)
+        v = _get(self.recipe, knob)
+        return self.defaults.get(knob) if v is None else v
 
-    def change(self, rule: str, knob: str, value, reason: str) -> None:
-        """Set ``knob`` to ``value`` (skipped when unchanged, or cooling down after a revert unless this is one)."""
-        old = _get(self.recipe, knob)
+    def allowed(self, rule: str, name: str, value, reason: str) -> bool:
+        """Whether ``value`` is inside ``name``'s allowed range; a refusal is logged and kept in ``refused``."""
+        k = knob(name)
+        if k is None or value is None:
+            return True
+        lo, hi = self.spec.knob_range(name)
+        bounded = k if lo is None else dataclasses.replace(k, low=lo, high=hi)
+        if bounded.contains(value):
+            return True
+        why = (f"{rule}: {name} -> {value!r} refused: outside its allowed range {bounded.allowed()} "
+               f"(wanted for: {reason})")
+        log.warning(why)
+        self.refused.append({"iteration": self.iteration, "rule": rule, "knob": name, "value": value,
+                             "allowed": bounded.allowed(), "reason": why})
+        return False
+
+    def change(self, rule: str, knob: str, value, reason: str, *, answers: str = "",
+               expected: dict | None = None) -> bool:
+        """Set ``knob`` to ``value`` (skipped when unchanged, or cooling down after a revert unless this is one;
+        refused outside the knob's range). ``expected``: ``{metric, change, source}`` (default: the knob's
+        expected effect on KL, measured in this run or from its prior). Returns whether it changed."""
+        old = self.get(knob)
         if old == value or (knob in self.cooling and rule != "revert"):
-            return
+            return False
+        if not self.allowed(rule, knob, value, reason):
+            return False
+        if expected is None and rule != "revert":
+            expected = self.expect(knob, "kl", old, value)
         _set(self.recipe, knob, value)
-        self.decisions.append(Decision(self.iteration, rule, knob, old, value, reason))
+        self.decisions.append(Decision(self.iteration, rule, knob, old, value, _with_expected(reason, expected),
+                                       answers, expected))
+        return True
 
-    def record(self, rule: str, knob: str, old, new, reason: str, value=None) -> None:
+    def record(self, rule: str, knob: str, old, new, reason: str, value=None, *, answers: str = "",
+               expected: dict | None = None) -> None:
         """A change whose logged old/new differ from the value written (e.g. a pool logged by its size)."""
+        if expected is None:
+            expected = self.expect(knob, "kl", None, None)
         _set(self.recipe, knob, new if value is None else value)
-        self.decisions.append(Decision(self.iteration, rule, knob, old, new, reason))
+        self.decisions.append(Decision(self.iteration, rule, knob, old, new, _with_expected(reason, expected),
+                                       answers, expected))
+
+    def expect(self, name: str, metric: str, old, new) -> dict:
+        """The expected relative change of ``metric`` for ``name``: ``old -> new``, per move, with its source."""
+        change, source = self.memory.expected(name, metric, direction(old, new) or 1)
+        k = knob(name)
+        if k is not None and isinstance(old, (int, float)) and isinstance(new, (int, float)) \
+                and not isinstance(old, bool):
+            change *= k.magnitude(old, new)
+        return {"metric": metric, "change": round(change, 6), "source": source}
 
     def of_kind(self, kind: str) -> list[Finding]:
         return [f for f in self.findings if f.kind == kind]
@@ -149,10 +253,14 @@ def revert(s: StrategyStep) -> None:
     changed_last = [d for d in s.recent if d.iteration == s.iteration - 1 and d.rule != "revert"]
     blamed = regs[0].evidence.get("knob_blame", [])
     knobs = [d.knob for d in changed_last] or [b["knob"] for b in blamed[:1] if b["knob"] != "hard_pool"]
-    for knob in dict.fromkeys(knobs):
-        good = _get(s.last_good, knob)
-        s.change("revert", knob, copy.deepcopy(good),
-                 f"{regs[0].metric} regressed ({regs[0].message}); reverting {knob} to the last good value")
+    for name in dict.fromkeys(knobs):
+        good = _get(s.last_good, name)
+        s.change("revert", name, copy.deepcopy(good),
+                 f"{regs[0].metric} regressed ({regs[0].message}); reverting {name} to the last good value",
+                 answers=f"regression {regs[0].subject}",
+                 expected={"metric": regs[0].subject, "change": round(-float(regs[0].evidence.get(
+                     "relative_worsening", 0.0)) if regs[0].evidence.get("relative_worsening") != float("inf")
+                     else -1.0, 6), "source": "undo the measured regression"})
     s.cooling |= set(knobs)
 
 
@@ -162,8 +270,11 @@ def weak_domain(s: StrategyStep) -> None:
     for f in s.of_kind("weak_domain"):
         d = f.evidence["domain"]
         w = float(s.get(f"loss.domain_weights.{d}") or 1.0)
-        s.change("weak_domain", f"loss.domain_weights.{d}", round(min(spec.max_weight, w * spec.weight_factor), 4),
-                 f.message + f"; loss weight x{spec.weight_factor}")
+        new_w = round(min(spec.max_weight, w * spec.weight_factor), 4)
+        s.change("weak_domain", f"loss.domain_weights.{d}", new_w, f.message + f"; loss weight x{spec.weight_factor}",
+                 answers=f"weak_domain {d}", expected=s.expect(f"loss.domain_weights.{d}", f"kl/domain/{d}", w, new_w)
+                 if s.memory.effects(f"loss.domain_weights.{d}", f"kl/domain/{d}") else
+                 {"metric": f"kl/domain/{d}", "change": -0.05, "source": "prior"})
         mix = s.get("data.mix")
         if isinstance(mix, dict) and d in mix and "data.mix" not in s.cooling:
             boosted = dict(mix)
@@ -171,7 +282,9 @@ def weak_domain(s: StrategyStep) -> None:
             boosted = _normalise(boosted)
             old_mix = dict(mix)
             s.record("weak_domain", "data.mix", old_mix, boosted,
-                     f"{d}: share {old_mix[d]:.3f} -> {boosted[d]:.3f} of next round's prompts")
+                     f"{d}: share {old_mix[d]:.3f} -> {boosted[d]:.3f} of next round's prompts",
+                     answers=f"weak_domain {d}", expected={"metric": f"kl/domain/{d}", "change": -0.02,
+                                                          "source": "prior"})
 
 
 def domain_shares(s: StrategyStep) -> None:
@@ -200,8 +313,61 @@ def plateau(s: StrategyStep) -> None:
         ch = f.evidence["channel"]
         w = s.get(f"loss.channels.{ch}")
         if w:
-            s.change("plateau", f"loss.channels.{ch}", round(min(spec.max_weight, w * spec.weight_factor), 4),
-                     f.message + f"; weight x{spec.weight_factor} to break the plateau")
+            new_w = round(min(spec.max_weight, w * spec.weight_factor), 4)
+            s.change("plateau", f"loss.channels.{ch}", new_w, f.message + f"; weight x{spec.weight_factor} to "
+                     f"break the plateau", answers=f"stall {f.subject}",
+                     expected=s.expect(f"loss.channels.{ch}", f"loss/{ch}", w, new_w))
+
+
+def _tune_step(s: StrategyStep, name: str) -> float:
+    return float(s.spec.knob_steps.get(name, KNOB_SPACE[name].step))
+
+
+def tune(s: StrategyStep) -> None:
+    """A failing language-modelling gate moves one knob one step (the best expected effect); a tune move whose
+    measured effect failed is reverted first (then its knob moves the other way next time)."""
+    fails = [f for f in s.of_kind("gate_fail") if f.subject in QUALITY_METRICS]
+    if not fails:
+        return
+    f = fails[0]
+    metric, answers = f.subject, f"gate_fail {(f.evidence.get('gate') or {}).get('id', '')} {f.subject}".strip()
+    mem = s.memory
+    for m in mem.moves:  # the last tune move, measured this iteration, failed: undo it (one change per round)
+        if m["rule"] == "tune" and m["applies_to"] == s.iteration and m["status"] == "failed" \
+                and m["status_kept"] == "kept" and not isinstance(m["old"], str):
+            eff = m["measured"].get(m["metric"] or "kl")
+            mem.data["directions"][m["knob"]] = -m["direction"]
+            s.change("tune", m["knob"], m["old"],
+                     f"repair failed: {m['knob']} {m['old']} -> {m['new']} changed {m['metric']} by "
+                     f"{100 * eff:+.1f}% net of the trend (expected {100 * (m['expected'] or 0):+.1f}%); reverting, "
+                     f"the next move of {m['knob']} goes the other way", answers=answers,
+                     expected={"metric": m["metric"], "change": round(-eff, 6), "source": "undo the measured effect"})
+            return
+    candidates = []
+    for order, name in enumerate(s.spec.tune_knobs):
+        if name in s.cooling or any(d.knob == name for d in s.decisions):
+            continue
+        k, cur = KNOB_SPACE[name], s.get(name)
+        if cur is None:
+            continue
+        sign = mem.direction(name)
+        if k.scale == "bool":
+            new = not bool(cur)
+            sign = 1 if new else -1
+        else:
+            new = dataclasses.replace(k, step=_tune_step(s, name)).moved(cur, sign)
+        change, source = mem.expected(name, metric, sign)
+        if k.scale not in ("bool",) and not isinstance(cur, bool):
+            change *= k.magnitude(cur, new) if new != cur else 0.0
+        good = change < 0 if metric != "top1_agreement" else change > 0
+        if good:
+            candidates.append((-abs(change), order, name, cur, new, change, source, sign))
+    for _, _, name, cur, new, change, source, sign in sorted(candidates):
+        why = (f"{f.message}: {name} {cur} -> {new} (one step {'up' if sign > 0 else 'down'}), the knob "
+               f"with the best expected effect on {metric}")
+        if s.change("tune", name, new, why, answers=answers,
+                    expected={"metric": metric, "change": round(change, 6), "source": source}):
+            return  # one tune move per iteration, so its measured effect is its own
 
 
 def hard_pool(s: StrategyStep) -> None:
@@ -217,7 +383,8 @@ def hard_pool(s: StrategyStep) -> None:
             old = len(s.get("hard_pool") or {})
             s.record("hard_pool", "hard_pool", old, len(pool),
                      f"{len(f.evidence['samples'])} high-KL training samples enter the hard pool "
-                     f"with weight {spec.hard_weight} (pool {old} -> {len(pool)})", value=pool)
+                     f"with weight {spec.hard_weight} (pool {old} -> {len(pool)})", value=pool,
+                     answers=f"hard_samples {f.subject}")
 
 
 def curriculum(s: StrategyStep) -> None:
@@ -227,11 +394,13 @@ def curriculum(s: StrategyStep) -> None:
     if tier != TIERS[-1] and gates and all(s.gate_status.get(g) == "pass" for g in gates):
         nxt = TIERS[TIERS.index(tier) + 1]
         s.change("curriculum", "curriculum.tier", nxt,
-                 f"tier {tier!r} holds (gates {', '.join(gates)} pass); moving up to {nxt!r}")
+                 f"tier {tier!r} holds (gates {', '.join(gates)} pass); moving up to {nxt!r}",
+                 answers=f"gates {', '.join(gates)} pass", expected={"metric": "kl", "change": 0.0,
+                                                                   "source": "prior: harder prompts next"})
 
 
 CORE_RULES: dict[str, Rule] = {"revert": revert, "weak_domain": weak_domain, "domain_shares": domain_shares,
-                               "plateau": plateau,
+                               "plateau": plateau, "tune": tune,
                                "hard_pool": hard_pool, "curriculum": curriculum}
 
 
@@ -242,17 +411,36 @@ def rule_list(spec: StrategySpec, extra: list[tuple[str, Rule]] = ()) -> list[tu
 
 def next_recipe(recipe: dict, findings: list[Finding], *, iteration: int, last_good: dict | None,
                 gate_status: dict[str, str], recent_decisions: list[Decision],
-                spec: StrategySpec | None = None, rules: list[tuple[str, Rule]] | None = None
+                spec: StrategySpec | None = None, rules: list[tuple[str, Rule]] | None = None,
+                memory: dict | None = None, defaults: dict | None = None, refused: list | None = None
                 ) -> tuple[dict, list[Decision]]:
-    """Return (recipe for iteration+1, decisions). Pure: inputs are not modified."""
+    """Return (recipe for iteration+1, decisions). Pure: inputs are not modified.
+
+    ``memory``: the loop state's ``strategy`` dict (what this run measured; the tune rule updates its
+    ``directions`` in place); ``defaults``: the
+    config's value of knobs the recipe does not hold; ``refused``: a list refused changes are appended to."""
     spec = spec or StrategySpec()
     cooling = {d.knob for d in recent_decisions if d.rule == "revert" and iteration - d.iteration < spec.cooldown}
     step = StrategyStep(iteration, copy.deepcopy(recipe), [f for f in findings if not f.uncertain], last_good,
-                        gate_status, list(recent_decisions), spec, cooling=cooling)
+                        gate_status, list(recent_decisions), spec, cooling=cooling,
+                        memory=Memory(memory if memory is not None else None), defaults=dict(defaults or {}))
     for _, rule in (rule_list(spec) if rules is None else rules):
         rule(step)
+    if refused is not None:
+        refused += step.refused
     return step.recipe, step.decisions
 
 
+def knob_defaults(cfg) -> dict:
+    """The run config's value of every tune-able knob (what a recipe without the key runs with)."""
+    return {"train.lr": cfg.train.lr, "train.steps": cfg.train.steps, "train.warmup_steps": cfg.train.warmup_steps,
+            "train.min_lr_ratio": cfg.train.min_lr_ratio, "loss.channels.ce": float(cfg.loss.channels.get("ce", 0.0)),
+            "loss.channels.kd": float(cfg.loss.channels.get("kd", 0.0)),
+            "loss.temperature.value": cfg.loss.temperature.value, "loss.temperature.min": cfg.loss.temperature.min,
+            "loss.temperature.max": cfg.loss.temperature.max, "loss.temperature.policy": cfg.loss.temperature.policy,
+            "loss.difficulty_weighting": cfg.loss.difficulty_weighting,
+            "loss.difficulty_floor": cfg.loss.difficulty_floor, "data.prompts": cfg.loop.prompts_per_iteration}
+
+
 __all__ = ["StrategySpec", "StrategyStep", "Rule", "CORE_RULES", "CORE_RULE_NAMES", "Decision", "next_recipe",
-           "rule_list"]
+           "rule_list", "knob_defaults"]

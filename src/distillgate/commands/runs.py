@@ -197,6 +197,7 @@ def run_show(args) -> int:
                     t.add_row(name, "performance", f"{m[name]:.4g}", "-", "INFO", note)
             con.print(t)
         _structure_table(con, store)
+        _strategy_table(con, store)
         alerts = cat.alerts()
         if alerts:
             t = Table("time (UTC)", "level", "source", "version", "message", title=f"alerts (last 20 of {len(alerts)})")
@@ -221,4 +222,32 @@ def _structure_table(con, store) -> None:
     t = Table(*S.FLOPS_HEADER, title="structure and FLOPs per token (analytic) per iteration")
     for row in S.flops_rows(snaps):
         t.add_row(*row)
+    con.print(t)
+
+
+def _strategy_table(con, store) -> None:
+    """What the strategy learned (issue 16): per knob, moves tried / kept / reverted, verdicts, exploration
+    trials and the measured effect with its spread, from the current version's loop state."""
+    from rich.table import Table
+
+    from ..knobs import effect_table
+    from ..report.strategy import EFFECT_HEADER, MOVES_HEADER, effect_rows, move_rows
+
+    try:
+        v = store.resolve("current")
+    except Exception:  # noqa: BLE001  (no version yet)
+        return
+    if "loop_state.json" not in v.files:
+        return
+    data = v.load_json("loop_state.json").get("strategy") or {}
+    rows = effect_table(data)
+    if not rows:
+        return
+    t = Table(*MOVES_HEADER, title="decisions and their measured effects (newest 20)")
+    for cells in move_rows(data.get("moves") or [], last=20):
+        t.add_row(*cells)
+    con.print(t)
+    t = Table(*EFFECT_HEADER, title="what the strategy learned (measured effect per move up: mean ± sd, n)")
+    for cells in effect_rows(rows):
+        t.add_row(*cells)
     con.print(t)

@@ -6,8 +6,14 @@ For each phase the iteration's stages' hooks run first, then the core's part:
 * validate: every metric the run measures, through the one registry (held-out comparison, G-C1 perplexity,
   perf when the structure changed, the configured capability checks, what stages asked for), then the gates,
   and the training samples the hard pool is drawn from;
-* attribute: findings from every registered metric (L2), gate failures, weak domains, stalls, hard samples;
-* compensate: the strategy's rules (core + every stage's) write the next recipe.
+* attribute: the measured effect of the changes this iteration's recipe made (``repair_verified`` /
+  ``repair_failed`` findings, :mod:`distillgate.knobs`), then findings from every registered metric (L2), gate
+  failures, weak domains, stalls, hard samples; the knob blame of a regression uses the measured effects;
+* compensate: the strategy's rules (core + every stage's) write the next recipe; each change is remembered
+  with its expected effect (the loop state's ``strategy``), refused changes become ``refused_change`` findings.
+
+Before the stages' map, the exploration (:mod:`distillgate.explore`, when ``loop.strategy.exploration.budget``
+> 0) may replace one knob of the iteration's recipe by the best of a few short variants.
 
 The core knows no stage by name.
 """
@@ -19,9 +25,10 @@ import dataclasses
 import time
 
 from ..attribution import attribute, registry_meta
-from ..schema import PHASES, Decision
+from ..knobs import Memory, direction, fmt_effect, measure_moves
+from ..schema import PHASES, Decision, Finding
 from ..signals import raise_if_terminated
-from ..strategy import next_recipe, rule_list
+from ..strategy import knob_defaults, next_recipe, rule_list
 from .contract import Iteration
 from .run import apply_recipe
 
@@ -57,6 +64,9 @@ def run_iteration(run, k: int, stages: list, all_stages: list) -> Iteration:
             raise_if_terminated()  # a SIGTERM a library finalizer swallowed stops the run here
             if phase == "map":
                 run.ensure_student(it)
+                from ..explore import explore
+
+                explore(it, run, [getattr(st, "name", "") for st in stages])
             for st in all_stages:     # every stage of the run may watch every iteration (contract: observe)
                 watch = getattr(st, "observe", None)
                 if watch is not None:
@@ -153,12 +163,21 @@ def attribute_phase(it: Iteration, run) -> None:
             channels.setdefault(ch, []).append(v)
     failures = [g.model_dump() for g in it.gates.gates if g.status == "fail"] if it.gates else []
     spec = cfg.loop.strategy
+    memory = Memory(st.strategy)
+    repairs = measure_moves(memory, it.index, st.history, it.metrics, trend_decay=spec.trend_decay)
+    effects = {m["knob"]: {} for m in memory.moves} | {t["knob"]: {} for t in memory.trials if t.get("knob")}
+    for name, per in effects.items():
+        for metric in ("kl", "ppl_ratio", "top1_agreement"):
+            if memory.effects(name, metric):
+                per[metric] = memory.effects(name, metric)
+    it.findings += [_repair_finding(r) for r in repairs]
     it.findings += attribute(iteration=it.index, metrics=it.metrics, prev=prev, teacher=it.teacher_metrics,
                              meta=meta, samples=it.samples, hard_candidates=it.hard_candidates, recipe=it.recipe,
                              last_good_recipe=st.last_good.recipe if st.last_good else None,
                              channel_history=channels, gate_failures=failures,
                              plateau_threshold=spec.plateau_threshold, plateau_rounds=spec.plateau_rounds,
-                             weak_domain_factor=spec.weak_domain_factor, hard_top_fraction=spec.hard_top_fraction)
+                             weak_domain_factor=spec.weak_domain_factor, hard_top_fraction=spec.hard_top_fraction,
+                             knob_effects=effects)
     for f in it.findings:
         if f.iteration is None:
             f.iteration = it.index
@@ -179,6 +198,37 @@ def compensate(it: Iteration, run, all_stages: list) -> None:
     status = {g.id: g.status for g in it.gates.gates} if it.gates else {}
     recent = [Decision.from_dict(d) for d in st.decisions[-spec.recent_decisions:]]
     extra = [r for stage in all_stages for r in (stage.rules() if hasattr(stage, "rules") else [])]
-    it.next_recipe, it.decisions = next_recipe(
+    refused: list = []
+    memory = Memory(st.strategy)
+    it.next_recipe, decisions = next_recipe(
         it.recipe, it.findings, iteration=it.index, last_good=st.last_good.recipe if st.last_good else None,
-        gate_status=status, recent_decisions=recent, spec=spec, rules=rule_list(spec, extra))
+        gate_status=status, recent_decisions=recent, spec=spec, rules=rule_list(spec, extra),
+        memory=memory.data, defaults=knob_defaults(it.cfg), refused=refused)
+    for d in decisions:
+        exp = d.expected or {}
+        memory.add_move(d, it.index + 1, exp.get("metric"), exp.get("change"), exp.get("source", ""), d.answers,
+                        direction(d.old, d.new))
+    it.decisions += decisions   # after the exploration's (this iteration's recipe), if any
+    for r in refused:
+        it.findings.append(Finding("refused_change", "warning", r["knob"], r["reason"], r, iteration=it.index))
+
+
+def _repair_finding(r: dict) -> Finding:
+    """``repair_verified`` / ``repair_failed`` / ``repair_unmeasured`` for one move (L2)."""
+    m, verdict = r["move"], r["verdict"]
+    metric = m["metric"] or "kl"
+    head = f"{m['rule']}: {m['knob']} {m['old']} -> {m['new']} (iteration {m['iteration']}, answering {m['answers'] or '-'})"
+    if verdict == "unmeasured":
+        return Finding("repair_unmeasured", "info", m["knob"], f"{head}: not measured ({m.get('note', '')})",
+                       {"move": m})
+    eff = m["measured"][metric]
+    exp = "-" if m.get("expected") is None else f"{100 * m['expected']:+.1f}%"
+    msg = (f"{head}: {metric} changed {100 * eff:+.1f}% net of the trend ({100 * m['baseline'][metric]:+.1f}% "
+           f"expected from training on), expected {exp} ({m.get('expected_source') or '-'})"
+           + (f"; shared with {', '.join(m['shared_with'])} (changed for the same iteration)"
+              if m.get("shared_with") else ""))
+    ok = verdict == "verified"
+    return Finding("repair_verified" if ok else "repair_failed", "info" if ok else "warning", m["knob"],
+                   ("repair verified: " if ok else "repair failed: ") + msg,
+                   {"move": m, "measured": m["measured"], "baseline": m["baseline"], "expected": m.get("expected"),
+                    "effect_text": fmt_effect({"mean": eff, "n": 1})})

@@ -62,6 +62,7 @@ class Run:
         self.teacher = None
         self._student = None
         self.heldout: list = []
+        self.selection: list = []       # the exploration's selection split (teacher answers; never trained on)
         self.training: TrainingSet | None = None
         self.teacher_cache: dict = {}   # teacher-side measurements, valid for this teacher and data (one run)
         self.current = None             # the Iteration being run
@@ -97,7 +98,12 @@ class Run:
         if fresh:
             held = self.training.take(self.cfg.loop.heldout_prompts, self.state.recipe["data"]["mix"], "lm", seed=-1)
             self.state.heldout_prompts = [p.id for p in held]
+            n_sel = self.cfg.loop.strategy.exploration.selection_prompts
+            if n_sel:  # after the held-out prompts, so it can never hold one of them
+                sel = self.training.take(n_sel, self.state.recipe["data"]["mix"], "lm", seed=-3)
+                self.state.selection_prompts = [p.id for p in sel]
         self.heldout = self.training.answers([self.training.pool[i] for i in self.state.heldout_prompts])
+        self.selection = self.training.answers([self.training.pool[i] for i in self.state.selection_prompts])
         self.training.restore()
         if student_dir is not None:
             self.replace_student(load_model(str(student_dir)).model, "resumed")

@@ -47,6 +47,8 @@ class LoopState(BaseModel):
     student_init: dict | None = None
     layer_map: Any = None
     stages: dict[str, StageState] = Field(default_factory=dict)
+    selection_prompts: list[str] = Field(default_factory=list)         # the exploration's selection split
+    strategy: dict[str, Any] = Field(default_factory=dict)             # what the strategy measured (knobs.Memory)
 
     @classmethod
     def load(cls, data: dict, where: str = "loop_state.json") -> "LoopState":

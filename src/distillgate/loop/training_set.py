@@ -19,7 +19,8 @@ def prompt_pool(cfg, max_iterations: int) -> list:
     from ..data.prompts import builtin_prompts, prompts_from_spec
 
     if cfg.data.source == "builtin":
-        need = cfg.loop.heldout_prompts + 16 + 3 * cfg.loop.prompts_per_iteration * max_iterations
+        need = (cfg.loop.heldout_prompts + cfg.loop.strategy.exploration.selection_prompts + 16
+                + 3 * cfg.loop.prompts_per_iteration * max_iterations)
         return builtin_prompts(need, cfg.data.domains, cfg.data.seed)
     pool = prompts_from_spec(cfg.data.model_copy(update={"num_prompts": 10 ** 9}))
     random.Random(cfg.data.seed).shuffle(pool)
@@ -47,7 +48,7 @@ class TrainingSet:
         return self.prompt_examples + self.stage_examples
 
     def used(self) -> set[str]:
-        used = set(self.state.heldout_prompts)
+        used = set(self.state.heldout_prompts) | set(self.state.selection_prompts)
         for ids in self.state.used_prompts.values():
             used |= set(ids)
         return used

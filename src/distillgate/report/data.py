@@ -171,6 +171,7 @@ class ReportData:
     baseline_metrics: dict[str, MetricValue] = field(default_factory=dict)  # teacher reference (S1.3)
     structure: list[StructureSnapshot] = field(default_factory=list)  # per iteration (S3.3)
     benchmark: dict[str, Any] = field(default_factory=dict)  # latest benchmark.json + "iteration" (S1.1, L2)
+    strategy: dict[str, Any] = field(default_factory=dict)  # {effects: knobs.effect_table rows, refused: n}
     generated: str | None = None
     format_version: int = FORMAT_VERSION
 

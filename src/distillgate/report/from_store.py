@@ -100,6 +100,21 @@ def _model_files(version, prefix: str) -> list[Path]:
     return [version.path_of(n) for n in version.names(prefix) if n.endswith(".safetensors")]
 
 
+def _strategy(store, findings) -> dict:
+    """The knob effect table of the newest version's loop state (what the strategy learned, issue 16)."""
+    from ..knobs import effect_table
+
+    try:
+        v = store.resolve("current")
+    except Exception:  # noqa: BLE001  (a run without versions yet)
+        return {}
+    if "loop_state.json" not in v.files:
+        return {}
+    data = v.load_json("loop_state.json").get("strategy") or {}
+    return {"effects": effect_table(data), "moves": list(data.get("moves") or []),
+            "refused": sum(f.kind == "refused_change" for f in findings)}
+
+
 def versions_by_iteration(rows: list[dict]) -> dict[int, dict]:
     """The version row that stands for each iteration: the newest non-rollback one, a rollback copy only when
     the iteration has nothing else (``rows``: ``store.versions()``, oldest first)."""
@@ -198,6 +213,7 @@ def load_report_data(root: str | Path, run_id: str, param_diffs: bool = True, mo
                         vid_iter.get(a["version_id"]), _iso(a["time"])) for a in cat.alerts()]
         info = store.info()
         placed = store.get_version(rows[-1]["version_id"]).meta.get("placement") if rows else None
+        strategy = _strategy(store, findings)
     summary = (f"{len(iterations)} iteration(s), {info['versions']} committed version(s); current = version "
                f"{info['current']}, best iteration = {info['best_iteration']}. Catalog status: {run['status']}."
                + placement_text(placed))
@@ -207,7 +223,7 @@ def load_report_data(root: str | Path, run_id: str, param_diffs: bool = True, mo
         run=RunInfo(run_id, _describe_model(cfg.get("teacher")), _describe_model(cfg.get("student")),
                     _iso(run["created"]) or "", _run_status(run), summary, cfg),
         iterations=iterations, param_diffs=diffs, findings=findings, decisions=decisions, alerts=alerts,
-        baseline_metrics=nest_metrics(baseline), structure=structure, benchmark=bench)
+        baseline_metrics=nest_metrics(baseline), structure=structure, benchmark=bench, strategy=strategy)
     data.validate()
     return data
 

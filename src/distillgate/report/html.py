@@ -16,6 +16,7 @@ from ..io import atomic_write_text
 from . import charts
 from .business import business_section
 from .consistency import consistency_section
+from .strategy import strategy_section
 from .benchmark import benchmark_section
 from .data import DIMENSIONS, PHASES, STAGES, Finding, GateResult, Iteration, ReportData
 from .style import CSS
@@ -315,7 +316,8 @@ def render_html(data: ReportData) -> str:
     body = "".join([_overview(data, chart), _pipeline(data, chart), _gates(data), _metrics(data, chart),
                     _structure(data, chart), consistency_section(data), business_section(data, chart),
                     _params(data, chart),
-                    benchmark_section(data.benchmark), _findings(data, chart), _decisions(data), _alerts(data)])
+                    benchmark_section(data.benchmark), _findings(data, chart), _decisions(data),
+                    strategy_section(data, chart), _alerts(data)])
     config = (f'<section id="config"><h2>Configuration</h2><details><summary>run config</summary><pre>'
               f'{esc(json.dumps(data.run.config, indent=2, sort_keys=True, default=str))}</pre></details></section>'
               if data.run.config else "")

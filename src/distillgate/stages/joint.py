@@ -26,6 +26,7 @@ class JointStage:
 
     def extract(self, it, run) -> None:
         n = run.cfg.loop.prompts_per_iteration if self.options.prompts is None else self.options.prompts
+        n = int(it.recipe.get("data", {}).get("prompts", n))  # the strategy's new-data volume knob, when set
         new = run.training.take(n, it.recipe["data"]["mix"], it.recipe["curriculum"]["tier"], it.index)
         if n and not new:
             it.findings.append(Finding("data", "warning", "prompts",

@@ -1,0 +1,238 @@
+"""Compensation that earns its keep (issue 16): the knob space, expected and measured effects, the tune rule,
+refusals, knob blame from measured effects, and the exploration (selection split, store round trip, resume)."""
+
+import math
+
+import pytest
+
+from distillgate import loop as loop_mod
+from distillgate.attribution import knob_blame
+from distillgate.config import RunConfig, load_config
+from distillgate.errors import ConfigError
+from distillgate.knobs import Memory, effect_table
+from distillgate.loop import core
+from distillgate.loop.contract import Iteration
+from distillgate.loop.run import apply_recipe, initial_recipe
+from distillgate.loop.state import LoopState
+from distillgate.schema import Decision, Finding
+from distillgate.store import RunStore
+from distillgate.strategy import StrategySpec, next_recipe
+
+
+@pytest.fixture(autouse=True)
+def _home(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("DISTILLGATE_HOME", str(tmp_path_factory.getbasetemp() / "dg-home"))
+
+
+# ----------------------------------------------------------------------------------- a synthetic loop
+
+BEST_LR = 1.5e-3
+
+
+def _progress(lr: float) -> float:
+    """Share of the remaining gap one iteration closes: best at BEST_LR, falling off on a log scale."""
+    return 0.3 * math.exp(-0.5 * (math.log(lr / BEST_LR) / 0.8) ** 2)
+
+
+class _FakeRun:
+    def __init__(self, cfg):
+        self.cfg, self.state = cfg, LoopState(recipe=initial_recipe(cfg))
+
+
+def _synthetic(iterations: int, rules=None, **strategy):
+    """The real attribute and compensate phases of the loop core on a simulated student: each iteration its
+    KL (and PPL ratio, 10x KL) closes ``_progress(lr)`` of the gap to 0.5; only the learning rate matters."""
+    over = ["train.lr=3e-4", "loss.channels={kd: 1.0, ce: 0.0}"] + [f"loop.strategy.{k}={v}" for k, v in
+                                                                    strategy.items()]
+    if rules is not None:
+        over.append(f"loop.strategy.rules={rules}")
+    cfg = load_config(RunConfig, None, over)
+    run = _FakeRun(cfg)
+    from distillgate.gates import evaluate_gates, load_gate_spec
+
+    spec = load_gate_spec(None)
+    kl = 4.0
+    for k in range(iterations + 1):
+        recipe = run.state.recipe
+        lr = recipe["train"]["lr"]
+        if k:
+            kl = 0.5 + (kl - 0.5) * (1 - _progress(lr))
+        it = Iteration(k, None, recipe, apply_recipe(cfg, recipe))
+        it.metrics = {"kl": kl, "ppl_ratio": 10 * kl, "top1_agreement": 0.5}
+        it.train_terms = {"kd": kl} if k else {}
+        it.gates = evaluate_gates(spec, it.metrics, {})
+        core.attribute_phase(it, run)
+        core.compensate(it, run, [])
+        st = run.state
+        st.history.append({"iteration": k, "metrics": dict(it.metrics), "terms": it.train_terms, "recipe": recipe,
+                           "gates_passed": False})
+        st.decisions += [d.to_dict() for d in it.decisions]
+        st.recipe = it.next_recipe
+    return run.state, kl
+
+
+def test_the_strategy_finds_the_better_learning_rate_within_k_iterations():
+    fixed_state, fixed_kl = _synthetic(8, rules="[]")
+    state, kl = _synthetic(8, trend_decay=1.0)   # the simulated progress does not slow down by itself
+    lrs = [h["recipe"]["train"]["lr"] for h in state.history]
+    assert lrs[0] == 3e-4 and max(lrs) > 1e-3
+    kept = [m for m in state.strategy["moves"] if m["knob"] == "train.lr" and m["status_kept"] == "kept"]
+    assert abs(math.log(lrs[-1] / BEST_LR)) < math.log(1.6), lrs  # within one step of the best setting
+    assert kl < 0.95 * fixed_kl, (kl, fixed_kl)
+    assert not fixed_state.decisions
+    # the overshoot past BEST_LR was measured as a failure and reverted, its direction flipped
+    verdicts = [m["status"] for m in state.strategy["moves"] if m["knob"] == "train.lr"]
+    assert "verified" in verdicts and "failed" in verdicts
+    assert any(m["status_kept"] == "reverted" for m in state.strategy["moves"])
+    assert kept
+    table = {r["knob"]: r for r in effect_table(state.strategy)}
+    assert table["train.lr"]["tried"] >= 4 and table["train.lr"]["reverted"] >= 1
+    assert table["train.lr"]["effect_ppl_ratio"]["n"] >= 3 and table["train.lr"]["effect_ppl_ratio"]["sd"] is not None
+
+
+def test_every_decision_states_the_finding_and_expected_effect():
+    state, _ = _synthetic(3)
+    ds = [Decision.from_dict(d) for d in state.decisions]
+    assert ds and all(d.answers for d in ds)
+    assert all(d.expected and {"metric", "change", "source"} <= set(d.expected) for d in ds)
+    tune = [d for d in ds if d.rule == "tune"]
+    assert tune and tune[0].answers.startswith("gate_fail G-C1") and tune[0].expected["source"] == "prior"
+    assert "expected ppl_ratio" in tune[0].reason
+    assert any(d.expected["source"].startswith("measured") for d in tune[1:])  # later: from this run
+
+
+def test_out_of_range_changes_are_refused_and_uncertain_findings_ignored():
+    recipe = initial_recipe(load_config(RunConfig, None, []))
+    gate = Finding("gate_fail", "warning", "ppl_ratio", "gate G-C1 fails", {"gate": {"id": "G-C1"}})
+
+    def too_far(step):
+        step.change("wild", "train.lr", 0.5, "a stage wants a huge lr")
+        step.change("wild", "loss.domain_weights.legal", 9.0, "and a huge weight")
+
+    refused = []
+    new, ds = next_recipe(recipe, [gate], iteration=1, last_good=None, gate_status={}, recent_decisions=[],
+                          rules=[("wild", too_far)], refused=refused)
+    assert new["train"]["lr"] == recipe["train"]["lr"] and not ds
+    assert [r["knob"] for r in refused] == ["train.lr", "loss.domain_weights.legal"]
+    assert "outside its allowed range [1e-05, 0.003]" in refused[0]["reason"]
+    # a narrower configured range refuses the tune rule's next step; it moves another knob instead
+    refused = []
+    spec = StrategySpec(ranges={"train.lr": [1e-4, 3e-4]})
+    new, ds = next_recipe(recipe, [gate], iteration=1, last_good=None, gate_status={}, recent_decisions=[],
+                          spec=spec, refused=refused)
+    assert refused and refused[0]["knob"] == "train.lr" and ds[0].knob == "loss.channels.ce"
+    gate.uncertain = True
+    _, ds = next_recipe(recipe, [gate], iteration=1, last_good=None, gate_status={}, recent_decisions=[])
+    assert not ds
+    with pytest.raises(ConfigError, match=r"loop\.strategy\.exploration"):
+        load_config(RunConfig, None, ["loop.strategy.exploration.budget=0.3"])  # no selection split
+    with pytest.raises(ConfigError, match=r"loop\.strategy\.tune_knobs"):
+        load_config(RunConfig, None, ["loop.strategy.tune_knobs=[train.nope]"])
+
+
+def test_knob_blame_uses_measured_effects():
+    good = {"train": {"lr": 3e-4}, "loss": {"channels": {"kd": 1.0, "ce": 0.1}}, "hard_pool": {}}
+    cur = {"train": {"lr": 6e-4}, "loss": {"channels": {"kd": 1.0, "ce": 0.15}}, "hard_pool": {}}
+    prior_only = knob_blame(cur, good, [("kl", 0.05)])
+    assert prior_only[0]["knob"] == "train.lr"  # lr's prior (0.7) beats the loss channels' (0.5)
+    measured = {"train.lr": {"kl": [-0.04, -0.03]}, "loss.channels.ce": {"kl": [0.08, 0.12]}}
+    blame = knob_blame(cur, good, [("kl", 0.05)], measured, {"kl": True})
+    assert blame[0]["knob"] == "loss.channels.ce" and blame[0]["source"] == "measured"
+    assert blame[1]["weight"] < blame[1]["prior"]  # measured to help: blamed less than its prior
+
+
+# ----------------------------------------------------------------------------------- the real loop, tiny
+
+def _cfg(teacher_dir, root, **extra):
+    over = [f"teacher.path={teacher_dir}", "student.init=config",
+            "student.config={num_hidden_layers: 1, intermediate_size: 32}",
+            "data.max_new_tokens=12", "data.gen_batch_size=8", "train.steps=4", "train.batch_size=2",
+            "train.warmup_steps=0", "train.precision=fp32", "train.lr=1e-5", "targets.top_k=8",
+            "loop.prompts_per_iteration=8", "loop.heldout_prompts=4",
+            "loop.stages=[{name: anchor, iterations: 0}, {name: joint, iterations: 2}]",
+            "loop.perf_lengths=[16]", "loop.perf_repeats=1", f"store_root={root}",
+            "loop.strategy.exploration.budget=0.75", "loop.strategy.exploration.selection_prompts=4",
+            "loop.strategy.exploration.knobs=[train.lr]"]
+    return load_config(RunConfig, None, over + [f"{k}={v}" for k, v in extra.items()])
+
+
+@pytest.fixture(scope="module")
+def explored(tiny_teacher_dir, tmp_path_factory):
+    import os
+
+    root = tmp_path_factory.mktemp("explore")
+    old = os.environ.get("DISTILLGATE_HOME")
+    os.environ["DISTILLGATE_HOME"] = str(tmp_path_factory.getbasetemp() / "dg-home")
+    try:
+        summary = loop_mod.run(_cfg(tiny_teacher_dir, root / "runs", run_id="ex"), progress=False)
+    finally:
+        if old is None:
+            os.environ.pop("DISTILLGATE_HOME")
+        else:
+            os.environ["DISTILLGATE_HOME"] = old
+    return root / "runs", summary
+
+
+def test_exploration_picks_on_a_selection_split_apart_from_the_gates_heldout(explored):
+    root, summary = explored
+    with RunStore.open(root, "ex") as s:
+        v = s.resolve("current")
+        state = v.load_json("loop_state.json")
+        sel, held = set(state["selection_prompts"]), set(state["heldout_prompts"])
+        used = {p for ids in state["used_prompts"].values() for p in ids}
+        assert len(sel) == 4 and not sel & held and not sel & used
+        one = s.get_version(s.versions()[1]["version_id"])
+        ex = one.load_json("exploration.json")
+        assert ex["horizon"] == 1 and len(ex["variants"]) == 3  # main recipe + 2 variants, 0.75 x 4 / 3 steps
+        m = one.load_json("metrics.json")["student"]
+        assert m["explore/steps"] == 3 and m["explore/seconds"] > 0
+    trials = state["strategy"]["trials"]
+    assert len(trials) == 4 and all(t["knob"] == "train.lr" and 1e-4 <= t["proposed"] <= 3e-3 for t in trials)
+    # at lr 1e-5 any proposal in [1e-4, 3e-3] learns faster: exploration adopts one in the first iteration
+    hist = state["history"]
+    assert hist[1]["recipe"]["train"]["lr"] > 1e-4
+    assert any(d["rule"] == "explore" and d["iteration"] == 1 for d in state["decisions"])
+
+
+def test_decisions_with_expected_and_measured_effects_round_trip_through_the_store(explored, capsys):
+    from distillgate.cli import main
+
+    root, _ = explored
+    with RunStore.open(root, "ex") as s:
+        rows = s.versions()
+        for r in rows[1:]:
+            v = s.get_version(r["version_id"])
+            for d in v.load_json("decisions.json"):
+                back = Decision.from_dict(d)
+                assert back.to_dict() == d and back.expected and back.answers
+        cat = s.catalog.decisions()
+        assert any("expected kl" in d["reason"] for d in cat)
+        repairs = [f for f in s.catalog.findings() if f["kind"].startswith("repair_")]
+        assert repairs and all("move" in f["data"] for f in repairs)
+        state = s.resolve("current").load_json("loop_state.json")
+    assert Memory(state["strategy"]).moves
+    assert main(["runs", "show", "ex", "--root", str(root)]) == 0
+    out = capsys.readouterr().out
+    assert "what the strategy learned" in out and "train.lr" in out
+    from distillgate.report.from_store import load_report_data
+    from distillgate.report.html import render_html
+
+    data = load_report_data(str(root), "ex", param_diffs=False)
+    assert type(data).from_dict(data.to_dict()).strategy == data.strategy  # the JSON round trip keeps it
+    html = render_html(data)
+    assert 'id="strategy"' in html and "train.lr" in html
+
+
+def test_resume_mid_exploration_gives_the_uninterrupted_weights(tiny_teacher_dir, tmp_path):
+    from distillgate.testing.resume import assert_same_weights, committed, killed_and_resumed
+
+    # killed in iteration 2's first training call: the exploration's short run of the main recipe
+    run_id = killed_and_resumed(lambda root: _cfg(tiny_teacher_dir, root, run_id="mid"),
+                                (tmp_path / "a", tmp_path / "b"), kill_at=2)
+    (_, wa), (_, wb) = committed(tmp_path / "a", run_id), committed(tmp_path / "b", run_id)
+    assert_same_weights(wa, wb)
+    states = []
+    for root in (tmp_path / "a", tmp_path / "b"):
+        with RunStore.open(root, run_id) as s:
+            states.append(s.resolve("current").load_json("loop_state.json")["strategy"])
+    assert states[0] == states[1] and len(states[0]["trials"]) == 4
