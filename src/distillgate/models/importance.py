@@ -1,10 +1,11 @@
 """Importance of every prunable unit (SPEC S3.2), the scores :func:`distillgate.models.prune.select` cuts by.
 
 ``gradient``: the accumulated ``|dL/dg|`` of a gate on each unit's output, per calibration row; ``fisher``: the
-sum over rows of ``(dL/dg)^2``; ``taylor``: ``sum_t |a . dL/da|``; ``obd``: Optimal Brain Damage on the model's own output, the gate's
-diagonal Fisher ``sum_rows (d log p(y)/dg)^2`` with ``y`` sampled from the model itself (an unbiased estimate
-of the second-order growth of KL(model || model without the unit); its first-order term is zero, so the
-scores need no teacher and do not mix in what the unconverged student still gets wrong); ``activation`` (Minitron): mean activation
+sum over rows of ``(dL/dg)^2``; ``taylor``: ``sum_t |a . dL/da|``; ``obd``: Optimal Brain Damage on the model's
+own output, the gate's diagonal softmax Fisher ``sum_rows (dz/dg . c)^2`` with Gaussian probes
+``c ~ N(0, diag(p) - p p^T)`` at every position (an unbiased estimate of the second derivative of
+KL(model || model without the unit); its first-order term is zero, so it needs no teacher and does not mix in what
+an unconverged student still gets wrong); ``activation`` (Minitron): mean activation
 magnitude; ``magnitude``: weight norms; ``random``. L is the distillation loss (forward KL to the teacher's
 logits on the same tokens), or a model's own next-token NLL when it scores itself (the teacher)."""
 
