@@ -7,8 +7,9 @@ and MLP units chosen by each importance method, then run the same short re-disti
 The student: the demo's (configs/demo.yaml: 15 of the teacher's 30 blocks, MLP 1024; ``--layer-selection``
 picks how it is derived), trained ``--pre-steps`` steps on the teacher's answers so the scores are taken on a
 student that has started to learn. Each method then: importance on ``--calib-tokens`` calibration tokens of the
-teacher's answers (gradient: accumulated |dL/dg| per row; taylor: sum_t |a.dL/da|; activation: Minitron mean
-activation magnitude; magnitude: weight norms; random), the cut (GQA-aware: every KV group keeps the same number
+teacher's answers (gradient: accumulated |dL/dg| per row; taylor: sum_t |a.dL/da|; obd: the gate's Fisher on the
+student's own output, Optimal Brain Damage; activation: Minitron mean activation magnitude; magnitude: weight
+norms; random), the cut (GQA-aware: every KV group keeps the same number
 of query heads), plain surgery (no fade, no fold-in: the methods are compared on what they choose), and the same
 ``--redistil-steps`` of distillation (same data, same order, same seed). Reported per method: held-out KL to the
 teacher (exact, on held-out teacher answers) and the WikiText-2 perplexity ratio student/teacher, before and
@@ -38,7 +39,7 @@ WIKITEXT = ROOT.parent / "shared" / "datasets" / "wikitext2" / "valid.txt"
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default=str(ROOT / "configs" / "demo.yaml"))
-    ap.add_argument("--methods", default="gradient,taylor,activation,magnitude,random")
+    ap.add_argument("--methods", default="gradient,obd,activation,taylor,magnitude,random")
     ap.add_argument("--heads-keep", type=float, default=0.7)
     ap.add_argument("--mlp-keep", type=float, default=0.7)
     ap.add_argument("--layer-selection", default=None, help="override student.layer_selection (the config's "

@@ -139,6 +139,36 @@ def test_gradient_importance_is_the_gate_derivative(tiny_tokenizer, ids):
         assert abs(abs(fd) - float(s[li, h])) < 0.05 * abs(fd) + 1e-6, (li, h, fd, float(s[li, h]))
 
 
+def test_obd_importance_is_the_gate_fisher(tiny_tokenizer, ids):
+    """obd: the mean of many sampled scores matches d^2/dg^2 KL(p || p_g) at g = 1 (the gate's Fisher), by a
+    finite difference, and it needs no teacher."""
+    m = _model("llama", len(tiny_tokenizer)).double()
+    row = ids[:1]
+    n = 256  # each row's estimate is a Gaussian square, relative std sqrt(2): 9% over n rows
+    s = I.importance(m, row.repeat(n, 1), kinds=("heads", "mlp"), method="obd", seed=3)
+    with torch.no_grad():
+        p_full = torch.log_softmax(m(row).logits[:, :-1].double(), -1)
+
+    def kl(kind, gv):
+        g = P.Gates(m, (kind,))
+        g.values[kind] = gv
+        with torch.no_grad(), g:
+            lg = torch.log_softmax(m(row).logits[:, :-1].double(), -1)
+        return float((p_full.exp() * (p_full - lg)).sum())
+
+    eps = 2e-2
+    for kind, li, u, shape in (("heads", 0, 1, (3, 4)), ("heads", 2, 3, (3, 4)), ("mlp", 1, 5, (3, 64))):
+        up = torch.ones(shape, dtype=torch.float64)
+        dn = up.clone()
+        up[li, u] += eps
+        dn[li, u] -= eps
+        fd = (kl(kind, up) + kl(kind, dn)) / eps ** 2   # KL(p || p) = 0 at the centre
+        est = float(s[kind][li, u]) / n
+        assert abs(est - fd) < 0.35 * fd + 1e-12, (kind, li, u, fd, est)
+    other = I.importance(m, row.repeat(n, 1), kinds=("heads",), method="obd", seed=4)["heads"]
+    assert not torch.equal(other, s["heads"])  # sampled: the seed matters, and it is the only randomness
+
+
 def test_teacher_identical_student_has_zero_gradient_scores(tiny_tokenizer, ids):
     m = _model("llama", len(tiny_tokenizer)).double()
     s = I.importance(m, ids, kinds=("heads", "mlp"), method="gradient", teacher=m)

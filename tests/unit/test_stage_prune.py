@@ -165,7 +165,7 @@ def test_every_kind_and_teacher_scores_and_a_params_target(tiny_teacher_dir, tmp
               "keep: {layers: 0.67, hidden: 0.75, rotary: 0.5}, importance: {calib_tokens: 256, method: taylor}, "
               "tolerance: 10.0}}, "
               "{name: prune, iterations: 1, options: {cycles: 1, kinds: [heads, mlp], gqa: whole_groups, "
-              "target: {params: 17000}, importance: {calib_tokens: 256, source: teacher}, tolerance: 10.0}}]")
+              "target: {params: 17000}, importance: {calib_tokens: 256, method: obd, source: teacher}, tolerance: 10.0}}]")
     loop_mod.run(_cfg(tiny_teacher_dir, tmp_path / "runs", stages, run_id="k"), progress=False)
     with RunStore.open(tmp_path / "runs", "k") as s:
         state = s.resolve("current").load_json("loop_state.json")
@@ -176,7 +176,7 @@ def test_every_kind_and_teacher_scores_and_a_params_target(tiny_teacher_dir, tmp
     assert structs[0]["layers"] == 3 and structs[1]["layers"] == 2
     assert structs[1]["hidden_size"] == 24 and structs[1]["head_dim"] == 4
     assert rep1["method"] == "taylor" and set(rep1["kinds"]) == {"layers", "hidden", "rotary"}
-    assert rep2["source"] == "teacher"
+    assert rep2["source"] == "teacher" and rep2["method"] == "obd"  # obd scores the teacher on its own output
     # whole KV groups: query heads stay 2 per KV head; the params target is approached in one cut
     assert structs[2]["heads"] == 2 * structs[2]["kv_heads"]
     assert structs[2]["kv_heads"] < 2 or structs[2]["intermediate_size"] < 64

@@ -1,7 +1,11 @@
 """Importance of every prunable unit (SPEC S3.2), the scores :func:`distillgate.models.prune.select` cuts by.
 
 ``gradient``: the accumulated ``|dL/dg|`` of a gate on each unit's output, per calibration row; ``fisher``: the
-sum over rows of ``(dL/dg)^2``; ``taylor``: ``sum_t |a . dL/da|``; ``activation`` (Minitron): mean activation
+sum over rows of ``(dL/dg)^2``; ``taylor``: ``sum_t |a . dL/da|``; ``obd``: Optimal Brain Damage on the model's
+own output, the gate's diagonal softmax Fisher ``sum_rows (dz/dg . c)^2`` with Gaussian probes
+``c ~ N(0, diag(p) - p p^T)`` at every position (an unbiased estimate of the second derivative of
+KL(model || model without the unit); its first-order term is zero, so it needs no teacher and does not mix in what
+an unconverged student still gets wrong); ``activation`` (Minitron): mean activation
 magnitude; ``magnitude``: weight norms; ``random``. L is the distillation loss (forward KL to the teacher's
 logits on the same tokens), or a model's own next-token NLL when it scores itself (the teacher)."""
 
@@ -13,7 +17,7 @@ from ..errors import ConfigError
 from ..losses.divergence import kl_logprobs
 from .prune import Gates, _rows, dims
 
-METHODS = ("gradient", "fisher", "taylor", "activation", "magnitude", "random")
+METHODS = ("gradient", "fisher", "taylor", "obd", "activation", "magnitude", "random")
 
 
 def kl_sum(s_logits: torch.Tensor, t_logits: torch.Tensor) -> torch.Tensor:
@@ -116,11 +120,23 @@ def importance(model, calib_ids: torch.Tensor, *, kinds=("heads", "mlp"), method
                 else:
                     out[key] = torch.stack([torch.stack(act[(key, i)]).sum(0) for i in range(D["layers"])]) / n_tok
             return out
+        gen = torch.Generator(device=dev).manual_seed(seed)
         with Gates(model, kinds, per_token=True) as gates, torch.enable_grad():
             for ids, m in _rows(calib_ids.to(dev), attention_mask):
                 gates.records.clear()
                 logits = model(input_ids=ids, attention_mask=m, use_cache=False).logits[:, :-1]
-                if teacher is not None:
+                if method == "obd":
+                    # a Gaussian probe c ~ N(0, diag(p) - p p^T) per position: E[(dz/dg . c)^2] is the softmax
+                    # Fisher J^T (diag(p) - p p^T) J of the gate, with lighter tails than a sampled label's score
+                    z = logits.to(torch.promote_types(logits.dtype, torch.float32))
+                    with torch.no_grad():
+                        p = torch.softmax(z, -1)
+                        e, r = torch.randn(z.shape, generator=gen, device=z.device, dtype=z.dtype), p.sqrt()
+                        c = r * e - p * (r * e).sum(-1, keepdim=True)  # covariance diag(p) - p p^T
+                        if m is not None:  # padded positions count nothing
+                            c = c * m[:, 1:, None].to(c.dtype)
+                    loss = (z * c).sum()
+                elif teacher is not None:
                     with torch.no_grad():
                         t_logits = teacher(input_ids=ids, attention_mask=m, use_cache=False).logits[:, :-1]
                     loss = kl_sum(logits, t_logits) / max(1, logits.shape[1])
@@ -138,7 +154,7 @@ def importance(model, calib_ids: torch.Tensor, *, kinds=("heads", "mlp"), method
                         gr = gr.double()  # [B, T, U]
                         if method == "taylor":
                             val = gr.abs().sum((0, 1))
-                        elif method == "fisher":
+                        elif method in ("fisher", "obd"):
                             val = gr.sum(1).pow(2).sum(0)
                         else:
                             val = gr.sum(1).abs().sum(0)

@@ -66,9 +66,10 @@ class PruneTarget(BaseModel):
 
 class ImportanceOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    method: Literal["gradient", "fisher", "taylor", "activation", "magnitude", "random"] = Field(
+    method: Literal["gradient", "fisher", "taylor", "obd", "activation", "magnitude", "random"] = Field(
         "gradient", description="gradient: accumulated |dL/dg| per calibration row; fisher: sum of (dL/dg)^2 per row; "
-                                "taylor: sum_t |a.dL/da|; "
+                                "taylor: sum_t |a.dL/da|; obd: the gate's Fisher on the model's own output "
+                                "(Optimal Brain Damage, no teacher needed); "
                                 "activation: Minitron mean activation magnitude; magnitude: weight norms; random")
     source: Literal["student", "teacher"] = Field("student", description="score the student, or the teacher's "
                                                   "corresponding units through the layer/unit maps")
