@@ -57,8 +57,11 @@ RULES: dict[str, tuple[str, str]] = {
                 r"to hide\b|\bdrop the instructions\b"),
 }
 _COMPILED = [(name, kind, re.compile(p, re.I | re.M)) for name, (kind, p) in RULES.items()]
-CUES = re.compile(r"\b(instruction|prompt|rule|system|mean|means|pretend|refuse|prove|ignore|secret|reveal|"
-                  r"role|policy|debug|override|lying|forget)\w*", re.I)
+# Words attacks lean on and normal requests rarely use: only a text with one pays for the MiniLM stage
+# (measured on the traffic generator's 15 types: 35 of 1,500 normal requests, most of them s4_format_injection,
+# against 121 with a broader list that had "rule", "mean", "system", "policy").
+CUES = re.compile(r"\b(instructions?|prompt|pretend|refus\w*|prove[sn]?|ignor\w*|secret|reveal\w*|debug|override|"
+                  r"lying|forget|rules|means|disregard\w*|jailbreak)\b", re.I)
 
 # Known attack phrasings (public prompt-injection / jailbreak examples, paraphrased), embedded once.
 LIBRARY: dict[str, tuple[str, ...]] = {
@@ -141,6 +144,8 @@ class Detector:
         self._encoder, self._lib, self._lib_meta = encoder, None, []
         self._cache: OrderedDict[str, np.ndarray] = OrderedDict()
         self._cache_size = cache_size
+        self.config = {"semantic": semantic, "threshold": threshold, "cache_size": cache_size,
+                       "max_sentences": max_sentences, "use_rules": use_rules}  # rebuilds it in a child process
 
     # ------------------------------------------------------------------ stages
     def rules(self, text: str) -> Detection:
@@ -209,3 +214,23 @@ class Detector:
         """Load the encoder and embed the library now (not on the first request)."""
         if self.semantic != "off":
             self._load()
+
+
+# ---------------------------------------------------------------------- the MiniLM stage in its own process
+# The gateway runs the encoder in a child process: in a thread of the gateway's process its ~100 ms of Python
+# and torch work per request contends for the GIL with the event loop and raised every request's latency
+# (bench/operations.py, measured: normal-traffic p50 171 ms vs 49 ms without a detector on the same load).
+_CHILD: Detector | None = None
+
+
+def child_init(config: dict) -> None:
+    global _CHILD
+    import torch
+
+    torch.set_num_threads(1)
+    _CHILD = Detector(**config)
+    _CHILD.warm_up()
+
+
+def child_similar(text: str) -> Detection:
+    return _CHILD.similar(text)

@@ -10,7 +10,8 @@ after one JSON parse, the response bytes passed through untouched; parsing the r
 metrics and the shadow call all run after the last byte has gone to the client (a background task).
 
 G-O1 (:mod:`distillgate.ops`), both optional: a ``detector`` runs on each request before routing (rules
-first, MiniLM similarity in a one-thread executor only when the rules found nothing and the text has a cue) and
+first, MiniLM similarity in a one-process pool only when the rules found nothing, the text has a cue and
+fewer than ``semantic_queue_max`` requests already wait for it: the encoder must not set the tail latency) and
 answers a detected attack with the degraded safe response (``X-Distillgate-Degraded: <kind>``; the backend is
 never called); ``breaker`` options give each backend a closed / open / half-open circuit breaker (failures:
 unreachable, timeout, HTTP 5xx) and a request the breaker refuses or whose call fails goes to the ``fallback``
@@ -31,7 +32,8 @@ import random
 import logging
 import secrets
 import time
-from concurrent.futures import ThreadPoolExecutor
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from typing import Awaitable, Callable
 
@@ -47,7 +49,7 @@ from ..ops import compliance as safe
 from ..ops.breaker import BackendBreaker, BackendFailure
 from .assign import Assigner
 from .backends import Backend
-from ..ops.detectors import Detection, user_text
+from ..ops.detectors import Detection, child_init, child_similar, user_text
 from .log import RequestLog, RequestRecord
 
 log = logging.getLogger(__name__)
@@ -79,6 +81,7 @@ class GatewayState:
     detector: object | None = None  # distillgate.ops.detectors.Detector: G-O1 pre-request stage
     breaker: dict | None = None  # BackendBreaker options (fail_max, reset_timeout_s, timeout_s); None: no breaker
     fallback: Backend | None = None  # the previous stable version: serves while a backend's breaker is open
+    semantic_queue_max: int = 2  # MiniLM costs ~100 ms a request on a loaded CPU: at most this many queue for it
     breakers: dict = field(default_factory=dict)  # Backend -> BackendBreaker (a swapped-in backend starts closed)
 
     def breaker_for(self, backend: Backend) -> BackendBreaker | None:
@@ -139,6 +142,9 @@ class _Metrics:
                                 "(G-O1), per attack kind and detector stage", ["kind", "stage"], registry=r)
         self.detect = Histogram("distillgate_detector_seconds", "G-O1 detector time per request",
                                 buckets=(.0001, .0005, .001, .005, .01, .025, .05, .1, .25, .5), registry=r)
+        self.semantic_skipped = Counter("distillgate_detector_semantic_skipped", "requests whose MiniLM stage was "
+                                        "skipped because semantic_queue_max requests already waited for it",
+                                        registry=r)
         self.fallbacks = Counter("distillgate_fallbacks", "requests served by the fallback backend, per arm and "
                                  "reason", ["arm", "reason"], registry=r)
         self.shadow_latency = Histogram("distillgate_shadow_latency_seconds", "shadow call latency",
@@ -179,18 +185,25 @@ def build_app(state: GatewayState) -> FastAPI:
     metrics = _Metrics()
     http: dict[str, aiohttp.ClientSession] = {}
     rng = random.Random(secrets.randbits(64))  # shadow sampling; not security-relevant
-    # one thread: the encoder and its cache are used by one request at a time; the event loop stays free
-    encoder_pool = ThreadPoolExecutor(1, thread_name_prefix="distillgate-detector")
+    # the MiniLM stage: one child process (the encoder off the GIL of the event loop), one request at a time
+    pool: dict = {}
+    queued = [0]  # requests waiting for / in the MiniLM stage
 
     async def lifespan(app):
         connector = aiohttp.TCPConnector(limit=0, limit_per_host=0, keepalive_timeout=60, ttl_dns_cache=None)
         http["s"] = aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(
             total=state.upstream_timeout_s, sock_connect=10))
+        det = state.detector
+        if det is not None and det.semantic != "off":
+            pool["p"] = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"),
+                                            initializer=child_init, initargs=(det.config,))
+            await asyncio.get_running_loop().run_in_executor(pool["p"], child_similar, "warm up the encoder")
         yield
         if state.pending:
             await asyncio.wait(list(state.pending), timeout=30)
         await http["s"].close()
-        encoder_pool.shutdown(wait=False)
+        if "p" in pool:
+            pool["p"].shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(title="distillgate gateway", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.gateway = state
@@ -304,7 +317,14 @@ def build_app(state: GatewayState) -> FastAPI:
         t = time.perf_counter()
         d = det.rules(text) if det.use_rules else Detection(False)
         if not d.triggered and det.wants_semantic(text):
-            d = await asyncio.get_running_loop().run_in_executor(encoder_pool, det.similar, text)
+            if queued[0] >= state.semantic_queue_max:  # a bounded wait: past it the rules' verdict stands
+                metrics.semantic_skipped.inc()
+            else:
+                queued[0] += 1
+                try:
+                    d = await asyncio.get_running_loop().run_in_executor(pool["p"], child_similar, text)
+                finally:
+                    queued[0] -= 1
         d.ms = (time.perf_counter() - t) * 1000
         metrics.detect.observe(d.ms / 1000)
         return d
