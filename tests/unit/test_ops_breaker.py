@@ -246,3 +246,13 @@ def test_breaker_report_feeds_the_g_o1_gates_with_provenance(tmp_path):
     p.write_text(json.dumps({"provenance": "generated attacks", "n_attacks": 10, "breaker_p99_ms": None}))
     with pytest.raises(InputError, match="breaker_p99_ms"):
         read_report(p)
+
+
+def test_a_cancelled_request_is_not_a_backend_failure():
+    import asyncio
+
+    b = BackendBreaker("v9", fail_max=1, reset_timeout_s=30)
+    with pytest.raises(asyncio.CancelledError):
+        with b.guard():
+            raise asyncio.CancelledError()
+    assert b.state == "closed"

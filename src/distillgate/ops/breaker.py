@@ -9,11 +9,13 @@ success closes the breaker, its failure opens it again.
 
 pybreaker's ``call_async`` needs tornado; its ``calling()`` context manager runs the state machine around a
 block, which on one event loop thread may span an ``await`` (the state is read and updated under its lock
-before and after the block, never across it).
+before and after the block, never across it). In half-open, pybreaker lets every request through until
+the first one returns (not only one trial): a few in-flight requests may hit a still-failing backend.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 
 import pybreaker
@@ -29,8 +31,9 @@ class BackendBreaker:
             raise ValueError(f"breaker {name}: fail_max >= 1, reset_timeout_s > 0 and timeout_s > 0 needed, got "
                              f"{fail_max}, {reset_timeout_s}, {timeout_s}")
         self.name, self.timeout_s = name, timeout_s
+        # a cancelled request (the client went away) says nothing about the backend: not a failure
         self.cb = pybreaker.CircuitBreaker(fail_max=fail_max, reset_timeout=reset_timeout_s, name=name,
-                                           throw_new_error_on_trip=False)
+                                           throw_new_error_on_trip=False, exclude=[asyncio.CancelledError])
         self.transitions: list[tuple[str, str]] = []
         breaker = self
 
