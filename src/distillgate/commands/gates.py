@@ -59,6 +59,8 @@ def register(subparsers) -> None:
                    "(G-B) are measured from it, with its provenance")
     g.add_argument("--traffic-provenance", default="real", choices=("real", "replay", "simulated"),
                    help="what --traffic-log is, for lines that do not say (default: real production logs)")
+    g.add_argument("--breaker-report", default=None, metavar="FILE", help="a G-O1 breaker report (bench/"
+                   "operations.py --out): the G-O1 gates are read from it, with its provenance (generated attacks)")
     g.add_argument("--window-days", type=float, default=30.0, help="KPI window over the log's timestamps (G-B1)")
     g.add_argument("--seed", type=int, default=P["seed"])
     g.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
@@ -160,6 +162,11 @@ def run(args: argparse.Namespace) -> int:
         _positive("--window-days", args.window_days)
         business = evaluate_window(read_events(args.traffic_log, args.traffic_provenance),
                                    window_days=args.window_days, seed=args.seed)
+    breaker_report = None
+    if args.breaker_report:
+        from ..ops.gate import read_report
+
+        breaker_report = read_report(args.breaker_report)
     given: dict[str, float | None] = {}
     for f in args.metrics:
         given.update(read_metrics(f))
@@ -184,7 +191,8 @@ def run(args: argparse.Namespace) -> int:
         "warmup": args.warmup, "context_len": args.context_len, "volatility_requests": args.volatility_requests,
         "leak_seconds": args.leak_seconds, "threads": args.threads, "seed": args.seed, "data_dir": args.data_dir,
         "inheritance_groups": args.inheritance_groups, "path_instructions": args.path_instructions,
-        "trust_remote_code": args.trust_remote_code, "business": business})
+        "trust_remote_code": args.trust_remote_code, "business": business,
+        "breaker_report": breaker_report})
     from ..perf import torch_threads
 
     with torch_threads(args.threads):  # every measurement (perplexity too) runs on the same thread count

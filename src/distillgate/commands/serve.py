@@ -45,6 +45,7 @@ def run(args) -> int:
     from ..serve import backends
     from ..serve.assign import Assigner
     from ..serve.gateway import GatewayState, build_app
+    from ..ops.detectors import Detector
     from ..serve.log import RequestLog, log_path
     from ..serve.server import check_host, serve_forever
     from ..serve.spec import ServingSpec
@@ -122,10 +123,16 @@ def run(args) -> int:
                              request_log=log, shadow=control if (args.shadow or spec.shadow) else None,
                              shadow_fraction=spec.shadow_fraction, token=args.token,
                              max_body_bytes=spec.max_body_bytes, max_tokens_limit=spec.max_tokens_limit,
-                             launcher=launcher, stop_replaced=True)
+                             launcher=launcher, stop_replaced=True, fallback=control if spec.breaker else None,
+                             breaker={"fail_max": spec.breaker_fail_max, "reset_timeout_s": spec.breaker_reset_s,
+                                      "timeout_s": spec.breaker_timeout_s} if spec.breaker else None,
+                             detector=None if spec.detector == "off" else Detector(
+                                 semantic="suspicious" if spec.detector == "rules+minilm" else "off",
+                                 threshold=spec.detector_threshold))
         print(f"gateway on http://{args.host}:{args.port}/v1 (model 'distillgate'): candidate {candidate.version} "
               f"{spec.candidate_weight:.0%}, control {control.version} {1 - spec.candidate_weight:.0%}"
-              + (", shadow on" if state.shadow else "") + f"; request log {log.path}; Ctrl-C stops")
+              + (", shadow on" if state.shadow else "") + (f", detector {spec.detector}" if state.detector else "")
+              + (", breaker on (fallback: control)" if state.breaker else "") + f"; request log {log.path}; Ctrl-C stops")
         try:
             serve_forever(build_app(state), args.host, args.port)
         except KeyboardInterrupt as e:

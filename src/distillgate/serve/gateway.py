@@ -9,6 +9,14 @@ Overhead is kept to the proxying itself: one persistent aiohttp connection pool,
 after one JSON parse, the response bytes passed through untouched; parsing the response for the log, the
 metrics and the shadow call all run after the last byte has gone to the client (a background task).
 
+G-O1 (:mod:`distillgate.ops`), both optional: a ``detector`` runs on each request before routing (rules
+first, MiniLM similarity in a one-process pool only when the rules found nothing, the text has a cue and
+fewer than ``semantic_queue_max`` requests already wait for it: the encoder must not set the tail latency) and
+answers a detected attack with the degraded safe response (``X-Distillgate-Degraded: <kind>``; the backend is
+never called); ``breaker`` options give each backend a closed / open / half-open circuit breaker (failures:
+unreachable, timeout, HTTP 5xx) and a request the breaker refuses or whose call fails goes to the ``fallback``
+backend (the previous stable version; ``X-Distillgate-Fallback``), else a 503 ``circuit_open``.
+
 Model names a client may send: the gateway's ``public_model`` (default ``distillgate``; also an empty or
 missing ``model``) goes through the A/B assignment; an arm's name forces that arm (for direct comparisons);
 anything else is a 404 ``model_not_found``. User and session come from the ``X-User-Id`` / ``X-Session-Id``
@@ -24,18 +32,24 @@ import random
 import logging
 import secrets
 import time
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from typing import Awaitable, Callable
 
 import aiohttp
 from fastapi import FastAPI, Request
+from pybreaker import CircuitBreakerError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from starlette.background import BackgroundTask
 
 from ..errors import DistillgateError
+from ..ops import compliance as safe
+from ..ops.breaker import BackendBreaker, BackendFailure
 from .assign import Assigner
 from .backends import Backend
+from ..ops.detectors import Detection, child_init, child_similar, user_text
 from .log import RequestLog, RequestRecord
 
 log = logging.getLogger(__name__)
@@ -64,6 +78,18 @@ class GatewayState:
     launcher: Callable[[str], Awaitable[Backend]] | None = None
     stop_replaced: bool = True
     pending: set = field(default_factory=set)  # background tasks (shadow calls + log writes) still running
+    detector: object | None = None  # distillgate.ops.detectors.Detector: G-O1 pre-request stage
+    breaker: dict | None = None  # BackendBreaker options (fail_max, reset_timeout_s, timeout_s); None: no breaker
+    fallback: Backend | None = None  # the previous stable version: serves while a backend's breaker is open
+    semantic_queue_max: int = 2  # MiniLM costs ~100 ms a request on a loaded CPU: at most this many queue for it
+    breakers: dict = field(default_factory=dict)  # Backend -> BackendBreaker (a swapped-in backend starts closed)
+
+    def breaker_for(self, backend: Backend) -> BackendBreaker | None:
+        if self.breaker is None:
+            return None
+        if backend not in self.breakers:
+            self.breakers[backend] = BackendBreaker(backend.version, **self.breaker)
+        return self.breakers[backend]
 
 
 class Refused(Exception):
@@ -112,6 +138,15 @@ class _Metrics:
         self.refused = Counter("distillgate_refused", "requests refused before routing (4xx), per reason",
                                ["reason"], registry=r)
         self.inflight = Gauge("distillgate_inflight", "requests in flight, per arm", ["arm"], registry=r)
+        self.degraded = Counter("distillgate_degraded", "requests answered with the degraded safe response "
+                                "(G-O1), per attack kind and detector stage", ["kind", "stage"], registry=r)
+        self.detect = Histogram("distillgate_detector_seconds", "G-O1 detector time per request",
+                                buckets=(.0001, .0005, .001, .005, .01, .025, .05, .1, .25, .5), registry=r)
+        self.semantic_skipped = Counter("distillgate_detector_semantic_skipped", "requests whose MiniLM stage was "
+                                        "skipped because semantic_queue_max requests already waited for it",
+                                        registry=r)
+        self.fallbacks = Counter("distillgate_fallbacks", "requests served by the fallback backend, per arm and "
+                                 "reason", ["arm", "reason"], registry=r)
         self.shadow_latency = Histogram("distillgate_shadow_latency_seconds", "shadow call latency",
                                         buckets=lat_buckets, registry=r)
 
@@ -150,15 +185,25 @@ def build_app(state: GatewayState) -> FastAPI:
     metrics = _Metrics()
     http: dict[str, aiohttp.ClientSession] = {}
     rng = random.Random(secrets.randbits(64))  # shadow sampling; not security-relevant
+    # the MiniLM stage: one child process (the encoder off the GIL of the event loop), one request at a time
+    pool: dict = {}
+    queued = [0]  # requests waiting for / in the MiniLM stage
 
     async def lifespan(app):
         connector = aiohttp.TCPConnector(limit=0, limit_per_host=0, keepalive_timeout=60, ttl_dns_cache=None)
         http["s"] = aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(
             total=state.upstream_timeout_s, sock_connect=10))
+        det = state.detector
+        if det is not None and det.semantic != "off":
+            pool["p"] = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"),
+                                            initializer=child_init, initargs=(det.config,))
+            await asyncio.get_running_loop().run_in_executor(pool["p"], child_similar, "warm up the encoder")
         yield
         if state.pending:
             await asyncio.wait(list(state.pending), timeout=30)
         await http["s"].close()
+        if "p" in pool:
+            pool["p"].shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(title="distillgate gateway", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.gateway = state
@@ -265,6 +310,61 @@ def build_app(state: GatewayState) -> FastAPI:
         if state.request_log is not None:
             state.request_log.add(rec)
 
+    async def _detect(payload: dict):
+        """Rules inline (microseconds); the MiniLM stage off the event loop, only when it is wanted."""
+        det = state.detector
+        text = user_text(payload)
+        t = time.perf_counter()
+        d = det.rules(text) if det.use_rules else Detection(False)
+        if not d.triggered and det.wants_semantic(text):
+            if queued[0] >= state.semantic_queue_max:  # a bounded wait: past it the rules' verdict stands
+                metrics.semantic_skipped.inc()
+            else:
+                queued[0] += 1
+                try:
+                    d = await asyncio.get_running_loop().run_in_executor(pool["p"], child_similar, text)
+                finally:
+                    queued[0] -= 1
+        d.ms = (time.perf_counter() - t) * 1000
+        metrics.detect.observe(d.ms / 1000)
+        return d
+
+    def _degraded(d, rec: RequestRecord, rid: str, stream: bool, t0: float):
+        metrics.degraded.labels(d.kind, d.stage).inc()
+        rec.arm, rec.model_version, rec.status, rec.finish_reason = None, safe.DEGRADED_MODEL, 200, "stop"
+        rec.response = safe.safe_text(d.kind)
+        rec.latency_ms = rec.ttft_ms = (time.perf_counter() - t0) * 1000
+        metrics.requests.labels("degraded", "200").inc()
+        if state.request_log is not None:
+            state.request_log.add(rec)
+        headers = {"X-Request-Id": rid, "X-Distillgate-Degraded": d.kind,
+                   "X-Distillgate-Detector": f"{d.stage}:{d.rule}"[:200]}
+        if stream:
+            return Response(safe.degraded_sse(d.kind, rid), media_type="text/event-stream", headers=headers)
+        return Response(json.dumps(safe.degraded_completion(d.kind, rid)), media_type="application/json",
+                        headers=headers)
+
+    async def _post(backend: Backend, payload: dict):
+        """POST to ``backend`` through its breaker: returns the response (status < 500, headers read); raises
+        CircuitBreakerError (open), BackendFailure (5xx: the body is read and kept in ``.body``) or the
+        aiohttp / timeout error, each counted by the breaker."""
+        data = json.dumps(dict(payload, model=backend.model))
+        brk = state.breaker_for(backend)
+        if brk is None:
+            return await http["s"].post(backend.url + ROUTE, data=data, headers=_JSON)
+        with brk.guard():
+            resp = await asyncio.wait_for(http["s"].post(backend.url + ROUTE, data=data, headers=_JSON),
+                                          brk.timeout_s)
+            if resp.status >= 500:
+                try:
+                    body = await resp.read()
+                finally:
+                    resp.release()
+                e = BackendFailure(f"backend HTTP {resp.status}")
+                e.status, e.body = resp.status, body
+                raise e
+            return resp
+
     ids = itertools.count()
     id_prefix = secrets.token_hex(6)
 
@@ -283,23 +383,60 @@ def build_app(state: GatewayState) -> FastAPI:
             arm, user, session = _route(payload, request, rid)
         except Refused as e:
             return _refuse(e)
+        stream = bool(payload.get("stream", False))
+        if state.detector is not None:
+            d = await _detect(payload)
+            if d.triggered:
+                user = request.headers.get("x-user-id")
+                return _degraded(d, RequestRecord(request_id=rid, ts=ts, route=ROUTE, status=0, user_id=user,
+                                                  session_id=request.headers.get("x-session-id"),
+                                                  experiment=state.assigner.experiment, stream=stream,
+                                                  request=payload), rid, stream, t0)
         backend = state.arms[arm]  # this request keeps this backend even if the arm is swapped meanwhile
         backend.inflight += 1
         metrics.inflight.labels(arm).inc()
-        stream = bool(payload.get("stream", False))
         rec = RequestRecord(request_id=rid, ts=ts, route=ROUTE, status=0, user_id=user, session_id=session,
                             experiment=state.assigner.experiment, arm=arm, model_version=backend.version,
                             stream=stream, request=payload)
         headers = {"X-Request-Id": rid, "X-Distillgate-Arm": arm, "X-Distillgate-Version": backend.version}
-        up = dict(payload, model=backend.model)
+        failed_body = None
         try:
-            resp = await http["s"].post(backend.url + ROUTE, data=json.dumps(up), headers=_JSON)
-        except (aiohttp.ClientError, asyncio.TimeoutError) as e:
-            rec.status, rec.error = 502, f"backend unreachable: {type(e).__name__}: {e}"
+            resp = await _post(backend, payload)
+        except (CircuitBreakerError, BackendFailure, aiohttp.ClientError, asyncio.TimeoutError) as e:
+            reason = ("circuit_open" if isinstance(e, CircuitBreakerError) else
+                      "http_5xx" if isinstance(e, BackendFailure) else "timeout" if isinstance(
+                          e, asyncio.TimeoutError) else "unreachable")
+            fb = state.fallback
+            if fb is not None and fb is not backend:
+                metrics.fallbacks.labels(arm, reason).inc()
+                backend.inflight -= 1
+                fb.inflight += 1
+                backend, rec.model_version = fb, fb.version
+                headers.update({"X-Distillgate-Version": fb.version, "X-Distillgate-Fallback": reason})
+                try:
+                    resp = await http["s"].post(fb.url + ROUTE, data=json.dumps(dict(payload, model=fb.model)),
+                                                headers=_JSON)
+                except (aiohttp.ClientError, asyncio.TimeoutError) as e2:
+                    e = e2
+                    resp = None
+            else:
+                resp = None
+            if resp is None and isinstance(e, BackendFailure):
+                resp, failed_body = None, (e.status, e.body)
+            elif resp is None:
+                rec.status = 503 if isinstance(e, CircuitBreakerError) else 502
+                rec.error = (f"circuit open for {backend.version} and no fallback" if rec.status == 503 else
+                             f"backend unreachable: {type(e).__name__}: {e}")
+                rec.latency_ms = (time.perf_counter() - t0) * 1000
+                _spawn(_finish(rec, t0, None, None, payload, backend, arm))
+                code = "circuit_open" if rec.status == 503 else "backend_unreachable"
+                return JSONResponse(_error_body(rec.error, code, kind="server_error"), rec.status, headers=headers)
+        if failed_body is not None:
+            rec.status, body = failed_body
+            rec.error = f"backend HTTP {rec.status}: {body[:300].decode(errors='replace')}"
             rec.latency_ms = (time.perf_counter() - t0) * 1000
-            _spawn(_finish(rec, t0, None, None, payload, backend, arm))
-            return JSONResponse(_error_body(rec.error, "backend_unreachable", kind="server_error"), 502,
-                                headers=headers)
+            return Response(body, status_code=rec.status, media_type="application/json", headers=headers,
+                            background=BackgroundTask(_later, rec, t0, body, None, payload, backend, arm))
         if not stream or resp.status != 200:
             try:
                 body = await resp.read()
@@ -354,7 +491,10 @@ def build_app(state: GatewayState) -> FastAPI:
     async def health():
         return {"status": "ok", "experiment": state.assigner.experiment, "weights": state.assigner.weights,
                 "arms": {a: {"version": b.version, "inflight": b.inflight} for a, b in state.arms.items()},
-                "shadow": state.shadow.version if state.shadow else None}
+                "shadow": state.shadow.version if state.shadow else None,
+                "fallback": state.fallback.version if state.fallback else None,
+                "breakers": {b.version: brk.to_json() for b, brk in state.breakers.items()},
+                "detector": None if state.detector is None else state.detector.semantic}
 
     @app.get("/metrics")
     async def prometheus():

@@ -23,8 +23,10 @@ user_id                TEXT     header ``X-User-Id``, else the body's ``user``; 
 session_id             TEXT     header ``X-Session-Id``; NULL if absent
 experiment             TEXT     experiment name the arm was drawn in (config ``serving.experiment``)
 arm                    TEXT     arm served (e.g. ``control`` / ``candidate``); assignment is sticky per
-                                user (or session when there is no user), deterministic (murmur3 hashing)
-model_version          TEXT     version served: ``v<id>`` of the run store, ``teacher``, or a URL backend's label
+                                user (or session when there is no user), deterministic (murmur3 hashing);
+                                NULL for a G-O1 degraded response (no arm served it)
+model_version          TEXT     version served: ``v<id>`` of the run store, ``teacher``, or a URL backend's label;
+                                the fallback's when the breaker sent it there; ``distillgate-degraded`` (G-O1)
 route                  TEXT     ``/v1/chat/completions``
 stream                 INTEGER  1 if the client asked for server-sent events, else 0
 status                 INTEGER  HTTP status of the outcome (200, 4xx, 5xx; a stream that broke after its 200

@@ -36,3 +36,15 @@ class ServingSpec(BaseModel):
     burst_every_s: float = Field(3.0, gt=0, description="G-P2 load: seconds between a burst user's bursts")
     think_time_s: float = Field(0.2, ge=0, description="G-P2 load: a session's mean pause between turns")
     seed: int = Field(0, description="G-P2 load: seed of the simulated sessions")
+    detector: Literal["off", "rules", "rules+minilm"] = Field("off", description="G-O1 attack detector before "
+                                                              "routing: a detected attack gets the degraded safe "
+                                                              "response; rules+minilm adds MiniLM similarity to "
+                                                              "known attacks on cue-bearing requests the rules pass")
+    detector_threshold: float = Field(0.62, gt=0, lt=1, description="G-O1 MiniLM cosine that flags an attack")
+    breaker: bool = Field(False, description="G-O1 circuit breaker per backend (closed/open/half-open, pybreaker); "
+                                             "while the candidate's is open its requests go to the control "
+                                             "(the previous stable version)")
+    breaker_fail_max: int = Field(5, ge=1, description="consecutive failures (5xx, unreachable, timeout) that open "
+                                                       "a breaker")
+    breaker_reset_s: float = Field(10.0, gt=0, description="seconds a breaker stays open before a half-open trial")
+    breaker_timeout_s: float = Field(30.0, gt=0, description="a backend answer slower than this counts as a failure")
