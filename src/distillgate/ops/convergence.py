@@ -84,3 +84,21 @@ def operate(store, clock: Clock, evaluate: Callable[[float], object], *, until: 
         else:
             time.sleep(max(0.0, now + o.step_hours * HOUR - clock.now()))
 
+
+
+def version_evaluator(store, spec, version_id: int, options: dict | None = None) -> Callable[[float], object]:
+    """``evaluate(now) -> GateReport`` for a committed version: its recorded metrics (what the loop measured),
+    and every other gate metric measured now through the metric registry (:func:`collect_metrics`; providers
+    get ``options`` plus ``now``, the ops clock's time, for measurements that depend on it)."""
+    from ..evaluate.providers import GateContext, collect_metrics
+    from ..gates import evaluate_gates
+
+    committed = {k: v for k, v in store.catalog.metrics(version_id, "val").items() if v == v}  # NaN: not measured
+
+    def evaluate(now: float):
+        ctx = GateContext(options={**(options or {}), "now": now})
+        metrics, notes = collect_metrics(spec, ctx, given=committed)
+        prov = {k: d["provenance"] for k, d in ctx.details.items() if isinstance(d, dict) and d.get("provenance")}
+        return evaluate_gates(spec, metrics, notes, provenance=prov)
+
+    return evaluate
