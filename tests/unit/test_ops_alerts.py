@@ -109,3 +109,20 @@ def test_convergence_needs_every_gate_measured(store):
     AlertWatch(store, SimClock(START_TS)).observe(partial)
     v = convergence(store.catalog, partial, START_TS + 10 * DAY)
     assert not v["converged"] and "G-O1a" in v["reason"] and v["quiet_days"] == pytest.approx(10)
+
+
+def test_alerts_command_lists_open_and_closed_work_orders(tmp_path, capsys):
+    import json
+
+    from distillgate.cli import main
+
+    with RunStore.create(tmp_path, {}, run_id="r") as s:
+        operate(s, SimClock(START_TS), _schedule(red_from=HOUR), until=START_TS + 6 * HOUR,
+                options=ConvergenceOptions(step_hours=1))
+    assert main(["alerts", "r", "--root", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "ops:operations" in out and "0 open, 1 closed" in out and "G-O1a" in out
+    assert main(["alerts", "r", "--root", str(tmp_path), "--status", "open", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["work_orders"] == [] and data["converged"] is False and len(data["alerts"]) == 1
+    assert main(["alerts", "nope", "--root", str(tmp_path)]) != 0
