@@ -34,7 +34,7 @@ def _log(days=7, drift_from=3, turns=60, seed=0):
     return out
 
 
-OPTS = DriftOptions(unseen_domains=["legal"], n_resamples=100)
+OPTS = DriftOptions(threshold=0.042, unseen_domains=["legal"], n_resamples=100)
 
 
 def test_drift_injected_from_day_3_triggers_on_day_5_not_before():
@@ -59,9 +59,9 @@ def test_drift_injected_from_day_3_triggers_on_day_5_not_before():
 
 def test_seen_domain_does_not_drift_and_threshold_is_configuration():
     events = _log()
-    rep = daily_drift(events, DriftOptions(unseen_domains=["finance"], n_resamples=100), until=START_TS + 7 * DAY)
+    rep = daily_drift(events, DriftOptions(threshold=0.042, unseen_domains=["finance"], n_resamples=100), until=START_TS + 7 * DAY)
     assert rep["trigger_day"] is None and rep["drift_kl_min_3day"] < 0.042
-    legal = DriftOptions(unseen_domains=["legal"], n_resamples=100, consecutive_days=2)
+    legal = OPTS.model_copy(update={"consecutive_days": 2})
     assert daily_drift(events, legal, until=START_TS + 7 * DAY)["trigger_day"] == 4
 
 
@@ -77,7 +77,9 @@ def test_a_thin_day_is_insufficient_and_breaks_the_streak():
 
 def test_bad_input_is_named():
     with pytest.raises(InputError, match="no answered turns"):
-        daily_drift(_log(days=2), DriftOptions(unseen_domains=["medical"]))
+        daily_drift(_log(days=2), OPTS.model_copy(update={"unseen_domains": ["medical"]}))
+    with pytest.raises(ConfigError, match="drift.threshold"):
+        daily_drift(_log(days=2), DriftOptions())
     with pytest.raises(ConfigError):
         SimClock().advance(-1)
     with pytest.raises(Exception, match="threshold"):

@@ -39,7 +39,7 @@ from typing import Callable, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..errors import InputError
+from ..errors import ConfigError, InputError
 from ..evaluate.providers import GateContext, register_metric_provider
 from ..schema import Finding
 from ..traffic.events import TurnEvent, provenance_of, read_events
@@ -51,7 +51,8 @@ _WORD = re.compile(r"\w+", re.UNICODE)
 
 class DriftOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    threshold: float = Field(0.042, gt=0, description="daily drift (KL, nats) above which a day counts (G-O2)")
+    threshold: float | None = Field(None, gt=0, description="daily drift (KL, nats) above which a day counts; None: "
+                                    "the G-O2 gate's threshold (the drift stage reads the run's gate spec)")
     consecutive_days: int = Field(3, ge=1, description="days in a row above the threshold that start a "
                                                        "recalibration")
     unseen_domains: list[str] | None = Field(None, description="domains the student was not distilled on; "
@@ -109,6 +110,8 @@ def daily_drift(events: list[TurnEvent], opts: DriftOptions, *, release_ts: floa
     Returns ``{release_ts, days: [{day, start_ts, n_turns, n_tokens, kl, ci_low, ci_high, bias, above,
     status}], trigger_day, streak_days, drift_kl_min_3day, seed_prompts, provenance}``; ``trigger_day``: the
     first day that completed ``consecutive_days`` above the threshold (None: none did)."""
+    if opts.threshold is None:
+        raise ConfigError("drift.threshold", None, "a positive KL in nats (the drift stage takes the G-O2 gate's)")
     sel = [e for e in events if e.arm == opts.arm and e.response
            and (opts.unseen_domains is None or e.domain in opts.unseen_domains)]
     if not sel:
@@ -264,7 +267,7 @@ class DriftStage:
             else:  # the log is complete through its last event's day
                 origin = o.release_ts if o.release_ts is not None else min(e.ts for e in events)
                 until = origin + (day_index(max(e.ts for e in events), origin) + 1) * DAY
-            rep = daily_drift(events, o.drift, release_ts=o.release_ts, until=until)
+            rep = daily_drift(events, self._drift_options(run), release_ts=o.release_ts, until=until)
         except InputError as e:
             run.say(f"  G-O2 drift not measured: {e}")
             return
@@ -280,6 +283,19 @@ class DriftStage:
         it.files["drift.json"] = out
         run.say(f"  G-O2 drift ({rep['provenance']}, {len(rep['days'])} days):\n" + format_days(rep)
                 + (f"\n  recalibration: day {rep['trigger_day']}" if rep["trigger_day"] is not None else ""))
+
+    def _drift_options(self, run) -> DriftOptions:
+        """The options with the threshold in one place: the G-O2 gate's (``drift_kl_min_3day``) unless set here."""
+        o = self.options.drift
+        if o.threshold is not None:
+            return o
+        from ..gates import load_gate_spec
+
+        gate = next((g for g in load_gate_spec(run.cfg.loop.gates_spec).gates if g.metric == "drift_kl_min_3day"), None)
+        if gate is None:
+            raise ConfigError(f"loop.stages[{getattr(self, 'state_key', self.name)}].options.drift.threshold", None,
+                              "a KL threshold: the gate spec has no drift_kl_min_3day (G-O2) gate to take it from")
+        return o.model_copy(update={"threshold": gate.threshold})
 
     def _feed(self, it, run) -> None:
         """The requests the last ``drift_recalibration`` chose join training with the teacher's answers; every
