@@ -132,6 +132,9 @@ def test_a_run_on_tiny_models_converges_on_simulated_time_and_a_red_alert_restar
         vid = s.aliases()["current"]
         g = {x["id"]: x for x in s.get_version(vid).load_json("gates.json")["gates"]}
         assert g["G-O2"]["status"] == "pass" and g["G-C1"]["status"] == "pass"
+        loop_rows = [r for r in s.catalog.dimension_scores() if r["version_id"] == vid]
+        assert {r["dimension"] for r in loop_rows} == {"capability", "performance", "business", "operations"}, \
+            "every commit records the dimension scores (wall clock)"
         BAD_FROM["double_breaker_switch_ms"] = (release + 3 * DAY, release + 3 * DAY + 5 * HOUR, 900.0)
         out = operate(s, SimClock(release), version_evaluator(s, spec, vid), until=release + 30 * DAY,
                       version_id=vid, options=opts)

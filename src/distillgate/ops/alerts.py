@@ -69,7 +69,7 @@ class AlertWatch:
                                                          f"(verification at {now:.0f})")
                 out["closed"].append(wo["id"])
         for s in scores:
-            start = self._episode_start(s["dimension"])
+            start = self._episode_start(s["dimension"], now)
             if start is None or now - start < self.options.hold_hours * HOUR:
                 continue
             if any(w["dimension"] == s["dimension"] and w["opened"] >= start for w in self.cat.work_orders()):
@@ -77,10 +77,13 @@ class AlertWatch:
             out["opened"].append(self._raise(report, s, start, now, version_id, samples))
         return out
 
-    def _episode_start(self, dim: str) -> float | None:
-        """Time of the first ``fail`` after the last ``pass`` of ``dim``, if its latest known status is fail."""
+    def _episode_start(self, dim: str, now: float) -> float | None:
+        """Time of the first ``fail`` after the last ``pass`` of ``dim``, if its latest status by ``now`` is fail
+        (rows stamped later, by another clock, are not counted yet)."""
         start = None
         for r in self.cat.dimension_scores(dim):
+            if r["time"] > now:
+                break
             if r["status"] == "pass":
                 start = None
             elif r["status"] == "fail" and start is None:

@@ -14,7 +14,6 @@ import time
 from typing import Protocol, runtime_checkable
 
 from ..errors import ConfigError
-from ..traffic.generator import START_TS
 
 DAY = 86400.0
 HOUR = 3600.0
@@ -35,7 +34,9 @@ class WallClock:
 class SimClock:
     """A simulated clock: ``now()`` is where it was set; :meth:`advance` moves it forward, never back."""
 
-    def __init__(self, start: float = START_TS):
+    def __init__(self, start: float | None = None):
+        if start is None:  # imported here: the simulator imports the config, which imports the ops options
+            from ..traffic.generator import START_TS as start
         self._t = _finite(start, "SimClock.start")
 
     def now(self) -> float:

@@ -36,7 +36,7 @@ class ConvergenceOptions(BaseModel):
 def convergence(cat, report, now: float, options: ConvergenceOptions | None = None) -> dict:
     """``{converged, gates_converged, quiet_since, quiet_days, needed_days, last_red, open_work_orders, reason}``."""
     o = options or ConvergenceOptions()
-    obs = cat.dimension_scores()
+    obs = [r for r in cat.dimension_scores() if r["time"] <= now]
     reds = [a["time"] for a in cat.alerts() if a["level"] == RED and a["time"] <= now]
     start = obs[0]["time"] if obs else None
     last_red = max(reds) if reds else None
