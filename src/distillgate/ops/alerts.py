@@ -28,7 +28,6 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..attribution import domain_kl, knob_blame, registry_meta, regressions
-from ..schema import DIMENSIONS
 from .clock import HOUR, Clock
 
 RED = "error"  # the catalog's highest level; the report counts it as a red alert
@@ -160,4 +159,4 @@ def _v(x: Any) -> str:
     return "-" if x is None else f"{x:.4g}"
 
 
-__all__ = ["AlertOptions", "AlertWatch", "DIMENSIONS", "root_cause", "suggested_fix"]
+__all__ = ["AlertOptions", "AlertWatch", "root_cause", "suggested_fix"]
