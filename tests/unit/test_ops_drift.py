@@ -99,3 +99,14 @@ def test_recalibration_rule_seeds_next_recipe_through_the_strategy():
     rec2, dec2 = next_recipe(rec, [], iteration=5, last_good=None, gate_status={}, recent_decisions=[],
                              spec=StrategySpec(), rules=rules)
     assert rec2["drift"]["prompts"] == [] and dec2[0].old == 1
+
+
+def test_drift_command_runs_the_daily_job_on_a_log(tmp_path, capsys):
+    from distillgate.cli import main
+    from distillgate.traffic.events import write_events
+
+    log = write_events(tmp_path / "t.jsonl", _log(days=7, turns=40))
+    assert main(["drift", str(log), "--unseen", "legal"]) == 0
+    out = capsys.readouterr().out
+    assert "recalibration triggered on day 5" in out and "threshold 0.042" in out
+    assert main(["drift", str(tmp_path / "missing.jsonl")]) != 0

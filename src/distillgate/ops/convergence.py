@@ -51,7 +51,7 @@ def convergence(cat, report, now: float, options: ConvergenceOptions | None = No
         reason = "gates not all measured and passing: " + (", ".join(bad) or "no gate report")
     else:
         reason = f"quiet window {quiet:.2f} of {o.quiet_days:g} days" + (
-            f" (restarted by the red alert at {last_red:.0f})" if last_red is not None and last_red >= start else "")
+            f" (restarted by the red alert at {last_red:.0f})" if last_red is not None and start is not None and last_red >= start else "")
     return {"converged": ok, "gates_converged": gates_ok, "quiet_since": quiet_since, "quiet_days": quiet,
             "needed_days": o.quiet_days, "last_red": last_red,
             "open_work_orders": len(cat.work_orders("open")), "reason": reason}
