@@ -126,3 +126,21 @@ def test_alerts_command_lists_open_and_closed_work_orders(tmp_path, capsys):
     data = json.loads(capsys.readouterr().out)
     assert data["work_orders"] == [] and data["converged"] is False and len(data["alerts"]) == 1
     assert main(["alerts", "nope", "--root", str(tmp_path)]) != 0
+
+
+def test_a_schema_1_catalog_migrates_to_the_ops_tables(tmp_path):
+    import sqlite3
+
+    from distillgate.errors import ArtifactError
+
+    with RunStore.create(tmp_path, {}, run_id="old") as s:
+        s.record_alert("warning", "store", "kept")
+        db = s.catalog.path
+    con = sqlite3.connect(db)
+    con.executescript("DROP TABLE dimension_scores; DROP TABLE work_orders; PRAGMA user_version=1;")
+    con.close()
+    with pytest.raises(ArtifactError, match="needs migration to 2"):
+        RunStore.open(tmp_path, "old")
+    with RunStore.open(tmp_path, "old", writer=True) as s:
+        assert s.catalog.work_orders() == [] and s.catalog.dimension_scores() == []
+        assert [a["message"] for a in s.catalog.alerts()] == ["kept"]
