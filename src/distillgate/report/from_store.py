@@ -27,8 +27,8 @@ from typing import Any
 
 from ..errors import ArtifactError, InputError
 from .convert import SEVERITY_ALIASES, finding_from_record, gate_from_row, gates_from_report, nest_metrics
-from .data import (PHASES, RUN_STATUSES, STAGES, Alert, Decision, Iteration, ParamDiff, PhaseRecord, ReportData, WorkOrder,
-                   RunInfo)
+from .data import (PHASES, RUN_STATUSES, STAGES, Alert, Decision, Iteration, ParamDiff, PhaseRecord, ReportData,
+                   RunInfo, WorkOrder)
 
 log = logging.getLogger(__name__)
 PHASE_ALIASES = {"train": "map", "training": "map", "eval": "validate", "validation": "validate",
