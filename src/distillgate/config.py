@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from .errors import ConfigError, reject_unknown
 from .evaluate.providers import CPU_PRESETS
+from .ops.alerts import AlertOptions
 from .serve.spec import ServingSpec
 from .strategy import StrategySpec
 
@@ -506,6 +507,8 @@ class LoopSpec(_Strict):
                                                    "(e.g. ../shared/datasets)")
     serving: ServingSpec = Field(default_factory=ServingSpec, description="the gateway: `distillgate serve` "
                                  "and G-P2 through it (L4, issue 11)")
+    alerts: AlertOptions = Field(default_factory=AlertOptions, description="D2: every commit records the "
+                                 "dimension scores (wall clock); a dimension failing this long raises a work order")
 
     @field_validator("stages")
     @classmethod

@@ -122,7 +122,8 @@ METRIC_PROVIDERS = METRICS
 # Modules that register providers when imported; each is optional (absent while it is being built).
 PROVIDER_MODULES = ("distillgate.evaluate.providers", "distillgate.perf", "distillgate.evaluate.probes",
                     "distillgate.evaluate.inheritance", "distillgate.evaluate.decision_path",
-                    "distillgate.evaluate.benchmark", "distillgate.business.window", "distillgate.ops.gate")
+                    "distillgate.evaluate.benchmark", "distillgate.business.window", "distillgate.ops.gate",
+                    "distillgate.ops.drift")
 
 
 def register_metric(name: str, *, higher_is_better: bool, description: str,

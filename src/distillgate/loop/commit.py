@@ -47,6 +47,14 @@ def commit(run, it) -> int:
     if best:
         st.best["version"] = vid
     record_catalog(store, vid, it.index, metrics_json, gates_json, findings, decisions)
+    if it.gates is not None and dist.is_main():  # D2 on wall time: the dimension scores, due alerts, verifications
+        from ..ops.alerts import AlertWatch
+        from ..ops.clock import WallClock
+
+        ch = AlertWatch(store, WallClock(), run.cfg.loop.alerts).observe(it.gates, vid, samples=it.samples)
+        for kind, ids in ch.items():
+            if ids:
+                run.say(f"  D2: work order(s) {ids} {kind} (distillgate alerts {store.run_id})")
     pol = run.cfg.store.retention
     if pol.auto_gc and dist.is_main():  # after the rows: the gate verdicts of this version count as references
         pruned = store.prune(pol.keep_last, pol.keep_aliases, pol.keep_referenced)

@@ -150,6 +150,21 @@ class Alert:
 
 
 @dataclass
+class WorkOrder:
+    """A D2 work order (catalog ``work_orders``): raised by a dimension's red alert, closed by its verification."""
+    id: int
+    dimension: str
+    status: str  # open | closed
+    opened: str | None
+    location: str
+    impact: str
+    suggested_fix: str
+    verification: list[str] = field(default_factory=list)  # gates that must pass
+    closed: str | None = None
+    closed_by: str | None = None
+
+
+@dataclass
 class ParamDiff:
     from_iteration: int
     to_iteration: int
@@ -168,6 +183,7 @@ class ReportData:
     findings: list[Finding] = field(default_factory=list)
     decisions: list[Decision] = field(default_factory=list)
     alerts: list[Alert] = field(default_factory=list)
+    work_orders: list[WorkOrder] = field(default_factory=list)
     baseline_metrics: dict[str, MetricValue] = field(default_factory=dict)  # teacher reference (S1.3)
     structure: list[StructureSnapshot] = field(default_factory=list)  # per iteration (S3.3)
     benchmark: dict[str, Any] = field(default_factory=dict)  # latest benchmark.json + "iteration" (S1.1, L2)
@@ -269,6 +285,7 @@ def _finite(obj: Any) -> Any:
 _LISTS = {
     (ReportData, "iterations"): Iteration, (ReportData, "param_diffs"): ParamDiff,
     (ReportData, "findings"): Finding, (ReportData, "decisions"): Decision, (ReportData, "alerts"): Alert,
+    (ReportData, "work_orders"): WorkOrder,
     (ReportData, "structure"): StructureSnapshot,
     (Iteration, "phases"): PhaseRecord, (Iteration, "gates"): GateResult,
     (Evidence, "heatmaps"): HeatMap, (Evidence, "top_samples"): SampleDivergence,

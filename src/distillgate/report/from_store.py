@@ -28,7 +28,7 @@ from typing import Any
 from ..errors import ArtifactError, InputError
 from .convert import SEVERITY_ALIASES, finding_from_record, gate_from_row, gates_from_report, nest_metrics
 from .data import (PHASES, RUN_STATUSES, STAGES, Alert, Decision, Iteration, ParamDiff, PhaseRecord, ReportData,
-                   RunInfo)
+                   RunInfo, WorkOrder)
 
 log = logging.getLogger(__name__)
 PHASE_ALIASES = {"train": "map", "training": "map", "eval": "validate", "validation": "validate",
@@ -211,6 +211,9 @@ def load_report_data(root: str | Path, run_id: str, param_diffs: bool = True, mo
         decisions = [Decision(d["iteration"], d["knob"], d["old"], d["new"], d["reason"]) for d in cat.decisions()]
         alerts = [Alert(SEVERITY_ALIASES.get(a["level"], a["level"]), a["message"], a["source"],
                         vid_iter.get(a["version_id"]), _iso(a["time"])) for a in cat.alerts()]
+        orders = [WorkOrder(w["id"], w["dimension"], w["status"], _iso(w["opened"]), w["location"], w["impact"],
+                            w["suggested_fix"], list(w["verification"].get("gates", [])), _iso(w["closed"]),
+                            w["closed_by"]) for w in cat.work_orders()]
         info = store.info()
         placed = store.get_version(rows[-1]["version_id"]).meta.get("placement") if rows else None
         strategy = _strategy(store, findings)
@@ -223,6 +226,7 @@ def load_report_data(root: str | Path, run_id: str, param_diffs: bool = True, mo
         run=RunInfo(run_id, _describe_model(cfg.get("teacher")), _describe_model(cfg.get("student")),
                     _iso(run["created"]) or "", _run_status(run), summary, cfg),
         iterations=iterations, param_diffs=diffs, findings=findings, decisions=decisions, alerts=alerts,
+        work_orders=orders,
         baseline_metrics=nest_metrics(baseline), structure=structure, benchmark=bench, strategy=strategy)
     data.validate()
     return data

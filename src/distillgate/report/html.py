@@ -93,7 +93,7 @@ def _header(d: ReportData, generated: str) -> str:
 
 _SECTIONS = [("overview", "Overview"), ("pipeline", "Pipeline"), ("gates", "Gates"), ("metrics", "Metrics"),
              ("params", "Parameter changes"), ("benchmark", "Benchmark"), ("findings", "Findings"), ("decisions", "Decisions"),
-             ("alerts", "Alerts")]
+             ("alerts", "Alerts"), ("work-orders", "Work orders")]
 
 
 def _overview(d: ReportData, chart: _Charts) -> str:
@@ -306,6 +306,24 @@ def _alerts(d: ReportData) -> str:
             f'<th>iteration</th><th>time</th><th>message</th></tr>{rows}</table></section>')
 
 
+def _work_orders(d: ReportData) -> str:
+    """D2: the work orders the alerts raised, open first, each with where, impact, fix and how it is verified."""
+    head = '<section id="work-orders"><h2>Work orders</h2>'
+    if not d.work_orders:
+        return head + '<p class="muted">No work orders (no dimension stayed under its threshold long enough).</p></section>'
+    n_open = sum(w.status == "open" for w in d.work_orders)
+    rows = "".join(
+        f'<tr class="sev-row-{"error" if w.status == "open" else "info"}"><td class="num">{w.id}</td>'
+        f'<td>{_badge("error" if w.status == "open" else "info", "sev")} {esc(w.status)}</td><td>{esc(w.dimension)}</td>'
+        f'<td>{esc(w.opened or "")}</td><td>{esc(w.closed or "")}</td><td>{esc(w.location)}</td><td>{esc(w.impact)}</td>'
+        f'<td>{esc(w.suggested_fix)}</td><td>{esc(", ".join(w.verification))} pass'
+        f'{esc("; " + w.closed_by) if w.closed_by else ""}</td></tr>'
+        for w in sorted(d.work_orders, key=lambda w: (w.status != "open", w.id)))
+    return (head + f'<p>{n_open} open, {len(d.work_orders) - n_open} closed.</p><table class="gates"><tr><th>id</th>'
+            f'<th>status</th><th>dimension</th><th>opened</th><th>closed</th><th>location</th><th>impact</th>'
+            f'<th>suggested fix</th><th>verification</th></tr>{rows}</table></section>')
+
+
 def render_html(data: ReportData) -> str:
     """The whole page as a string (see :func:`render_report`)."""
     import plotly.offline
@@ -317,7 +335,7 @@ def render_html(data: ReportData) -> str:
                     _structure(data, chart), consistency_section(data), business_section(data, chart),
                     _params(data, chart),
                     benchmark_section(data.benchmark), _findings(data, chart), _decisions(data),
-                    strategy_section(data, chart), _alerts(data)])
+                    strategy_section(data, chart), _alerts(data), _work_orders(data)])
     config = (f'<section id="config"><h2>Configuration</h2><details><summary>run config</summary><pre>'
               f'{esc(json.dumps(data.run.config, indent=2, sort_keys=True, default=str))}</pre></details></section>'
               if data.run.config else "")

@@ -2,7 +2,7 @@
 :mod:`distillgate.loop.contract`).
 
 Built in: ``anchor`` (S1, :mod:`.anchor`), ``joint`` (S2, :mod:`.joint`), ``prune`` (S3, :mod:`.prune`) and
-``consistency`` (S4, :mod:`.consistency`) and ``production`` (L4 A/B windows, :mod:`.production`). Other stages register with
+``consistency`` (S4, :mod:`.consistency`) and ``production`` (L4 A/B windows, :mod:`.production`) and ``drift`` (G-O2, :mod:`distillgate.ops.drift`). Other stages register with
 :func:`register_stage`, or, from an installed package, through the Python entry-point group
 ``distillgate.stages`` (``[project.entry-points."distillgate.stages"] my_stage = "my_pkg.stage:MyStage"``):
 the entry's name is the config name and it loads to the stage class (or any ``factory(options)`` with an
@@ -103,6 +103,7 @@ def _builtins() -> None:
     from .anchor import AnchorStage
     from .consistency import ConsistencyStage
     from .joint import JointStage
+    from ..ops.drift import DriftStage
     from .production import ProductionStage
     from .prune import PruneStage
 
@@ -111,6 +112,7 @@ def _builtins() -> None:
     register_stage("prune", PruneStage)
     register_stage("consistency", ConsistencyStage)
     register_stage("production", ProductionStage)
+    register_stage("drift", DriftStage)
 
 
 _builtins()

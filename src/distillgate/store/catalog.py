@@ -57,6 +57,15 @@ MIGRATIONS: list[list[str]] = [
         """CREATE TABLE alias_history(id INTEGER PRIMARY KEY, name TEXT NOT NULL, version_id INTEGER NOT NULL,
                previous INTEGER, moved REAL NOT NULL, reason TEXT NOT NULL)""",
     ],
+    [  # 2: operations (SPEC D2): dimension scores on the ops clock, work orders raised by alerts
+        """CREATE TABLE dimension_scores(id INTEGER PRIMARY KEY, time REAL NOT NULL, version_id INTEGER,
+               dimension TEXT NOT NULL, status TEXT NOT NULL, pass_share REAL, closeness REAL,
+               failing TEXT NOT NULL)""",
+        """CREATE TABLE work_orders(id INTEGER PRIMARY KEY, alert_id INTEGER, dimension TEXT NOT NULL,
+               opened REAL NOT NULL, closed REAL, status TEXT NOT NULL, version_id INTEGER,
+               location TEXT NOT NULL, impact TEXT NOT NULL, suggested_fix TEXT NOT NULL,
+               verification TEXT NOT NULL, root_cause TEXT NOT NULL, closed_by TEXT)""",
+    ],
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 PHASE_STATUSES = ("ok", "failed", "skipped")
@@ -268,6 +277,11 @@ class Catalog:
                 c.execute("UPDATE iterations SET status=?, finished=? WHERE status='running'",
                           ("interrupted" if status == "interrupted" else "failed", time.time()))
 
+    def set_converged(self, converged: bool) -> None:
+        """The run's D3 verdict (the ops watch keeps it); the status is left as it is."""
+        with self.tx() as c:
+            c.execute("UPDATE runs SET converged=?, updated=?", (int(bool(converged)), time.time()))
+
     def _ensure_iteration(self, c, iteration: int) -> None:
         if not isinstance(iteration, int) or iteration < 0:
             raise ConfigError("iteration", iteration, "an integer >= 0")
@@ -421,12 +435,57 @@ class Catalog:
         rows = self.q(f"SELECT * FROM decisions{where} ORDER BY id", *(() if iteration is None else (iteration,)))
         return [{**dict(r), "old": json.loads(r["old"]), "new": json.loads(r["new"])} for r in rows]
 
-    def record_alert(self, level: str, source: str, message: str, version_id: int | None = None) -> None:
+    def record_alert(self, level: str, source: str, message: str, version_id: int | None = None,
+                     at: float | None = None) -> int:
+        """An alert row (``at``: its time on the ops clock; None: now); returns its id."""
         if level not in SEVERITIES:
             raise ConfigError("alert level", level, f"one of {SEVERITIES}")
         with self.tx() as c:
-            c.execute("INSERT INTO alerts(time, level, source, message, version_id) VALUES(?,?,?,?,?)",
-                      (time.time(), level, source, message, version_id))
+            cur = c.execute("INSERT INTO alerts(time, level, source, message, version_id) VALUES(?,?,?,?,?)",
+                            (time.time() if at is None else float(at), level, source, message, version_id))
+            return cur.lastrowid
 
     def alerts(self) -> list[dict]:
         return [dict(r) for r in self.q("SELECT * FROM alerts ORDER BY id")]
+
+    # ---- operations: dimension scores, work orders (SPEC D2) -----------------------------------------
+    def record_dimension_scores(self, at: float, version_id: int | None, scores: Iterable[Mapping]) -> None:
+        """One row per dimension: ``{dimension, status, pass_share, closeness, failing: [gate ids]}`` at ``at``."""
+        with self.tx() as c:
+            for d in scores:
+                c.execute("INSERT INTO dimension_scores(time, version_id, dimension, status, pass_share, closeness, "
+                          "failing) VALUES(?,?,?,?,?,?,?)", (float(at), version_id, d["dimension"], d["status"],
+                          _real(d.get("pass_share")), _real(d.get("closeness")), json.dumps(list(d.get("failing", [])))))
+
+    def dimension_scores(self, dimension: str | None = None) -> list[dict]:
+        where = "" if dimension is None else " WHERE dimension=?"
+        rows = self.q(f"SELECT * FROM dimension_scores{where} ORDER BY time, id", *(() if dimension is None else (dimension,)))
+        return [{**dict(r), "failing": json.loads(r["failing"])} for r in rows]
+
+    def record_work_order(self, wo: Mapping) -> int:
+        """A work order: ``alert_id, dimension, opened, version_id, location, impact, suggested_fix`` (str),
+        ``verification`` and ``root_cause`` (JSON-able); status ``open``. Returns its id."""
+        for k in ("location", "impact", "suggested_fix"):
+            if not str(wo.get(k) or "").strip():
+                raise ConfigError(f"work order.{k}", wo.get(k), "a non-empty text")
+        with self.tx() as c:
+            cur = c.execute("INSERT INTO work_orders(alert_id, dimension, opened, closed, status, version_id, location, "
+                            "impact, suggested_fix, verification, root_cause, closed_by) VALUES(?,?,?,NULL,'open',?,?,?,?,?,?,NULL)",
+                            (wo.get("alert_id"), wo["dimension"], float(wo["opened"]), wo.get("version_id"),
+                             wo["location"], wo["impact"], wo["suggested_fix"],
+                             json.dumps(wo["verification"], sort_keys=True, default=str),
+                             json.dumps(wo["root_cause"], sort_keys=True, default=str)))
+            return cur.lastrowid
+
+    def close_work_order(self, wo_id: int, at: float, by: str) -> None:
+        with self.tx() as c:
+            n = c.execute("UPDATE work_orders SET status='closed', closed=?, closed_by=? WHERE id=? AND status='open'",
+                          (float(at), by, wo_id)).rowcount
+        if n != 1:
+            raise ConfigError("work order", wo_id, "the id of an open work order")
+
+    def work_orders(self, status: str | None = None) -> list[dict]:
+        where = "" if status is None else " WHERE status=?"
+        rows = self.q(f"SELECT * FROM work_orders{where} ORDER BY id", *(() if status is None else (status,)))
+        return [{**dict(r), "verification": json.loads(r["verification"]), "root_cause": json.loads(r["root_cause"])}
+                for r in rows]

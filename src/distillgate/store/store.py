@@ -534,8 +534,9 @@ class RunStore:
     def record_decisions(self, iteration: int, decisions) -> None:
         self.catalog.record_decisions(iteration, decisions)
 
-    def record_alert(self, level: str, source: str, message: str, version_id: int | None = None) -> None:
-        self.catalog.record_alert(level, source, message, version_id)
+    def record_alert(self, level: str, source: str, message: str, version_id: int | None = None,
+                     at: float | None = None) -> int:
+        return self.catalog.record_alert(level, source, message, version_id, at)
 
     def metrics_history(self, name: str, split: str = "val") -> list[dict]:
         return self.catalog.metrics_history(name, split)
