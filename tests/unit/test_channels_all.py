@@ -20,7 +20,7 @@ from distillgate.train import StopTraining, train
 
 from test_channels_attn_feature import _setup, _sliced, spec_
 from test_clone import fake_encode
-from test_train_support import VOCAB, make_sequences, tiny_model
+from test_train_support import VOCAB, tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
