@@ -23,7 +23,8 @@ also get the style metrics of ``evaluate/style.py`` on the held-out prompts (len
 the teacher's answer set, hedging student/teacher; ``--style 0`` skips them).
 
 Rows are a dict of named channel weights: add one line to :data:`ROWS` for a new channel. ``--reuse WORK`` reuses
-an earlier run's setup (student and data); ``--keep`` also keeps the rows already measured there, so rows can run
+an earlier run's setup (student and data); ``--keep`` also keeps the rows already measured there (refused when they were
+measured with other flags), so rows can run
 in separate commands and the last one prints the table of all of them.
 The last line is machine-readable: ``kl_ratio_<row>_vs_kd=X ...`` (lower is better: the row's held-out KL over the
 kd-only row's).
@@ -227,15 +228,19 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     work = Path(args.reuse) if args.reuse else setup(args)
     print(f"work folder: {work}", flush=True)
-    done = {}
-    if args.keep:
-        done = {p.stem[4:]: json.loads(p.read_text()) for p in work.glob("row-*.json")}
     passthrough, skip = [], False
     for a in sys.argv[1:]:                       # the same arguments for every row, without --rows / --reuse
         if skip or a.startswith("--rows") or a.startswith("--reuse") or a == "--keep":
             skip = a in ("--rows", "--reuse")
             continue
         passthrough.append(a)
+    done = {}
+    if args.keep:
+        done = {p.stem[4:]: json.loads(p.read_text()) for p in sorted(work.glob("row-*.json"))}
+        other = {n: r.get("flags") for n, r in done.items() if r.get("flags") != passthrough}
+        if other:
+            raise SystemExit(f"--keep: rows {sorted(other)} in {work} were measured with other flags "
+                             f"({next(iter(other.values()))} vs {passthrough}); rerun them or drop --keep")
     for name in rows:
         t0 = time.perf_counter()
         p = subprocess.run([sys.executable, __file__, *passthrough, "--row", name, "--work", str(work)],
@@ -243,7 +248,7 @@ def main() -> None:
         line = next((x for x in p.stdout.splitlines() if x.startswith("ROW ")), None)
         if p.returncode or line is None:
             raise SystemExit(f"row {name} failed (exit {p.returncode}):\n{p.stderr[-4000:]}")
-        r = json.loads(line[4:])
+        r = {**json.loads(line[4:]), "flags": passthrough}
         (work / f"row-{name}.json").write_text(json.dumps(r, indent=1))
         done[name] = r
         print(f"{name}: KL {r['kl']:.4f}, top-1 {r['top1_agreement']:.3f}, PPL ratio {r['ppl_ratio']:.3f}, "
