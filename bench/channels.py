@@ -23,9 +23,9 @@ also get the style metrics of ``evaluate/style.py`` on the held-out prompts (len
 the teacher's answer set, hedging student/teacher; ``--style 0`` skips them).
 
 Rows are a dict of named channel weights: add one line to :data:`ROWS` for a new channel. ``--reuse WORK`` reuses
-an earlier run's setup (student and data); ``--keep`` also keeps the rows already measured there (refused when they were
-measured with other flags), so rows can run
-in separate commands and the last one prints the table of all of them.
+an earlier run's setup (student and data); ``--keep`` also keeps the rows already measured there (refused when
+they were measured with other flags), so rows can run in separate commands and the last one prints the table of
+all of them.
 The last line is machine-readable: ``kl_ratio_<row>_vs_kd=X ...`` (lower is better: the row's held-out KL over the
 kd-only row's).
 """
