@@ -301,7 +301,8 @@ def compute_targets(teacher, examples: Sequence, *, k: int, batch_size: int, out
             n_tok += int(batch["attention_mask"].sum())
             if bar is not None:
                 bar.update(task, advance=len(idx) * dist.world_size(),
-                           tps=f"{n_tok / (time.perf_counter() - t0):,.0f} tok/s on rank 0")
+                           tps=f"{n_tok / (time.perf_counter() - t0):,.0f} tok/s"
+                           + (" on rank 0" if dist.world_size() > 1 else ""))
     finally:
         if bar is not None:
             bar.stop()
