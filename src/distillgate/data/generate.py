@@ -141,7 +141,8 @@ def generate_responses(model, tokenizer, prompts: Sequence[PromptRecord], *, max
                 results[i] = exs
             if bar is not None:
                 rate = n_new / max(time.perf_counter() - t0, 1e-9)
-                bar.update(task, advance=len(idx) * dist.world_size(), tps=f"{rate:,.0f} tok/s" + (" on rank 0" if dist.world_size() > 1 else ""))
+                bar.update(task, advance=len(idx) * dist.world_size(),
+                           tps=f"{rate:,.0f} tok/s" + (" on rank 0" if dist.world_size() > 1 else ""))
     finally:
         if bar is not None:
             bar.stop()
