@@ -106,6 +106,12 @@ def main(argv=None) -> int:
             vals, notes, ctx = measure_student(teacher, student, names, opts, tc)
             cached.append(time.perf_counter() - t0)
         d = ctx.details.get(names[0]) if isinstance(ctx.details.get(names[0]), dict) else {}
+        for side in ("teacher", "student"):   # where a gate's time went (probes: cumulative per part)
+            sec = (d.get(side) or {}).get("seconds") if isinstance(d.get(side), dict) else None
+            if sec:
+                print(f"    {g} {side}: {({k: round(v, 1) for k, v in sec.items()})}", file=sys.stderr)
+        if isinstance(d.get("seconds"), dict):
+            print(f"    {g} seconds: {({k: round(v, 1) for k, v in d['seconds'].items()})}", file=sys.stderr)
         size = d.get("size") or {}
         lo, hi = vals.get(f"{names[0]}/ci_low"), vals.get(f"{names[0]}/ci_high")
         rows.append((g, cold, statistics.median(cached), size, vals.get(names[0]), (lo, hi), notes.get(names[0])))
