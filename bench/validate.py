@@ -51,6 +51,8 @@ def main(argv=None) -> int:
                          "(the teacher side is then filled first, untimed)")
     ap.add_argument("--repeats", type=int, default=1, help="cached passes per gate (median kept)")
     ap.add_argument("--ppl-text", help="G-C1 text file (default: UD EWT sentences)")
+    ap.add_argument("--home", help="$DISTILLGATE_HOME to use (default: a fresh folder; an earlier run's folder "
+                                   "makes 'cold' mean: teacher side on disk, not yet in the run's memory)")
     args = ap.parse_args(argv)
     gates = [g for g in args.gates.split(",") if g]
     bad = [g for g in gates if g not in GATES]
@@ -58,7 +60,8 @@ def main(argv=None) -> int:
         ap.error(f"--gates: unknown {bad}; allowed {list(GATES)}")
     data_dir = Path(args.data_dir).resolve()
     tmp = Path(tempfile.mkdtemp(prefix="bench-validate-"))
-    os.environ["DISTILLGATE_HOME"] = str(tmp / "home")   # cold: nothing cached on disk
+    os.environ["DISTILLGATE_HOME"] = args.home or str(tmp / "home")   # cold: nothing cached on disk
+    print(f"DISTILLGATE_HOME={os.environ['DISTILLGATE_HOME']}", file=sys.stderr)
 
     import torch
 

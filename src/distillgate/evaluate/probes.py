@@ -581,7 +581,7 @@ def gap_ci(teacher: dict, student: dict, confidence: float = 0.95) -> tuple[dict
 
 def f1_gap_provider(ctx) -> float | None:
     """G-C2 metric provider: teacher and student probes on ``options['data_dir']`` (else $DISTILLGATE_DATA);
-    sizes from ``options['probe_sentences']`` (400), ``options['blimp_pairs']`` (300), ``probe_layers``
+    sizes from ``options['probe_sentences']`` (200), ``options['blimp_pairs']`` (150), ``probe_layers``
     (candidate layers searched per model, 4) and ``probe_max_iter`` (60). The teacher's result is cached on
     disk (by fingerprint, tokenizer, data sha256 and settings) and in ``ctx.teacher_cache``, so a loop
     iteration pays only the student's side; the details carry the size used and the gap's 95% CI."""

@@ -33,8 +33,8 @@ log = logging.getLogger(__name__)
 CPU_PRESETS: dict[str, Any] = {
     "inheritance_groups": 48,    # G-C3 paired groups (SPEC: 300)
     "path_instructions": 30,     # G-C4 instructions (SPEC: 5,000)
-    "probe_sentences": 400,      # G-C2 NER / dependency sentences
-    "blimp_pairs": 300,          # G-C2 grammaticality pairs
+    "probe_sentences": 200,      # G-C2 NER / dependency sentences each (60/20/20 split; 400: ~2x the time)
+    "blimp_pairs": 150,          # G-C2 grammaticality pairs (spread over the BLiMP files)
     "repeats": 5, "warmup": 1,   # G-P1 TTFT repeats / warm-up calls per length and model
     "context_len": 512,          # G-P3 memory breakdown context; longest G-P2 request
     "volatility_requests": 24,   # G-P2 load size
