@@ -497,8 +497,9 @@ class LoopSpec(_Strict):
                                                                 "structure changes (else every iteration)")
     perf_lengths: list[int] = Field([32, 128, 512], description="prompt lengths for the TTFT measurement (G-P1)")
     perf_repeats: int = Field(3, ge=1, description="TTFT repeats per length and model (median and P99 reported)")
-    capability_checks: list[Literal["probes", "inheritance", "decision_path"]] = Field(
-        default_factory=list, description="slower G-C2/G-C3/G-C4 checks to run in validate (CPU presets)")
+    capability_checks: list[Literal["probes", "inheritance", "decision_path", "volatility"]] = Field(
+        default_factory=list, description="slower G-C2/G-C3/G-C4 checks to run in validate, and G-P2 "
+                                          "(volatility: measured with G-P1/G-P3); sizes: the CPU presets")
     inheritance_groups: int = Field(CPU_PRESETS["inheritance_groups"], ge=8,
                                     description="G-C3 paired groups per check (SPEC: 300)")
     path_instructions: int = Field(CPU_PRESETS["path_instructions"], ge=3,

@@ -205,6 +205,8 @@ class GateReport(BaseModel):
             note = g.note or ("" if g.provenance else (g.requires or ""))
             if g.provenance:  # a measured traffic gate says what traffic, not what it would require
                 note = f"{g.provenance} traffic" + (f"; {note}" if note else "")
+            if g.uncertain:
+                status += "?"
             t.add_row(g.id, g.metric, _fmt(g.value), f"{g.comparator} {_fmt(g.threshold)}",
                       f"[{style[g.status]}]{status}[/]", margin, note)
         d = Table(title="dimension scores")
@@ -259,13 +261,33 @@ def _as_float(v: Any) -> float | None:
     return float(v)
 
 
+def size_note(size: dict | None, ci: list[float] | None) -> str:
+    """"48/300 paired groups, CI +-0.07" (the size used / the SPEC's, and the CI's half-width)."""
+    parts = []
+    if size and size.get("used") is not None:
+        parts.append(f"{size['used']}/{size['spec'] if size.get('spec') else 'n.s.'} {size.get('unit', '')}".strip())
+    if ci:
+        parts.append(f"CI \u00b1{_fmt((ci[1] - ci[0]) / 2)}")
+    return ", ".join(parts)
+
+
 def evaluate_gate(gate: Gate, value: float | None, on_missing: str, closeness_scale: float,
-                  note: str = "", provenance: str | None = None) -> GateResult:
+                  note: str = "", provenance: str | None = None, ci: list[float] | None = None,
+                  size: dict | None = None) -> GateResult:
     """Verdict of one gate for one value (None: nothing measured); ``provenance``: where a traffic-based
-    value's data came from (real logs / replay / simulated), kept with the verdict."""
+    value's data came from (real logs / replay / simulated), kept with the verdict; ``ci``: the value's 95%
+    interval at the ``size`` used: when it contains the threshold the verdict is marked ``uncertain`` and the
+    note says so (it still passes or fails on the value, as attribution's uncertain findings do)."""
     base = dict(id=gate.id, dimension=gate.dimension, metric=gate.metric, comparator=gate.comparator,
                 threshold=gate.threshold, unit=gate.unit, requires=gate.requires,
                 provenance=provenance if value is not None else None)
+    if value is not None and (ci is not None or size is not None):
+        uncertain = ci is not None and ci[0] <= gate.threshold <= ci[1]
+        sn = size_note(size, ci)
+        lead = (f"uncertain: CI [{_fmt(ci[0])}, {_fmt(ci[1])}] contains the threshold" if uncertain else "") + (
+            f" ({sn})" if uncertain and sn else sn if sn else "")
+        note = "; ".join(x for x in (lead, note) if x)
+        base.update(ci95=list(ci) if ci is not None else None, size=size, uncertain=uncertain)
     if value is None:
         if gate.requires:
             return GateResult(**base, value=None, status="not_measured", passed=False, counted=False,
@@ -284,12 +306,20 @@ def evaluate_gate(gate: Gate, value: float | None, on_missing: str, closeness_sc
 
 
 def evaluate_gates(spec: GateSpec, metrics: dict[str, float | None], notes: dict[str, str] | None = None,
-                   details: dict[str, Any] | None = None, provenance: dict[str, str] | None = None) -> GateReport:
+                   details: dict[str, Any] | None = None, provenance: dict[str, str] | None = None,
+                   sizes: dict[str, dict] | None = None) -> GateReport:
     """Compare a flat ``{metric: value}`` dict with every gate of ``spec`` (see module docstring);
-    ``provenance``: ``{metric: real logs | replay | simulated}`` for values measured on traffic."""
-    notes, provenance = notes or {}, provenance or {}
+    ``provenance``: ``{metric: real logs | replay | simulated}`` for values measured on traffic; ``sizes``:
+    ``{metric: {used, spec, unit, ci_method}}`` of sized checks. A metric's CI comes from
+    ``<metric>/ci_low`` and ``<metric>/ci_high`` in ``metrics``."""
+    notes, provenance, sizes = notes or {}, provenance or {}, sizes or {}
+
+    def ci(m):
+        lo, hi = metrics.get(f"{m}/ci_low"), metrics.get(f"{m}/ci_high")
+        return None if lo is None or hi is None else [float(lo), float(hi)]
     results = [evaluate_gate(g, _as_float(metrics.get(g.metric)), spec.on_missing, spec.closeness_scale,
-                             notes.get(g.metric, ""), provenance.get(g.metric)) for g in spec.gates]
+                             notes.get(g.metric, ""), provenance.get(g.metric), ci(g.metric), sizes.get(g.metric))
+               for g in spec.gates]
     dims = {}
     for dim in DIMENSIONS:
         rs = [r for r in results if r.dimension == dim]

@@ -341,9 +341,13 @@ def compare_latency_volatility(teacher, student, tokenizer, n_requests: int = 24
                 svc[name].append(serve_once(models[name], filler[:, :r.prompt_len], r.new_tokens))
     unit = float(np.mean(svc["teacher"]))
     arrivals = [r.arrival * unit for r in reqs]
-    vol = {k: latency_volatility(fifo_latencies(arrivals, v)) for k, v in svc.items()}
+    lat = {k: fifo_latencies(arrivals, v) for k, v in svc.items()}
+    vol = {k: latency_volatility(v) for k, v in lat.items()}
+    from .serve.load import volatility_ratio_ci
+
+    ci = volatility_ratio_ci([1e3 * x for x in lat["teacher"]], [1e3 * x for x in lat["student"]], seed=seed)
     return {"latency_volatility_ratio": vol["student"]["volatility"] / vol["teacher"]["volatility"],
-            "details": {**vol, "n_requests": n_requests, "load": load, "max_context": max_context, "threads": n,
+            "details": {**vol, "ci95": list(ci), "n_requests": n_requests, "load": load, "max_context": max_context, "threads": n,
                         "mean_service_ms": {k: 1e3 * float(np.mean(v)) for k, v in svc.items()},
                         "method": "CPU-sized: one FIFO worker, batch 1, real generate service times, "
                                   "simulated queueing on a seeded bursty multi-session schedule"}}
@@ -431,6 +435,10 @@ def _latency_volatility_ratio(ctx: GateContext) -> float:
                                    seed=_opt(ctx, "seed"), max_context=_opt(ctx, "context_len"),
                                    threads=ctx.options.get("threads"))
     ctx.details["latency_volatility_ratio"] = r["details"]
+    from .evaluate.providers import report_size
+
+    report_size(ctx, "latency_volatility_ratio", r["details"]["n_requests"], r["details"]["ci95"],
+                "percentile bootstrap over the requests (scipy; queued latencies are not independent, so narrow)")
     return r["latency_volatility_ratio"]
 
 

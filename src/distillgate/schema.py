@@ -130,3 +130,9 @@ class GateResult(BaseModel):
     note: str = ""
     provenance: str | None = Field(None, description="where the value's data came from, for gates on traffic: "
                                    "real logs / replay / simulated (None: measured here)")
+    ci95: list[float] | None = Field(None, description="95% confidence interval of the value at the size used "
+                                     "(from the provider's ``<metric>/ci_low``/``ci_high``)")
+    size: dict | None = Field(None, description="the measurement's size: {used, spec, unit, ci_method} (the SPEC's "
+                              "size next to the preset used)")
+    uncertain: bool = Field(False, description="the CI crosses the threshold: the pass/fail is not a verdict at "
+                            "this size (attribution does not act on it either)")

@@ -13,7 +13,7 @@ def test_smollm2_probe_scores_plausible(smollm2_dir, datasets_dir, tmp_path, mon
 
     monkeypatch.setenv("DISTILLGATE_HOME", str(tmp_path / "home"))
     lm = load_model(str(smollm2_dir))
-    # Two candidate layers keep it short; the CPU preset (400/400/300, 10 layers) is a few minutes.
+    # Two candidate layers keep it short; the CPU preset (400/400/300, 4 candidate layers) is a few minutes.
     r = probe_suite(lm.model, lm.tokenizer, datasets_dir, limit_sentences=80, blimp_pairs=60, seed=0,
                     layers=[15, 21], cache=True, fingerprint=lm.fingerprint)
     s = r["scores"]

@@ -66,3 +66,21 @@ def test_a_model_is_consistent_with_itself(tiny_model_factory, tiny_tokenizer):
     other = tiny_model_factory(num_layers=2, seed=7)
     r2 = decision_path_consistency(other, m, tiny_tokenizer, n=4)
     assert r2["path_consistency"] <= r2["path_consistency_lenient"] <= 1.0
+
+
+def test_teacher_paths_memo_and_weights_untouched(tiny_model_factory, tiny_tokenizer, monkeypatch, tmp_path):
+    """A later call with the memo (the run's teacher_cache) traces only the student; the weights keep
+    requires_grad and get no gradient (only the input embeddings need one)."""
+    import distillgate.evaluate.decision_path as dp
+
+    monkeypatch.setenv("DISTILLGATE_HOME", str(tmp_path))
+    t, s = tiny_model_factory(num_layers=2), tiny_model_factory(num_layers=2, seed=7)
+    memo, traced = {}, []
+    real = dp.evidence_path
+    monkeypatch.setattr(dp, "evidence_path", lambda m, *a, **k: traced.append(m) or real(m, *a, **k))
+    r1 = dp.decision_path_consistency(s, t, tiny_tokenizer, n=3, teacher_fingerprint="fp", memo=memo)
+    assert traced.count(t) == 3 and len(memo) == 1
+    traced.clear()
+    r2 = dp.decision_path_consistency(s, t, tiny_tokenizer, n=3, teacher_fingerprint="fp", memo=memo)
+    assert traced == [s, s, s] and r2["rows"] == r1["rows"]
+    assert all(p.requires_grad and p.grad is None for p in s.parameters())

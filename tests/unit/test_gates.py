@@ -286,3 +286,26 @@ def test_teacher_profile_resolves_to_its_model(tmp_path, model_dirs):
         (d / "profile.json").write_text("{}")
     with pytest.raises(InputError, match="changed"):
         resolve_teacher(str(tmp_path / "stale"))
+
+
+def test_ci_crossing_the_threshold_marks_the_verdict_uncertain():
+    """A sized check's CI (``<m>/ci_low``/``ci_high``) and size go next to the verdict; a CI containing the
+    threshold marks it uncertain (status unchanged: it still passes or fails on the value)."""
+    spec = load_gate_spec(None)
+    size = {"used": 48, "spec": 300, "unit": "paired groups", "ci_method": "Wilson"}
+    r = evaluate_gates(spec, {"inheritance": 0.85, "inheritance/ci_low": 0.72, "inheritance/ci_high": 0.93,
+                              "path_consistency": 0.5, "path_consistency/ci_low": 0.33,
+                              "path_consistency/ci_high": 0.67}, sizes={"inheritance": size})
+    g = {x.metric: x for x in r.gates}
+    inh, path = g["inheritance"], g["path_consistency"]
+    assert inh.status == "fail" and inh.uncertain and inh.ci95 == [0.72, 0.93] and inh.size == size
+    assert inh.note.startswith("uncertain: CI [0.72, 0.93] contains the threshold")
+    assert "48/300 paired groups, CI \u00b10.105" in inh.note
+    assert path.status == "fail" and not path.uncertain and path.note == "CI \u00b10.17"   # 0.935 is above the CI
+    assert not g["ppl_ratio"].uncertain and g["ppl_ratio"].ci95 is None
+    assert GateReport.from_json(json.loads(json.dumps(r.to_json(), allow_nan=False))).gates == r.gates
+    from rich.console import Console
+
+    console = Console(width=200, record=True)
+    console.print(r.format_table())
+    assert "fail?" in console.export_text()

@@ -68,3 +68,20 @@ def test_minilm_encoder_loads_offline():
     e = enc.encode(["The cat sat on the mat.", "A cat was sitting on the mat.", "Stock prices fell sharply."],
                    normalize_embeddings=True)
     assert e.shape == (3, 384) and e[0] @ e[1] > e[0] @ e[2] + 0.3
+
+
+def test_teacher_answers_and_embeddings_memo(tiny_model_factory, tiny_tokenizer, monkeypatch, tmp_path):
+    """With the memo (the run's teacher_cache) a later call generates and embeds only the student's answers."""
+    import distillgate.evaluate.inheritance as inh
+
+    monkeypatch.setenv("DISTILLGATE_HOME", str(tmp_path))
+    t, s = tiny_model_factory(num_layers=2), tiny_model_factory(num_layers=2, seed=3)
+    answered = []
+    real = inh.answer_all
+    monkeypatch.setattr(inh, "answer_all", lambda m, *a, **k: answered.append(m) or real(m, *a, **k))
+    memo, kw = {}, dict(n_groups=8, max_new_tokens=4, batch_size=8, encoder=_FakeEncoder(), teacher_fingerprint="fp")
+    r1 = inh.capability_inheritance(s, t, tiny_tokenizer, memo=memo, **kw)
+    assert answered == [t, s]
+    answered.clear()
+    r2 = inh.capability_inheritance(s, t, tiny_tokenizer, memo=memo, **kw)
+    assert answered == [s] and r2["inheritance"] == r1["inheritance"]

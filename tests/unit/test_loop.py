@@ -196,3 +196,26 @@ def test_budget_spent_by_the_setup_still_leaves_min_iterations(tiny_teacher_dir,
     summary = loop_mod.run(cfg, progress=False)
     assert summary["status"] == "budget_exhausted"
     assert [h["iteration"] for h in summary["iterations"]] == ran
+
+
+def test_capability_checks_sized_in_the_gate_table_and_g_p2_with_perf(tiny_teacher_dir, tmp_path, monkeypatch):
+    """G-C4 and G-P2 on in validate: G-C4's size and CI reach gates.json; G-P2 is measured with G-P1/G-P3 (once:
+    the structure does not change) and carried into later iterations; the teacher's paths are traced once."""
+    from distillgate import perf
+    from distillgate.evaluate import decision_path as dp
+
+    vol, traced = [], []
+    real_vol, real_path = perf.compare_latency_volatility, dp.evidence_path
+    monkeypatch.setattr(perf, "compare_latency_volatility", lambda *a, **k: vol.append(1) or real_vol(*a, **k))
+    monkeypatch.setattr(dp, "evidence_path", lambda m, *a, **k: traced.append(m) or real_path(m, *a, **k))
+    cfg = _cfg(tiny_teacher_dir, tmp_path / "runs", **{"loop.capability_checks": "[decision_path, volatility]",
+                                                        "loop.path_instructions": 3, "loop.stages":
+                                                        "[{name: anchor, iterations: 0}, {name: joint, iterations: 1}]"})
+    summary = loop_mod.run(cfg, progress=False)
+    assert len(vol) == 1 and len(traced) == 2 * 3 + 3   # 2 iterations of the student, the teacher once
+    with RunStore.open(tmp_path / "runs", summary["run_id"]) as s:
+        gates = {g["metric"]: g for g in s.resolve("current").load_json("gates.json")["gates"]}
+    c4, p2 = gates["path_consistency"], gates["latency_volatility_ratio"]
+    assert c4["size"]["used"] == 3 and c4["size"]["spec"] == 5000 and len(c4["ci95"]) == 2
+    assert "3/5000 instructions" in c4["note"] and c4["uncertain"] == (c4["ci95"][0] <= 0.935 <= c4["ci95"][1])
+    assert p2["status"] in ("pass", "fail") and p2["ci95"] is not None

@@ -167,7 +167,20 @@ def test_f1_gap_arithmetic():
     s = {**base, "settings": {"seed": 0, "layers": [2, 4]},
          "scores": {"grammaticality_f1": 0.79, "ner_f1": 0.41, "uas": 0.68, "deprel_micro_f1": 0.845,
                     "pos_micro_f1": 0.5}}
+    with pytest.raises(InputError, match="no test size"):
+        f1_gap(t, s)
+    t["n"] = {"grammaticality": {"pairs": 300}, "ner": {"test_entities": 100, "test_words": 900},
+              "uas": {"test_words": 1000}, "deprel": {"test_words": 1000}}
     g = f1_gap(t, s)
+    # normal approximation of two independent proportions, by hand (z = 1.959964)
+    se = 100 * math.sqrt((0.8 * 0.2 + 0.79 * 0.21) / 300)
+    assert g["family_ci95"]["grammaticality"] == pytest.approx([1.0 - 1.959964 * se, 1.0 + 1.959964 * se])
+    assert g["family_n"] == {"grammaticality": 300, "ner": 100, "dependency": 1000}
+    se_ner = 100 * math.sqrt((0.4 * 0.6 + 0.41 * 0.59) / 100)   # entities, not words
+    assert g["family_ci95"]["ner"][1] == pytest.approx(-1.0 + 1.959964 * se_ner)
+    assert g["ci95"] == pytest.approx([max(c[0] for c in g["family_ci95"].values()),
+                                       max(c[1] for c in g["family_ci95"].values())])
+    assert g["ci95"][0] < g["f1_gap_points"] < g["ci95"][1]
     assert g["per_task_gap_points"]["ner_f1"] == pytest.approx(-1.0)
     assert g["family_gap_points"] == pytest.approx({"grammaticality": 1.0, "ner": -1.0, "dependency": 2.0})
     assert g["f1_gap_points"] == pytest.approx(2.0) and g["worst_family"] == "dependency"
@@ -241,6 +254,22 @@ def test_gate_provider(tmp_path, monkeypatch, tiny_teacher_dir, tiny_student_dir
     d = ctx.details["f1_gap_points"]
     assert math.isfinite(value) and value == d["f1_gap_points"]
     assert d["teacher"]["settings"]["layers"] == [1, 2, 3, 4] and d["student"]["settings"]["layers"] == [1, 2]
+    assert d["size"]["used"] == min(d["family_n"].values()) and d["size"]["spec"] is None
+    assert [ctx.extra["f1_gap_points/ci_low"], ctx.extra["f1_gap_points/ci_high"]] == d["ci95"]
+    # the bounded layer search: at most probe_layers candidates per model
+    ctx2 = GateContext(student_spec=str(tiny_student_dir), teacher_spec=str(tiny_teacher_dir),
+                       options={**ctx.options, "probe_layers": 2}, teacher_cache={})
+    ctx2.cache.update(teacher=ctx.teacher(), student=ctx.student())
+    prov.fn(ctx2)
+    assert ctx2.details["f1_gap_points"]["teacher"]["settings"]["layers"] == [2, 4]
+    # the teacher side comes from the run's teacher_cache on a later call: only the student is probed
+    calls = []
+    real = probes.probe_suite
+    monkeypatch.setattr(probes, "probe_suite", lambda m, *a, **k: calls.append(m) or real(m, *a, **k))
+    ctx3 = GateContext(options=ctx2.options, teacher_cache=ctx2.teacher_cache)
+    ctx3.cache.update(teacher=ctx.teacher(), student=ctx.student())
+    assert prov.fn(ctx3) == ctx2.details["f1_gap_points"]["f1_gap_points"]
+    assert calls == [ctx.student().model] and ctx3.details["f1_gap_points"]["seconds"]["teacher"] == 0.0
     with pytest.raises(InputError, match="missing"):
         probe_suite(ctx.student().model, ctx.student().tokenizer, tmp_path)
 
@@ -259,16 +288,26 @@ def test_g_c3_c4_providers_wiring(monkeypatch, tiny_teacher_dir, tiny_student_di
 
     def fake(student, teacher, tokenizer, **kw):
         calls.append((student, teacher, kw))
-        return {metric: 0.75}
+        return {metric: 0.75, "n": 4, "n_groups": 4, "rows": [{"consistent": c} for c in (1, 1, 1, 0)],
+                "per_group": [{"inherited": c} for c in (1, 1, 1, 0)]}
     monkeypatch.setattr(mod, fn, fake)
     prov = METRIC_PROVIDERS[metric]
     assert prov.higher_is_better and prov.module == module
     ctx = GateContext(student_spec=str(tiny_student_dir), teacher_spec=str(tiny_teacher_dir),
                       options={opt[0]: 3, "seed": 2})
-    assert prov.fn(ctx) == 0.75 and ctx.details[metric] == {metric: 0.75}
+    assert prov.fn(ctx) == 0.75 and ctx.details[metric][metric] == 0.75
     (student, teacher, kw), = calls
     assert student is ctx.student().model and teacher is ctx.teacher().model
-    assert kw == {opt[1]: 3, "seed": 2, "teacher_fingerprint": ctx.teacher().fingerprint}
+    memo = kw.pop("memo")
+    assert memo is next(iter(ctx.teacher_cache.values()))   # the teacher side lives in the run's teacher_cache
+    extra = {"max_new_tokens": 32} if metric == "inheritance" else {}
+    assert kw == {opt[1]: 3, "seed": 2, "teacher_fingerprint": ctx.teacher().fingerprint, **extra}
+    from scipy.stats import binomtest
+
+    ci = binomtest(3, 4).proportion_ci(method="wilson")
+    assert ctx.extra[f"{metric}/ci_low"] == pytest.approx(ci.low) and ctx.extra[f"{metric}/ci_high"] == pytest.approx(ci.high)
+    assert ctx.details[metric]["size"]["used"] == 4 and ctx.details[metric]["size"]["spec"] == (
+        300 if metric == "inheritance" else 5000)
 
 
 def test_sentence_logprobs_match_packed_scorer_and_float64(tiny_model_factory, tiny_tokenizer):

@@ -201,7 +201,8 @@ def run(args: argparse.Namespace) -> int:
                "teacher": teacher_path, "metrics_files": args.metrics, "skipped": sorted(skip),
                "sources": {m: ("--metrics" if m in given else "measured") for m, v in metrics.items() if v is not None}}
     provenance = {m: d["provenance"] for m, d in ctx.details.items() if isinstance(d, dict) and d.get("provenance")}
-    report = evaluate_gates(spec, metrics, notes, details, provenance=provenance)
+    sizes = {m: d["size"] for m, d in ctx.details.items() if isinstance(d, dict) and d.get("size")}
+    report = evaluate_gates(spec, metrics, notes, details, provenance=provenance, sizes=sizes)
 
     # ---- print and save
     console = Console()

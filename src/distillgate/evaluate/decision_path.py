@@ -160,6 +160,10 @@ def evidence_path(model, tokenizer, inst: Instruction, max_new_tokens: int = 4) 
     ids, spans = _encode(tokenizer, inst)
     was = model.training
     model.eval()
+    # only the input embeddings need a gradient: the weights' gradients would double the backward's cost
+    frozen = [p for p in model.parameters() if p.requires_grad]
+    for p in frozen:
+        p.requires_grad_(False)
     try:
         with torch.no_grad():
             gen = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
@@ -174,7 +178,8 @@ def evidence_path(model, tokenizer, inst: Instruction, max_new_tokens: int = 4) 
             torch.log_softmax(logits, -1)[first].backward()
         per_tok = (emb.grad[0] * emb[0]).sum(-1).abs().detach()
     finally:
-        model.zero_grad(set_to_none=True)
+        for p in frozen:
+            p.requires_grad_(True)
         model.train(was)
     scores = [float(per_tok[a:b].sum()) for a, b in spans]
     ranking = sorted(range(len(scores)), key=lambda i: -scores[i])
@@ -189,17 +194,26 @@ def compare_paths(t: dict, s: dict, m: int) -> dict:
 
 
 def decision_path_consistency(student, teacher, tokenizer, *, n: int = 60, seed: int = 0,
-                              teacher_fingerprint: str | None = None) -> dict:
-    """G-C4 over ``n`` generated instructions (SPEC default 5,000; the CPU preset is small): see module doc."""
+                              teacher_fingerprint: str | None = None, memo: dict | None = None) -> dict:
+    """G-C4 over ``n`` generated instructions (SPEC default 5,000; the CPU preset is small): see module doc.
+    ``memo``: an in-memory cache of teacher paths (by the same key as the disk cache) that outlives one call."""
+    import time
+
     insts = generate_instructions(n, seed)
     key = sha256_json([teacher_fingerprint, [asdict(i) for i in insts]]) if teacher_fingerprint else None
     cache = distillgate_home() / "eval_cache" / f"decision-path-{key[:16]}.json" if key else None
-    if cache is not None and cache.is_file():
+    t0 = time.perf_counter()
+    if memo is not None and key is not None and key in memo:
+        t_paths = memo[key]
+    elif cache is not None and cache.is_file():
         t_paths = json.loads(cache.read_text())["paths"]
     else:
         t_paths = [evidence_path(teacher, tokenizer, i) for i in insts]
         if cache is not None:
             atomic_write_json(cache, {"paths": t_paths, "key": key})
+    if memo is not None and key is not None:
+        memo[key] = t_paths
+    t1 = time.perf_counter()
     rows = []
     for inst, tp in zip(insts, t_paths):
         sp = evidence_path(student, tokenizer, inst)
@@ -212,19 +226,28 @@ def decision_path_consistency(student, teacher, tokenizer, *, n: int = 60, seed:
             "answer_agreement": mean("same_answer"),
             "teacher_accuracy": sum(r["teacher"] == r["truth"] for r in rows) / len(rows),
             "student_accuracy": sum(r["student"] == r["truth"] for r in rows) / len(rows),
-            "n": len(rows), "rows": rows}
+            "n": len(rows), "rows": rows,
+            "seconds": {"teacher": t1 - t0, "student": time.perf_counter() - t1}}
 
 
 # ------------------------------------------------------------------------------------------------ gate
 
 def path_consistency_provider(ctx) -> float | None:
     """G-C4 metric provider: :func:`decision_path_consistency` over ``options['path_instructions']`` (30)
-    instructions; teacher paths cached by the teacher's fingerprint. Needs one tokenizer for both models."""
+    instructions; teacher paths cached on disk by the teacher's fingerprint and in ``ctx.teacher_cache``
+    (a loop iteration pays only the student's side). Needs one tokenizer for both models. The details carry
+    the size used, the SPEC's (5,000) and the Wilson 95% CI of the consistent share."""
+    from .providers import report_size, wilson_ci
+
     t, s = ctx.same_tokenizer_pair("path_consistency", "one tokenizer must serve both")
-    res = decision_path_consistency(s.model, t.model, s.tokenizer, n=int(ctx.opt("path_instructions")),
-                                    seed=int(ctx.opt("seed")), teacher_fingerprint=t.fingerprint)
+    n, seed = int(ctx.opt("path_instructions")), int(ctx.opt("seed"))
+    tc = ctx.teacher_cache.setdefault("decision_path_teacher", {})
+    res = decision_path_consistency(s.model, t.model, s.tokenizer, n=n, seed=seed,
+                                    teacher_fingerprint=t.fingerprint, memo=tc)
     ctx.details["path_consistency"] = res
     ctx.extra.update({k: res[k] for k in ("path_consistency_lenient", "answer_agreement") if k in res})
+    report_size(ctx, "path_consistency", res["n"], wilson_ci(sum(r["consistent"] for r in res["rows"]), res["n"]),
+                "Wilson score interval (scipy)")
     return res["path_consistency"]
 
 

@@ -255,25 +255,41 @@ def score_inheritance(teacher_emb: list[torch.Tensor], student_emb: list[torch.T
 def capability_inheritance(student, teacher, tokenizer, *, n_groups: int = 300, seed: int = 0,
                            paws_tsv: str | None = None, max_new_tokens: int = 48, batch_size: int = 16,
                            slack: float = 0.05, min_share: float = 2 / 3, encoder=None,
-                           teacher_fingerprint: str | None = None) -> dict:
+                           teacher_fingerprint: str | None = None, memo: dict | None = None) -> dict:
     """G-C3: share of groups whose student answers fall in the teacher's answer cluster (module docstring).
 
     ``teacher`` is the teacher model; its answers and embeddings are cached on disk under
-    ``$DISTILLGATE_HOME/eval_cache/inheritance-<key>.json`` when ``teacher_fingerprint`` is given.
+    ``$DISTILLGATE_HOME/eval_cache/inheritance-<key>.json`` when ``teacher_fingerprint`` is given, and in
+    ``memo`` (answers and embeddings, in memory: the loop keeps one per run) so a later call embeds only the
+    student's answers.
     """
+    import time
+
+    t0 = time.perf_counter()
     groups = build_groups(n_groups, seed, paws_tsv)
-    encoder = encoder or default_encoder()
     key = sha256_json([teacher_fingerprint, [asdict(g) for g in groups], max_new_tokens]) if teacher_fingerprint else None
     cache = distillgate_home() / "eval_cache" / f"inheritance-{key[:16]}.json" if key else None
-    if cache is not None and cache.is_file():
-        t_answers = json.loads(cache.read_text())["answers"]
+    if memo is not None and key is not None and key in memo:
+        t_answers, t_emb = memo[key]
+        encoder = encoder or memo.get("encoder") or default_encoder()
     else:
-        t_answers = answer_all(teacher, tokenizer, groups, max_new_tokens=max_new_tokens, batch_size=batch_size)
-        if cache is not None:
-            atomic_write_json(cache, {"answers": t_answers, "key": key})
+        encoder = encoder or (memo or {}).get("encoder") or default_encoder()
+        if cache is not None and cache.is_file():
+            t_answers = json.loads(cache.read_text())["answers"]
+        else:
+            t_answers = answer_all(teacher, tokenizer, groups, max_new_tokens=max_new_tokens, batch_size=batch_size)
+            if cache is not None:
+                atomic_write_json(cache, {"answers": t_answers, "key": key})
+        t_emb = _embed(encoder, t_answers)
+        if memo is not None and key is not None:
+            memo[key] = (t_answers, t_emb)
+    if memo is not None:
+        memo["encoder"] = encoder
+    t1 = time.perf_counter()
     s_answers = answer_all(student, tokenizer, groups, max_new_tokens=max_new_tokens, batch_size=batch_size)
-    res = score_inheritance(_embed(encoder, t_answers), _embed(encoder, s_answers), [g.kind for g in groups],
+    res = score_inheritance(t_emb, _embed(encoder, s_answers), [g.kind for g in groups],
                             slack=slack, min_share=min_share)
+    res["seconds"] = {"teacher": t1 - t0, "student": time.perf_counter() - t1}
     for g, p, ta, sa in zip(groups, res["per_group"], t_answers, s_answers):
         p.update({"group": g.id, "kind": g.kind, "teacher_answers": ta, "student_answers": sa})
     res.update({"slack": slack, "min_share": min_share, "max_new_tokens": max_new_tokens})
@@ -283,14 +299,23 @@ def capability_inheritance(student, teacher, tokenizer, *, n_groups: int = 300, 
 # ------------------------------------------------------------------------------------------------ gate
 
 def inheritance_provider(ctx) -> float | None:
-    """G-C3 metric provider: :func:`capability_inheritance` over ``options['inheritance_groups']`` (48) groups;
-    teacher answers cached by the teacher's fingerprint. Needs teacher and student to share a tokenizer."""
+    """G-C3 metric provider: :func:`capability_inheritance` over ``options['inheritance_groups']`` (48) groups,
+    answers of ``options['inheritance_new_tokens']`` (32) tokens; teacher answers cached on disk by the
+    teacher's fingerprint, and with their embeddings (and the encoder) in ``ctx.teacher_cache``. Needs teacher
+    and student to share a tokenizer. The details carry the size used, the SPEC's (300) and the Wilson 95% CI."""
+    from .providers import report_size, wilson_ci
+
     t, s = ctx.same_tokenizer_pair("inheritance", "one tokenizer must serve both")
     res = capability_inheritance(s.model, t.model, s.tokenizer,
-                                 n_groups=int(ctx.opt("inheritance_groups")),
-                                 seed=int(ctx.opt("seed")), teacher_fingerprint=t.fingerprint)
+                                 n_groups=int(ctx.opt("inheritance_groups")), seed=int(ctx.opt("seed")),
+                                 max_new_tokens=int(ctx.opt("inheritance_new_tokens")),
+                                 teacher_fingerprint=t.fingerprint,
+                                 memo=ctx.teacher_cache.setdefault("inheritance_teacher", {}))
     ctx.details["inheritance"] = res
     ctx.extra.update({f"inheritance/{k}": v for k, v in res.get("per_kind", {}).items()})
+    report_size(ctx, "inheritance", res["n_groups"],
+                wilson_ci(sum(p["inherited"] for p in res["per_group"]), res["n_groups"]),
+                "Wilson score interval (scipy)")
     return res["inheritance"]
 
 

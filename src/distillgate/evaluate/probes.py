@@ -47,7 +47,7 @@ import torch
 from ..errors import InputError
 from ..io import atomic_write_json, distillgate_home, sha256_file, sha256_json
 
-PROBE_VERSION = 2      # 2: sentences scored with lm-eval's leading space (cached teacher results of 1 are stale)
+PROBE_VERSION = 3      # 2: sentences scored with lm-eval's leading space; 3: test entity counts (for the CI)
 SPLITS = (0.6, 0.2, 0.2)
 GATED = {"grammaticality": ("grammaticality_f1",), "ner": ("ner_f1",), "dependency": ("uas", "deprel_micro_f1")}
 
@@ -413,7 +413,12 @@ def token_task(feats: dict[int, torch.Tensor], split: dict[str, list[Sentence]],
         return metrics(pred[slice(*cut["dev"])], "dev")[primary], metrics(pred[slice(*cut["test"])], "test")
 
     layer, dev, test = _select(sorted(feats), fit_eval)
-    return {"layer": layer, "dev": dev, "test": test, "n_labels": len(vocab), "n_test_words": n[2]}
+    out = {"layer": layer, "dev": dev, "test": test, "n_labels": len(vocab), "n_test_words": n[2]}
+    if kind == "ner":
+        from seqeval.metrics.sequence_labeling import get_entities
+
+        out["n_test_entities"] = sum(len(get_entities(s)) for s in labs["test"])
+    return out
 
 
 def head_task(feats: dict[int, torch.Tensor], split: dict[str, list[Sentence]], *, rank: int, l2: float,
@@ -450,7 +455,8 @@ def data_files(data_dir: str | Path) -> dict[str, list[Path]]:
 
 
 def probe_suite(model, tokenizer, data_dir: str | Path, *, limit_sentences: int | None = 400, blimp_pairs: int = 300,
-                seed: int = 0, layers: list[int] | None = None, max_words: int = 64, l2: float = 1e-3,
+                seed: int = 0, layers: list[int] | None = None, max_layers: int = 10, max_words: int = 64,
+                l2: float = 1e-3,
                 head_rank: int = 64, head_l2: float = 1e-2, max_iter: int = 100, batch_tokens: int = 4096,
                 probe_threads: int | None = 1, cache: bool = False, fingerprint: str | None = None) -> dict:
     """All G-C2 probes of one frozen model (module docstring). Returns JSON-able
@@ -469,7 +475,7 @@ def probe_suite(model, tokenizer, data_dir: str | Path, *, limit_sentences: int 
     from ..models import fingerprint_model, fingerprint_tokenizer
 
     files = data_files(data_dir)
-    layers = sorted(set(layers)) if layers else default_layers(model.config.num_hidden_layers)
+    layers = sorted(set(layers)) if layers else default_layers(model.config.num_hidden_layers, max_layers)
     settings = {"version": PROBE_VERSION, "limit_sentences": limit_sentences, "blimp_pairs": blimp_pairs,
                 "seed": seed, "layers": layers, "max_words": max_words, "l2": l2, "head_rank": head_rank,
                 "head_l2": head_l2,
@@ -500,7 +506,8 @@ def probe_suite(model, tokenizer, data_dir: str | Path, *, limit_sentences: int 
         for task, r in tasks.items():
             res["layers"][task], res["dev"][task] = r["layer"], {str(k): v for k, v in r["dev"].items()}
             res["scores"].update({m if task == "uas" else f"{task}_{m}": v for m, v in r["test"].items()})
-            res["n"][task] = {**{k: len(v) for k, v in split.items()}, "test_words": r["n_test_words"]}
+            res["n"][task] = {**{k: len(v) for k, v in split.items()}, "test_words": r["n_test_words"],
+                              **({"test_entities": r["n_test_entities"]} if "n_test_entities" in r else {})}
         res["seconds"][f"probes_{name}"] = time.perf_counter() - t0
     per_file = math.ceil(blimp_pairs / len(files["blimp"]))
     pairs = read_minimal_pairs(files["blimp"], per_file)[:blimp_pairs]
@@ -537,15 +544,49 @@ def f1_gap(teacher: dict, student: dict) -> dict:
         raise InputError(f"f1_gap: scores {missing} missing from the probe results")
     fam = {f: max(per[m] for m in ms) for f, ms in GATED.items()}
     worst = max(fam, key=fam.get)
-    return {"per_task_gap_points": per, "family_gap_points": fam, "f1_gap_points": fam[worst], "worst_family": worst}
+    ci, n = gap_ci(teacher, student)
+    lo, hi = max(c[0] for c in ci.values()), max(c[1] for c in ci.values())
+    return {"per_task_gap_points": per, "family_gap_points": fam, "f1_gap_points": fam[worst], "worst_family": worst,
+            "family_ci95": ci, "ci95": [lo, hi], "family_n": n}
+
+
+def gap_ci(teacher: dict, student: dict, confidence: float = 0.95) -> tuple[dict, dict]:
+    """95% CI (points) of each gated family's gap and the test size behind it: normal approximation of the
+    difference of two independent proportions ``100 * z * sqrt(pt(1-pt)/n + ps(1-ps)/n)`` (conservative: the
+    two models are scored on the same items), ``n`` = pairs (grammaticality), gold test entities (NER; span F1
+    treated as a proportion), test words (dependency; words of one sentence are not independent, so this is
+    optimistic there). A family that is the worse of two scores gets the bounds of the worse; the gate value
+    (max over families) lies in [max of the lows, max of the highs] when every family's interval holds."""
+    from scipy.stats import norm
+
+    z, tn = float(norm.ppf(0.5 + confidence / 2)), teacher.get("n", {})
+    n_of = {"grammaticality_f1": (tn.get("grammaticality") or {}).get("pairs"),
+            "ner_f1": (tn.get("ner") or {}).get("test_entities") or (tn.get("ner") or {}).get("test_words"),
+            "uas": (tn.get("uas") or {}).get("test_words"), "deprel_micro_f1": (tn.get("deprel") or {}).get("test_words")}
+    ci, ns = {}, {}
+    for fam, ms in GATED.items():
+        lo = hi = -math.inf
+        for m in ms:
+            n, pt, ps = n_of.get(m), teacher["scores"][m], student["scores"][m]
+            if not n:
+                raise InputError(f"probe results carry no test size for {m} (cached by an older version?)")
+            gap, se = 100.0 * (pt - ps), 100.0 * math.sqrt((pt * (1 - pt) + ps * (1 - ps)) / n)
+            lo, hi = max(lo, gap - z * se), max(hi, gap + z * se)
+            ns[fam] = min(ns.get(fam, n), n)
+        ci[fam] = [lo, hi]
+    return ci, ns
 
 
 # ------------------------------------------------------------------------------------------------ gate
 
 def f1_gap_provider(ctx) -> float | None:
-    """G-C2 metric provider: teacher (cached on disk) and student probes on ``options['data_dir']`` (else
-    $DISTILLGATE_DATA); sizes from ``options['probe_sentences']`` (400) and ``options['blimp_pairs']`` (300)."""
+    """G-C2 metric provider: teacher and student probes on ``options['data_dir']`` (else $DISTILLGATE_DATA);
+    sizes from ``options['probe_sentences']`` (200), ``options['blimp_pairs']`` (150), ``probe_layers``
+    (candidate layers searched per model, 4) and ``probe_max_iter`` (60). The teacher's result is cached on
+    disk (by fingerprint, tokenizer, data sha256 and settings) and in ``ctx.teacher_cache``, so a loop
+    iteration pays only the student's side; the details carry the size used and the gap's 95% CI."""
     from .harness import default_data_dir
+    from .providers import report_size
 
     data_dir = default_data_dir(ctx.options.get("data_dir"))
     if not data_dir:
@@ -553,12 +594,22 @@ def f1_gap_provider(ctx) -> float | None:
                                                 "holding wnut17/, ud_english_ewt/ and blimp/"}
         return None
     kw = {"limit_sentences": int(ctx.opt("probe_sentences")), "blimp_pairs": int(ctx.opt("blimp_pairs")),
-          "seed": int(ctx.opt("seed"))}
+          "seed": int(ctx.opt("seed")), "max_layers": int(ctx.opt("probe_layers")),
+          "max_iter": int(ctx.opt("probe_max_iter"))}
     t, s = ctx.teacher(), ctx.student()
-    tr = probe_suite(t.model, t.tokenizer, data_dir, cache=True, fingerprint=t.fingerprint, **kw)
+    key = json.dumps(["probes", PROBE_VERSION, str(Path(data_dir).resolve()), kw], sort_keys=True)
+    fresh = key not in ctx.teacher_cache
+    if fresh:
+        ctx.teacher_cache[key] = probe_suite(t.model, t.tokenizer, data_dir, cache=True, fingerprint=t.fingerprint,
+                                             **kw)
+    tr = ctx.teacher_cache[key]
     sr = probe_suite(s.model, s.tokenizer, data_dir, **kw)
     gap = f1_gap(tr, sr)
-    ctx.details["f1_gap_points"] = {**gap, "teacher": tr, "student": sr}
+    ctx.details["f1_gap_points"] = {**gap, "teacher": tr, "student": sr,
+                                    "seconds": {"teacher": tr["seconds"]["total"] if fresh and not tr.get("cached") else 0.0,
+                                                "student": sr["seconds"]["total"]}}
+    report_size(ctx, "f1_gap_points", min(gap["family_n"].values()), gap["ci95"],
+                "max over families of a normal-approximation CI of each F1 gap (see probes.gap_ci)")
     return gap["f1_gap_points"]
 
 

@@ -33,13 +33,46 @@ log = logging.getLogger(__name__)
 CPU_PRESETS: dict[str, Any] = {
     "inheritance_groups": 48,    # G-C3 paired groups (SPEC: 300)
     "path_instructions": 30,     # G-C4 instructions (SPEC: 5,000)
-    "probe_sentences": 400,      # G-C2 NER / dependency sentences
-    "blimp_pairs": 300,          # G-C2 grammaticality pairs
+    "probe_sentences": 200,      # G-C2 NER / dependency sentences each (60/20/20 split; 400: ~2x the time)
+    "blimp_pairs": 150,          # G-C2 grammaticality pairs (spread over the BLiMP files)
     "repeats": 5, "warmup": 1,   # G-P1 TTFT repeats / warm-up calls per length and model
     "context_len": 512,          # G-P3 memory breakdown context; longest G-P2 request
     "volatility_requests": 24,   # G-P2 load size
+    "probe_layers": 4,           # G-C2 candidate layers searched per model (bounded layer search)
+    "probe_max_iter": 60,        # G-C2 L-BFGS iterations per probe fit
+    "inheritance_new_tokens": 32,  # G-C3 greedy answer length
     "seed": 0,
 }
+
+# The sizes the SPEC asks for, next to the presets used (shown as "used / SPEC" with each gate's CI).
+SPEC_SIZES: dict[str, tuple[int | None, str]] = {
+    "f1_gap_points": (None, "test items"),       # SPEC G-C2 names no size: the full test sets
+    "inheritance": (300, "paired groups"),
+    "path_consistency": (5000, "instructions"),
+    "latency_volatility_ratio": (None, "requests"),  # SPEC G-P2: a 72-hour soak
+}
+
+
+def wilson_ci(successes: int, n: int, confidence: float = 0.95) -> tuple[float, float]:
+    """Wilson score interval of a proportion (scipy's ``binomtest``)."""
+    from scipy.stats import binomtest
+
+    ci = binomtest(int(successes), int(n)).proportion_ci(confidence_level=confidence, method="wilson")
+    return float(ci.low), float(ci.high)
+
+
+def report_size(ctx: "GateContext", metric: str, used: int, ci: tuple[float, float] | None, method: str) -> dict:
+    """Put the size used, the SPEC's size and the 95% CI at that size into ``details[metric]['size']`` and
+    the CI into ``ctx.extra`` as ``<metric>/ci_low``/``ci_high`` (the gate table marks a verdict whose CI
+    crosses the threshold *uncertain*; attribution does not act on it)."""
+    spec, unit = SPEC_SIZES.get(metric, (None, ""))
+    size = {"used": int(used), "spec": spec, "unit": unit, "ci95": list(ci) if ci else None, "ci_method": method}
+    d = ctx.details.setdefault(metric, {})
+    if isinstance(d, dict):
+        d["size"] = size
+    if ci is not None and all(math.isfinite(x) for x in ci):
+        ctx.extra[f"{metric}/ci_low"], ctx.extra[f"{metric}/ci_high"] = float(ci[0]), float(ci[1])
+    return size
 
 @dataclass
 class GateContext:

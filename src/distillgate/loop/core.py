@@ -32,7 +32,9 @@ from ..strategy import knob_defaults, next_recipe, rule_list
 from .contract import Iteration
 from .run import apply_recipe
 
-CHECK_METRICS = {"probes": ["f1_gap_points"], "inheritance": ["inheritance"], "decision_path": ["path_consistency"]}
+CHECK_METRICS = {"probes": ["f1_gap_points"], "inheritance": ["inheritance"], "decision_path": ["path_consistency"],
+                 "volatility": ["latency_volatility_ratio"]}
+PERF_CHECKS = ("volatility",)  # timing checks: measured with perf (when the structure changed), kept meanwhile
 TEACHER_SIDE = ("teacher_ppl_heldout", "teacher_ppl_text")
 PERF_METRICS = ("ttft_ratio", "peak_memory_ratio")
 STRUCTURE_METRICS = ("flops_ratio", "params_ratio")  # analytic, cheap: every iteration (S3.3)
@@ -117,10 +119,11 @@ def validate(it: Iteration, run) -> None:
     names = list(HELDOUT_METRICS) + ["ppl_ratio"] + list(STRUCTURE_METRICS)
     desc = structure(run.student)
     perf_due = run.state.perf_structure != desc or not cfg.loop.perf_every_structure_change
+    perf = list(PERF_METRICS) + [m for c in cfg.loop.capability_checks if c in PERF_CHECKS for m in CHECK_METRICS[c]]
     if perf_due:
-        names += PERF_METRICS
+        names += perf
     for check in cfg.loop.capability_checks:
-        names += CHECK_METRICS[check]
+        names += [] if check in PERF_CHECKS else CHECK_METRICS[check]
     names += [m for m in it.extra_metrics if m not in names]
     m = run.measure(names, **it.measure_options)
     values = {k: v for k, v in m.values.items() if v is not None}
@@ -128,7 +131,7 @@ def validate(it: Iteration, run) -> None:
         if k in values:
             it.teacher_metrics[k] = values.pop(k)
     if perf_due:
-        run.state.perf = {k: v for k, v in values.items() if k in PERF_METRICS or k.split("/")[0] in PERF_METRICS}
+        run.state.perf = {k: v for k, v in values.items() if k in perf or k.split("/")[0] in perf}
         run.state.perf_structure = desc
     else:
         values.update({k: v for k, v in (run.state.perf or {}).items() if v is not None})
@@ -144,8 +147,10 @@ def validate(it: Iteration, run) -> None:
                                                    pipeline.pad_id(run.teacher.tokenizer))
     spec = load_gate_spec(cfg.loop.gates_spec)
     provenance = {k: d["provenance"] for k, d in m.details.items() if isinstance(d, dict) and d.get("provenance")}
+    sizes = {k: d["size"] for k, d in m.details.items() if isinstance(d, dict) and d.get("size")}
     it.gates = evaluate_gates(spec, {k: v for k, v in it.metrics.items() if isinstance(v, (int, float))},
-                              {k: v for k, v in m.notes.items() if k not in it.metrics}, provenance=provenance)
+                              {k: v for k, v in m.notes.items() if k not in it.metrics}, provenance=provenance,
+                              sizes=sizes)
 
 
 def attribute_phase(it: Iteration, run) -> None:
