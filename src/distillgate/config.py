@@ -261,8 +261,8 @@ class TrainSpec(_Strict):
     compile: Literal["off", "auto", "on"] = Field(
         "off", description="compile the student's decoder layers with torch.compile (inductor; RMSNorm, rotary, "
                            "SiLU*up fused around the matmuls; the lm-head loss stays eager). on: always (needs a C++ "
-                           "compiler on a CPU, triton on CUDA); auto: on CUDA, and on a CPU for runs of >= 200 steps "
-                           "(a cold compile costs minutes there); kernels are cached under "
+                           "compiler on a CPU, triton on CUDA); auto: on CUDA, and on a CPU for runs of >= 64 steps "
+                           "(a cold compile costs ~1.5 min there); kernels are cached under "
                            "$DISTILLGATE_HOME/compile and reused by later runs and iterations; compile seconds are "
                            "reported apart from step seconds")
     fsdp: bool = Field(False, description="under torchrun: shard parameters, gradients and AdamW state over the "
