@@ -21,6 +21,9 @@ defaults) are computed once before timing (their one-time cost is printed). The 
 ``--device cuda``: every method trains and evaluates on the GPU (the data and cached targets are prepared on the
 CPU first); step times are taken after a CUDA synchronize, and the peak GPU memory (torch's max allocated) is
 reported next to the RSS. The MFU peak is then the GPU's measured bf16 (or fp32) matmul rate.
+``--methods ...,distillgate_cached_compiled``: the cached method with ``train.compile: on`` (compiled decoder
+layers); its compile cache starts empty in the work folder (round 0 cold, later rounds warm) and the compile
+seconds per round are a column of their own (the tokens/s exclude them: they fall in the warm-up steps).
 """
 
 from __future__ import annotations

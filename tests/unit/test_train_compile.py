@@ -92,7 +92,7 @@ def test_resume_with_compile_on_is_bitwise(tmp_path, monkeypatch):
 
     sp = spec(steps=4, compile="on")
     straight, split = tmp_path / "straight", tmp_path / "split"
-    train(tiny_model(), ce_loss, EpochBatches(), sp, straight, progress=False, tensorboard=False)
+    assert train(tiny_model(), ce_loss, EpochBatches(), sp, straight, progress=False, tensorboard=False).compiled
     train(tiny_model(), ce_loss, EpochBatches(), sp, split, callbacks=[stop_at(2)], progress=False,
           tensorboard=False)
     assert [p.name for p in list_checkpoints(split / "checkpoints")] == ["step-00000002"]
