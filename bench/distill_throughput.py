@@ -21,6 +21,9 @@ defaults) are computed once before timing (their one-time cost is printed). The 
 ``--device cuda``: every method trains and evaluates on the GPU (the data and cached targets are prepared on the
 CPU first); step times are taken after a CUDA synchronize, and the peak GPU memory (torch's max allocated) is
 reported next to the RSS. The MFU peak is then the GPU's measured bf16 (or fp32) matmul rate.
+``--methods ...,distillgate_cached_compiled``: the cached method with ``train.compile: on`` (compiled decoder
+layers); its compile cache starts empty in the work folder (round 0 cold, later rounds warm) and the compile
+seconds per round are a column of their own (the tokens/s exclude them: they fall in the warm-up steps).
 """
 
 from __future__ import annotations
@@ -40,6 +43,8 @@ import torch
 
 SEQ, BATCH, LR = 256, 4, 3e-4
 METHODS = ("distillgate_cached", "distillgate_online", "trl_gkd", "hf_trainer_kd")
+OPTIONAL = ("distillgate_cached_compiled",)  # --methods only: the cached method with train.compile: on
+CACHED = ("distillgate_cached", "distillgate_cached_compiled")  # no teacher at training time
 
 
 # ------------------------------------------------------------------------------------------ prep
@@ -136,7 +141,7 @@ def worker(method: str, work: Path, steps: int, out: Path, precision: str, devic
     torch.manual_seed(0)
     train, held, pad, tdir, collate, teacher_spec = _rows(work)
     # With cached targets the teacher is not needed while training: load it only for the held-out KL.
-    teacher = None if method == "distillgate_cached" else load_model(teacher_spec)
+    teacher = None if method in CACHED else load_model(teacher_spec)
     if teacher is not None:
         teacher.model.to(device)
     student = load_model(str(work / "student")).model.to(device)
@@ -154,11 +159,11 @@ def worker(method: str, work: Path, steps: int, out: Path, precision: str, devic
         from distillgate.targets import OnlineTeacher, TargetCache
         from distillgate.train import train as dg_train
 
-        provider = TargetCache.open(tdir) if method == "distillgate_cached" else OnlineTeacher(teacher.model)
+        provider = TargetCache.open(tdir) if method in CACHED else OnlineTeacher(teacher.model)
         obj = DistillObjective(LossSpec(divergence="forward_kl", channels={"kd": 1.0}), provider,
                                vocab_size=student.config.vocab_size)
         spec = TrainSpec(steps=steps, batch_size=BATCH, lr=LR, warmup_steps=0, min_lr_ratio=1.0, precision=precision,
-                         max_grad_norm=1.0)
+                         max_grad_norm=1.0, compile="on" if method.endswith("_compiled") else "off")
         last = [time.perf_counter()]
 
         def cb(info):
@@ -168,8 +173,9 @@ def worker(method: str, work: Path, steps: int, out: Path, precision: str, devic
             last[0] = now
 
         with tempfile.TemporaryDirectory() as d:
-            dg_train(student, obj, lambda epoch: batches_dev, spec, d, callbacks=[cb], progress=False,
-                     tensorboard=False)
+            res = dg_train(student, obj, lambda epoch: batches_dev, spec, d, callbacks=[cb], progress=False,
+                           tensorboard=False)
+        compile_s = res.compile_seconds if res.compiled else None
     else:
         from transformers import Trainer, TrainerCallback, TrainingArguments
 
@@ -230,6 +236,7 @@ def worker(method: str, work: Path, steps: int, out: Path, precision: str, devic
             trainer = sequential(KDTrainer)(model=student, args=TrainingArguments(**common), data_collator=collator,
                                 train_dataset=Dataset.from_list(rows), callbacks=[Timer()])
         trainer.train()
+        compile_s = None
     # Peak RSS of training (recorded before the held-out KL below loads the teacher into the cached run).
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 / 1024
     gpu = torch.cuda.max_memory_allocated() / 2 ** 30 if device.startswith("cuda") else None
@@ -240,7 +247,8 @@ def worker(method: str, work: Path, steps: int, out: Path, precision: str, devic
         teacher = load_model(teacher_spec)
     kl = heldout_kl(student, teacher.model, held, pad, collate)
     out.write_text(json.dumps({"method": method, "step_seconds": step_times, "loss_tokens_per_step": loss_tokens,
-                               "peak_rss_gib": rss, "peak_gpu_gib": gpu, "heldout_kl": kl}))
+                               "peak_rss_gib": rss, "peak_gpu_gib": gpu, "heldout_kl": kl,
+                               "compile_seconds": compile_s}))
 
 
 # ------------------------------------------------------------------------------------------ main
@@ -250,7 +258,10 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--student-layers", type=int, default=15)
-    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--methods", default=",".join(METHODS),
+                    help=f"comma-separated, of {', '.join(METHODS + OPTIONAL)} (distillgate_cached_compiled: "
+                         f"train.compile: on; its compile cache starts empty in --work, so round 0 compiles cold "
+                         f"and later rounds reuse the cache, as later runs and iterations do)")
     ap.add_argument("--topk", type=int, default=64, help="cached targets per token (default 64)")
     ap.add_argument("--tail-samples", type=int, default=16,
                     help="cached tail samples per token (default 16, as targets.tail_samples; 0: one-bucket tail)")
@@ -292,6 +303,10 @@ def main() -> None:
             os.environ["DISTILLGATE_MALLOC_TUNING"] = "0"
     work = Path(a.work or tempfile.mkdtemp(prefix="dg-bench-"))
     work.mkdir(parents=True, exist_ok=True)
+    bad = [m for m in a.methods.split(",") if m not in METHODS + OPTIONAL]
+    if bad:
+        ap.error(f"--methods: unknown {bad}; allowed: {', '.join(METHODS + OPTIONAL)}")
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(work / "compile-cache")  # the workers inherit it
     peak32 = matmul_peak_gflops(torch.float32, device=a.device)
     peak = matmul_peak_gflops(torch.bfloat16, device=a.device) if a.precision == "bf16" else peak32
     info = prepare(work, a.student_layers, n_train_rows=a.steps * BATCH, n_held_rows=8, topk=a.topk,
@@ -323,7 +338,7 @@ def main() -> None:
     for m, rs in results.items():
         tps = statistics.median(statistics.median(r["loss_tokens_per_step"] / s for s in r["step_seconds"][a.warmup:])
                                 for r in rs)
-        teacher_runs = m != "distillgate_cached"
+        teacher_runs = m not in CACHED
         if m.startswith("distillgate") and head32:
             head, body = 6 * emb + (2 * emb if teacher_runs else 0), 6 * (ns - emb) + (2 * (nt - emb) if teacher_runs else 0)
             ideal = head / (peak32 * 1e9) + body / (peak * 1e9)
@@ -332,7 +347,8 @@ def main() -> None:
         gpus = [r["peak_gpu_gib"] for r in rs if r.get("peak_gpu_gib") is not None]
         rows[m] = {"tokens_per_s": tps, "peak_rss_gib": statistics.median(r["peak_rss_gib"] for r in rs),
                    "peak_gpu_gib": statistics.median(gpus) if gpus else None,
-                   "mfu": ideal * tps, "heldout_kl": statistics.median(r["heldout_kl"] for r in rs)}
+                   "mfu": ideal * tps, "heldout_kl": statistics.median(r["heldout_kl"] for r in rs),
+                   "compile_s": [r.get("compile_seconds") for r in rs]}
     where = torch.cuda.get_device_name(a.device) if a.device.startswith("cuda") else \
         f"CPU, {torch.get_num_threads()} torch thread(s)"
     print(f"\n{where}; {a.precision} matmul peak {peak:.0f} GFLOP/s (fp32 {peak32:.0f})"
@@ -341,11 +357,12 @@ def main() -> None:
           f"cached top-{a.topk} targets + {a.tail_samples} tail samples precomputed in {info['targets_seconds']:.1f} s (one-time)")
     gpu_col = a.device.startswith("cuda")
     print(f"{'method':22s} {'tokens/s':>9s} {'peak RSS GiB':>13s}" + (f" {'peak GPU GiB':>13s}" if gpu_col else "")
-          + f" {'MFU':>6s} {'held-out KL':>12s}")
+          + f" {'MFU':>6s} {'held-out KL':>12s}  compile s per round (not in tokens/s)")
     for m, r in rows.items():
         print(f"{m:22s} {r['tokens_per_s']:9.1f} {r['peak_rss_gib']:13.2f}"
               + (f" {r['peak_gpu_gib']:13.2f}" if gpu_col else "")
-              + f" {100 * r['mfu']:5.1f}% {r['heldout_kl']:12.4f}")
+              + f" {100 * r['mfu']:5.1f}% {r['heldout_kl']:12.4f}  "
+              + (" / ".join(f"{c:.1f}" for c in r["compile_s"]) if r["compile_s"][0] is not None else "-"))
     kv = [f"device={a.device.split(':')[0]}", f"precision={a.precision}"]
     if "trl_gkd" in rows and "distillgate_cached" in rows:
         o, t = rows["distillgate_cached"], rows["trl_gkd"]
@@ -356,6 +373,19 @@ def main() -> None:
         o, t = rows["distillgate_online"], rows["trl_gkd"]
         kv += [f"online_tokens_per_s_ratio_vs_trl_gkd={o['tokens_per_s'] / t['tokens_per_s']:.3f}",
                f"online_kl_ratio_vs_trl_gkd={o['heldout_kl'] / t['heldout_kl']:.3f}"]
+    if "distillgate_cached_compiled" in rows:
+        c = rows["distillgate_cached_compiled"]
+        cs = c["compile_s"]
+        kv += [f"compiled_mfu={c['mfu']:.3f}", f"compile_seconds_cold={cs[0]:.1f}"]
+        if len(cs) > 1:
+            kv.append(f"compile_seconds_warm={statistics.median(cs[1:]):.1f}")
+        if "distillgate_cached" in rows:
+            kv.append(f"compiled_vs_eager_tokens_per_s={c['tokens_per_s'] / rows['distillgate_cached']['tokens_per_s']:.3f}")
+        if "trl_gkd" in rows:
+            t = rows["trl_gkd"]
+            kv += [f"compiled_tokens_per_s_ratio_vs_trl_gkd={c['tokens_per_s'] / t['tokens_per_s']:.3f}",
+                   f"compiled_kl_ratio_vs_trl_gkd={c['heldout_kl'] / t['heldout_kl']:.3f}"]
+    kv.append(f"fp32_peak_gflops={peak32:.1f}")
     print(" ".join(kv))
 
 

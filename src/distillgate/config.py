@@ -259,6 +259,13 @@ class TrainSpec(_Strict):
     checkpoint_every: int = Field(0, ge=0, description="save a resumable checkpoint every N steps (0: only at end)")
     log_every: int = Field(1, ge=1, description="metrics JSONL every N steps")
     threads: int | None = Field(None, ge=1, description="torch CPU threads (default: torch's choice)")
+    compile: Literal["off", "auto", "on"] = Field(
+        "off", description="compile the student's decoder layers with torch.compile (inductor; RMSNorm, rotary, "
+                           "SiLU*up fused around the matmuls; the lm-head loss stays eager). on: always (needs a C++ "
+                           "compiler on a CPU, triton on CUDA); auto: on CUDA, and on a CPU for runs of >= 64 steps "
+                           "(a cold compile costs ~1.5 min there); kernels are cached under "
+                           "$DISTILLGATE_HOME/compile and reused by later runs and iterations; compile seconds are "
+                           "reported apart from step seconds")
     fsdp: bool = Field(False, description="under torchrun: shard parameters, gradients and AdamW state over the "
                                           "ranks (FSDP2 fully_shard per decoder layer) instead of replicating them; "
                                           "same updates, same checkpoints")

@@ -37,6 +37,7 @@ from ..hardware import native_bf16, tune_malloc
 from ..placement import to_device
 from ..signals import raise_if_terminated
 from . import distributed as dist
+from .compile import compile_layers, compile_seconds_so_far, uncompile
 from .checkpoint import (list_checkpoints, load_latest, read_weights_and_optimizer, save_checkpoint,
                          write_weights_and_optimizer)
 from .cursor import DataCursor, input_token_count, loss_token_count
@@ -139,6 +140,9 @@ def _run(model, loss_fn, batch_fn, spec, out_dir, resume_from, callbacks, on_non
     shard = ShardedTraining(model, optimizer, lambda ps: make_optimizer(ps, spec)) if spec.fsdp and world > 1 \
         else None
     net, step_opt = (shard.net, shard.opt) if shard else (model, optimizer)
+    # train.compile: the decoder layers of what trains run compiled (in place: same parameters, same state dict)
+    compiled = compile_layers(net, spec.compile, spec.steps)
+    compile_s = 0.0
     # Rollback target until the first checkpoint exists (then the checkpoint is, and this is deleted). On disk,
     # not in memory: a second copy of the weights would add a full model to the peak RSS.
     snapshot = None if list_checkpoints(ckpt_root) else _snapshot(model, optimizer, out_dir / f"{_START}-{rank}")
@@ -202,6 +206,7 @@ def _run(model, loss_fn, batch_fn, spec, out_dir, resume_from, callbacks, on_non
         with TrainProgress(spec.steps, st["step"], enabled=show) as bar:
             while st["step"] < spec.steps and not stopped:
                 t0 = time.perf_counter()
+                c0 = compile_seconds_so_far() if compiled.enabled else 0.0
                 lr = sched.apply(step_opt, st["step"])
                 window = [cursor.next() for _ in range(spec.grad_accum * world)]
                 mine = [to_device(b, params[0].device) for b in window[rank::world]]
@@ -244,7 +249,10 @@ def _run(model, loss_fn, batch_fn, spec, out_dir, resume_from, callbacks, on_non
                     step_opt.step()
                     st["consecutive"] = 0
                 step_opt.zero_grad(set_to_none=True)
-                dt = time.perf_counter() - t0
+                # compile time (train.compile: first steps, a new shape) is reported apart from the step's time
+                c_dt = compile_seconds_so_far() - c0 if compiled.enabled else 0.0
+                compile_s += c_dt
+                dt = max(time.perf_counter() - t0 - c_dt, 1e-9)
                 st["step"] += 1
                 st["tokens"] += n_tok
                 st["input_tokens"] += n_in
@@ -253,6 +261,7 @@ def _run(model, loss_fn, batch_fn, spec, out_dir, resume_from, callbacks, on_non
                 rec = {"step": st["step"], "epoch": cursor.epoch, "lr": lr, "loss": loss, "terms": terms,
                        "grad_norm": grad_norm, "loss_tokens": n_tok, "input_tokens": n_in,
                        "loss_tokens_per_s": n_tok / dt, "input_tokens_per_s": n_in / dt, "seconds": dt,
+                       "compile_s": c_dt,
                        "elapsed_s": time.perf_counter() - t_start, "skipped": bool(bad)}
                 if bad:
                     if on_nonfinite == "raise" and not bad.startswith("no loss"):
@@ -288,6 +297,7 @@ def _run(model, loss_fn, batch_fn, spec, out_dir, resume_from, callbacks, on_non
             else:  # resumed a finished run: nothing to do
                 last_ckpt = (list_checkpoints(ckpt_root) or [None])[-1]
     finally:
+        uncompile(compiled)
         metrics.close()
         if snapshot is not None:
             shutil.rmtree(snapshot, ignore_errors=True)
@@ -301,7 +311,8 @@ def _run(model, loss_fn, batch_fn, spec, out_dir, resume_from, callbacks, on_non
         mean_loss=sum(hist["loss"]) / len(hist["loss"]) if hist["loss"] else float("nan"),
         final_terms=dict(st["last_terms"]), skipped_steps=st["skipped"], rollbacks=st["rollbacks"],
         events=list(st["events"]), last_checkpoint=last_ckpt, metrics_path=metrics.path,
-        peak_rss_mb=peak_rss_mb(), stopped_early=stopped, precision=precision)
+        peak_rss_mb=peak_rss_mb(), stopped_early=stopped, precision=precision,
+        compile_seconds=compile_s, compiled=compiled.enabled)
     if main and progress is not False and (progress or bar.enabled):
         print_summary(result)
     return result

@@ -106,6 +106,8 @@ class TrainResult:
     peak_rss_mb: float
     stopped_early: bool = False
     precision: str = ""  # what autocast ran with after resolving "auto"
+    compile_seconds: float = 0.0  # time spent compiling (train.compile), not counted in any step's seconds
+    compiled: bool = False  # whether the decoder layers ran compiled (train.compile after resolving "auto")
 
     def to_json(self) -> dict:
         d = dict(self.__dict__)
