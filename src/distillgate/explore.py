@@ -110,6 +110,27 @@ def _set(recipe: dict, dotted: str, value) -> None:
     node[keys[-1]] = value
 
 
+def _valid(proposals, it, run, apply_recipe) -> list[tuple[str, object]]:
+    """The proposals whose recipe is a valid config; one that is not (a knob inside its own range that breaks a
+    joint constraint, e.g. ``temperature.max`` under ``temperature.min``) is refused with a logged reason and a
+    ``refused_change`` finding, before any step is spent on it."""
+    out = []
+    for name, value in proposals:
+        recipe = copy.deepcopy(it.recipe)
+        _set(recipe, name, value)
+        try:
+            apply_recipe(run.cfg, recipe)
+        except ValueError as e:  # pydantic's ValidationError is a ValueError
+            detail = str(e).splitlines()
+            detail = detail[2].strip() if len(detail) > 2 else str(e)
+            why = f"explore: {name} -> {value!r} refused: the recipe it makes is not a valid config ({detail})"
+            log.warning(why)
+            it.findings.append(Finding("refused_change", "warning", name, why, {"knob": name, "value": value}))
+            continue
+        out.append((name, value))
+    return out
+
+
 def selection_kl(run) -> float:
     from . import pipeline
     from .evaluate.providers import divergence_samples
@@ -148,6 +169,10 @@ def explore(it, run, stage_names: list[str]) -> None:
             study.enqueue_trial({"knob": names[tried]}, skip_if_exists=False)
         name, value = _propose(spec, study, choice)
         proposals.append((name, value))
+    proposals = _valid(proposals, it, run, apply_recipe)
+    if not proposals:
+        return
+    n = len(proposals)
     start = {k: v.detach().clone() for k, v in run.student.state_dict().items()}
     results = []
     try:

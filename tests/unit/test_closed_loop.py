@@ -236,3 +236,20 @@ def test_resume_mid_exploration_gives_the_uninterrupted_weights(tiny_teacher_dir
         with RunStore.open(root, run_id) as s:
             states.append(s.resolve("current").load_json("loop_state.json")["strategy"])
     assert states[0] == states[1] and len(states[0]["trials"]) == 4
+
+
+def test_a_proposal_that_breaks_a_joint_constraint_is_refused_before_training():
+    """A knob inside its own range can still make an invalid config (temperature.max under temperature.min):
+    exploration refuses it with a logged reason instead of crashing the run (found in the demo)."""
+    from types import SimpleNamespace
+
+    from distillgate.explore import _valid
+
+    cfg = load_config(RunConfig, None, ["loss.temperature={policy: complexity, min: 0.9, max: 1.2}"])
+    it = SimpleNamespace(recipe=initial_recipe(cfg), findings=[])
+    kept = _valid([("loss.temperature.max", 0.6223), ("train.lr", 4.0e-4)], it, SimpleNamespace(cfg=cfg),
+                  apply_recipe)
+    assert kept == [("train.lr", 4.0e-4)]
+    (f,) = it.findings
+    assert f.kind == "refused_change" and "loss.temperature.max -> 0.6223 refused" in f.message
+    assert "must be <=" in f.message
