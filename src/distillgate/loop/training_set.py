@@ -122,3 +122,39 @@ class TrainingSet:
         if self.cfg.targets.mode == "cached":
             return pipeline.MultiTargets(self.target_caches)
         return pipeline.teacher_provider(self.cfg, self.teacher, [])
+
+
+def feed_requests(run, state: dict, it, recipe_key: str, kind: str, prefix: str) -> list[tuple[dict, int]]:
+    """Requests a rule chose (``it.recipe[recipe_key].prompts``: ``{text, domain, ...}``) join training with the
+    teacher's answers. Every group fed so far is kept in ``state["fed"]`` and re-added after a resume; a group
+    already in the training set is skipped. Returns ``(group, examples added)`` for each group added now."""
+    from .. import pipeline
+    from ..data.dataset import truncate
+    from ..data.prompts import make_record
+
+    fed = state.setdefault("fed", [])
+    want = (it.recipe.get(recipe_key) or {}).get("prompts") or []
+    if want and not any(g["iteration"] == it.index for g in fed):
+        fed.append({"iteration": it.index, "prompts": want})
+    have = {e.prompt_id for e in run.training.examples}
+    added = []
+    for g in fed:
+        records = [request_record(p, kind, prefix) for p in g["prompts"]]
+        if not records or any(r.id in have for r in records):
+            continue
+        spec = run.cfg.data.model_copy(update={"heldout_fraction": 0.0})
+        exs = pipeline.extract(run.teacher, records, spec, progress=False).examples("all")
+        fits = [x for x in (truncate(e, run.cfg.data.seq_len) for e in exs) if x is not None]
+        if fits:
+            run.training.add_examples(fits)
+        added.append((g, len(fits)))
+    return added
+
+
+def request_record(p: dict, kind: str, prefix: str):
+    """One chosen request ``{text, domain, ...}`` as a PromptRecord of source ``kind`` (id ``prefix`` + hash)."""
+    from ..data.prompts import make_record
+
+    r = make_record([{"role": "user", "content": p["text"]}], p["domain"], kind, meta={kind: p})
+    r.id = prefix + r.id
+    return r

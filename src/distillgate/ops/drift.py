@@ -300,30 +300,10 @@ class DriftStage:
     def _feed(self, it, run) -> None:
         """The requests the last ``drift_recalibration`` chose join training with the teacher's answers; every
         group fed so far is re-added after a resume (state ``fed``)."""
-        from .. import pipeline
-        from ..data.dataset import truncate
-        from ..data.prompts import make_record
+        from ..loop.training_set import feed_requests
 
-        st = self._state(run)
-        fed = st.setdefault("fed", [])
-        want = (it.recipe.get("drift") or {}).get("prompts") or []
-        if want and not any(g["iteration"] == it.index for g in fed):
-            fed.append({"iteration": it.index, "prompts": want})
-        have = {e.prompt_id for e in run.training.examples}
-        for g in fed:
-            records = []
-            for p in g["prompts"]:
-                r = make_record([{"role": "user", "content": p["text"]}], p["domain"], "drift", meta={"drift": p})
-                r.id = "drift-" + r.id
-                records.append(r)
-            if not records or any(r.id in have for r in records):
-                continue
-            spec = run.cfg.data.model_copy(update={"heldout_fraction": 0.0})
-            exs = pipeline.extract(run.teacher, records, spec, progress=False).examples("all")
-            fits = [x for x in (truncate(e, run.cfg.data.seq_len) for e in exs) if x is not None]
-            if fits:
-                run.training.add_examples(fits)
-            run.say(f"  G-O2 recalibration: {len(fits)} drifted request(s) join training")
+        for _, n in feed_requests(run, self._state(run), it, "drift", "drift", "drift-"):
+            run.say(f"  G-O2 recalibration: {n} drifted request(s) join training")
 
     def rules(self):
         def drift_recalibration(s) -> None:

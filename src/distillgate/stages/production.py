@@ -102,26 +102,10 @@ class ProductionStage:
     def _feed(self, it, run) -> None:
         """Failed traffic requests the last rule chose (``recipe.traffic.prompts``) join training with the
         teacher's answers; every group fed so far is re-added after a resume (state ``fed``)."""
-        from .. import pipeline
-        from ..data.dataset import truncate
-        from ..data.prompts import make_record
+        from ..loop.training_set import feed_requests
 
-        st = self._state(run)
-        fed = st.setdefault("fed", [])
-        want = (it.recipe.get("traffic") or {}).get("prompts") or []
-        if want and not any(g["iteration"] == it.index for g in fed):
-            fed.append({"iteration": it.index, "prompts": want})
-        have = {e.prompt_id for e in run.training.examples}
-        for g in fed:
-            records = [_record(p, make_record) for p in g["prompts"]]
-            if not records or any(r.id in have for r in records):
-                continue
-            spec = run.cfg.data.model_copy(update={"heldout_fraction": 0.0})
-            exs = pipeline.extract(run.teacher, records, spec, progress=False).examples("all")
-            fits = [x for x in (truncate(e, run.cfg.data.seq_len) for e in exs) if x is not None]
-            if fits:
-                run.training.add_examples(fits)
-            run.say(f"  L4: {len(fits)} failed traffic request(s) of iteration {g['iteration'] - 1} join training")
+        for g, n in feed_requests(run, self._state(run), it, "traffic", "traffic", TRAFFIC_PREFIX):
+            run.say(f"  L4: {n} failed traffic request(s) of iteration {g['iteration'] - 1} join training")
 
     def _window(self, it, run) -> None:
         import time
@@ -297,17 +281,11 @@ class ProductionStage:
 
 # ------------------------------------------------------------------------------------------ helpers
 
-def _record(p: dict, make_record):
-    r = make_record([{"role": "user", "content": p["text"]}], p["domain"], "traffic", meta={"traffic": p})
-    r.id = TRAFFIC_PREFIX + r.id
-    return r
-
-
 def traffic_sources(recipe: dict) -> list:
     """The failed traffic requests of ``recipe.traffic.prompts`` as PromptRecords (S4 challenge sources)."""
-    from ..data.prompts import make_record
+    from ..loop.training_set import request_record
 
-    return [_record(p, make_record) for p in ((recipe.get("traffic") or {}).get("prompts") or [])]
+    return [request_record(p, "traffic", TRAFFIC_PREFIX) for p in ((recipe.get("traffic") or {}).get("prompts") or [])]
 
 
 def _failed(events, n: int) -> list[dict]:
