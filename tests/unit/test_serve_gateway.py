@@ -147,6 +147,16 @@ def test_bad_requests_get_clear_4xx_and_nothing_is_logged(gateway):
         assert r.status_code == 413
         assert "gpt-9" in c.post("/v1/chat/completions", content=cases[2][0], headers=h).json()["error"]["message"]
         metrics = c.get("/metrics").text
+        assert c.get("/v1/chat/completions").status_code == 405  # the hot path takes POSTs only
+        # a bug inside the handler (here: the assigner raising) is a clean JSON 500, not a dropped connection
+        real = state.assigner.assign
+        state.assigner.assign = lambda key: (_ for _ in ()).throw(RuntimeError("boom"))
+        try:
+            r = c.post("/v1/chat/completions", content=json.dumps({"messages": ok_msgs}).encode(), headers=h)
+        finally:
+            state.assigner.assign = real
+        assert r.status_code == 500 and r.json()["error"]["code"] == "internal_error"
+        assert "RuntimeError" in r.json()["error"]["message"] and "boom" not in r.text
     log.flush()
     assert read_requests(log.path) == []
     assert 'distillgate_refused_total{reason="invalid_json"} 1.0' in metrics
