@@ -228,6 +228,8 @@ def test_provider_provenance_human_and_automatic(bag, tiny_tokenizer, tmp_path, 
     con.print(rep.format_table())
     text = con.export_text()
     assert "human spot check, n=3" in text and "human spot check, n=3 traffic" not in text
+    from distillgate.report.html import _provenance
+    assert _provenance(g).endswith(">human spot check, n=3</span> ")
 
     # automatic: the student (here the bag LM) explains the built-in probe prompts itself
     student = SimpleNamespace(model=bag, tokenizer=tiny_tokenizer, fingerprint=None)
@@ -260,3 +262,7 @@ def test_cli_export_and_import(tiny_student_dir, tmp_path, one_thread, capsys):
     assert main(["explain", "import", str(out / "explanations.csv")]) == 2
     assert "column 'verdict': 'yes'" in capsys.readouterr().err.replace("\n", "")
     assert main(["explain", "export", str(tmp_path / "no-such-run"), "--out", str(out)]) == 2
+    # the gates command reads the verdicts before it loads or measures anything
+    assert main(["gates", "--student", str(tiny_student_dir), "--teacher", str(tiny_student_dir),
+                 "--explanation-verdicts", str(out / "explanations.csv")]) == 2
+    assert "'yes' is not one of pass, fail" in capsys.readouterr().err.replace("\n", "")
