@@ -26,9 +26,12 @@ def register(sub) -> None:
     e.add_argument("--version", default="current", help="the run's version: id or alias (default: current)")
     e.add_argument("--method", choices=("ig", "gxi"), default="ig", help="attribution (default: ig, Captum "
                    "LayerIntegratedGradients; gxi: gradient x input)")
-    e.add_argument("--n-steps", type=int, default=16, help="integration points of ig")
-    e.add_argument("--top-k", type=int, default=3, help="premises per explanation")
-    e.add_argument("--max-new-tokens", type=int, default=48, help="answer length when the model answers")
+    # defaults: ExplainOptions' (not imported here: it imports torch, and `distillgate --help` stays fast)
+    e.add_argument("--n-steps", type=int, default=None, help="integration points of ig (default: 8)")
+    e.add_argument("--top-k", type=int, default=None, help="premises per explanation, at most a third of the "
+                   "prompt's spans (default: 3)")
+    e.add_argument("--max-new-tokens", type=int, default=None, help="answer length when the model answers "
+                                                                    "(default: 32)")
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--threads", type=int, default=1, help="torch threads")
     e.set_defaults(func=run_export)
@@ -69,8 +72,12 @@ def run_export(args) -> int:
     from ..ops.explain_review import explain_all, export, probe_prompts, read_prompt_file
     from ..perf import torch_threads
 
-    opts = ExplainOptions(method=args.method, n_steps=args.n_steps, top_k=args.top_k,
-                          max_new_tokens=args.max_new_tokens, seed=args.seed)
+    given = {"n_steps": args.n_steps, "top_k": args.top_k, "max_new_tokens": args.max_new_tokens}
+    try:
+        opts = ExplainOptions(method=args.method, seed=args.seed, **{k: v for k, v in given.items() if v is not None})
+    except ValueError as e:
+        err = e.errors()[0]
+        raise ConfigError("--" + str(err["loc"][0]).replace("_", "-"), err.get("input"), err["msg"]) from None
     if args.sample is not None and args.sample < 1:
         raise ConfigError("--sample", args.sample, "an integer >= 1")
     if Path(args.out).is_file():

@@ -36,12 +36,14 @@ class ExplainOptions(BaseModel):
 
     method: Literal["ig", "gxi"] = Field("ig", description="attribution: ig = Captum LayerIntegratedGradients on "
                                          "the input embeddings, gxi = gradient x input (LayerGradientXActivation)")
-    n_steps: int = Field(16, ge=2, le=256, description="integration points of ig")
+    # 8 points: on SmolLM2-135M, 16 points did not shrink Captum's completeness error (43 vs 55 nats on a 48-token
+    # answer) and cost 1.5x the time (150 s vs 102 s an explanation on the loaded 2-core machine)
+    n_steps: int = Field(8, ge=2, le=256, description="integration points of ig")
     max_span_words: int = Field(4, ge=1, le=50, description="longest premise span, in words")
     top_k: int = Field(3, ge=1, le=20, description="premises per explanation (at most a third of the spans)")
     step_premises: int = Field(2, ge=1, le=20, description="premises listed per reasoning step")
     max_steps: int = Field(8, ge=1, le=64, description="reasoning steps kept (the answer's first sentences)")
-    max_new_tokens: int = Field(48, ge=1, le=1024, description="answer length when the model answers itself")
+    max_new_tokens: int = Field(32, ge=1, le=1024, description="answer length when the model answers itself")
     random_draws: int = Field(5, ge=1, le=100, description="random same-length deletions per spot check")
     beat_share: float = Field(0.8, gt=0, le=1, description="share of random draws the premises' deletion must "
                               "beat (lower log p(answer) by more) for the spot check to pass")
