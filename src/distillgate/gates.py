@@ -204,7 +204,7 @@ class GateReport(BaseModel):
                 "" if g.rel_margin is None else f" ({100 * g.rel_margin:+.3g}%)")
             note = g.note or ("" if g.provenance else (g.requires or ""))
             if g.provenance:  # a measured traffic gate says what traffic, not what it would require
-                note = f"{g.provenance} traffic" + (f"; {note}" if note else "")
+                note = provenance_label(g.provenance) + (f"; {note}" if note else "")
             if g.uncertain:
                 status += "?"
             t.add_row(g.id, g.metric, _fmt(g.value), f"{g.comparator} {_fmt(g.threshold)}",
@@ -226,14 +226,24 @@ class GateReport(BaseModel):
         return Group(t, d, verdict)
 
 
+TRAFFIC_PROVENANCE = ("real", "replay", "simulated")
+
+
+def provenance_label(provenance: str) -> str:
+    """"simulated traffic" for a traffic kind (real / replay / simulated, or a mix "a+b"); any other
+    provenance (generated attacks, human spot check, n=30) as it is."""
+    kinds = provenance.split("+")
+    return f"{provenance} traffic" if all(k.split()[0] in TRAFFIC_PROVENANCE for k in kinds if k) else provenance
+
+
 def provenance_note(gates: list[GateResult]) -> str:
-    """"; business gates measured on simulated traffic" (or replay / real logs): a verdict says what its
-    traffic-based gates stand on."""
+    """"; business gates measured on simulated traffic" (or replay / real logs, or a non-traffic
+    provenance such as "automatic spot check, n=8"): a verdict says what its measured gates stand on."""
     by: dict[str, list[str]] = {}
     for g in gates:
         if g.provenance:
             by.setdefault(g.provenance, []).append(g.id)
-    return "".join(f"; {', '.join(ids)} measured on {p} traffic" for p, ids in by.items())
+    return "".join(f"; {', '.join(ids)} measured on {provenance_label(p)}" for p, ids in by.items())
 
 
 def json_safe(obj: Any) -> Any:

@@ -61,6 +61,11 @@ def register(subparsers) -> None:
                    help="what --traffic-log is, for lines that do not say (default: real production logs)")
     g.add_argument("--breaker-report", default=None, metavar="FILE", help="a G-O1 breaker report (bench/"
                    "operations.py --out): the G-O1 gates are read from it, with its provenance (generated attacks)")
+    g.add_argument("--explanation-verdicts", default=None, metavar="CSV", help="a reviewed explanation CSV "
+                   "(`distillgate explain export`, verdict column filled): G-O4 is the human pass rate; without it, "
+                   "the automatic spot check runs on --explain-prompts built-in prompts")
+    g.add_argument("--explain-prompts", type=int, default=P["explain_prompts"],
+                   help="G-O4 automatic spot check: prompts explained (CPU preset shown)")
     g.add_argument("--window-days", type=float, default=30.0, help="KPI window over the log's timestamps (G-B1)")
     g.add_argument("--seed", type=int, default=P["seed"])
     g.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
@@ -167,6 +172,12 @@ def run(args: argparse.Namespace) -> int:
         from ..ops.gate import read_report
 
         breaker_report = read_report(args.breaker_report)
+    verdicts = None
+    _positive("--explain-prompts", args.explain_prompts)
+    if args.explanation_verdicts:
+        from ..ops.explain_review import read_verdicts
+
+        verdicts = read_verdicts(args.explanation_verdicts)
     given: dict[str, float | None] = {}
     for f in args.metrics:
         given.update(read_metrics(f))
@@ -192,7 +203,7 @@ def run(args: argparse.Namespace) -> int:
         "leak_seconds": args.leak_seconds, "threads": args.threads, "seed": args.seed, "data_dir": args.data_dir,
         "inheritance_groups": args.inheritance_groups, "path_instructions": args.path_instructions,
         "trust_remote_code": args.trust_remote_code, "business": business,
-        "breaker_report": breaker_report})
+        "breaker_report": breaker_report, "explanation_verdicts": verdicts, "explain_prompts": args.explain_prompts})
     from ..perf import torch_threads
 
     with torch_threads(args.threads):  # every measurement (perplexity too) runs on the same thread count

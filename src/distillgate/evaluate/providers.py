@@ -41,6 +41,7 @@ CPU_PRESETS: dict[str, Any] = {
     "probe_layers": 4,           # G-C2 candidate layers searched per model (bounded layer search)
     "probe_max_iter": 60,        # G-C2 L-BFGS iterations per probe fit
     "inheritance_new_tokens": 32,  # G-C3 greedy answer length
+    "explain_prompts": 8,        # G-O4 automatic spot check: explained built-in prompts (SPEC names no size)
     "seed": 0,
 }
 
@@ -50,6 +51,7 @@ SPEC_SIZES: dict[str, tuple[int | None, str]] = {
     "inheritance": (300, "paired groups"),
     "path_consistency": (5000, "instructions"),
     "latency_volatility_ratio": (None, "requests"),  # SPEC G-P2: a 72-hour soak
+    "explanation_spot_check_pct": (None, "explanations"),  # SPEC G-O4: "expert spot checks", no size
 }
 
 
@@ -156,7 +158,7 @@ METRIC_PROVIDERS = METRICS
 PROVIDER_MODULES = ("distillgate.evaluate.providers", "distillgate.perf", "distillgate.evaluate.probes",
                     "distillgate.evaluate.inheritance", "distillgate.evaluate.decision_path",
                     "distillgate.evaluate.benchmark", "distillgate.business.window", "distillgate.ops.gate",
-                    "distillgate.ops.drift")
+                    "distillgate.ops.drift", "distillgate.ops.explain_review")
 
 
 def register_metric(name: str, *, higher_is_better: bool, description: str,

@@ -153,10 +153,14 @@ def _gate_row(g: GateResult) -> str:
 
 
 def _provenance(g: GateResult) -> str:
-    """A traffic-based value says what traffic it stands on (simulated / replay / real logs)."""
+    """A measured value says what it stands on (simulated / replay / real logs traffic, generated attacks, a
+    human or automatic spot check)."""
     if not g.provenance:
         return ""
-    return f'<span class="badge prov prov-{esc(g.provenance.split("+")[0].split()[0])}">{esc(g.provenance)} traffic</span> '
+    from ..gates import provenance_label
+
+    return (f'<span class="badge prov prov-{esc(g.provenance.split("+")[0].split()[0].strip(","))}">'
+            f'{esc(provenance_label(g.provenance))}</span> ')
 
 
 def _gates(d: ReportData) -> str:
