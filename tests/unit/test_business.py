@@ -3,6 +3,8 @@ difference is found), Shapley attribution (efficiency, null player, A/A), proven
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import random
 
@@ -313,6 +315,13 @@ def test_joint_iterations_with_an_ab_window_measure_the_business_gates(tiny_teac
     sec = sec[:sec.index("</section>")]
     assert "simulated" in sec and "Shapley" in sec and "control" in sec and "candidate" in sec
     assert "simulated traffic" in html[html.index('<section id="gates">'):]
+    # `runs show` says what a measured business gate stands on, in its gate table's note
+    from distillgate.cli import main as cli_main
+
+    with contextlib.redirect_stdout(io.StringIO()) as out:
+        assert cli_main(["runs", "show", "ab", "--root", str(tmp_path / "runs")]) == 0
+    shown = [ln for ln in out.getvalue().splitlines() if "G-B" in ln and ("PASS" in ln or "FAIL" in ln)]
+    assert shown and all("simulated traffic" in ln for ln in shown), out.getvalue()
 
 
 def test_bad_production_options_fail_at_preflight(tiny_teacher_dir, tmp_path):

@@ -145,6 +145,7 @@ def run_show(args) -> int:
     from rich.console import Console
     from rich.table import Table
 
+    from ..gates import provenance_label
     from ..store import RunStore
 
     con = Console(width=140)
@@ -187,8 +188,11 @@ def run_show(args) -> int:
             for g in cat.gate_results(gated):
                 # the verdict's own status (pass / fail / missing / not_measured) when the row kept it
                 status = str(g.detail.get("status") or ("pass" if g.passed else "fail")).upper().replace("_", " ")
+                note, prov = str(g.detail.get("note") or ""), g.detail.get("provenance")
+                if prov and g.value is not None:  # what a measured traffic / drill gate stands on
+                    note = provenance_label(str(prov)) + (f"; {note}" if note else "")
                 t.add_row(g.gate, g.dimension, "-" if g.value is None else f"{g.value:.4g}",
-                          "-" if g.threshold is None else f"{g.threshold:.4g}", status, str(g.detail.get("note", "")))
+                          "-" if g.threshold is None else f"{g.threshold:.4g}", status, note)
             m = store.get_version(gated)
             m = m.load_json("metrics.json").get("student", {}) if "metrics.json" in m.files else {}
             for name, note in (("flops_ratio", "forward FLOPs/token student / teacher, analytic (S3.3)"),
