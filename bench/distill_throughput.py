@@ -24,6 +24,9 @@ reported next to the RSS. The MFU peak is then the GPU's measured bf16 (or fp32)
 ``--methods ...,distillgate_cached_compiled``: the cached method with ``train.compile: on`` (compiled decoder
 layers); its compile cache starts empty in the work folder (round 0 cold, later rounds warm) and the compile
 seconds per round are a column of their own (the tokens/s exclude them: they fall in the warm-up steps).
+``--methods ...,distillgate_online_compiled``: the online teacher with ``train.compile: on``: the student's
+decoder layers (training graph) and the online teacher's (inference graph, under no_grad) compiled; the compile
+seconds (both models) are reported the same way.
 """
 
 from __future__ import annotations
@@ -43,7 +46,7 @@ import torch
 
 SEQ, BATCH, LR = 256, 4, 3e-4
 METHODS = ("distillgate_cached", "distillgate_online", "trl_gkd", "hf_trainer_kd")
-OPTIONAL = ("distillgate_cached_compiled",)  # --methods only: the cached method with train.compile: on
+OPTIONAL = ("distillgate_cached_compiled", "distillgate_online_compiled")  # --methods only: train.compile: on
 CACHED = ("distillgate_cached", "distillgate_cached_compiled")  # no teacher at training time
 
 
@@ -259,8 +262,9 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--student-layers", type=int, default=15)
     ap.add_argument("--methods", default=",".join(METHODS),
-                    help=f"comma-separated, of {', '.join(METHODS + OPTIONAL)} (distillgate_cached_compiled: "
-                         f"train.compile: on; its compile cache starts empty in --work, so round 0 compiles cold "
+                    help=f"comma-separated, of {', '.join(METHODS + OPTIONAL)} (distillgate_cached_compiled / "
+                         f"distillgate_online_compiled: train.compile: on, the online one compiles the teacher's "
+                         f"layers too; the compile cache starts empty in --work, so round 0 compiles cold "
                          f"and later rounds reuse the cache, as later runs and iterations do)")
     ap.add_argument("--topk", type=int, default=64, help="cached targets per token (default 64)")
     ap.add_argument("--tail-samples", type=int, default=16,
@@ -373,18 +377,20 @@ def main() -> None:
         o, t = rows["distillgate_online"], rows["trl_gkd"]
         kv += [f"online_tokens_per_s_ratio_vs_trl_gkd={o['tokens_per_s'] / t['tokens_per_s']:.3f}",
                f"online_kl_ratio_vs_trl_gkd={o['heldout_kl'] / t['heldout_kl']:.3f}"]
-    if "distillgate_cached_compiled" in rows:
-        c = rows["distillgate_cached_compiled"]
+    for pre, base in (("", "distillgate_cached"), ("online_", "distillgate_online")):
+        if f"{base}_compiled" not in rows:
+            continue
+        c = rows[f"{base}_compiled"]
         cs = c["compile_s"]
-        kv += [f"compiled_mfu={c['mfu']:.3f}", f"compile_seconds_cold={cs[0]:.1f}"]
+        kv += [f"{pre}compiled_mfu={c['mfu']:.3f}", f"{pre}compile_seconds_cold={cs[0]:.1f}"]
         if len(cs) > 1:
-            kv.append(f"compile_seconds_warm={statistics.median(cs[1:]):.1f}")
-        if "distillgate_cached" in rows:
-            kv.append(f"compiled_vs_eager_tokens_per_s={c['tokens_per_s'] / rows['distillgate_cached']['tokens_per_s']:.3f}")
+            kv.append(f"{pre}compile_seconds_warm={statistics.median(cs[1:]):.1f}")
+        if base in rows:
+            kv.append(f"{pre}compiled_vs_eager_tokens_per_s={c['tokens_per_s'] / rows[base]['tokens_per_s']:.3f}")
         if "trl_gkd" in rows:
             t = rows["trl_gkd"]
-            kv += [f"compiled_tokens_per_s_ratio_vs_trl_gkd={c['tokens_per_s'] / t['tokens_per_s']:.3f}",
-                   f"compiled_kl_ratio_vs_trl_gkd={c['heldout_kl'] / t['heldout_kl']:.3f}"]
+            kv += [f"{pre}compiled_tokens_per_s_ratio_vs_trl_gkd={c['tokens_per_s'] / t['tokens_per_s']:.3f}",
+                   f"{pre}compiled_kl_ratio_vs_trl_gkd={c['heldout_kl'] / t['heldout_kl']:.3f}"]
     kv.append(f"fp32_peak_gflops={peak32:.1f}")
     print(" ".join(kv))
 

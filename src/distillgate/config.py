@@ -265,7 +265,8 @@ class TrainSpec(_Strict):
                            "compiler on a CPU, triton on CUDA); auto: on CUDA, and on a CPU for runs of >= 64 steps "
                            "(a cold compile costs ~1.5 min there); kernels are cached under "
                            "$DISTILLGATE_HOME/compile and reused by later runs and iterations; compile seconds are "
-                           "reported apart from step seconds")
+                           "reported apart from step seconds. With an online teacher (targets.mode: online, kd/ce) "
+                           "its decoder layers compile too, as an inference graph, whenever the student's do")
     fsdp: bool = Field(False, description="under torchrun: shard parameters, gradients and AdamW state over the "
                                           "ranks (FSDP2 fully_shard per decoder layer) instead of replicating them; "
                                           "same updates, same checkpoints")

@@ -88,3 +88,29 @@ def test_online_all_masked_batch_gives_zero_loss_and_gradient():
     empty, _ = fused_distill_loss(hs[:0], w, TeacherHidden(teacher.hidden[:0], teacher.weight), tgt[:0], None, None,
                                   {"kd": 1.0}, "forward_kl", 0.0, 7)
     assert float(empty.detach()) == 0.0
+
+
+def test_online_forward_kl_single_pass_edge_cases():
+    """The in-place forward-KL path: dense teacher logits passed by the caller are not overwritten; a teacher
+    with -inf logits (a masked vocabulary entry) stays finite and matches float64 (floored log-probs); T = 1 as a
+    tensor is the same computation as no temperature."""
+    hs, w, teacher, tgt, tw, _ = _inputs(seed=3)
+    ch = {"kd": 1.0, "ce": 0.4}
+    dense = teacher.hidden @ teacher.weight.T
+    dense[:, 7] = float("-inf")
+    kept = dense.clone()
+    tot, pt = fused_distill_loss(hs, w, dense, tgt, tw, None, ch, "forward_kl", 0.0, 8)
+    assert torch.equal(dense, kept) and torch.isfinite(tot)
+    gh, gw = torch.autograd.grad(tot, [hs, w])
+    z = (hs.detach().double() @ w.detach().double().T).requires_grad_(True)
+    lq, lp = torch.log_softmax(z, -1), torch.log_softmax(dense.double(), -1).clamp_min(LOGP_FLOOR)
+    kd = (lp.exp() * (lp - lq)).sum(-1)
+    ce = torch.logsumexp(z, -1) - z.gather(1, tgt.unsqueeze(1)).squeeze(1)
+    ref = ((kd + 0.4 * ce) * tw.double()).sum()
+    (g,) = torch.autograd.grad(ref, z)
+    torch.testing.assert_close(tot.double(), ref.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(gh.double(), g @ w.detach().double(), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(pt["kd"].double(), kd.detach(), rtol=1e-5, atol=1e-6)
+    one, _ = fused_distill_loss(hs, w, teacher, tgt, tw, torch.ones(hs.shape[0]), ch, "forward_kl", 0.0, 8)
+    none, _ = fused_distill_loss(hs, w, teacher, tgt, tw, None, ch, "forward_kl", 0.0, 8)
+    assert torch.equal(one.detach(), none.detach())

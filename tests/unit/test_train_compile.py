@@ -128,3 +128,55 @@ def test_inductor_loss_and_gradients_match_eager(tmp_path, monkeypatch):
         torch.testing.assert_close(q.grad, p.grad, atol=1e-6, rtol=1e-4, msg=n)
     assert any((tmp_path / "inductor").rglob("*")), "nothing written to the compile cache"
     tc.uncompile(info)
+
+
+def _online_objective(teacher):
+    from distillgate.config import LossSpec
+    from distillgate.losses.objective import DistillObjective
+    from distillgate.targets import OnlineTeacher
+
+    return DistillObjective(LossSpec(divergence="forward_kl", channels={"kd": 1.0, "ce": 0.5}), OnlineTeacher(teacher),
+                            vocab_size=teacher.config.vocab_size)
+
+
+def test_online_teacher_compiles_with_the_student_and_matches_eager(tmp_path, monkeypatch):
+    """train.compile: on with an online teacher: its decoder layers run compiled (inference graph, under no_grad)
+    during training, eager again after; the trained weights equal the eager run's within fp32 tolerance."""
+    monkeypatch.setattr(tc, "BACKEND", "aot_eager")
+    teacher = tiny_model(seed=3, layers=3)
+    seen = []
+
+    def probe(info):
+        seen.append((comp.model.layers[0]._compiled_call_impl is not None,
+                     teacher.model.layers[0]._compiled_call_impl is not None))
+
+    eager, comp = tiny_model(), tiny_model()
+    r0 = train(eager, _online_objective(teacher), EpochBatches(), spec(steps=3), tmp_path / "eager", progress=False,
+               tensorboard=False)
+    assert not r0.teacher_compiled
+    r1 = train(comp, _online_objective(teacher), EpochBatches(), spec(steps=3, compile="on"), tmp_path / "comp",
+               callbacks=[probe], progress=False, tensorboard=False)
+    assert seen == [(True, True)] * 3 and r1.compiled and r1.teacher_compiled
+    assert all(layer._compiled_call_impl is None for layer in teacher.model.layers)    # eager again after
+    assert all(p.grad is None for p in teacher.parameters())                        # the teacher never trains
+    a, b = _weights(eager), _weights(comp)
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], atol=1e-6, rtol=1e-5)
+    assert r1.final_loss == pytest.approx(r0.final_loss, rel=1e-5)
+
+
+def test_online_teacher_compile_follows_the_student(monkeypatch):
+    """The teacher compiles only when the student does (auto's rule is the student's); cached targets and a
+    loss without an online teacher compile nothing; a teacher device without a compiler stays eager."""
+    teacher = tiny_model(seed=3)
+    obj = _online_objective(teacher)
+    off = tc.CompileInfo(False, "train.compile: off")
+    assert not tc.compile_online_teacher(obj, off, "off", 10).enabled
+    assert not tc.compile_online_teacher(ce_loss, tc.CompileInfo(True, "on"), "on", 10).enabled
+    on = tc.compile_online_teacher(obj, tc.CompileInfo(True, "on"), "auto", tc.AUTO_MIN_STEPS, backend="aot_eager")
+    assert on.enabled and on.layers == 2
+    tc.uncompile(on)
+    _no_compiler(monkeypatch)
+    info = tc.compile_online_teacher(obj, tc.CompileInfo(True, "on"), "on", 10)    # inductor, no g++: eager
+    assert not info.enabled and "C++ compiler" in info.reason
+    assert all(layer._compiled_call_impl is None for layer in teacher.model.layers)

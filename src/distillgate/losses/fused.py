@@ -279,7 +279,7 @@ def _topk_chunk(logits: torch.Tensor, targets: TopKTargets, target_ids: torch.Te
 def _dense_chunk(logits: torch.Tensor, teacher_logits: torch.Tensor, target_ids: torch.Tensor,
                  temperature: torch.Tensor | None, names, weights: dict[str, float],
                  token_weight: torch.Tensor | None, divergence: str, beta: float, t2_scale: bool, need_grad: bool,
-                 channel_token_weight: dict[str, torch.Tensor] | None = None,
+                 channel_token_weight: dict[str, torch.Tensor] | None = None, teacher_owned: bool = False,
                  ) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor | None]:
     """Channel losses of one chunk against a dense teacher (the online teacher's ``[c, V]`` logits) and their
     gradient w.r.t. the student's logits in closed form, no autograd over ``[c, V]``.
@@ -290,13 +290,38 @@ def _dense_chunk(logits: torch.Tensor, teacher_logits: torch.Tensor, target_ids:
     ``g = (1 - beta) (log q - log m)`` with ``m = beta p + (1 - beta) q``, TV ``g = sign(q - p) / 2``; then
     ``d/dz = d/dzs / T`` and the T^2 factor. CE: ``softmax(z) - onehot(target)`` at T = 1. Each term is scaled
     by its channel weight times the token weight (the sum :func:`combine_sum` forms). Same values as the
-    autograd path (tested in float64). Returns ``(chunk_total, per_token, grad_logits or None)``."""
+    autograd path (tested in float64). Forward KL (the default, and gjsd at beta 0) takes one exp pass per side
+    over ``[c, V]`` (no log-prob tensors; the KL from the two log-normalisers) and works in place: ``logits``
+    is overwritten, and so are ``teacher_logits`` when ``teacher_owned`` (the online teacher's per-chunk logits,
+    formed for this call). Returns ``(chunk_total, per_token, grad_logits or None)``."""
     c, v = logits.shape
     z = logits.detach().float()
+    if temperature is not None and bool((torch.as_tensor(temperature) == 1).all()):
+        temperature = None                            # T = 1 everywhere: the same values without the 1/T passes
     inv_t = _inv_temperature(temperature, c, z.device)
+    kind = divergence
+    if kind == "gjsd" and beta == 0.0:
+        kind = "forward_kl"
+    elif kind == "gjsd" and beta == 1.0:
+        kind = "reverse_kl"
+    fast = kind == "forward_kl" and "kd" in names
+    hard = [n_ for n_ in names if n_ in ("ce", "clone")]       # NLL of the teacher's token, T = 1
     zs = z if inv_t is None else z * inv_t
-    lq = torch.log_softmax(zs, dim=-1)
-    q = lq.exp()
+    if fast:
+        # Forward KL from one exp pass per side: zc = zs - max, q = exp(zc) / S_q, lse_q = log S_q (the same
+        # for the teacher, whose centred logits are floored at LOGP_FLOOR like dense_logprobs' log-probs; the
+        # floor moves only probabilities below float32's normal range). KL = <p, lp - lq> = <p, tc - zc> -
+        # lse_p + lse_q, since sum p = 1. ``zs`` is this chunk's own logits buffer (``logits`` is overwritten;
+        # at T != 1 its tempered copy, and ``z`` stays raw for CE's T = 1 softmax): centred in place.
+        zc = zs.sub_(zs.amax(dim=1, keepdim=True))
+        q = torch.exp(zc)
+        s_q = q.sum(dim=1, keepdim=True)
+        q.div_(s_q)
+        lse_q = s_q.log_()
+        lq = None
+    else:
+        lq = torch.log_softmax(zs, dim=-1)
+        q = lq.exp()
     per: dict[str, torch.Tensor] = {}
     grad = None
     tw = None if token_weight is None else token_weight.to(z.device, torch.float32)
@@ -312,13 +337,17 @@ def _dense_chunk(logits: torch.Tensor, teacher_logits: torch.Tensor, target_ids:
         raise ConfigError(f"loss.channels.{unknown[0]}", unknown[0], f"a channel computed from logits: {_LM}")
     if "kd" in names:
         tl = teacher_logits.to(z.device, torch.float32)
-        lp = torch.log_softmax(tl if inv_t is None else tl * inv_t, dim=-1).clamp_min_(LOGP_FLOOR)
-        p = lp.exp()
-        kind = divergence
-        if kind == "gjsd" and beta == 0.0:
-            kind = "forward_kl"
-        elif kind == "gjsd" and beta == 1.0:
-            kind = "reverse_kl"
+        if fast:
+            ts = tl * inv_t if inv_t is not None else (tl if teacher_owned or tl is not teacher_logits else tl.clone())
+            tc = ts.sub_(ts.amax(dim=1, keepdim=True)).clamp_min_(LOGP_FLOOR)
+            p = torch.exp(tc)
+            s_p = p.sum(dim=1, keepdim=True)
+            p.div_(s_p)
+            lse_p = s_p.log_()
+            lp = None
+        else:
+            lp = torch.log_softmax(tl if inv_t is None else tl * inv_t, dim=-1).clamp_min_(LOGP_FLOOR)
+            p = lp.exp()
         t2 = None
         if temperature is not None and t2_scale:
             t = torch.as_tensor(temperature, dtype=torch.float32, device=z.device).expand(c)
@@ -331,12 +360,12 @@ def _dense_chunk(logits: torch.Tensor, teacher_logits: torch.Tensor, target_ids:
             if inv_t is not None:
                 k = k * inv_t
         if kind == "forward_kl":
-            # sum p (lp - lq) as two row dot products (no [c, V] temporary)
-            val = (torch.bmm(p.unsqueeze(1), lp.unsqueeze(2)) - torch.bmm(p.unsqueeze(1), lq.unsqueeze(2))).view(c)
-            if need_grad:                                            # (q * sum(p) - p) * k
-                sp = p.sum(-1, keepdim=True)
-                hard_q = any(n_ in names for n_ in ("ce", "clone")) and inv_t is None
-                grad = (q * sp if hard_q else q.mul_(sp)).sub_(p).mul_(k)   # q is reused unless CE needs it
+            d = tc.sub_(zc)                                          # lp - lq + (lse_p - lse_q), in place
+            val = (torch.bmm(p.unsqueeze(1), d.unsqueeze(2)).view(c) - lse_p.view(c) + lse_q.view(c))
+            del d, tc
+            if need_grad:                                            # (q - p) * k (sum p = 1)
+                hard_q = bool(hard) and inv_t is None
+                grad = (torch.sub(q, p) if hard_q else q.sub_(p)).mul_(k)   # q is reused unless CE needs it
         else:
             if kind == "reverse_kl":
                 g = torch.sub(lq, lp)
@@ -360,11 +389,14 @@ def _dense_chunk(logits: torch.Tensor, teacher_logits: torch.Tensor, target_ids:
             del g
         per["kd"] = val if t2 is None else val * t2
         del lp, p
-    hard = [n_ for n_ in names if n_ in ("ce", "clone")]       # NLL of the teacher's token, T = 1
     if hard:
         tgt = target_ids.to(z.device, torch.long)
-        l1 = lq if inv_t is None else torch.log_softmax(z, dim=-1)
-        nll = -l1.gather(1, tgt.unsqueeze(1)).squeeze(1)
+        if lq is None and inv_t is None:                   # fast path: log q at the target from zc and lse_q
+            l1 = None
+            nll = lse_q.view(c) - zc.gather(1, tgt.unsqueeze(1)).squeeze(1)
+        else:
+            l1 = lq if inv_t is None else torch.log_softmax(z, dim=-1)
+            nll = -l1.gather(1, tgt.unsqueeze(1)).squeeze(1)
         for n_ in hard:
             per[n_] = nll
         if need_grad:                                                # (softmax(z) - onehot) * k
@@ -409,7 +441,7 @@ class _FusedLMHeadLoss(torch.autograd.Function):
                 elif not isinstance(teacher, TopKTargets) and CLOSED_FORM:          # dense / online teacher
                     chunk_total, per, g = _dense_chunk(logits, teacher_rows(s, e), target_ids[s:e], temp, names,
                                                        weights, tw, divergence, beta, t2_scale, need_h or need_w,
-                                                       ctw)
+                                                       ctw, teacher_owned=isinstance(teacher, TeacherHidden))
                 else:                                                              # autograd per chunk
                     if need_h or need_w:
                         logits.requires_grad_(True)

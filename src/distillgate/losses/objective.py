@@ -116,6 +116,14 @@ class DistillObjective:
         self.spec, self.teacher, self.vocab_size, self.clone = loss_spec, teacher, vocab_size, clone
         self.t2_scale, self.confidence = t2_scale, confidence
 
+    def online_teacher_model(self) -> torch.nn.Module | None:
+        """The teacher module this objective runs at training time when it is the plain online provider
+        (:class:`distillgate.targets.OnlineTeacher`), else None (cached targets; the attn / feature online
+        provider, whose per-call hooks a compiled layer would not run). ``train.compile`` compiles it."""
+        from ..targets import OnlineTeacher
+
+        return self.teacher.model if isinstance(self.teacher, OnlineTeacher) else None
+
     def __call__(self, model: torch.nn.Module, batch: Mapping[str, Any]) -> LossOutput:
         spec = self.spec
         input_ids = batch["input_ids"]

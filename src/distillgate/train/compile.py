@@ -16,6 +16,16 @@ compiled kernels: a cold compile of one layer's forward+backward on a 2-core CPU
 seconds (dynamo still traces; inductor and the C++ build are skipped). Inductor keys its entries by the graph,
 the torch version and its config, so a shared folder is safe.
 
+Online teacher: when the student compiles and the loss runs a teacher at training time (the loss function's
+``online_teacher_model()`` returns it: :class:`distillgate.targets.OnlineTeacher`, the kd / ce online path),
+the teacher's decoder layers are compiled the same way (:func:`compile_online_teacher`). The teacher runs under
+``no_grad``, so dynamo traces an inference graph (forward only: no AOTAutograd backward, a cheaper compile
+than the student's) into the same cache. ``train.compile: auto`` therefore applies to the teacher exactly when
+it applies to the student (same rule, evaluated for the teacher's device; an offloaded teacher on a device
+without a compiler stays eager, with the reason logged). The online provider of the attn / feature channels
+(:class:`distillgate.teacher_side.OnlineChannelTeacher`) stays eager: it captures q / k and block outputs with
+hooks registered per call, which a compiled layer would not run.
+
 Compile time is measured from dynamo's own counters (``entire_frame_compile`` + ``entire_backward_compile``)
 and reported apart from step time: per step as ``compile_s`` in the metrics, in total as
 ``TrainResult.compile_seconds``.
@@ -146,6 +156,29 @@ def compile_layers(model: torch.nn.Module, mode: str, steps: int, *, backend: st
         layer.compile(backend=backend, dynamic=None)
     log.info("compiling %d decoder layers (%s; cache %s)", len(layers), reason, cache)
     return CompileInfo(True, reason, len(layers), str(cache), layers)
+
+
+def compile_online_teacher(loss_fn, student: CompileInfo, mode: str, steps: int, *,
+                           backend: str | None = None) -> CompileInfo:
+    """Compile the decoder layers of the teacher ``loss_fn`` runs at training time (``loss_fn.
+    online_teacher_model()``; None: nothing to compile) when the student's layers were compiled (``student``)
+    and ``mode`` allows it on the teacher's device. Never raises for the teacher's device: a teacher that cannot
+    compile there stays eager (logged). Undo with :func:`uncompile`."""
+    getter = getattr(loss_fn, "online_teacher_model", None)
+    teacher = getter() if callable(getter) else None
+    if teacher is None:
+        return CompileInfo(False, "no online teacher")
+    if not student.enabled:
+        return CompileInfo(False, f"the student is not compiled ({student.reason})")
+    try:
+        info = compile_layers(teacher, mode, steps, backend=backend)
+    except ConfigError as e:          # train.compile: on, but the (offloaded) teacher's device has no compiler
+        info = CompileInfo(False, f"teacher stays eager: {e}")
+    if not info.enabled:
+        log.info("online teacher not compiled: %s", info.reason)
+    else:
+        log.info("compiled the online teacher's %d decoder layers (inference graph)", info.layers)
+    return info
 
 
 def uncompile(info: CompileInfo) -> None:

@@ -37,7 +37,7 @@ from ..hardware import native_bf16, tune_malloc
 from ..placement import to_device
 from ..signals import raise_if_terminated
 from . import distributed as dist
-from .compile import compile_layers, compile_seconds_so_far, uncompile
+from .compile import compile_layers, compile_online_teacher, compile_seconds_so_far, uncompile
 from .checkpoint import (list_checkpoints, load_latest, read_weights_and_optimizer, save_checkpoint,
                          write_weights_and_optimizer)
 from .cursor import DataCursor, input_token_count, loss_token_count
@@ -142,6 +142,8 @@ def _run(model, loss_fn, batch_fn, spec, out_dir, resume_from, callbacks, on_non
     net, step_opt = (shard.net, shard.opt) if shard else (model, optimizer)
     # train.compile: the decoder layers of what trains run compiled (in place: same parameters, same state dict)
     compiled = compile_layers(net, spec.compile, spec.steps)
+    # ... and so do the online teacher's (inference graph), when the loss runs one at training time
+    teacher_compiled = compile_online_teacher(loss_fn, compiled, spec.compile, spec.steps)
     compile_s = 0.0
     # Rollback target until the first checkpoint exists (then the checkpoint is, and this is deleted). On disk,
     # not in memory: a second copy of the weights would add a full model to the peak RSS.
@@ -298,6 +300,7 @@ def _run(model, loss_fn, batch_fn, spec, out_dir, resume_from, callbacks, on_non
                 last_ckpt = (list_checkpoints(ckpt_root) or [None])[-1]
     finally:
         uncompile(compiled)
+        uncompile(teacher_compiled)
         metrics.close()
         if snapshot is not None:
             shutil.rmtree(snapshot, ignore_errors=True)
@@ -312,7 +315,7 @@ def _run(model, loss_fn, batch_fn, spec, out_dir, resume_from, callbacks, on_non
         final_terms=dict(st["last_terms"]), skipped_steps=st["skipped"], rollbacks=st["rollbacks"],
         events=list(st["events"]), last_checkpoint=last_ckpt, metrics_path=metrics.path,
         peak_rss_mb=peak_rss_mb(), stopped_early=stopped, precision=precision,
-        compile_seconds=compile_s, compiled=compiled.enabled)
+        compile_seconds=compile_s, compiled=compiled.enabled, teacher_compiled=teacher_compiled.enabled)
     if main and progress is not False and (progress or bar.enabled):
         print_summary(result)
     return result

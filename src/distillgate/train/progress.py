@@ -61,7 +61,8 @@ def summary_rows(result) -> list[tuple[str, str]]:
             ("input tokens", f"{result.input_tokens:,}"), ("seconds", f"{result.seconds:.1f}"),
             ("loss tokens/s (median)", f"{result.tokens_per_s:.1f}"),
             ("input tokens/s (median)", f"{result.input_tokens_per_s:.1f}"),
-            *([("compile seconds (not in steps)", f"{result.compile_seconds:.1f}")]
+            *([("compile seconds (not in steps)", f"{result.compile_seconds:.1f}"
+                + (" (student + online teacher)" if getattr(result, "teacher_compiled", False) else ""))]
               if getattr(result, "compiled", False) else []),
             ("final loss", _fmt(result.final_loss)), ("mean loss", _fmt(result.mean_loss))]
     rows += [(f"final {k}", _fmt(v)) for k, v in result.final_terms.items()]

@@ -108,6 +108,7 @@ class TrainResult:
     precision: str = ""  # what autocast ran with after resolving "auto"
     compile_seconds: float = 0.0  # time spent compiling (train.compile), not counted in any step's seconds
     compiled: bool = False  # whether the decoder layers ran compiled (train.compile after resolving "auto")
+    teacher_compiled: bool = False  # whether the online teacher's decoder layers ran compiled too
 
     def to_json(self) -> dict:
         d = dict(self.__dict__)
