@@ -105,3 +105,31 @@ def test_rollback_drill_refuses_a_run_without_stable_versions(tmp_path, tiny_stu
     (tmp_path / "x.json").write_text(json.dumps({"provenance": "p"}))
     with pytest.raises(InputError, match="needs the fields"):
         read_report(tmp_path / "x.json")
+
+
+def test_gateway_soak_feeds_the_leak_gate(serve_app, tiny_student_dir, tmp_path):
+    """G-P4: a bounded soak through the gateway samples the RSS of the backend's process (here the in-process
+    serve app: this process) under load; the leak gate reads the report, with its provenance."""
+    from distillgate.errors import InputError
+    from distillgate.evaluate.providers import GateContext, load_providers, measure
+    from distillgate.ops.soak import gateway_soak, read_report
+    from distillgate.perf import leak_fit
+
+    rep = gateway_soak(Backend(serve_app, str(tiny_student_dir), "student"), 3.0, ServingSpec(**LOAD),
+                       tmp_path / "soak", pid=os.getpid(), sample_every_s=0.25, warmup_s=0.5)
+    assert rep["provenance"] == "gateway soak 3 s" and rep["failed_requests"] == 0 and rep["n_requests"] >= 5
+    assert rep["n"] >= 8 and rep["duration_s"] >= 3.0 and rep["locust"]["exit_code"] == 0
+    t, r = zip(*rep["samples"])
+    assert rep["pct_per_hour_upper95"] == pytest.approx(leak_fit(t, r, "")["pct_per_hour_upper95"])
+    assert rep["pct_per_hour_upper95"] >= rep["resolution_pct_per_hour"] > 0
+    (tmp_path / "soak.json").write_text(json.dumps(rep))
+    load_providers()
+    ctx = GateContext(options={"soak_report": read_report(tmp_path / "soak.json")})
+    vals, notes = measure(ctx, ["leak_pct_per_hour"])
+    assert vals["leak_pct_per_hour"] == rep["pct_per_hour_upper95"]
+    assert ctx.details["leak_pct_per_hour"]["provenance"] == "gateway soak 3 s"
+    with pytest.raises(InputError, match="not a process distillgate started"):
+        gateway_soak(Backend(serve_app, "m", "s"), 1.0, ServingSpec(**LOAD), tmp_path / "x")
+    (tmp_path / "bad.json").write_text(json.dumps({**rep, "pct_per_hour_upper95": None}))
+    with pytest.raises(InputError, match="pct_per_hour_upper95"):
+        read_report(tmp_path / "bad.json")

@@ -9,6 +9,7 @@ details}``; the ratio is (P99/P50) student / (P99/P50) teacher, with a bootstrap
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -36,7 +37,7 @@ def _locust_cmd(url: str, spec: ServingSpec, arms: list[str], out_dir: Path, run
     out_dir.mkdir(parents=True, exist_ok=True)
     stats_file = out_dir / "locust-stats.json"
     cmd = [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless", "-u", str(spec.load_users),
-           "-r", str(spec.load_users), "-t", f"{run_time_s:g}s", "-H", url, "--only-summary",
+           "-r", str(spec.load_users), "-t", f"{math.ceil(run_time_s)}s", "-H", url, "--only-summary",
            "--stop-timeout", "30", "--loglevel", "WARNING", "--json-file", str(stats_file.with_suffix(""))]
     env = dict(os.environ, DISTILLGATE_LOAD=json.dumps(cfg), OMP_NUM_THREADS="1")
     return cmd, env, stats_file
