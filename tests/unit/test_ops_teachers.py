@@ -160,3 +160,22 @@ def test_teacher_upgrade_in_the_gateway_under_load_drops_no_request(versions, tm
     assert len(results) > 8 and all(r.ok for r in results), [r.error for r in results if not r.ok]
     vs = [r.version for r in results]
     assert "teacher@v1" in vs and vs[-1] == "teacher@v2"
+
+
+def test_teachers_cli_add_list_check(versions, tmp_path, capsys):
+    from distillgate.cli import main
+
+    reg = str(tmp_path / "teachers.json")
+    assert main(["ops", "teachers", "--registry", reg, "add", str(versions["v1"]), "--date", day(30),
+                 "--reference"]) == 0
+    assert main(["ops", "teachers", "--registry", reg, "add", str(versions["v2"]), "--date", day(3),
+                 "--version", "v2"]) == 0
+    assert main(["ops", "teachers", "--registry", reg, "add", str(versions["v2"]), "--date", "03/01/2026"]) == 2
+    assert "YYYY-MM-DD" in capsys.readouterr().err
+    assert main(["ops", "teachers", "--registry", reg, "list"]) == 0
+    assert "(reference)" in capsys.readouterr().out
+    out = tmp_path / "compat.json"
+    assert main(["ops", "teachers", "--registry", reg, "check", "--student", str(versions["student"]),
+                 "--out", str(out)]) == 0
+    assert "share compatible: 2/2" in capsys.readouterr().out
+    assert T.read_report(out)["teacher_version_compat_share"] == 1.0

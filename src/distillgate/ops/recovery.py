@@ -15,7 +15,7 @@ Per rollback, from the gateway's request log (server-side latencies, one clock):
 * ``p50_before_ms``: requests received in the ``window_s`` before the swap started (the old version);
 * ``p50_after_ms``: requests received in the ``window_s`` after the swap answered (the restored version;
   ``served_after`` lists the versions that served them: only the target, or the drill says so);
-* ``added_p50_ms`` = after - before; ``p50_during_ms`` (requests received while the swap ran) is reported too:
+* ``added_p50_ms`` = after - before, with a 95% bootstrap CI (``added_p50_ci95``); ``p50_during_ms`` (requests received while the swap ran) is reported too:
   on a CPU machine the new backend's start competes with serving for the cores.
 
 Gate values: G-O5a ``rollback_minutes`` = the slowest rollback, G-O5b ``rollback_added_latency_ms`` = the
@@ -44,6 +44,18 @@ REPORT_KEYS = ("provenance", "rollbacks", "rollback_minutes", "rollback_added_la
 
 def _p50(xs: list[float]) -> float | None:
     return float(np.median(xs)) if xs else None
+
+
+def _median_diff_ci(after: list[float], before: list[float]) -> list[float]:
+    """95% percentile-bootstrap CI (scipy) of median(after) - median(before), the windows resampled apart: on a
+    shared machine a few ms either way is noise, and the CI says how much."""
+    from scipy.stats import bootstrap
+
+    ci = bootstrap((np.asarray(after), np.asarray(before)),
+                   lambda a, b, axis=-1: np.median(a, axis=axis) - np.median(b, axis=axis), vectorized=True,
+                   paired=False, n_resamples=1000, method="percentile",
+                   random_state=np.random.default_rng(0)).confidence_interval
+    return [float(ci.low), float(ci.high)]
 
 
 def drill(start, targets: list[str], launch: Callable[[str], object], spec, work_dir, *, window_s: float = 3.0,
@@ -116,6 +128,7 @@ def drill(start, targets: list[str], launch: Callable[[str], object], spec, work
                  p50_before_ms=_p50(before), p50_during_ms=_p50([r["latency_ms"] for r in during if r["status"] == 200]),
                  p50_after_ms=_p50(after), served_after=dict(Counter(r["model_version"] for r in after_rows)))
         s["added_p50_ms"] = (s["p50_after_ms"] - s["p50_before_ms"]) if before and after else None
+        s["added_p50_ci95"] = _median_diff_ci(after, before) if len(before) >= 5 and len(after) >= 5 else None
     done = [s for s in swaps if s["http_status"] == 200]
     complete = len(done) == len(targets) and all(s["added_p50_ms"] is not None for s in done)
     return {"provenance": f"rollback drill under load ({spec.load_users} locust users, {spec.backend} backends, "
@@ -173,13 +186,17 @@ def drill_run(root, run_id: str, *, spec=None, n_versions: int = 3, window_s: fl
     return rep
 
 
+def _fmt_ci(ci) -> str:
+    return "-" if not ci else f"[{ci[0]:.1f}, {ci[1]:.1f}]"
+
+
 def format_report(rep: dict) -> str:
     out = []
     for s in rep["rollbacks"]:
         f = lambda x: "-" if x is None else f"{x:.1f}"  # noqa: E731
         out.append(f"  -> v{s['to']}: HTTP {s['http_status']} in {s['seconds']:.1f} s; p50 before {f(s.get('p50_before_ms'))}"
                    f" ms, during {f(s.get('p50_during_ms'))} ms, after {f(s.get('p50_after_ms'))} ms (added "
-                   f"{f(s.get('added_p50_ms'))} ms); served after: {s.get('served_after')}")
+                   f"{f(s.get('added_p50_ms'))} ms, 95% CI {_fmt_ci(s.get('added_p50_ci95'))}); served after: {s.get('served_after')}")
     out.append(f"  requests {rep['n_requests']}, failed {rep['failed_requests']}; rollback_minutes "
                f"{rep['rollback_minutes']}, rollback_added_latency_ms {rep['rollback_added_latency_ms']}")
     return "\n".join(out)
@@ -215,7 +232,8 @@ def _provider(metric: str):
             rep = read_report(rep)
         ctx.details[metric] = {"provenance": rep["provenance"], "failed_requests": rep["failed_requests"],
                                "rollbacks": [{k: s.get(k) for k in ("to", "seconds", "p50_before_ms", "p50_after_ms",
-                                                                    "added_p50_ms")} for s in rep["rollbacks"]]}
+                                                                    "added_p50_ms", "added_p50_ci95")}
+                                             for s in rep["rollbacks"]]}
         if rep["failed_requests"]:
             raise InputError(f"the rollback drill had {rep['failed_requests']} failed request(s) (G-O5 needs zero)")
         value = rep[metric]
