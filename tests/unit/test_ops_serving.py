@@ -136,24 +136,3 @@ def test_gateway_soak_feeds_the_leak_gate(serve_app, tiny_student_dir, tmp_path)
     with pytest.raises(InputError, match="pct_per_hour_upper95"):
         read_report(tmp_path / "bad.json")
 
-
-@pytest.mark.slow
-def test_rollback_drill_and_soak_commands_with_real_backend_processes(run_with_stable_versions, tiny_student_dir,
-                                                                       tmp_path, capsys):
-    """The commands' default path: `transformers serve` child processes started from the store's weights."""
-    from distillgate.cli import main
-    from distillgate.ops.recovery import read_report
-    from distillgate.ops.soak import read_report as read_soak
-
-    out = tmp_path / "drill.json"
-    assert main(["ops", "rollback-drill", "r1", "--root", str(run_with_stable_versions), "--window-s", "2",
-                 "--users", "2", "--out", str(out)]) == 0
-    rep = read_report(out)
-    assert rep["failed_requests"] == 0 and [s["to"] for s in rep["rollbacks"]] == ["3", "2", "1"]
-    assert rep["rollback_minutes"] < 15 and "transformers backends" in rep["provenance"]
-    soak = tmp_path / "soak.json"
-    assert main(["ops", "soak", "--student", str(tiny_student_dir), "--seconds", "4", "--users", "2",
-                 "--max-tokens", "2", "--out", str(soak)]) == 0
-    s = read_soak(soak)
-    assert s["provenance"] == "gateway soak 4 s" and s["failed_requests"] == 0 and s["n"] >= 5
-    assert s["rss_start"] > 50 * 2**20  # a whole `transformers serve` process, not this one

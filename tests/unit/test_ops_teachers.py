@@ -16,7 +16,7 @@ from distillgate.models import load_model, save_model
 from distillgate.ops import teachers as T
 from distillgate.testing import save_tiny_model
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = pytest.mark.timeout(300)
 
 
 def perturbed(src, dst, scale, seed, tokenizer=None):
