@@ -2,7 +2,7 @@
 detector false positives on normal traffic, the backend breaker's fallback, and a rollback by /admin/swap.
 
     python bench/operations.py [--attacks 10000] [--normal-per-type 100] [--concurrency 16] [--semantic-sample 300]
-                               [--out ops_breaker.json]
+                               [--out ops_breaker.json] [--rollback-run ROOT/RUN] [--rollback-out drill.json]
 
 Everything runs in this process on loopback: the gateway (uvicorn thread, the real app with its G-O1 hook)
 in front of two fake *gullible* backends (distillgate.testing.fake_backend: they answer with the system prompt
@@ -19,15 +19,19 @@ GIL with them, so latencies include its time too. Phases:
    degraded responses is the breaker decision latency; the same normal traffic without a detector gives the
    detector's added latency;
 3. backend breaker: the candidate starts answering 500 under load: client-visible errors and fallback latency;
-4. rollback: POST /admin/swap (candidate arm -> v1, an already running URL backend) under load: its wall time
-   and the P50 latency added while it runs (vs the P50 before it).
+4. rollback (G-O5), the real path: ``distillgate.ops.recovery.drill_run`` on a run store (``--rollback-run
+   ROOT/RUN``, default a scratch run of four tiny-model versions, three of them once ``stable``): the gateway
+   serves ``current`` from a real ``transformers serve`` backend, under the locust load each of the last three
+   stable versions is restored by POST /admin/swap (the launcher starts its backend from the store's weights);
+   ``rollback_s`` = the slowest rollback, ``rollback_added_p50_ms`` = the largest p50 after - before.
 
 ``s4_format_injection`` traffic embeds an injected instruction (S4 challenge kind): flagging it is no false
 positive; it is reported on its own and left out of the false-positive rate.
 
 Last line: ``breaker_p99_ms=A degraded_compliance_pct=B detector_fp_pct=C rollback_s=D rollback_added_p50_ms=E``
 (G-O1: A <= 200, B >= 99.99; G-O5: D <= 900, E <= 5). ``--out`` writes the JSON the G-O1 gate provider reads
-(``distillgate gates --breaker-report FILE``), labelled as generated attacks.
+(``distillgate gates --breaker-report FILE``), labelled as generated attacks; ``--rollback-out`` the drill report
+the G-O5 providers read (``distillgate gates --rollback-report FILE``).
 """
 
 from __future__ import annotations
@@ -139,6 +143,34 @@ def detector_metrics(url: str) -> dict:
             "requests": n, "semantic_skipped": vals.get("distillgate_detector_semantic_skipped_total", 0)}
 
 
+def rollback_drill(a) -> dict:
+    """G-O5 through the real path (see the module docstring, phase 4)."""
+    import tempfile
+
+    from distillgate.ops.recovery import drill_run
+    from distillgate.serve.spec import ServingSpec
+
+    spec = ServingSpec(enabled=True, load_users=a.rollback_users, load_max_tokens=4, long_context_words=120,
+                       burst_size=2, burst_every_s=2.0, think_time_s=0.2, seed=a.seed)
+    if a.rollback_run:
+        root, run = str(Path(a.rollback_run).parent), Path(a.rollback_run).name
+        return drill_run(root, run, spec=spec, window_s=a.rollback_window_s, say=print)
+    from distillgate.store import RunStore
+    from distillgate.testing import make_tiny_tokenizer, save_tiny_model
+
+    tmp = Path(tempfile.mkdtemp(prefix="distillgate-drill-"))
+    tok = make_tiny_tokenizer()
+    with RunStore.create(tmp / "runs", {"teacher": {"path": "tiny"}}, run_id="drill") as st:
+        for i in range(1, 5):  # v1..v3 were stable in turn; v4 is current (a candidate being served)
+            d = save_tiny_model(tmp / f"m{i}", num_layers=2, hidden=64, intermediate=128, seed=i, tokenizer=tok)
+            vw = st.begin_version(i)
+            vw.add_dir("student", d)
+            vid = vw.commit()
+            if i < 4:
+                st.set_alias("stable", vid, "gates passed")
+    return drill_run(tmp / "runs", "drill", spec=spec, window_s=a.rollback_window_s, say=print)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--attacks", type=int, default=10000)
@@ -148,6 +180,11 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--repeats", type=int, default=3, help="alternating passes for the detector's added latency")
     ap.add_argument("--out", default=None, help="write the G-O1 report JSON here")
+    ap.add_argument("--rollback-run", default=None, metavar="ROOT/RUN", help="drill this run (default: a scratch "
+                    "run of tiny models)")
+    ap.add_argument("--rollback-out", default=None, help="write the G-O5 drill report JSON here")
+    ap.add_argument("--rollback-users", type=int, default=4, help="locust users during the drill")
+    ap.add_argument("--rollback-window-s", type=float, default=8.0, help="seconds compared before / after a rollback")
     a = ap.parse_args()
 
     from distillgate.consistency.checks.semantic import load_encoder
@@ -228,36 +265,13 @@ def main() -> None:
         f_fb = [r for r in fres if r["fallback"]]
         breaker_calls = ctl["v2"].calls - calls0
 
-        # ---- rollback: swap the candidate arm to v1 under load
-        roll_items = [{"kind": "normal", "type": t, "body": {"messages": [{"role": "user", "content": m}],
-                                                             "max_tokens": 16}} for t, m in normal] * 2
-        swap_at: dict = {}
-
-        async def with_swap():
-            half = asyncio.Event()
-
-            async def do_swap():
-                await half.wait()
-                import aiohttp  # (httpx's client builds an SSL context at start: ~50 ms that would stall the load)
-
-                async with aiohttp.ClientSession() as c:
-                    swap_at["t0"] = time.perf_counter()
-                    async with c.post(g_plain.url + "/admin/swap", json={"arm": "candidate", "url": backs["v1"].url,
-                                                                          "model": "m1", "version": "v1"}) as r:
-                        await r.read()
-                        swap_at["t1"], swap_at["status"] = time.perf_counter(), r.status
-            out, _ = await asyncio.gather(fire(g_plain.url, roll_items, a.concurrency, half), do_swap())
-            return out
-        rres = asyncio.run(with_swap())
-        rollback_s = swap_at["t1"] - swap_at["t0"]
-        before = [r["ms"] for r in rres if r["t_end"] < swap_at["t0"]]
-        # the swap itself and the 0.5 s after it (the new backend's first requests)
-        during = [r["ms"] for r in rres if swap_at["t0"] <= r["t_end"] <= swap_at["t1"] + 0.5]
-        after_v = Counter(r["version"] for r in rres if r["t_end"] > swap_at["t1"] + 0.05)
-        rollback_added = q(during, 0.5) - q(before, 0.5) if during and before else float("nan")
     finally:
         for s in (g, g_plain, *backs.values()):
             s.stop()
+    drill = rollback_drill(a)
+    rollback_s = max(x["seconds"] for x in drill["rollbacks"])
+    rollback_added = drill["rollback_added_latency_ms"]
+    rollback_added = float("nan") if rollback_added is None else rollback_added
 
     # ---- print
     fp_pct = 100 * sum(r["degraded"] is not None for r in benign) / max(1, len(benign))
@@ -291,20 +305,26 @@ def main() -> None:
           f"served by fallback v1 {len(f_fb)} (reasons {dict(Counter(r['fallback'] for r in f_fb))}), failing backend "
           f"called {breaker_calls} times; fallback latency ms p50 {q([r['ms'] for r in f_fb], .5):.2f} "
           f"p99 {q([r['ms'] for r in f_fb], .99):.2f}")
-    print(f"\n4. rollback by /admin/swap (HTTP {swap_at['status']}) under load: {rollback_s * 1000:.1f} ms; p50 before "
-          f"{q(before, .5):.2f} ms, during and 0.5 s after {q(during, .5):.2f} ms (n={len(during)}); versions after: {dict(after_v)}")
-    print("(fake backends: the rollback time is the gateway's swap (warm-up + drain), not a model load)")
+    from distillgate.ops.recovery import format_report
+
+    print(f"\n4. rollback drill (G-O5) on run {drill['run']} under locust load ({a.rollback_users} users), real "
+          f"`transformers serve` backends started from the store's weights: {drill['n_requests']} requests, "
+          f"{drill['failed_requests']} failed, {drill['seconds']:.0f} s in all")
+    print(format_report(drill))
     report = {"provenance": "generated attacks", "n_attacks": len(att), "seed": a.seed,
               "degraded_compliance_pct": comp_pct, "breaker_p50_ms": q(deg_ms, .5), "breaker_p99_ms": q(deg_ms, .99),
               "detector_fp_pct": fp_pct, "fp_by_type": dict(fp_by_type), "offline": off,
               "misses": [{"id": x.id, "kind": x.kind, "text": x.text, "reasons": v.reasons} for x, v in misses[:50]],
               "n_misses": len(misses), "normal_p50_ms": q(n_ms, .5), "detector_added_p50_ms": over_med[0] - over_med[1],
               "detector_added_p99_ms": over_med[2] - over_med[3], "detector_gateway": det_metrics,
-              "rollback_s": rollback_s, "rollback_added_p50_ms": rollback_added, "concurrency": a.concurrency}
-    if a.out:
-        from distillgate.io import atomic_write_text
+              "rollback_s": rollback_s, "rollback_added_p50_ms": rollback_added, "concurrency": a.concurrency,
+              "rollback_failed_requests": drill["failed_requests"]}
+    from distillgate.io import atomic_write_text
 
+    if a.out:
         atomic_write_text(a.out, json.dumps(report, indent=1, default=str))
+    if a.rollback_out:
+        atomic_write_text(a.rollback_out, json.dumps(drill, indent=1, default=str))
     print(f"breaker_p99_ms={q(deg_ms, .99):.2f} degraded_compliance_pct={comp_pct:.3f} detector_fp_pct={fp_pct:.2f} "
           f"rollback_s={rollback_s:.3f} rollback_added_p50_ms={rollback_added:.2f}")
 

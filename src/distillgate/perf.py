@@ -381,7 +381,13 @@ def leak_rate(model, tokenizer, seconds: float = 60.0, iterations: int | None = 
         gc.collect()
         ts.append(time.perf_counter() - t0)
         rss.append(_rss())
-    t, r = np.asarray(ts), np.asarray(rss, dtype=np.float64)
+    return leak_fit(ts, rss, "RSS after gc per generate call, least squares, upper 95% bound, linear extrapolation")
+
+
+def leak_fit(ts, rss, method: str) -> dict:
+    """The G-P4 estimate from RSS samples ``rss`` (bytes) at times ``ts`` (s): least-squares slope,
+    ``pct_per_hour_upper95`` = (max(slope + 2 SE, 0) + page/duration) * 3600 / RSS (see :func:`leak_rate`)."""
+    t, r = np.asarray(ts, dtype=np.float64), np.asarray(rss, dtype=np.float64)
     if t.size < 3 or t[-1] <= t[0]:
         raise ValueError(f"leak_rate needs >= 3 samples over a positive duration, got {t.size}")
     slope, intercept = np.polyfit(t, r, 1)
@@ -395,7 +401,7 @@ def leak_rate(model, tokenizer, seconds: float = 60.0, iterations: int | None = 
     return {"pct_per_hour": slope * to_pct_h, "pct_per_hour_upper95": (max(slope + 2 * se, 0.0) + page / duration) * to_pct_h,
             "resolution_pct_per_hour": page / duration * to_pct_h, "slope_bytes_per_s": slope,
             "slope_se": se, "duration_s": duration, "n": int(t.size), "rss_start": int(r[0]), "rss_end": int(r[-1]),
-            "method": "RSS after gc per generate call, least squares, upper 95% bound, linear extrapolation"}
+            "method": method}
 
 
 # ------------------------------------------------------------------------------------------------ providers
@@ -461,14 +467,31 @@ def _latency_volatility_through_gateway(ctx: GateContext, serving) -> float:
 
 
 def _leak_pct_per_hour(ctx: GateContext) -> float | None:
+    """G-P4: from a gateway soak report (``options['soak_report']``), else a gateway soak of ``leak_seconds``
+    when ``options['leak_through_gateway']`` (the student served by a real backend under the locust load; see
+    :mod:`distillgate.ops.soak`), else the in-process generate loop of :func:`leak_rate`."""
+    rep = ctx.options.get("soak_report")
     seconds = float(_opt(ctx, "leak_seconds", 0))
+    if rep is None and seconds > 0 and ctx.options.get("leak_through_gateway"):
+        from .ops.soak import soak_student
+
+        s = ctx.student()
+        rep = soak_student(s, seconds, ctx.options.get("serving"))
+    if rep is not None:
+        if isinstance(rep, (str, Path)):
+            from .ops.soak import read_report
+
+            rep = read_report(rep)
+        ctx.details["leak_pct_per_hour"] = {**{k: v for k, v in rep.items() if k not in ("samples",)},
+                                            "provenance": rep["provenance"]}
+        return rep["pct_per_hour_upper95"]
     if seconds <= 0:
         ctx.details["leak_pct_per_hour"] = {"note": "soak not run (--leak-seconds 0)"}
         return None
     s = ctx.student()
     with torch_threads(ctx.options.get("threads")):
         r = leak_rate(s.model, s.tokenizer, seconds=seconds)
-    ctx.details["leak_pct_per_hour"] = r
+    ctx.details["leak_pct_per_hour"] = {**r, "provenance": f"in-process generate loop {r['duration_s']:.0f} s"}
     return r["pct_per_hour_upper95"]
 
 

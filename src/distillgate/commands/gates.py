@@ -66,6 +66,16 @@ def register(subparsers) -> None:
                    "the automatic spot check runs on --explain-prompts built-in prompts")
     g.add_argument("--explain-prompts", type=int, default=P["explain_prompts"],
                    help="G-O4 automatic spot check: prompts explained (CPU preset shown)")
+    g.add_argument("--rollback-report", default=None, metavar="FILE", help="a G-O5 rollback drill report "
+                   "(`distillgate ops rollback-drill RUN --out FILE`): G-O5a/b are read from it")
+    g.add_argument("--soak-report", default=None, metavar="FILE", help="a G-P4 gateway soak report (`distillgate ops "
+                   "soak --out FILE`): leak_pct_per_hour is read from it")
+    g.add_argument("--leak-through-gateway", action="store_true", help="run the --leak-seconds soak through the "
+                   "gateway (the student behind a `transformers serve` backend under a locust load; its RSS)")
+    g.add_argument("--teacher-registry", default=None, metavar="FILE", help="a teacher-version registry "
+                   "(`distillgate ops teachers add`): G-O3 is measured against it")
+    g.add_argument("--teacher-compat-report", default=None, metavar="FILE", help="a G-O3 report (`distillgate ops "
+                   "teachers check --out FILE`)")
     g.add_argument("--window-days", type=float, default=30.0, help="KPI window over the log's timestamps (G-B1)")
     g.add_argument("--seed", type=int, default=P["seed"])
     g.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
@@ -178,6 +188,15 @@ def run(args: argparse.Namespace) -> int:
         from ..ops.explain_review import read_verdicts
 
         verdicts = read_verdicts(args.explanation_verdicts)
+    from ..ops import recovery, soak, teachers
+
+    rollback_report = recovery.read_report(args.rollback_report) if args.rollback_report else None
+    soak_report = soak.read_report(args.soak_report) if args.soak_report else None
+    teacher_compat = teachers.read_report(args.teacher_compat_report) if args.teacher_compat_report else None
+    if args.teacher_registry:
+        if not Path(args.teacher_registry).is_file():
+            raise ConfigError("--teacher-registry", args.teacher_registry, "an existing registry JSON")
+        teachers.load_registry(args.teacher_registry)
     given: dict[str, float | None] = {}
     for f in args.metrics:
         given.update(read_metrics(f))
@@ -203,7 +222,10 @@ def run(args: argparse.Namespace) -> int:
         "leak_seconds": args.leak_seconds, "threads": args.threads, "seed": args.seed, "data_dir": args.data_dir,
         "inheritance_groups": args.inheritance_groups, "path_instructions": args.path_instructions,
         "trust_remote_code": args.trust_remote_code, "business": business,
-        "breaker_report": breaker_report, "explanation_verdicts": verdicts, "explain_prompts": args.explain_prompts})
+        "breaker_report": breaker_report, "explanation_verdicts": verdicts, "explain_prompts": args.explain_prompts,
+        "rollback_report": rollback_report, "soak_report": soak_report,
+        "leak_through_gateway": args.leak_through_gateway, "teacher_registry": args.teacher_registry,
+        "teacher_compat": teacher_compat})
     from ..perf import torch_threads
 
     with torch_threads(args.threads):  # every measurement (perplexity too) runs on the same thread count

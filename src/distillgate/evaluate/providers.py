@@ -158,7 +158,8 @@ METRIC_PROVIDERS = METRICS
 PROVIDER_MODULES = ("distillgate.evaluate.providers", "distillgate.perf", "distillgate.evaluate.probes",
                     "distillgate.evaluate.inheritance", "distillgate.evaluate.decision_path",
                     "distillgate.evaluate.benchmark", "distillgate.business.window", "distillgate.ops.gate",
-                    "distillgate.ops.drift", "distillgate.ops.explain_review")
+                    "distillgate.ops.drift", "distillgate.ops.explain_review", "distillgate.ops.recovery",
+                    "distillgate.ops.teachers")
 
 
 def register_metric(name: str, *, higher_is_better: bool, description: str,

@@ -9,6 +9,7 @@ details}``; the ratio is (P99/P50) student / (P99/P50) teacher, with a bootstrap
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -29,25 +30,92 @@ from .spec import ServingSpec
 LOCUSTFILE = Path(__file__).with_name("locustfile.py")
 
 
-def run_locust(url: str, spec: ServingSpec, arms: list[str], out_dir: Path) -> dict:
-    """Run the load against ``url`` for ``spec.load_seconds``; returns locust's final stats per arm
-    ({name: {num_requests, num_failures}}) and its exit code."""
+def _locust_cmd(url: str, spec: ServingSpec, arms: list[str], out_dir: Path, run_time_s: float):
     cfg = {"arms": arms, "max_tokens": spec.load_max_tokens, "long_context_words": spec.long_context_words,
            "burst_size": spec.burst_size, "burst_every_s": spec.burst_every_s, "think_time_s": spec.think_time_s,
            "seed": spec.seed}
     out_dir.mkdir(parents=True, exist_ok=True)
     stats_file = out_dir / "locust-stats.json"
     cmd = [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless", "-u", str(spec.load_users),
-           "-r", str(spec.load_users), "-t", f"{spec.load_seconds:g}s", "-H", url, "--only-summary",
+           "-r", str(spec.load_users), "-t", f"{math.ceil(run_time_s)}s", "-H", url, "--only-summary",
            "--stop-timeout", "30", "--loglevel", "WARNING", "--json-file", str(stats_file.with_suffix(""))]
     env = dict(os.environ, DISTILLGATE_LOAD=json.dumps(cfg), OMP_NUM_THREADS="1")
-    with open(out_dir / "locust.log", "wb") as log:
-        p = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, timeout=spec.load_seconds + 120)
+    return cmd, env, stats_file
+
+
+def _locust_stats(stats_file: Path) -> dict:
     stats = {}
     if stats_file.is_file():
         for s in json.loads(stats_file.read_text()):
             stats[s["name"]] = {"num_requests": s["num_requests"], "num_failures": s["num_failures"]}
-    return {"exit_code": p.returncode, "stats": stats}
+    return stats
+
+
+def run_locust(url: str, spec: ServingSpec, arms: list[str], out_dir: Path) -> dict:
+    """Run the load against ``url`` for ``spec.load_seconds``; returns locust's final stats per arm
+    ({name: {num_requests, num_failures}}) and its exit code."""
+    cmd, env, stats_file = _locust_cmd(url, spec, arms, out_dir, spec.load_seconds)
+    with open(out_dir / "locust.log", "wb") as log:
+        p = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, timeout=spec.load_seconds + 120)
+    return {"exit_code": p.returncode, "stats": _locust_stats(stats_file)}
+
+
+class BackgroundLoad:
+    """The same locust load, open-ended: ``with BackgroundLoad(url, spec, arms, dir) as load: ...`` runs it
+    (bounded by ``max_seconds``) while the block does something under load (a rollback, a soak); leaving the
+    block stops locust (SIGTERM: it writes its stats) and ``load.result`` holds ``{exit_code, stats}``.
+    ``wait_started()`` blocks until the first request through ``log`` (a :class:`RequestLog`'s path) is seen."""
+
+    def __init__(self, url: str, spec: ServingSpec, arms: list[str], out_dir: str | os.PathLike,
+                 max_seconds: float = 3600.0):
+        self.out_dir = Path(out_dir)
+        self.cmd, self.env, self.stats_file = _locust_cmd(url, spec, arms, self.out_dir, max_seconds)
+        self.max_seconds = max_seconds
+        self.proc: subprocess.Popen | None = None
+        self.result: dict | None = None
+
+    def __enter__(self) -> "BackgroundLoad":
+        self._log = open(self.out_dir / "locust.log", "wb")
+        self.proc = subprocess.Popen(self.cmd, stdout=self._log, stderr=subprocess.STDOUT, env=self.env,
+                                     stdin=subprocess.DEVNULL)
+        return self
+
+    def wait_started(self, request_log: str | os.PathLike, timeout: float = 120.0, min_rows: int = 1,
+                     since: float | None = None) -> None:
+        """Block until the request log holds ``min_rows`` rows (since ``since``): the load has reached the
+        gateway. InputError if locust exits or ``timeout`` passes first."""
+        import sqlite3
+
+        deadline = time.monotonic() + timeout
+        while True:
+            n = 0
+            if Path(request_log).is_file():
+                try:
+                    n = len(read_requests(request_log, since=since))
+                except sqlite3.OperationalError:
+                    n = 0
+            if n >= min_rows:
+                return
+            if self.proc.poll() is not None:
+                raise InputError(f"locust exited with code {self.proc.returncode} before the load started; "
+                                 f"see {self.out_dir / 'locust.log'}")
+            if time.monotonic() > deadline:
+                raise InputError(f"no request reached the gateway within {timeout:.0f} s of starting locust; "
+                                 f"see {self.out_dir / 'locust.log'}")
+            time.sleep(0.1)
+
+    def __exit__(self, *exc) -> None:
+        import signal
+
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            code = self.proc.wait(60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            code = self.proc.wait(10)
+        self._log.close()
+        self.result = {"exit_code": code, "stats": _locust_stats(self.stats_file)}
 
 
 def volatility_ratio_ci(teacher_ms: list[float], student_ms: list[float], confidence: float = 0.95,
