@@ -62,9 +62,13 @@ def main() -> None:
                     "calibration rows")
     ap.add_argument("--base-cache", default=None, help="folder: save the trained unpruned student there, or load "
                     "it from there when present (for repeated exploration runs on one setting)")
+    ap.add_argument("--gradient-method", default="gradient", help="the gradient-based method the last line's "
+                    "kl_ratio_gradient_* keys measure (gradient, fisher, taylor, obd or learned; named there)")
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("overrides", nargs="*", help="config overrides key=value (e.g. teacher.path=DIR)")
     args = ap.parse_args()
+    if args.gradient_method not in ("gradient", "fisher", "taylor", "obd", "learned"):
+        ap.error(f"--gradient-method {args.gradient_method!r}: one of gradient, fisher, taylor, obd, learned")
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -193,14 +197,15 @@ def main() -> None:
     print(f"(unpruned: KL {kl0:.4g}, PPL ratio {ppl0:.3f}; total {time.perf_counter() - t0:.0f} s)")
     by = {r[0]: r for r in rows}
     kv = {}
-    if "gradient" in by and "activation" in by:
-        kv["kl_ratio_gradient_vs_activation"] = by["gradient"][3] / by["activation"][3]
-    if "gradient" in by and "magnitude" in by:
-        kv["kl_ratio_gradient_vs_magnitude"] = by["gradient"][3] / by["magnitude"][3]
+    gm = args.gradient_method
+    if gm in by and "activation" in by:
+        kv["kl_ratio_gradient_vs_activation"] = by[gm][3] / by["activation"][3]
+    if gm in by and "magnitude" in by:
+        kv["kl_ratio_gradient_vs_magnitude"] = by[gm][3] / by["magnitude"][3]
     kv["flops_saved_pct"] = rows[0][5] if rows else float("nan")
     for r in rows:
         kv[f"kl_{r[0]}"] = r[3]
-    print(" ".join(f"{k}={v:.4g}" for k, v in kv.items()))
+    print(" ".join(f"{k}={v:.4g}" for k, v in kv.items()) + f" gradient_method={gm}")
 
 
 if __name__ == "__main__":
