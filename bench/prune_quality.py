@@ -55,9 +55,20 @@ def main() -> None:
                     "re-distillation steps, frozen, as the prune stage does (0: plain surgery, then re-distil)")
     ap.add_argument("--cut-steps", type=int, default=1, help="reach the cut in this many score-and-cut steps "
                     "(MLP units spread over them, heads in the last), re-scoring the smaller model each time")
+    ap.add_argument("--score-after", type=int, default=0, help="score on a copy of the student distilled this many "
+                    "more steps (its weights then dropped: the cut is made on the student every method starts "
+                    "from); the steps count in 'score s'")
+    ap.add_argument("--learned-epochs", type=int, default=4, help="importance 'learned': passes over the "
+                    "calibration rows")
+    ap.add_argument("--base-cache", default=None, help="folder: save the trained unpruned student there, or load "
+                    "it from there when present (for repeated exploration runs on one setting)")
+    ap.add_argument("--gradient-method", default="gradient", help="the gradient-based method the last line's "
+                    "kl_ratio_gradient_* keys measure (gradient, fisher, taylor, obd or learned; named there)")
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("overrides", nargs="*", help="config overrides key=value (e.g. teacher.path=DIR)")
     args = ap.parse_args()
+    if args.gradient_method not in ("gradient", "fisher", "taylor", "obd", "learned"):
+        ap.error(f"--gradient-method {args.gradient_method!r}: one of gradient, fisher, taylor, obd, learned")
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -90,9 +101,15 @@ def main() -> None:
           f"threads {torch.get_num_threads()} ({time.perf_counter() - t0:.0f} s)", flush=True)
 
     t1 = time.perf_counter()
-    base, info = pipeline.build_student(cfg, teacher, pipeline.calibration_ids(cfg, teacher.tokenizer, train))
-    print(f"student: {cfg.student.init} ({cfg.student.layer_selection}) -> layers {info.get('report', {}).get('kept_layers')}"
-          f" ({time.perf_counter() - t1:.0f} s)", flush=True)
+    cached = args.base_cache and (Path(args.base_cache) / "config.json").exists()
+    if cached:
+        from transformers import AutoModelForCausalLM
+        base = AutoModelForCausalLM.from_pretrained(args.base_cache, dtype=torch.float32).train()
+        print(f"student: loaded from {args.base_cache}", flush=True)
+    else:
+        base, info = pipeline.build_student(cfg, teacher, pipeline.calibration_ids(cfg, teacher.tokenizer, train))
+        print(f"student: {cfg.student.init} ({cfg.student.layer_selection}) -> layers "
+              f"{info.get('report', {}).get('kept_layers')} ({time.perf_counter() - t1:.0f} s)", flush=True)
     work = Path(tempfile.mkdtemp(prefix="prune-bench-"))
     cache: dict = {}
 
@@ -115,8 +132,10 @@ def main() -> None:
         model.train()
         return v["kl"], v["ppl_ratio"]
 
-    if args.pre_steps:
+    if args.pre_steps and not cached:
         distil(base, args.pre_steps, seed=cfg.train.seed)
+    if args.base_cache and not cached:
+        base.save_pretrained(args.base_cache, safe_serialization=True)
     kl0, ppl0 = measure(base)
     D = P.dims(base)
     per = max(1, round(D["heads"] * args.heads_keep / D["kv_heads"]))
@@ -136,8 +155,13 @@ def main() -> None:
             sc = importance(s, calib, kinds=("heads", "mlp"), method=method, teacher=teacher.model,
                               seed=cfg.train.seed + j)
             s = P.apply_keep(s, P.select(s, sc, mid))
-        scores = importance(s, calib, kinds=("heads", "mlp"), method=method, teacher=teacher.model,
-                              seed=cfg.train.seed)
+        probe = s
+        if args.score_after:
+            probe = copy.deepcopy(s)
+            distil(probe, args.score_after, seed=cfg.train.seed + 2)
+        scores = importance(probe, calib, kinds=("heads", "mlp"), method=method, teacher=teacher.model,
+                            seed=cfg.train.seed, learned_epochs=args.learned_epochs)
+        del probe
         score_s = time.perf_counter() - ta
         keep = P.select(s, scores, targets)
         cut = P.apply_keep(s, keep)
@@ -173,14 +197,15 @@ def main() -> None:
     print(f"(unpruned: KL {kl0:.4g}, PPL ratio {ppl0:.3f}; total {time.perf_counter() - t0:.0f} s)")
     by = {r[0]: r for r in rows}
     kv = {}
-    if "gradient" in by and "activation" in by:
-        kv["kl_ratio_gradient_vs_activation"] = by["gradient"][3] / by["activation"][3]
-    if "gradient" in by and "magnitude" in by:
-        kv["kl_ratio_gradient_vs_magnitude"] = by["gradient"][3] / by["magnitude"][3]
+    gm = args.gradient_method
+    if gm in by and "activation" in by:
+        kv["kl_ratio_gradient_vs_activation"] = by[gm][3] / by["activation"][3]
+    if gm in by and "magnitude" in by:
+        kv["kl_ratio_gradient_vs_magnitude"] = by[gm][3] / by["magnitude"][3]
     kv["flops_saved_pct"] = rows[0][5] if rows else float("nan")
     for r in rows:
         kv[f"kl_{r[0]}"] = r[3]
-    print(" ".join(f"{k}={v:.4g}" for k, v in kv.items()))
+    print(" ".join(f"{k}={v:.4g}" for k, v in kv.items()) + f" gradient_method={gm}")
 
 
 if __name__ == "__main__":

@@ -262,3 +262,21 @@ def test_pruned_student_reloads_and_generates_in_a_fresh_process(tiny_tokenizer,
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.strip() == str(ref)
+
+
+def test_learned_gates_drop_a_zero_output_unit_on_the_no_gradient_path(tiny_tokenizer, ids):
+    """learned: a unit with zero output has dL/dg = 0 all along, so its gate falls by the penalty alone (to 0 in
+    half the steps) and its score is that path's mean, exactly."""
+    m = _model("llama", len(tiny_tokenizer))
+    t = _model("llama", len(tiny_tokenizer), seed=1)
+    with torch.no_grad():
+        m.model.layers[1].self_attn.o_proj.weight[:, 8:16] = 0.0   # head 1 of layer 1 (head_dim 8)
+        m.model.layers[2].mlp.down_proj.weight[:, 5] = 0.0         # MLP unit 5 of layer 2
+    epochs = 4
+    s = I.importance(m, ids, kinds=("heads", "mlp"), method="learned", teacher=t, learned_epochs=epochs)
+    steps = epochs * ids.shape[0]
+    path = sum(max(0.0, 1.0 - 2.0 * k / steps) for k in range(1, steps + 1)) / steps
+    assert float(s["heads"][1, 1]) == pytest.approx(path, abs=1e-9)
+    assert float(s["mlp"][2, 5]) == pytest.approx(path, abs=1e-9)
+    for kind in ("heads", "mlp"):  # gates stay in [0, 1]; some are held at 1 all along, some fall faster
+        assert 0.0 <= float(s[kind].min()) < path < float(s[kind].max()) <= 1.0

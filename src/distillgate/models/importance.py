@@ -5,7 +5,7 @@ sum over rows of ``(dL/dg)^2``; ``taylor``: ``sum_t |a . dL/da|``; ``obd``: Opti
 own output, the gate's diagonal softmax Fisher ``sum_rows (dz/dg . c)^2`` with Gaussian probes
 ``c ~ N(0, diag(p) - p p^T)`` at every position (an unbiased estimate of the second derivative of
 KL(model || model without the unit); its first-order term is zero, so it needs no teacher and does not mix in what
-an unconverged student still gets wrong); ``activation`` (Minitron): mean activation
+an unconverged student still gets wrong); ``learned``: learned gates (weights frozen), see :func:`_learned`; ``activation`` (Minitron): mean activation
 magnitude; ``magnitude``: weight norms; ``random``. L is the distillation loss (forward KL to the teacher's
 logits on the same tokens), or a model's own next-token NLL when it scores itself (the teacher)."""
 
@@ -17,7 +17,8 @@ from ..errors import ConfigError
 from ..losses.divergence import kl_logprobs
 from .prune import Gates, _rows, dims
 
-METHODS = ("gradient", "fisher", "taylor", "obd", "activation", "magnitude", "random")
+METHODS = ("gradient", "fisher", "taylor", "obd", "learned", "activation", "magnitude", "random")
+_GATE_KEY = {"heads": "heads", "mlp": "mlp", "layers": "layers", "hidden": "hidden", "rotary": "v_dims"}
 
 
 def kl_sum(s_logits: torch.Tensor, t_logits: torch.Tensor) -> torch.Tensor:
@@ -52,7 +53,8 @@ def _magnitude(model, kinds) -> dict:
 
 
 def importance(model, calib_ids: torch.Tensor, *, kinds=("heads", "mlp"), method: str = "gradient",
-               teacher=None, attention_mask: torch.Tensor | None = None, seed: int = 0) -> dict:
+               teacher=None, attention_mask: torch.Tensor | None = None, seed: int = 0,
+               learned_epochs: int = 4) -> dict:
     """Scores (float64, higher = more important) per kind: ``heads``/``mlp`` ``[layers, units]``, ``layers``
     ``[layers]``, ``hidden`` ``[hidden]``, ``rotary`` -> ``v_dims`` ``[layers, head_dim]``.
 
@@ -72,6 +74,8 @@ def importance(model, calib_ids: torch.Tensor, *, kinds=("heads", "mlp"), method
         return {("v_dims" if k == "rotary" else k): torch.rand(shapes[k], generator=gen, dtype=torch.float64)
                 for k in kinds}
     dev = next(model.parameters()).device
+    if method == "learned":
+        return _learned(model, calib_ids, kinds, teacher, attention_mask, epochs=learned_epochs)
     was_training = model.training
     model.eval()
     flags = [(p, p.requires_grad) for p in model.parameters()]
@@ -177,3 +181,55 @@ def importance(model, calib_ids: torch.Tensor, *, kinds=("heads", "mlp"), method
         model.train(was_training)
 
 
+
+
+def _loss(model, ids, m, t_logits):
+    logits = model(input_ids=ids, attention_mask=m, use_cache=False).logits[:, :-1]
+    if t_logits is not None:
+        return kl_sum(logits, t_logits) / max(1, logits.shape[1])
+    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), ids[:, 1:].reshape(-1))
+
+
+def _learned(model, calib_ids, kinds, teacher, attention_mask, *, epochs: int) -> dict:
+    """Learned gates (weights frozen): one gate per unit, ``g`` in [0, 1] from 1, trained by projected gradient
+    descent on ``L + sum_kind c_kind * sum(g_kind)``, one calibration row per step, ``epochs`` passes. ``c_kind`` is
+    the median ``|dL/dg|`` of the kind at the start, so a unit the loss does not need (``|dL/dg| < c``) drifts to 0
+    while one it needs is held up, and as gates fall the others' gradients see the units already gone (the
+    joint effect a one-shot score misses). The step makes a unit with no gradient reach 0 in half the steps.
+    Score: the gate's mean value along the path (a unit that falls early scores lowest)."""
+    dev = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    for p, _ in flags:
+        p.requires_grad_(False)
+    keys = [_GATE_KEY[k] for k in kinds]
+    rows = list(_rows(calib_ids.to(dev), attention_mask))
+    try:
+        with torch.no_grad():
+            t_logits = [None if teacher is None else
+                        teacher(input_ids=ids, attention_mask=m, use_cache=False).logits[:, :-1] for ids, m in rows]
+        with Gates(model, kinds) as gates, torch.enable_grad():
+            g = {k: torch.ones_like(gates.values[k], dtype=torch.float64) for k in keys}
+            path = {k: torch.zeros_like(v) for k, v in g.items()}
+            c, lr = {}, {}
+            steps = max(1, epochs * len(rows))
+            for step in range(steps):
+                ids, m = rows[step % len(rows)]
+                leaves = {k: v.clone().float().requires_grad_(True) for k, v in g.items()}
+                gates.values.update(leaves)
+                loss = _loss(model, ids, m, t_logits[step % len(rows)])
+                grads = torch.autograd.grad(loss, [leaves[k] for k in keys], allow_unused=True)
+                with torch.no_grad():
+                    for k, gr in zip(keys, grads):
+                        gr = torch.zeros_like(g[k]) if gr is None else gr.double()
+                        if k not in c:
+                            c[k] = gr.abs().median().clamp_min(1e-12)
+                            lr[k] = 2.0 / (float(c[k]) * steps)
+                        g[k] = (g[k] - lr[k] * (gr + c[k])).clamp(0.0, 1.0)
+                        path[k] += g[k]
+        return {k: path[k] / steps for k in keys}
+    finally:
+        for p, f in flags:
+            p.requires_grad_(f)
+        model.train(was_training)
