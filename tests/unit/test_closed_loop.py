@@ -147,12 +147,14 @@ def _cfg(teacher_dir, root, **extra):
     over = [f"teacher.path={teacher_dir}", "student.init=config",
             "student.config={num_hidden_layers: 1, intermediate_size: 32}",
             "data.max_new_tokens=12", "data.gen_batch_size=8", "train.steps=4", "train.batch_size=2",
-            "train.warmup_steps=0", "train.precision=fp32", "train.lr=1e-5", "targets.top_k=8",
+            "train.warmup_steps=0", "train.precision=fp32", "train.lr=1e-4", "targets.top_k=8",
             "loop.prompts_per_iteration=8", "loop.heldout_prompts=4",
             "loop.stages=[{name: anchor, iterations: 0}, {name: joint, iterations: 2}]",
             "loop.perf_lengths=[16]", "loop.perf_repeats=1", f"store_root={root}",
-            "loop.strategy.exploration.budget=0.75", "loop.strategy.exploration.selection_prompts=4",
-            "loop.strategy.exploration.knobs=[train.lr]"]
+            "loop.strategy.exploration.budget=0.5", "loop.strategy.exploration.selection_prompts=4",
+            "loop.strategy.exploration.knobs=[train.lr]", "loop.strategy.exploration.move_sizes={train.lr: 4.0}",
+            "loop.strategy.rules=[revert, hard_pool]",
+            "loop.strategy.exploration.ranges={train.lr: [1e-5, 3e-3]}"]
     return load_config(RunConfig, None, over + [f"{k}={v}" for k, v in extra.items()])
 
 
@@ -183,15 +185,21 @@ def test_exploration_picks_on_a_selection_split_apart_from_the_gates_heldout(exp
         assert len(sel) == 4 and not sel & held and not sel & used
         one = s.get_version(s.versions()[1]["version_id"])
         ex = one.load_json("exploration.json")
-        assert ex["horizon"] == 1 and len(ex["variants"]) == 3  # main recipe + 2 variants, 0.75 x 4 / 3 steps
+        assert ex["horizon"] == 1 and len(ex["variants"]) == 3  # main recipe + 2 variants, 0.5 x 4 / 2 steps
         m = one.load_json("metrics.json")["student"]
-        assert m["explore/steps"] == 3 and m["explore/seconds"] > 0
+        assert m["explore/steps"] == 2 and m["explore/seconds"] > 0  # only the variants' screens are extra
+        assert m["explore/selection_kl_sd"] > 0 and m["explore/best_se"] > 0
     trials = state["strategy"]["trials"]
-    assert len(trials) == 4 and all(t["knob"] == "train.lr" and 1e-4 <= t["proposed"] <= 3e-3 for t in trials)
-    # at lr 1e-5 any proposal in [1e-4, 3e-3] learns faster: exploration adopts one in the first iteration
+    assert [t["move"] for t in trials[:2]] == ["train.lr+", "train.lr-"]  # each move once first, in order
+    assert len(trials) == 4 and all(t["knob"] == "train.lr" and t["se"] > 0 for t in trials)
+    assert [(t["incumbent"], t["proposed"]) for t in trials[:2]] == [(1e-4, 4e-4), (1e-4, 2.5e-5)]
+    # at lr 1e-4, 4x more learns faster, beyond the noise: exploration adopts it in the first iteration
     hist = state["history"]
-    assert hist[1]["recipe"]["train"]["lr"] > 1e-4
+    assert hist[1]["recipe"]["train"]["lr"] == 4e-4 and trials[0]["adopted"] and not trials[1]["adopted"]
     assert any(d["rule"] == "explore" and d["iteration"] == 1 for d in state["decisions"])
+    # PBT exploit: the winner's screen continued, so the iteration trained its recipe's 4 steps, not 4 + 1
+    assert hist[1]["recipe"]["train"]["steps"] == 4
+    assert not list((root.parent / "runs").glob("**/explore-*/screen-*"))  # the screens' checkpoints are gone
 
 
 def test_decisions_with_expected_and_measured_effects_round_trip_through_the_store(explored, capsys):
