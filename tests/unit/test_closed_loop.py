@@ -261,3 +261,51 @@ def test_a_proposal_that_breaks_a_joint_constraint_is_refused_before_training():
     (f,) = it.findings
     assert f.kind == "refused_change" and "loss.temperature.max -> 0.6223 refused" in f.message
     assert "must be <=" in f.message
+
+
+def test_exploration_moves_are_centred_on_the_recipe_and_the_ce_share_only_goes_down():
+    from distillgate.explore import move_labels, propose
+    from distillgate.knobs import ExplorationSpec
+    from distillgate.strategy import knob_defaults
+
+    cfg = load_config(RunConfig, None, ["train.lr=3e-4", "loss.channels={kd: 1.0, ce: 0.0}",
+                                        "loss.temperature={policy: complexity, min: 0.9, max: 1.2}"])
+    spec = ExplorationSpec(budget=0.5, selection_prompts=4, ranges={"train.lr": [1e-4, 3e-3]})
+    assert move_labels(spec) == ["train.lr+", "train.lr-", "loss.temperature.max+", "loss.temperature.max-",
+                                 "loss.difficulty_weighting~", "loss.channels.ce-"]
+    recipe, defaults = initial_recipe(cfg), knob_defaults(cfg)
+    props = propose(spec, Memory({}), recipe, defaults, 8, seed=0)
+    # every available move once, in order; the CE share at 0 has no move down (and is never raised)
+    assert props == [("train.lr+", "train.lr", 6e-4), ("train.lr-", "train.lr", 1.5e-4),
+                     ("loss.temperature.max+", "loss.temperature.max", 1.3),
+                     ("loss.temperature.max-", "loss.temperature.max", 1.1),
+                     ("loss.difficulty_weighting~", "loss.difficulty_weighting", True)]
+    recipe["train"]["lr"], recipe["loss"]["channels"]["ce"] = 1.5e-4, 0.3
+    props = dict((m, v) for m, _, v in propose(spec, Memory({}), recipe, defaults, 8, seed=0))
+    assert "train.lr-" not in props and props["loss.channels.ce-"] == 0.2  # 7.5e-5 leaves [1e-4, 3e-3]
+    # the move adopted last time goes first again; then the sampler picks distinct moves among the tried ones
+    mem = Memory({"trials": [{"iteration": 1, "move": m, "knob": m[:-1], "incumbent": 0, "proposed": 0,
+                              "value": v, "adopted": m == "train.lr+"} for m, v in
+                             [("train.lr+", -0.05), ("train.lr-", 0.04), ("loss.temperature.max+", 0.01),
+                              ("loss.temperature.max-", -0.01), ("loss.difficulty_weighting~", 0.0),
+                              ("loss.channels.ce-", -0.002)]]})
+    props = propose(spec, mem, initial_recipe(cfg), defaults, 2, seed=3)
+    assert props[0] == ("train.lr+", "train.lr", 6e-4) and len({p[0] for p in props}) == 2
+
+
+def test_the_selection_noise_is_the_paired_standard_error():
+    import random
+
+    from scipy import stats
+
+    from distillgate.explore import paired
+
+    rng = random.Random(0)
+    base = [(rng.uniform(20, 60), rng.randint(10, 30)) for _ in range(24)]
+    other = [(s * rng.uniform(0.85, 1.05), n) for s, n in base]
+    rel, se = paired(base, other)
+    tokens, kl0 = sum(n for _, n in base), sum(s for s, _ in base) / sum(n for _, n in base)
+    d = [o - b for (b, _), (o, _) in zip(base, other)]
+    assert rel == pytest.approx((sum(s for s, _ in other) / tokens) / kl0 - 1, rel=1e-12)
+    assert se == pytest.approx(stats.sem(d) * len(d) / tokens / kl0, rel=1e-12)
+    assert paired(base, base) == (0.0, 0.0)
