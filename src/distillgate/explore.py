@@ -6,8 +6,7 @@ Before an exploring stage's map (``loop.strategy.exploration.stages``), from the
    current value (priors centred on the recipe): the learning rate x or / ``steps['train.lr']`` (2), a
    temperature bound +- 0.1, difficulty weighting switched, the CE share one step *down* only (``directions``:
    when the selection objective is KL, raising the CE share trades KL for perplexity). A move that would leave
-   the knob's range is not proposed. The move adopted in the latest exploration is tried again first (one more
-   step the way that helped); every move is tried once, in ``knobs`` order, before Optuna's TPE sampler
+   the knob's range is not proposed. Each move is tried once, in ``knobs`` order, before Optuna's TPE sampler
    (rebuilt every iteration from this run's stored trials) chooses among them by their measured gains.
 2. **Screen.** The main recipe and each variant train the first ``h`` steps of the iteration's own schedule
    (warmup and cosine over all ``train.steps``) from the same weights, on the same batches in the same order,
@@ -136,9 +135,8 @@ def _study(spec, trials: list[dict], labels: list[str], seed: int):
 
 
 def propose(spec, memory: Memory, recipe: dict, defaults: dict, n: int, seed: int) -> list[tuple[str, str, object]]:
-    """Up to ``n`` distinct ``(move, knob, value)`` proposals for ``recipe``: the move adopted in the latest
-    exploration again (it helped beyond the noise: one more step the same way), then every move not tried yet in
-    this run (in ``knobs`` order), then Optuna's TPE sampler over the moves by their measured gains."""
+    """Up to ``n`` distinct ``(move, knob, value)`` proposals for ``recipe``: every move not tried yet in this run
+    first (in ``knobs`` order), then Optuna's TPE sampler over the moves by their measured gains."""
     import optuna
 
     labels = [m for m in move_labels(spec) if _relevant(m[:-1], recipe)]
@@ -146,11 +144,7 @@ def propose(spec, memory: Memory, recipe: dict, defaults: dict, n: int, seed: in
     if not avail:
         return []
     tried = {t.get("move") for t in memory.trials}
-    last = max((t["iteration"] for t in memory.trials), default=None)
-    again = [t["move"] for t in memory.trials if t["iteration"] == last and t.get("adopted")
-             and not t["move"].endswith("~")]  # a switch again would undo it
-    fresh = [m for m in labels if m in avail and m not in tried]
-    chosen = list(dict.fromkeys([m for m in again if m in avail] + fresh))[:n]
+    chosen = [m for m in labels if m in avail and m not in tried][:n]
     if len(chosen) < n:
         study, dist = _study(spec, memory.trials, labels, seed)
         for _ in range(8 * len(labels)):
