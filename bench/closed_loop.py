@@ -170,7 +170,9 @@ def main() -> None:
               f"{_ms([r['ppl_ratio'] for r in rs])} | {statistics.fmean(r['steps'] for r in rs):.0f} | "
               f"{statistics.fmean(r['seconds'] for r in rs):.0f} ({statistics.fmean(r['explore_seconds'] for r in rs):.0f}) | "
               f"{dtext} |")
-    kl = {a: statistics.fmean(r["kl"] for r in by[a]) for a in arms}
+    common = set.intersection(*({r["seed"] for r in by[a]} for a in arms))  # ratios on the seeds every arm ran
+    args.seeds = len(common)
+    kl = {a: statistics.fmean(r["kl"] for r in by[a] if r["seed"] in common) for a in arms if common}
     x = kl["strategy"] / kl["fixed"] if "strategy" in kl and "fixed" in kl else float("nan")
     y = kl["explore"] / kl["fixed"] if "explore" in kl and "fixed" in kl else float("nan")
     print()
