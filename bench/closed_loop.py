@@ -11,9 +11,10 @@
 Same teacher (the embedded SmolLM2-135M-Instruct unless ``teacher.path=...``), same student initialisation (the
 teacher's blocks ``--keep-layers``, MLP ``--mlp-width`` by weight magnitude), the same prompts in the same order
 (built-in prompts, ``data.seed`` 0; the selection split is reserved in every arm, so every arm trains on the same
-prompts), and the same optimizer steps in total: (c) runs ``--steps`` main steps per iteration plus the
-exploration's ``(variants + 1) x horizon`` short steps, (a) and (b) run that many main steps per iteration
-instead. (b) and (c) may move the learning rate, the CE share and difficulty weighting (``tune_knobs``), never
+prompts), and the same optimizer steps in total: (c) runs ``--steps`` steps per iteration, the first ``h`` of
+them as the screens of PBT (the winner's checkpoint continues), plus the losing variants' ``variants x h``
+screen steps; (a) and (b) run ``--steps + variants x h`` main steps per iteration instead. (b) and (c) may move
+the learning rate, the CE share and difficulty weighting (``tune_knobs``; (c) also a temperature bound), never
 steps or data volume, so the compute stays equal. The seeds change the training seed (batch order, tail samples)
 and the exploration sampler's seed.
 
