@@ -11,9 +11,10 @@
 Same teacher (the embedded SmolLM2-135M-Instruct unless ``teacher.path=...``), same student initialisation (the
 teacher's blocks ``--keep-layers``, MLP ``--mlp-width`` by weight magnitude), the same prompts in the same order
 (built-in prompts, ``data.seed`` 0; the selection split is reserved in every arm, so every arm trains on the same
-prompts), and the same optimizer steps in total: (c) runs ``--steps`` main steps per iteration plus the
-exploration's ``(variants + 1) x horizon`` short steps, (a) and (b) run that many main steps per iteration
-instead. (b) and (c) may move the learning rate, the CE share and difficulty weighting (``tune_knobs``), never
+prompts), and the same optimizer steps in total: (c) runs ``--steps`` steps per iteration, the first ``h`` of
+them as the screens of PBT (the winner's checkpoint continues), plus the losing variants' ``variants x h``
+screen steps; (a) and (b) run ``--steps + variants x h`` main steps per iteration instead. (b) and (c) may move
+the learning rate, the CE share and difficulty weighting (``tune_knobs``; (c) also a temperature bound), never
 steps or data volume, so the compute stays equal. The seeds change the training seed (batch order, tail samples)
 and the exploration sampler's seed.
 
@@ -44,7 +45,7 @@ def _overrides(args, arm: str, seed: int, root: str) -> list[str]:
     from distillgate.explore import horizon
 
     n, h = horizon(args.budget, args.steps, args.variants)
-    extra = (n + 1) * h
+    extra = n * h  # the variants' screens; the main recipe's screen is the start of its own training (PBT)
     steps = args.steps if arm == "explore" else args.steps + extra
     over = [
         f"teacher.path={args.teacher}", "student.init=derive", f"student.keep_layers={args.keep_layers}",
@@ -87,9 +88,13 @@ def run_arm(args, arm: str, seed: int, root: str) -> dict:
     explore_s = sum(h["metrics"].get("explore/seconds", 0.0) for h in hist)
     decisions = collections.Counter(f"{d['rule']}:{d['knob']}" for d in state["decisions"])
     lr_path = [h["recipe"]["train"]["lr"] for h in hist if h.get("terms")]
+    decision_path = [f"{d['iteration']}:{d['rule']}:{d['knob']}:{d['old']}->{d['new']}" for d in state["decisions"]
+                     if d["rule"] != "hard_pool"]
+    trials = [(t["iteration"], t.get("move"), round(t["value"], 4), round(t.get("se", 0.0), 4), t["adopted"])
+              for t in state.get("strategy", {}).get("trials", [])]
     return {"arm": arm, "seed": seed, "kl": last["kl"], "top1": last["top1_agreement"],
             "ppl_ratio": last.get("ppl_ratio"), "steps": steps, "seconds": seconds, "explore_seconds": explore_s,
-            "decisions": dict(decisions), "lr_path": lr_path,
+            "decisions": dict(decisions), "lr_path": lr_path, "decision_path": decision_path, "trials": trials,
             "kl_path": [round(h["metrics"]["kl"], 4) for h in hist]}
 
 
@@ -123,22 +128,34 @@ def main() -> None:
     ap.add_argument("--root", default=None, help="run store folder (default: a temporary one)")
     ap.add_argument("--json", default=None, help="write every run's numbers here")
     ap.add_argument("overrides", nargs="*", help="more config overrides key=value for every arm")
+    ap.add_argument("--first-seed", type=int, default=0, help="seeds first-seed .. first-seed + seeds - 1 (to run "
+                    "seeds in parallel processes, each with --json, then merge them with --merge)")
+    ap.add_argument("--merge", nargs="+", default=None, metavar="JSON",
+                    help="print the table and last line from these --json files instead of running")
     args = ap.parse_args()
     import logging
 
     logging.basicConfig(level=logging.ERROR)
-    root = args.root or tempfile.mkdtemp(prefix="closed-loop-")
     arms = [a for a in args.arms.split(",") if a]
     results = []
-    for seed in range(args.seeds):
-        for arm in arms:
-            r = run_arm(args, arm, seed, root)
-            results.append(r)
-            print(f"seed {seed} {arm:9s} KL {r['kl']:.4f}  top-1 {r['top1']:.3f}  PPL ratio "
-                  f"{r['ppl_ratio'] if r['ppl_ratio'] is None else round(r['ppl_ratio'], 2)}  steps {r['steps']}  "
-                  f"{r['seconds']:.0f} s  KL path {r['kl_path']}  lr path {r['lr_path']}", flush=True)
-    if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2))
+    if args.merge:
+        for f in args.merge:
+            results += json.loads(Path(f).read_text())
+        arms = [a for a in arms if any(r["arm"] == a for r in results)]
+        args.seeds = len({r["seed"] for r in results})
+    else:
+        root = args.root or tempfile.mkdtemp(prefix="closed-loop-")
+        for seed in range(args.first_seed, args.first_seed + args.seeds):
+            for arm in arms:
+                r = run_arm(args, arm, seed, root)
+                results.append(r)
+                if args.json:  # after every arm: a killed benchmark keeps what it measured
+                    Path(args.json).write_text(json.dumps(results, indent=2))
+    for r in results:
+        print(f"seed {r['seed']} {r['arm']:9s} KL {r['kl']:.4f}  top-1 {r['top1']:.3f}  PPL ratio "
+              f"{r['ppl_ratio'] if r['ppl_ratio'] is None else round(r['ppl_ratio'], 2)}  steps {r['steps']}  "
+              f"{r['seconds']:.0f} s  KL path {r['kl_path']}  lr path {r['lr_path']}  "
+              f"decisions {r.get('decision_path', [])}", flush=True)
     by = {a: [r for r in results if r["arm"] == a] for a in arms}
     print()
     print(f"| arm | final held-out KL | top-1 agreement | WikiText-2 PPL ratio | optimizer steps | seconds (of which "
@@ -154,7 +171,9 @@ def main() -> None:
               f"{_ms([r['ppl_ratio'] for r in rs])} | {statistics.fmean(r['steps'] for r in rs):.0f} | "
               f"{statistics.fmean(r['seconds'] for r in rs):.0f} ({statistics.fmean(r['explore_seconds'] for r in rs):.0f}) | "
               f"{dtext} |")
-    kl = {a: statistics.fmean(r["kl"] for r in by[a]) for a in arms}
+    common = set.intersection(*({r["seed"] for r in by[a]} for a in arms))  # ratios on the seeds every arm ran
+    args.seeds = len(common)
+    kl = {a: statistics.fmean(r["kl"] for r in by[a] if r["seed"] in common) for a in arms if common}
     x = kl["strategy"] / kl["fixed"] if "strategy" in kl and "fixed" in kl else float("nan")
     y = kl["explore"] / kl["fixed"] if "explore" in kl and "fixed" in kl else float("nan")
     print()

@@ -1,26 +1,33 @@
-"""Exploration within a budget (issue 16): per iteration, a few short variants of the recipe, one knob each.
+"""Exploration within a budget (issue 16): population-based training's exploit/explore, once per iteration.
 
 Before an exploring stage's map (``loop.strategy.exploration.stages``), from the iteration's starting weights:
 
-1. Optuna proposes ``variants`` one-knob changes of the iteration's recipe (``TPESampler`` over the earlier
-   trials of this run, kept in the loop state; the first ``startup_trials`` are random). Each picks a knob from
-   ``exploration.knobs`` (each knob once, in order, before the sampler chooses) and a value in its range;
-2. the main recipe and each variant train ``h`` steps from the same weights, on the same batches in the same
-   order, at a constant learning rate (no warmup or decay: a short horizon compares rates of progress), where
-   ``h = floor(budget x main steps / (variants + 1))`` (fewer variants when that is under one step);
-3. each is scored by the exact KL(teacher || student) on the **selection split**: training-pool prompts
-   reserved at the run's start (``selection_prompts``), never trained on and disjoint from the held-out set
-   the gates use, so picking on it does not bias the verdict;
-4. the weights go back to the starting point; if the best variant beats the main recipe by more than
-   ``margin`` (relative selection KL), its knob value replaces the recipe's for this iteration's main
-   training (a decision of rule ``explore``, with the measured gain as its expected effect) and stays in the
-   recipe after it (exploit); else the main recipe continues unchanged.
+1. **Explore.** Optuna proposes ``variants`` one-knob *moves* of the iteration's recipe, each a step from the
+   current value (priors centred on the recipe): the learning rate x or / ``steps['train.lr']`` (2), a
+   temperature bound +- 0.1, difficulty weighting switched, the CE share one step *down* only (``directions``:
+   when the selection objective is KL, raising the CE share trades KL for perplexity). A move that would leave
+   the knob's range is not proposed. Each move is tried once, in ``knobs`` order, before Optuna's TPE sampler
+   (rebuilt every iteration from this run's stored trials) chooses among them by their measured gains.
+2. **Screen.** The main recipe and each variant train the first ``h`` steps of the iteration's own schedule
+   (warmup and cosine over all ``train.steps``) from the same weights, on the same batches in the same order,
+   where ``h = min(steps, floor(budget x steps / variants))``: only the variants' steps are extra.
+3. **Select.** Each is scored by the exact KL(teacher || student) on the **selection split**: training-pool
+   prompts reserved at the run's start (``selection_prompts``), never trained on and disjoint from the held-out
+   set the gates use, so picking on it does not bias the verdict. The noise of a difference is measured: the
+   paired per-prompt differences' standard error (``selection_se``) and the KL's sd across prompts. A variant
+   replaces the main recipe only when it beats it by more than ``max(margin, noise_z x its standard error)``.
+4. **Exploit.** The winner's *checkpoint* continues (its weights, AdamW state, schedule and data position:
+   :attr:`Iteration.continue_from`), so the iteration's main training runs only the remaining ``steps - h``
+   steps and the winner's screen steps are not thrown away; its knob value stays in the recipe (a decision of
+   rule ``explore`` with the measured gain as its expected effect). When no variant wins, the main recipe's
+   screen continues the same way. The extra compute is the losers' ``variants x h`` steps.
 
-The trials (knob, incumbent and proposed value, relative selection KL) are the strategy's clean measurements:
-:class:`distillgate.knobs.Memory` uses them for expected effects and knob blame. The exploration's steps and
-seconds are in the iteration's metrics (``explore/steps``, ``explore/seconds``) and inside its map phase time.
-Everything is deterministic from the loop state (the sampler is rebuilt from the stored trials with a seed of
-the iteration), so a run killed mid-exploration resumes to the same weights.
+The trials (knob, move, incumbent and proposed value, relative selection KL and its standard error) are the
+strategy's clean measurements: :class:`distillgate.knobs.Memory` uses them for expected effects and knob blame.
+The exploration's extra steps and seconds are in the iteration's metrics (``explore/steps``,
+``explore/seconds``) and inside its map phase time. Everything is deterministic from the loop state (the sampler
+is rebuilt from the stored trials with a seed of the iteration; every screen restarts clean), so a run killed
+mid-exploration resumes to the same weights.
 """
 
 from __future__ import annotations
@@ -30,6 +37,8 @@ import dataclasses
 import json
 import logging
 import math
+import shutil
+import statistics
 import time
 
 from .knobs import KNOB_SPACE, Memory, direction, knob
@@ -39,10 +48,11 @@ log = logging.getLogger(__name__)
 
 
 def horizon(budget: float, main_steps: int, variants: int) -> tuple[int, int]:
-    """(variants, steps each) that fit ``budget x main_steps`` extra steps (the main recipe's short run counts)."""
+    """(variants, screen steps each) that fit ``budget x main_steps`` extra steps: the main recipe's screen is
+    the start of its own training, so only the variants' screens are extra (at most ``main_steps`` each)."""
     n = variants
     while n > 0:
-        h = int(math.floor(budget * main_steps / (n + 1) + 1e-9))
+        h = min(main_steps, int(math.floor(budget * main_steps / n + 1e-9)))
         if h >= 1:
             return n, h
         n -= 1
@@ -58,48 +68,13 @@ def _relevant(name: str, recipe: dict) -> bool:
     return True
 
 
-def _distribution(spec, name: str):
-    from optuna.distributions import FloatDistribution, IntDistribution
-
-    k = KNOB_SPACE[name]
-    lo, hi = spec.range_of(name)
-    if k.scale == "int":
-        return IntDistribution(int(lo), int(hi), log=lo > 0)
-    return FloatDistribution(lo, hi, log=k.scale == "log" and lo > 0)
-
-
-def _study(spec, trials: list[dict], names: list[str], seed: int):
-    """An Optuna study holding this run's earlier trials (rebuilt every iteration: deterministic, resumable)."""
-    import optuna
-    from optuna.distributions import CategoricalDistribution
-
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=spec.startup_trials)
-    study = optuna.create_study(direction="minimize", sampler=sampler)
-    choice = CategoricalDistribution(tuple(names))
-    for t in trials:
-        if t.get("knob") not in names or t.get("value") is None:
-            continue
-        dist = _distribution(spec, t["knob"])
-        if not dist.low <= t["proposed"] <= dist.high:  # a range changed since (a resumed run's edited config)
-            continue
-        study.add_trial(optuna.trial.create_trial(params={"knob": t["knob"], t["knob"]: t["proposed"]},
-                                                  distributions={"knob": choice, t["knob"]: dist},
-                                                  value=t["value"]))
-    return study, choice
-
-
-def _propose(spec, study, choice) -> tuple[str, float]:
-    trial = study.ask()
-    name = trial.suggest_categorical("knob", list(choice.choices))
-    dist = _distribution(spec, name)
-    if dist.__class__.__name__ == "IntDistribution":
-        value = trial.suggest_int(name, dist.low, dist.high, log=dist.log)
-    else:
-        value = trial.suggest_float(name, dist.low, dist.high, log=dist.log)
-    k = KNOB_SPACE[name]
-    value = int(value) if k.scale == "int" else float(f"{value:.4g}")
-    return name, value
+def _get(recipe: dict, dotted: str, defaults: dict):
+    node = recipe
+    for key in dotted.split("."):
+        if not isinstance(node, dict) or key not in node:
+            return defaults.get(dotted)
+        node = node[key]
+    return node
 
 
 def _set(recipe: dict, dotted: str, value) -> None:
@@ -110,12 +85,87 @@ def _set(recipe: dict, dotted: str, value) -> None:
     node[keys[-1]] = value
 
 
-def _valid(proposals, it, run, apply_recipe) -> list[tuple[str, object]]:
+def move_labels(spec) -> list[str]:
+    """Every move the exploration may propose: ``knob+`` / ``knob-`` (a bool knob: ``knob~``, switched)."""
+    out = []
+    for name in spec.knobs:
+        if KNOB_SPACE[name].scale == "bool":
+            out.append(f"{name}~")
+            continue
+        way = spec.directions.get(name, "both")
+        out += [f"{name}{s}" for s, w in (("+", "up"), ("-", "down")) if way in ("both", w)]
+    return out
+
+
+def moved_value(spec, label: str, incumbent):
+    """The value ``label`` moves ``incumbent`` to, or None when the move leaves the knob's exploration range."""
+    name, sign = label[:-1], label[-1]
+    k = KNOB_SPACE[name]
+    if k.scale == "bool":
+        return not bool(incumbent)
+    if incumbent is None:
+        return None
+    step = spec.move_sizes.get(name, k.step)
+    d = 1 if sign == "+" else -1
+    if k.scale == "log":
+        value = float(f"{incumbent * step ** d:.6g}")
+    elif k.scale == "int":
+        value = max(1, int(round(incumbent * step ** d)))
+    else:
+        value = round(incumbent + d * step, 6)
+    lo, hi = spec.range_of(name)
+    return value if lo - 1e-12 <= value <= hi + 1e-12 and value != incumbent else None
+
+
+def _study(spec, trials: list[dict], labels: list[str], seed: int):
+    """An Optuna study over the moves, holding this run's earlier trials (rebuilt every iteration:
+    deterministic, resumable)."""
+    import optuna
+    from optuna.distributions import CategoricalDistribution
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=spec.startup_trials)
+    study = optuna.create_study(direction="minimize", sampler=sampler)
+    dist = CategoricalDistribution(tuple(labels))
+    for t in trials:
+        if t.get("move") in labels and t.get("value") is not None:
+            study.add_trial(optuna.trial.create_trial(params={"move": t["move"]}, distributions={"move": dist},
+                                                      value=t["value"]))
+    return study, dist
+
+
+def propose(spec, memory: Memory, recipe: dict, defaults: dict, n: int, seed: int) -> list[tuple[str, str, object]]:
+    """Up to ``n`` distinct ``(move, knob, value)`` proposals for ``recipe``: every move not tried yet in this run
+    first (in ``knobs`` order), then Optuna's TPE sampler over the moves by their measured gains."""
+    import optuna
+
+    labels = [m for m in move_labels(spec) if _relevant(m[:-1], recipe)]
+    avail = {m: v for m in labels if (v := moved_value(spec, m, _get(recipe, m[:-1], defaults))) is not None}
+    if not avail:
+        return []
+    tried = {t.get("move") for t in memory.trials}
+    chosen = [m for m in labels if m in avail and m not in tried][:n]
+    if len(chosen) < n:
+        study, dist = _study(spec, memory.trials, labels, seed)
+        for _ in range(8 * len(labels)):
+            if len(chosen) >= min(n, len(avail)):
+                break
+            trial = study.ask({"move": dist})
+            m = trial.params["move"]
+            study.tell(trial, state=optuna.trial.TrialState.FAIL)  # asked only for its proposal
+            if m in avail and m not in chosen:
+                chosen.append(m)
+        chosen += [m for m in labels if m in avail and m not in chosen][:max(0, min(n, len(avail)) - len(chosen))]
+    return [(m, m[:-1], avail[m]) for m in chosen]
+
+
+def _valid(proposals, it, run, apply_recipe) -> list:
     """The proposals whose recipe is a valid config; one that is not (a knob inside its own range that breaks a
     joint constraint, e.g. ``temperature.max`` under ``temperature.min``) is refused with a logged reason and a
-    ``refused_change`` finding, before any step is spent on it."""
+    ``refused_change`` finding, before any step is spent on it. Proposals are ``(..., knob, value)`` tuples."""
     out = []
-    for name, value in proposals:
+    for prop in proposals:
+        name, value = prop[-2], prop[-1]
         recipe = copy.deepcopy(it.recipe)
         _set(recipe, name, value)
         try:
@@ -127,17 +177,34 @@ def _valid(proposals, it, run, apply_recipe) -> list[tuple[str, object]]:
             log.warning(why)
             it.findings.append(Finding("refused_change", "warning", name, why, {"knob": name, "value": value}))
             continue
-        out.append((name, value))
+        out.append(prop)
     return out
 
 
-def selection_kl(run) -> float:
+def selection_scores(run) -> tuple[float, list[tuple[float, int]]]:
+    """(exact KL(teacher || student) on the selection split, per prompt ``(KL sum, tokens)``)."""
     from . import pipeline
-    from .evaluate.providers import divergence_samples
+    from .evaluate.teacher import compare_to_teacher
 
-    r, _ = divergence_samples(run.student, run.teacher.model, run.selection, pipeline.pad_id(run.teacher.tokenizer),
-                              teacher_cache=run.teacher_cache)
-    return float(r["kl_forward_mean"])
+    r = compare_to_teacher(run.student, run.teacher.model, run.selection, batch_size=8, top_k=None,
+                           pad_id=pipeline.pad_id(run.teacher.tokenizer), teacher_cache=run.teacher_cache)
+    rows = [(float(e["kl_forward"]) * int(e["n_tokens"]), int(e["n_tokens"])) for e in r["per_example"]]
+    return float(r["kl_forward_mean"]), rows
+
+
+def selection_kl(run) -> float:
+    return selection_scores(run)[0]
+
+
+def paired(base: list[tuple[float, int]], other: list[tuple[float, int]]) -> tuple[float, float]:
+    """(relative KL change of ``other`` against ``base``, its standard error): the per-prompt paired
+    differences of KL sums over the same tokens, prompts as the sampling unit."""
+    tokens = sum(n for _, n in base)
+    kl0 = sum(s for s, _ in base) / tokens
+    d = [so - sb for (sb, _), (so, _) in zip(base, other)]
+    rel = sum(d) / tokens / kl0
+    se = math.sqrt(len(d)) * statistics.stdev(d) / tokens / kl0 if len(d) > 1 else float("inf")
+    return rel, se
 
 
 def explore(it, run, stage_names: list[str]) -> None:
@@ -156,52 +223,53 @@ def explore(it, run, stage_names: list[str]) -> None:
                                    f"variant a step", {"budget": spec.budget, "steps": main_steps}))
         return
     defaults = knob_defaults(it.cfg)
-    names = [k for k in spec.knobs if _relevant(k, it.recipe)]
-    if not names:
-        return
-    t0 = time.time()
     memory = Memory(run.state.strategy)
-    study, choice = _study(spec, memory.trials, names, seed=spec.seed * 100_003 + it.index)
-    proposals = []
-    for j in range(n):
-        tried = len([t for t in memory.trials if t.get("knob") in names]) + j
-        if tried < len(names):  # every knob once first (its value from the sampler), then TPE chooses the knob
-            study.enqueue_trial({"knob": names[tried]}, skip_if_exists=False)
-        name, value = _propose(spec, study, choice)
-        proposals.append((name, value))
+    proposals = propose(spec, memory, it.recipe, defaults, n, seed=spec.seed * 100_003 + it.index)
     proposals = _valid(proposals, it, run, apply_recipe)
     if not proposals:
         return
+    t0 = time.time()
     n = len(proposals)
+    root = run.work / f"explore-{it.index:03d}"
+    shutil.rmtree(root, ignore_errors=True)  # a killed attempt restarts every screen clean
     start = {k: v.detach().clone() for k, v in run.student.state_dict().items()}
-    results = []
+    scores, kls = [], []
+    best_j = 0
     try:
         for j, prop in enumerate([None] + proposals):
             recipe = copy.deepcopy(it.recipe)
             if prop is not None:
-                _set(recipe, prop[0], prop[1])
-            cfg = apply_recipe(run.cfg, recipe)
-            cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"warmup_steps": 0,
-                                                                               "min_lr_ratio": 1.0})})
-            short = dataclasses.replace(it, recipe=recipe, cfg=cfg, metrics={}, findings=[], train_terms={})
-            run.say(f"  explore {j}/{n}: {'main recipe' if prop is None else f'{prop[0]} = {prop[1]:g}'}, "
-                    f"{h} steps")
-            run.distil(short, steps=h)
-            results.append(selection_kl(run))
+                _set(recipe, prop[1], prop[2])
+            short = dataclasses.replace(it, recipe=recipe, cfg=apply_recipe(run.cfg, recipe), metrics={},
+                                        findings=[], train_terms={}, continue_from=None)
+            run.say(f"  explore {j}/{n}: {'main recipe' if prop is None else f'{prop[1]} = {prop[2]:g}'}, "
+                    f"{h} of {main_steps} steps")
+            run.distil(short, stop_at=h, out_dir=root / f"screen-{j}")
+            kl, rows = selection_scores(run)
+            kls.append(kl)
+            scores.append(rows)
             run.student.load_state_dict(start)
+    except BaseException:
+        shutil.rmtree(root, ignore_errors=True)
+        raise
     finally:
         run.student.load_state_dict(start)
-    base = results[0]
-    rows = [{"variant": 0, "knob": None, "value": None, "selection_kl": base, "relative": 0.0}]
-    for j, ((name, value), kl) in enumerate(zip(proposals, results[1:]), 1):
-        rel = kl / base - 1.0 if base > 0 else 0.0
+    base = kls[0]
+    per_prompt = [s / max(c, 1) for s, c in scores[0]]
+    sd = statistics.stdev(per_prompt) if len(per_prompt) > 1 else 0.0
+    rows = [{"variant": 0, "move": None, "knob": None, "value": None, "selection_kl": base, "relative": 0.0,
+             "se": 0.0}]
+    for j, ((move, name, value), kl) in enumerate(zip(proposals, kls[1:]), 1):
+        rel, se = paired(scores[0], scores[j])
         incumbent = _get(it.recipe, name, defaults)
-        memory.trials.append({"iteration": it.index, "knob": name, "incumbent": incumbent, "proposed": value,
-                              "value": round(rel, 8), "steps": h, "adopted": False})
-        rows.append({"variant": j, "knob": name, "value": value, "incumbent": incumbent, "selection_kl": kl,
-                     "relative": rel})
+        memory.trials.append({"iteration": it.index, "move": move, "knob": name, "incumbent": incumbent,
+                              "proposed": value, "value": round(rel, 8), "se": round(se, 8), "steps": h,
+                              "adopted": False})
+        rows.append({"variant": j, "move": move, "knob": name, "value": value, "incumbent": incumbent,
+                     "selection_kl": kl, "relative": rel, "se": se})
     best = min(rows[1:], key=lambda r: r["relative"])
-    adopted = best["relative"] < -spec.margin
+    need = max(spec.margin, spec.noise_z * best["se"])
+    adopted = best["relative"] < -need
     if adopted:
         name, value = best["knob"], best["value"]
         old = _get(it.recipe, name, defaults)
@@ -214,44 +282,44 @@ def explore(it, run, stage_names: list[str]) -> None:
             it.findings.append(Finding("refused_change", "warning", name, why, {"knob": name, "value": value}))
             adopted = False
         else:
+            best_j = best["variant"]
             _set(it.recipe, name, value)
             it.cfg = apply_recipe(run.cfg, it.recipe)
-            memory.trials[-(n - best["variant"] + 1)]["adopted"] = True
+            memory.trials[-(n - best_j + 1)]["adopted"] = True
             expected = {"metric": "kl", "change": round(best["relative"], 6),
-                        "source": f"explore: selection split, {h} steps"}
-            reason = (f"variant {best['variant']} of {n} ({name} {old} -> {value}) beat the main recipe on the "
-                      f"selection split by {-100 * best['relative']:.2f}% KL after {h} steps "
-                      f"({best['selection_kl']:.4f} vs {base:.4f}); it trains this iteration and stays; "
+                        "source": f"explore: selection split, {h} of {main_steps} steps"}
+            reason = (f"variant {best_j} of {n} ({name} {old} -> {value}) beat the main recipe on the selection "
+                      f"split by {-100 * best['relative']:.2f}% KL (standard error {100 * best['se']:.2f}%, "
+                      f"needed {100 * need:.2f}%) after {h} of {main_steps} steps ({best['selection_kl']:.4f} vs "
+                      f"{base:.4f}); its weights and optimizer state continue and it stays in the recipe; "
                       f"expected kl {100 * best['relative']:+.1f}% (explore)")
             d = Decision(it.index, "explore", name, old, value, reason, "exploration (selection split)", expected)
             it.decisions.append(d)
             memory.add_move(d, it.index, "kl", expected["change"], expected["source"], d.answers,
                             direction(old, value))
+    for j in range(n + 1):  # the losers' screens are the exploration's cost; the winner's continues
+        if j != best_j:
+            shutil.rmtree(root / f"screen-{j}", ignore_errors=True)
+    it.continue_from = str(root / f"screen-{best_j}")
     seconds = time.time() - t0
-    it.metrics.update({"explore/steps": (n + 1) * h, "explore/variants": n, "explore/horizon": h,
+    it.metrics.update({"explore/steps": n * h, "explore/variants": n, "explore/horizon": h,
                        "explore/seconds": round(seconds, 3), "explore/best_relative_kl": best["relative"],
-                       "explore/adopted": int(adopted), "explore/selection_kl_main": base})
+                       "explore/best_se": best["se"], "explore/adopted": int(adopted),
+                       "explore/selection_kl_main": base, "explore/selection_kl_sd": sd})
     out = run.work / f"exploration-{it.index:03d}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     from .io import atomic_write_json
 
     atomic_write_json(out, {"iteration": it.index, "horizon": h, "variants": rows, "adopted": adopted,
-                            "budget": spec.budget, "main_steps": main_steps, "seconds": seconds})
+                            "winner": best_j, "needed": need, "selection_kl_sd": sd, "budget": spec.budget,
+                            "main_steps": main_steps, "seconds": seconds})
     it.files["exploration.json"] = str(out)
     it.findings.append(Finding("exploration", "info", "exploration",
-                               f"{n} variants x {h} steps (+{(n + 1) * h} steps, {seconds:.0f} s): "
-                               + ", ".join(f"{r['knob']}={r['value']:g}: {100 * r['relative']:+.2f}%"
-                                           for r in rows[1:])
-                               + (f"; adopted {best['knob']} = {best['value']:g}" if adopted else
-                                  "; the main recipe continues"),
-                               {"variants": rows, "horizon": h, "adopted": adopted}))
+                               f"{n} variants x {h} of {main_steps} steps (+{n * h} steps, {seconds:.0f} s): "
+                               + ", ".join(f"{r['knob']}={r['value']:g}: {100 * r['relative']:+.2f}% "
+                                           f"(se {100 * r['se']:.2f}%)" for r in rows[1:])
+                               + (f"; adopted {best['knob']} = {best['value']:g}, its screen continues" if adopted
+                                  else f"; none beat the main recipe by more than {100 * need:.2f}%: the main "
+                                       f"recipe's screen continues"),
+                               {"variants": rows, "horizon": h, "adopted": adopted, "needed": need}))
     log.info("exploration iteration %d: %s", it.index, json.dumps(rows, default=str))
-
-
-def _get(recipe: dict, dotted: str, defaults: dict):
-    node = recipe
-    for key in dotted.split("."):
-        if not isinstance(node, dict) or key not in node:
-            return defaults.get(dotted)
-        node = node[key]
-    return node

@@ -148,16 +148,26 @@ class ExplorationSpec(BaseModel):
     selection_prompts: int = Field(0, ge=0, description="training-pool prompts reserved (never trained on, "
                                    "never in the gates' held-out set) as the selection split the variants are "
                                    "compared on; needed when budget > 0")
-    knobs: list[str] = Field(["train.lr", "loss.channels.ce", "loss.temperature.max"],
-                             description="knobs a variant may change (one per variant), from the continuous "
-                                         "knobs of the knob space")
+    knobs: list[str] = Field(["train.lr", "loss.temperature.max", "loss.difficulty_weighting", "loss.channels.ce"],
+                             description="knobs a variant may move (one move per variant, from the recipe's current "
+                                         "value), from the numeric and on/off knobs of the knob space; every move "
+                                         "is tried once in this order before the sampler chooses")
+    move_sizes: dict[str, float] = Field(default_factory=lambda: {"train.lr": 2.0},
+                                         description="knob -> size of one exploration move (factor for log knobs, "
+                                                     "delta for linear ones; default: the knob space's step)")
+    directions: dict[str, Literal["both", "up", "down"]] = Field(
+        default_factory=lambda: {"loss.channels.ce": "down"},
+        description="knob -> the directions it is explored in (default both); the CE share only down: the "
+                    "selection objective is KL, which a larger CE share trades for perplexity")
+    noise_z: float = Field(1.0, ge=0.0, description="a variant replaces the main recipe only when its selection-KL "
+                           "gain exceeds this many standard errors of the paired per-prompt difference (and margin)")
     ranges: dict[str, list[float]] = Field(default_factory=lambda: {"train.lr": [1e-4, 3e-3]},
                                            description="knob -> [low, high] the proposals are drawn from "
                                                        "(default: the knob's allowed range)")
     stages: list[str] = Field(["joint"], description="stages whose iterations explore (their map trains the "
                               "recipe; a prune cut is not explored)")
     margin: float = Field(0.0, ge=0.0, description="relative selection-KL gain a variant needs over the main "
-                          "recipe to replace it")
+                          "recipe to replace it (besides noise_z standard errors)")
     startup_trials: int = Field(4, ge=1, description="trials drawn at random before Optuna's TPE sampler models "
                                 "the earlier trials")
     seed: int = Field(0, description="proposal sampler seed (with the iteration)")
@@ -165,11 +175,24 @@ class ExplorationSpec(BaseModel):
     @field_validator("knobs")
     @classmethod
     def _knobs(cls, v):
+        ok = ("log", "linear", "int", "bool")
         for name in v:
-            k = knob(name)
-            if k is None or k.scale not in ("log", "linear", "int") or "*" in name:
-                raise ValueError(f"{name!r} is not a continuous knob; allowed: "
-                                 f"{[n for n, k in KNOB_SPACE.items() if k.scale in ('log', 'linear', 'int') and '*' not in n]}")
+            k = KNOB_SPACE.get(name)
+            if k is None or k.scale not in ok:
+                raise ValueError(f"{name!r} is not a numeric or on/off knob; allowed: "
+                                 f"{[n for n, k in KNOB_SPACE.items() if k.scale in ok and '*' not in n]}")
+        return v
+
+    @field_validator("move_sizes", "directions")
+    @classmethod
+    def _named(cls, v, info):
+        for name, val in v.items():
+            k = KNOB_SPACE.get(name)
+            if k is None or k.scale not in ("log", "linear", "int"):
+                raise ValueError(f"{info.field_name}.{name}: not a numeric knob of the knob space")
+            if info.field_name == "move_sizes" and (val <= 0 or (k.scale != "linear" and val <= 1)):
+                raise ValueError(f"move_sizes.{name}: {val} must be > 1 (a factor) for a {k.scale} knob, > 0 "
+                                 f"(a delta) for a linear one")
         return v
 
     @model_validator(mode="after")

@@ -147,12 +147,14 @@ def _cfg(teacher_dir, root, **extra):
     over = [f"teacher.path={teacher_dir}", "student.init=config",
             "student.config={num_hidden_layers: 1, intermediate_size: 32}",
             "data.max_new_tokens=12", "data.gen_batch_size=8", "train.steps=4", "train.batch_size=2",
-            "train.warmup_steps=0", "train.precision=fp32", "train.lr=1e-5", "targets.top_k=8",
+            "train.warmup_steps=0", "train.precision=fp32", "train.lr=1e-4", "targets.top_k=8",
             "loop.prompts_per_iteration=8", "loop.heldout_prompts=4",
             "loop.stages=[{name: anchor, iterations: 0}, {name: joint, iterations: 2}]",
             "loop.perf_lengths=[16]", "loop.perf_repeats=1", f"store_root={root}",
-            "loop.strategy.exploration.budget=0.75", "loop.strategy.exploration.selection_prompts=4",
-            "loop.strategy.exploration.knobs=[train.lr]"]
+            "loop.strategy.exploration.budget=0.5", "loop.strategy.exploration.selection_prompts=4",
+            "loop.strategy.exploration.knobs=[train.lr]", "loop.strategy.exploration.move_sizes={train.lr: 4.0}",
+            "loop.strategy.rules=[revert, hard_pool]",
+            "loop.strategy.exploration.ranges={train.lr: [1e-5, 3e-3]}"]
     return load_config(RunConfig, None, over + [f"{k}={v}" for k, v in extra.items()])
 
 
@@ -183,15 +185,21 @@ def test_exploration_picks_on_a_selection_split_apart_from_the_gates_heldout(exp
         assert len(sel) == 4 and not sel & held and not sel & used
         one = s.get_version(s.versions()[1]["version_id"])
         ex = one.load_json("exploration.json")
-        assert ex["horizon"] == 1 and len(ex["variants"]) == 3  # main recipe + 2 variants, 0.75 x 4 / 3 steps
+        assert ex["horizon"] == 1 and len(ex["variants"]) == 3  # main recipe + 2 variants, 0.5 x 4 / 2 steps
         m = one.load_json("metrics.json")["student"]
-        assert m["explore/steps"] == 3 and m["explore/seconds"] > 0
+        assert m["explore/steps"] == 2 and m["explore/seconds"] > 0  # only the variants' screens are extra
+        assert m["explore/selection_kl_sd"] > 0 and m["explore/best_se"] > 0
     trials = state["strategy"]["trials"]
-    assert len(trials) == 4 and all(t["knob"] == "train.lr" and 1e-4 <= t["proposed"] <= 3e-3 for t in trials)
-    # at lr 1e-5 any proposal in [1e-4, 3e-3] learns faster: exploration adopts one in the first iteration
+    assert [t["move"] for t in trials[:2]] == ["train.lr+", "train.lr-"]  # each move once first, in order
+    assert len(trials) == 4 and all(t["knob"] == "train.lr" and t["se"] > 0 for t in trials)
+    assert [(t["incumbent"], t["proposed"]) for t in trials[:2]] == [(1e-4, 4e-4), (1e-4, 2.5e-5)]
+    # at lr 1e-4, 4x more learns faster, beyond the noise: exploration adopts it in the first iteration
     hist = state["history"]
-    assert hist[1]["recipe"]["train"]["lr"] > 1e-4
+    assert hist[1]["recipe"]["train"]["lr"] == 4e-4 and trials[0]["adopted"] and not trials[1]["adopted"]
     assert any(d["rule"] == "explore" and d["iteration"] == 1 for d in state["decisions"])
+    # PBT exploit: the winner's screen continued, so the iteration trained its recipe's 4 steps, not 4 + 1
+    assert hist[1]["recipe"]["train"]["steps"] == 4
+    assert not list((root.parent / "runs").glob("**/explore-*/screen-*"))  # the screens' checkpoints are gone
 
 
 def test_decisions_with_expected_and_measured_effects_round_trip_through_the_store(explored, capsys):
@@ -253,3 +261,51 @@ def test_a_proposal_that_breaks_a_joint_constraint_is_refused_before_training():
     (f,) = it.findings
     assert f.kind == "refused_change" and "loss.temperature.max -> 0.6223 refused" in f.message
     assert "must be <=" in f.message
+
+
+def test_exploration_moves_are_centred_on_the_recipe_and_the_ce_share_only_goes_down():
+    from distillgate.explore import move_labels, propose
+    from distillgate.knobs import ExplorationSpec
+    from distillgate.strategy import knob_defaults
+
+    cfg = load_config(RunConfig, None, ["train.lr=3e-4", "loss.channels={kd: 1.0, ce: 0.0}",
+                                        "loss.temperature={policy: complexity, min: 0.9, max: 1.2}"])
+    spec = ExplorationSpec(budget=0.5, selection_prompts=4, ranges={"train.lr": [1e-4, 3e-3]})
+    assert move_labels(spec) == ["train.lr+", "train.lr-", "loss.temperature.max+", "loss.temperature.max-",
+                                 "loss.difficulty_weighting~", "loss.channels.ce-"]
+    recipe, defaults = initial_recipe(cfg), knob_defaults(cfg)
+    props = propose(spec, Memory({}), recipe, defaults, 8, seed=0)
+    # every available move once, in order; the CE share at 0 has no move down (and is never raised)
+    assert props == [("train.lr+", "train.lr", 6e-4), ("train.lr-", "train.lr", 1.5e-4),
+                     ("loss.temperature.max+", "loss.temperature.max", 1.3),
+                     ("loss.temperature.max-", "loss.temperature.max", 1.1),
+                     ("loss.difficulty_weighting~", "loss.difficulty_weighting", True)]
+    recipe["train"]["lr"], recipe["loss"]["channels"]["ce"] = 1.5e-4, 0.3
+    props = dict((m, v) for m, _, v in propose(spec, Memory({}), recipe, defaults, 8, seed=0))
+    assert "train.lr-" not in props and props["loss.channels.ce-"] == 0.2  # 7.5e-5 leaves [1e-4, 3e-3]
+    # once every move was tried, the sampler picks distinct available moves by their measured gains
+    mem = Memory({"trials": [{"iteration": 1, "move": m, "knob": m[:-1], "incumbent": 0, "proposed": 0,
+                              "value": v, "adopted": m == "train.lr+"} for m, v in
+                             [("train.lr+", -0.05), ("train.lr-", 0.04), ("loss.temperature.max+", 0.01),
+                              ("loss.temperature.max-", -0.01), ("loss.difficulty_weighting~", 0.0),
+                              ("loss.channels.ce-", -0.002)]]})
+    props = propose(spec, mem, initial_recipe(cfg), defaults, 2, seed=3)
+    assert len({p[0] for p in props}) == 2 and all(p[0] in move_labels(spec) for p in props)
+
+
+def test_the_selection_noise_is_the_paired_standard_error():
+    import random
+
+    from scipy import stats
+
+    from distillgate.explore import paired
+
+    rng = random.Random(0)
+    base = [(rng.uniform(20, 60), rng.randint(10, 30)) for _ in range(24)]
+    other = [(s * rng.uniform(0.85, 1.05), n) for s, n in base]
+    rel, se = paired(base, other)
+    tokens, kl0 = sum(n for _, n in base), sum(s for s, _ in base) / sum(n for _, n in base)
+    d = [o - b for (b, _), (o, _) in zip(base, other)]
+    assert rel == pytest.approx((sum(s for s, _ in other) / tokens) / kl0 - 1, rel=1e-12)
+    assert se == pytest.approx(stats.sem(d) * len(d) / tokens / kl0, rel=1e-12)
+    assert paired(base, base) == (0.0, 0.0)

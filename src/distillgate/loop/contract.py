@@ -83,6 +83,9 @@ class Iteration:
     baseline_iteration: int | None = None
     regression_evidence: dict = field(default_factory=dict)  # what a stage knows about where a regression would
     # come from (a prune cut's per-layer heat map): added to this iteration's regression findings
+    # a training checkpoint the iteration's next ``run.distil`` continues from instead of starting fresh: the
+    # exploration's winner (PBT exploit: its weights, AdamW state, schedule and data position); used once
+    continue_from: str | None = None
 
     @property
     def iteration(self) -> int:  # the name the older hooks used

@@ -165,12 +165,18 @@ class Run:
             self.current.baseline_iteration = v.iteration
 
     # ------------------------------------------------------------------------------------- training
-    def distil(self, it, *, steps: int | None = None, examples: list | None = None, callbacks=(), channels=None):
+    def distil(self, it, *, steps: int | None = None, examples: list | None = None, callbacks=(), channels=None,
+               stop_at: int | None = None, out_dir=None):
         """Train the student in place on ``examples`` (default: the whole training set) with this iteration's
         recipe (objective, lr, hard pool) for ``steps`` (default: the recipe's); metrics go to ``it``.
         ``callbacks``: ``fn(StepInfo)`` after every optimizer step (e.g. a prune stage's gate schedule).
         ``channels``: a :class:`distillgate.side_channels.ChannelSetup` for the attn / feature channels (the joint
-        stage builds it); without one those channels are left out of this call, with a finding."""
+        stage builds it); without one those channels are left out of this call, with a finding.
+        ``it.continue_from`` (the exploration's winner): continue that checkpoint (weights, AdamW state, schedule
+        and data position) to ``steps`` instead of starting fresh; it is used once.
+        ``stop_at`` (the exploration's screens): stop after that many steps of the ``steps``-step schedule and
+        keep the checkpoint under ``out_dir`` (default: the iteration's scratch folder, deleted after training)."""
+        from ..train import StopTraining
         from ..data.dataset import DistillDataset
         from ..side_channels import SIDE_CHANNELS, side_channels_on
 
@@ -191,8 +197,14 @@ class Run:
         objective = pipeline.make_objective(cfg, provider, vocab_size=len(self.teacher.tokenizer), examples=exs,
                                             tokenizer=self.teacher.tokenizer, prompts=self.training.pool,
                                             side=channels)
-        out = self.work / f"iter-{it.index:03d}"
+        out = self.work / f"iter-{it.index:03d}" if out_dir is None else Path(out_dir)
         shutil.rmtree(out, ignore_errors=True)  # a crashed attempt of this iteration restarts clean
+        resume, it.continue_from = it.continue_from, None
+        if stop_at is not None:
+            def stop(info, _n=int(stop_at)):
+                if info.step >= _n:
+                    raise StopTraining
+            callbacks = (*callbacks, stop)
         update = {"seed": self.cfg.train.seed + it.index, "checkpoint_every": 0}
         if steps is not None:
             update["steps"] = steps
@@ -203,13 +215,17 @@ class Run:
         try:
             res = pipeline.map_student(self._student, objective, ds, spec, out, seed=spec.seed,
                                        hard_weights=it.recipe.get("hard_pool") or None, progress=self.progress,
-                                       callbacks=callbacks, tensorboard=False)  # per-iteration trackers: LoopTracker
+                                       callbacks=callbacks, tensorboard=False,  # per-iteration trackers: LoopTracker
+                                       resume_from=resume)
         finally:
             if channels is not None:
                 channels.detach()
         # The iteration's result is committed as a version; its scratch checkpoints (weights + AdamW state,
-        # ~0.8 GB for a 68M student) are not needed once training returned.
-        shutil.rmtree(out, ignore_errors=True)
+        # ~0.8 GB for a 68M student) are not needed once training returned (a screen's are: it may continue).
+        if stop_at is None:
+            shutil.rmtree(out, ignore_errors=True)
+        if resume is not None:  # a continued screen's checkpoint is consumed
+            shutil.rmtree(resume, ignore_errors=True)
         it.train_terms = dict(res.final_terms)
         it.metrics.update(dist.broadcast_object({  # rank 0's timings on every rank: the same state everywhere
             "train/tokens_per_s": res.tokens_per_s, "train/loss": res.final_loss,
