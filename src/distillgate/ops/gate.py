@@ -51,7 +51,8 @@ def _provider(metric: str, key: str):
         if rep["n_attacks"] < MIN_ATTACKS:
             note += f"; fewer than {MIN_ATTACKS:,} attacks cannot show 99.99%"
         ctx.details[metric] = {"provenance": rep["provenance"], "n_attacks": rep["n_attacks"], "note": note,
-                               "n_misses": rep.get("n_misses"), "detector_fp_pct": rep.get("detector_fp_pct")}
+                               "n_misses": rep.get("n_misses"), "detector_fp_pct": rep.get("detector_fp_pct"),
+                               **({"backend": rep["backend"]} if rep.get("backend") else {})}
         return float(rep[key])
     fn.__qualname__ = f"breaker_metric[{metric}]"
     return fn
