@@ -37,7 +37,13 @@ def _standins(monkeypatch, tmp_path_factory):
         register_metric_provider(name, (lambda v: lambda ctx: v)(value), higher_is_better=hib, regression=False,
                                  description=f"STAND-IN for an ops measurement not on this branch ({name})",
                                  module=__name__)
+    from distillgate.ops import operations as ops
+
+    # the stand-ins reach the loop's gate table the way the real drills will: as a registered drill
+    ops.register_drill("standins", lambda ctx, o: {"provenance": "stand-in"}, metrics=list(STANDINS),
+                       options_key="standin_report")
     yield
+    ops.DRILLS.pop("standins", None)
     for name in STANDINS:
         METRICS.pop(name, None)
 
@@ -77,7 +83,7 @@ def _cfg(teacher_dir, root, stages, **extra):
 PROD = ("{name: production, iterations: 0, options: {max_new_tokens: 4, n_resamples: 100, shapley_resamples: 50, "
         "traffic: {sessions: 8, types: {extract: 1, classify: 1}, user: {max_turns: 1}}}}")
 OPS = ("{name: operations, iterations: 0, options: {drills: {breaker: {attacks: 40, normal_per_type: 1, "
-       "concurrency: 4, semantic: 'off', max_new_tokens: 4}}}}")
+       "concurrency: 4, semantic: 'off', max_new_tokens: 4}, standins: {}}}}")
 
 
 def _drift(log):
@@ -190,7 +196,7 @@ def test_a_copy_of_the_teacher_reaches_every_dimension_and_converges_with_real_o
     dims = gj["dimensions"]
     assert {d: dims[d]["status"] for d in dims} == {d: "pass" for d in ("capability", "performance", "business",
                                                                        "operations")}
-    assert dims["operations"]["n_counted"] == 5 and gj["converged"]
+    assert dims["operations"]["n_counted"] == 6 and gj["converged"]
     # D3: gates converged from the first observation; converged after the seven quiet days on the sim clock
     assert out[0]["gates_converged"] and not any(x["converged"] for x in out[:-1])
     assert out[-1]["converged"] and out[-1]["time"] == pytest.approx(release + 7 * DAY) and converged
