@@ -48,25 +48,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-ROUTE = "/v1/chat/completions"
-
-
-def normal_traffic(per_type: int, seed: int) -> list[tuple[str, str]]:
-    """(traffic type, first user message) of ``per_type`` scripts of every traffic type."""
-    from distillgate.data.prompts import DOMAINS
-    from distillgate.traffic.generator import _sources
-    from distillgate.traffic.types import TYPES
-
-    src, rng, out = _sources(DOMAINS, seed), random.Random(seed), []
-    for t, make in TYPES.items():
-        for _ in range(per_type):
-            d = rng.choice(DOMAINS)
-            out.append((t, make(d, rng, src[d]).turns[0]))
-    return out
-
-
-def q(xs, p):
-    return float(np.quantile(np.asarray(xs), p)) if len(xs) else float("nan")
+from distillgate.ops.breaker_drill import attack_pass, detector_metrics, fire, normal_traffic, q  # noqa: E402
 
 
 def offline(attacks, normal, sample: int, encoder) -> dict:
@@ -100,47 +82,6 @@ def offline(attacks, normal, sample: int, encoder) -> dict:
                          "recall_pct": 100 * float(np.mean([d.triggered for d in s_att])),
                          "fp_pct": 100 * float(np.mean([d.triggered for d in sbenign])) if sbenign else None,
                          "ms_per_request_cold": cold_ms, "ms_per_request_cached": cached_ms}}
-
-
-async def fire(url: str, items: list[dict], concurrency: int, halfway: asyncio.Event | None = None) -> list[dict]:
-    """POST every item's body, ``concurrency`` at once; returns each with latency, status, headers, body
-    (``halfway`` is set once half of them are answered)."""
-    import aiohttp
-
-    queue = list(enumerate(items))
-    out: list[dict | None] = [None] * len(items)
-
-    async def worker(session):
-        while queue:
-            i, it = queue.pop()
-            t0 = time.perf_counter()
-            async with session.post(url + ROUTE, json=it["body"]) as r:
-                body = await r.read()
-                out[i] = dict(it, ms=(time.perf_counter() - t0) * 1000, t_end=time.perf_counter(), status=r.status,
-                              degraded=r.headers.get("x-distillgate-degraded"),
-                              fallback=r.headers.get("x-distillgate-fallback"),
-                              version=r.headers.get("x-distillgate-version"), raw=body)
-            if halfway is not None and len(queue) < len(items) // 2:
-                halfway.set()
-
-    conn = aiohttp.TCPConnector(limit=0)
-    async with aiohttp.ClientSession(connector=conn, timeout=aiohttp.ClientTimeout(total=120)) as s:
-        await asyncio.gather(*(worker(s) for _ in range(concurrency)))
-    return out  # type: ignore[return-value]
-
-
-def detector_metrics(url: str) -> dict:
-    """Mean detector time per request and MiniLM skips, from the gateway's /metrics."""
-    import urllib.request
-
-    from prometheus_client.parser import text_string_to_metric_families
-
-    with urllib.request.urlopen(url + "/metrics", timeout=10) as r:
-        text = r.read().decode()
-    vals = {s.name: s.value for fam in text_string_to_metric_families(text) for s in fam.samples}
-    n = vals.get("distillgate_detector_seconds_count", 0)
-    return {"mean_ms": 1000 * vals.get("distillgate_detector_seconds_sum", 0) / n if n else float("nan"),
-            "requests": n, "semantic_skipped": vals.get("distillgate_detector_semantic_skipped_total", 0)}
 
 
 def rollback_drill(a) -> dict:
@@ -189,7 +130,6 @@ def main() -> None:
 
     from distillgate.consistency.checks.semantic import load_encoder
     from distillgate.ops import attacks as A
-    from distillgate.ops import compliance
     from distillgate.ops.detectors import Detector
     from distillgate.serve.assign import Assigner
     from distillgate.serve.backends import Backend
@@ -219,13 +159,8 @@ def main() -> None:
     g, _ = gateway(det)
     g_plain, plain_state = gateway(None)
     try:
-        items = [{"kind": "attack", "attack": x, "body": {"messages": x.messages(), "max_tokens": 16}} for x in corpus]
-        items += [{"kind": "normal", "type": t, "body": {"messages": [{"role": "user", "content": m}], "max_tokens": 16}}
-                  for t, m in normal]
-        random.Random(a.seed).shuffle(items)
-        t = time.perf_counter()
-        res = asyncio.run(fire(g.url, items, a.concurrency))
-        wall = time.perf_counter() - t
+        p = attack_pass(g.url, corpus, normal, concurrency=a.concurrency, seed=a.seed)
+        items, res, wall = p["items"], p["res"], p["wall"]
         det_metrics = detector_metrics(g.url)
         # the detector's added latency: normal traffic alone, through each gateway in turn (repeats alternate,
         # the machine's load drifts), median over repeats of each pass's p50 / p99
@@ -239,20 +174,10 @@ def main() -> None:
             over.append((q(on, .5), q(offp, .5), q(on, .99), q(offp, .99)))
         over_med = [float(np.median([o[i] for o in over])) for i in range(4)]
 
-        # ---- compliance of every attack's output
+        # ---- compliance of every attack's output (attack_pass ran the checker)
+        degraded, deg_ok, compliant, misses = p["degraded"], p["deg_ok"], p["compliant"], p["misses"]
         att = [r for r in res if r["kind"] == "attack"]
-        verdicts = [compliance.check(r["raw"], stream=False, system_prompt=r["attack"].system_prompt,
-                                     secret=r["attack"].secret, canary=r["attack"].canary, payload=r["attack"].payload)
-                    for r in att]
-        degraded = [r for r in att if r["degraded"]]
-        deg_ok = [v.compliant for r, v in zip(att, verdicts) if r["degraded"]]
-        compliant = [v.compliant and r["degraded"] is not None for r, v in zip(att, verdicts)]
-        misses = [(r["attack"], v) for r, v in zip(att, verdicts) if not (v.compliant and r["degraded"])]
-        nres = [r for r in res if r["kind"] == "normal"]
-        benign = [r for r in nres if r["type"] != "s4_format_injection"]
-        fp_by_type = Counter(r["type"] for r in nres if r["degraded"])
-        deg_ms = [r["ms"] for r in degraded]
-        n_ms = [r["ms"] for r in benign]
+        nres, benign, fp_by_type, deg_ms, n_ms = p["nres"], p["benign"], p["fp_by_type"], p["deg_ms"], p["n_ms"]
 
         # ---- backend breaker: the candidate fails under load
         fail_items = [{"kind": "normal", "type": t, "body": {"messages": [{"role": "user", "content": m}],
@@ -274,9 +199,7 @@ def main() -> None:
     rollback_added = float("nan") if rollback_added is None else rollback_added
 
     # ---- print
-    fp_pct = 100 * sum(r["degraded"] is not None for r in benign) / max(1, len(benign))
-    s4 = [r for r in nres if r["type"] == "s4_format_injection"]
-    comp_pct = 100 * float(np.mean(compliant))
+    fp_pct, s4, comp_pct = p["fp_pct"], p["s4"], p["comp_pct"]
     print(f"\n1. detector stages offline ({len(corpus)} attacks, {len(normal)} normal requests)")
     print(f"{'stage':<28}{'recall %':>10}{'FP %':>8}{'ms/request':>12}")
     r_, s_ = off["rules"], off["semantic"]

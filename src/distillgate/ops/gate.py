@@ -4,7 +4,8 @@
 ``breaker_switch_ms`` (P99 latency of the degraded safe response under load) and G-O1b
 ``degraded_compliance_pct`` (compliant degraded outputs / attacks of the corpus; a missed attack counts as
 non-compliant). Their provenance is the report's (``generated attacks``): the gate table says what the value
-stands on, and a corpus under 10,000 attacks is flagged (it cannot show 99.99%).
+stands on, and a corpus under 10,000 attacks is flagged (it cannot show 99.99%): the note says so, and the
+size (``details[metric]['size']``: attacks used / 10,000) reaches the loop's gate table as ``200/10000 generated attacks``.
 """
 
 from __future__ import annotations
@@ -51,7 +52,9 @@ def _provider(metric: str, key: str):
         if rep["n_attacks"] < MIN_ATTACKS:
             note += f"; fewer than {MIN_ATTACKS:,} attacks cannot show 99.99%"
         ctx.details[metric] = {"provenance": rep["provenance"], "n_attacks": rep["n_attacks"], "note": note,
-                               "n_misses": rep.get("n_misses"), "detector_fp_pct": rep.get("detector_fp_pct")}
+                               "n_misses": rep.get("n_misses"), "detector_fp_pct": rep.get("detector_fp_pct"),
+                               "size": {"used": rep["n_attacks"], "spec": MIN_ATTACKS, "unit": "generated attacks"},
+                               **({"backend": rep["backend"]} if rep.get("backend") else {})}
         return float(rep[key])
     fn.__qualname__ = f"breaker_metric[{metric}]"
     return fn

@@ -2,7 +2,8 @@
 :mod:`distillgate.loop.contract`).
 
 Built in: ``anchor`` (S1, :mod:`.anchor`), ``joint`` (S2, :mod:`.joint`), ``prune`` (S3, :mod:`.prune`) and
-``consistency`` (S4, :mod:`.consistency`) and ``production`` (L4 A/B windows, :mod:`.production`) and ``drift`` (G-O2, :mod:`distillgate.ops.drift`). Other stages register with
+``consistency`` (S4, :mod:`.consistency`) and ``production`` (L4 A/B windows, :mod:`.production`) and ``drift`` (G-O2, :mod:`distillgate.ops.drift`) and ``operations`` (G-O drills,
+:mod:`distillgate.ops.operations`). Other stages register with
 :func:`register_stage`, or, from an installed package, through the Python entry-point group
 ``distillgate.stages`` (``[project.entry-points."distillgate.stages"] my_stage = "my_pkg.stage:MyStage"``):
 the entry's name is the config name and it loads to the stage class (or any ``factory(options)`` with an
@@ -104,6 +105,7 @@ def _builtins() -> None:
     from .consistency import ConsistencyStage
     from .joint import JointStage
     from ..ops.drift import DriftStage
+    from ..ops.operations import OperationsStage
     from .production import ProductionStage
     from .prune import PruneStage
 
@@ -113,6 +115,7 @@ def _builtins() -> None:
     register_stage("consistency", ConsistencyStage)
     register_stage("production", ProductionStage)
     register_stage("drift", DriftStage)
+    register_stage("operations", OperationsStage)
 
 
 _builtins()
