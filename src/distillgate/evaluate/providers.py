@@ -40,6 +40,7 @@ CPU_PRESETS: dict[str, Any] = {
     "volatility_requests": 24,   # G-P2 load size
     "probe_layers": 4,           # G-C2 candidate layers searched per model (bounded layer search)
     "probe_max_iter": 60,        # G-C2 L-BFGS iterations per probe fit
+    "probe_selection": "fast",   # G-C2 layer search: closed-form ridge / short fits, one full fit per task
     "inheritance_new_tokens": 32,  # G-C3 greedy answer length
     "seed": 0,
 }
