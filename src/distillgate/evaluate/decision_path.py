@@ -285,7 +285,8 @@ def path_consistency_provider(ctx) -> float | None:
     n, seed = int(ctx.opt("path_instructions")), int(ctx.opt("seed"))
     tc = ctx.teacher_cache.setdefault("decision_path_teacher", {})
     res = decision_path_consistency(s.model, t.model, s.tokenizer, n=n, seed=seed,
-                                    teacher_fingerprint=t.fingerprint, memo=tc)
+                                    teacher_fingerprint=t.fingerprint, memo=tc,
+                                    batch_size=int(ctx.opt("path_batch_size")))
     ctx.details["path_consistency"] = res
     ctx.extra.update({k: res[k] for k in ("path_consistency_lenient", "answer_agreement") if k in res})
     report_size(ctx, "path_consistency", res["n"], wilson_ci(sum(r["consistent"] for r in res["rows"]), res["n"]),

@@ -42,6 +42,8 @@ CPU_PRESETS: dict[str, Any] = {
     "probe_max_iter": 60,        # G-C2 L-BFGS iterations per probe fit
     "probe_selection": "fast",   # G-C2 layer search: closed-form ridge / short fits, one full fit per task
     "inheritance_new_tokens": 32,  # G-C3 greedy answer length
+    "inheritance_batch_size": 48,  # G-C3 answers per left-padded generate call (144 at the preset: 3 calls)
+    "path_batch_size": 16,       # G-C4 instructions per generate + forward/backward batch
     "seed": 0,
 }
 
