@@ -300,7 +300,7 @@ def test_g_c3_c4_providers_wiring(monkeypatch, tiny_teacher_dir, tiny_student_di
     assert student is ctx.student().model and teacher is ctx.teacher().model
     memo = kw.pop("memo")
     assert memo is next(iter(ctx.teacher_cache.values()))   # the teacher side lives in the run's teacher_cache
-    extra = {"max_new_tokens": 32} if metric == "inheritance" else {}
+    extra = {"max_new_tokens": 32, "batch_size": 48} if metric == "inheritance" else {"batch_size": 16}
     assert kw == {opt[1]: 3, "seed": 2, "teacher_fingerprint": ctx.teacher().fingerprint, **extra}
     from scipy.stats import binomtest
 
