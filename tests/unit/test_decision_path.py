@@ -76,11 +76,28 @@ def test_teacher_paths_memo_and_weights_untouched(tiny_model_factory, tiny_token
     monkeypatch.setenv("DISTILLGATE_HOME", str(tmp_path))
     t, s = tiny_model_factory(num_layers=2), tiny_model_factory(num_layers=2, seed=7)
     memo, traced = {}, []
-    real = dp.evidence_path
-    monkeypatch.setattr(dp, "evidence_path", lambda m, *a, **k: traced.append(m) or real(m, *a, **k))
+    real = dp.evidence_paths
+    monkeypatch.setattr(dp, "evidence_paths", lambda m, tok, insts, **k: traced.extend([m] * len(insts))
+                        or real(m, tok, insts, **k))
     r1 = dp.decision_path_consistency(s, t, tiny_tokenizer, n=3, teacher_fingerprint="fp", memo=memo)
     assert traced.count(t) == 3 and len(memo) == 1
     traced.clear()
     r2 = dp.decision_path_consistency(s, t, tiny_tokenizer, n=3, teacher_fingerprint="fp", memo=memo)
     assert traced == [s, s, s] and r2["rows"] == r1["rows"]
     assert all(p.requires_grad and p.grad is None for p in s.parameters())
+
+
+def test_batched_paths_equal_one_at_a_time(tiny_model_factory, tiny_tokenizer):
+    """Left-padded batches (one generate, one forward/backward per batch) give each instruction the answer
+    and the evidence scores it gets alone (float64: rounding far below the scores' gaps)."""
+    from distillgate.evaluate.decision_path import evidence_paths
+
+    m = tiny_model_factory(num_layers=2, seed=3).double()
+    insts = generate_instructions(7, seed=5)
+    assert len({_encode(tiny_tokenizer, i)[0].shape[1] for i in insts}) > 1   # the batches need padding
+    one = [evidence_path(m, tiny_tokenizer, i) for i in insts]
+    batched = evidence_paths(m, tiny_tokenizer, insts, batch_size=4)
+    for a, b in zip(one, batched):
+        assert a["answer"] == b["answer"] and a["ranking"] == b["ranking"]
+        assert b["scores"] == pytest.approx(a["scores"], rel=1e-6, abs=1e-12)
+    assert all(p.requires_grad and p.grad is None for p in m.parameters())

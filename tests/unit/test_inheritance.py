@@ -85,3 +85,16 @@ def test_teacher_answers_and_embeddings_memo(tiny_model_factory, tiny_tokenizer,
     answered.clear()
     r2 = inh.capability_inheritance(s, t, tiny_tokenizer, memo=memo, **kw)
     assert answered == [s] and r2["inheritance"] == r1["inheritance"]
+
+
+def test_batched_answers_equal_one_at_a_time(tiny_model_factory, tiny_tokenizer):
+    """G-C3's answers come from left-padded batches (``inheritance_batch_size``): the same greedy text as
+    answering each phrasing alone (token-level batch independence: test_data_generate.py; the tiny vocabulary
+    decodes to little text, so this checks the grouping and ordering of the answers)."""
+    from distillgate.evaluate.inheritance import answer_all, build_groups
+
+    m = tiny_model_factory(num_layers=2, seed=4)
+    groups = build_groups(8, seed=1)
+    one = answer_all(m, tiny_tokenizer, groups, max_new_tokens=6, batch_size=1)
+    batched = answer_all(m, tiny_tokenizer, groups, max_new_tokens=6, batch_size=24)
+    assert batched == one and [len(r) for r in batched] == [len(g.phrasings) for g in groups]

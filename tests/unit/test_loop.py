@@ -205,9 +205,10 @@ def test_capability_checks_sized_in_the_gate_table_and_g_p2_with_perf(tiny_teach
     from distillgate.evaluate import decision_path as dp
 
     vol, traced = [], []
-    real_vol, real_path = perf.compare_latency_volatility, dp.evidence_path
+    real_vol, real_path = perf.compare_latency_volatility, dp.evidence_paths
     monkeypatch.setattr(perf, "compare_latency_volatility", lambda *a, **k: vol.append(1) or real_vol(*a, **k))
-    monkeypatch.setattr(dp, "evidence_path", lambda m, *a, **k: traced.append(m) or real_path(m, *a, **k))
+    monkeypatch.setattr(dp, "evidence_paths", lambda m, tok, insts, **k: traced.extend([m] * len(insts))
+                        or real_path(m, tok, insts, **k))
     cfg = _cfg(tiny_teacher_dir, tmp_path / "runs", **{"loop.capability_checks": "[decision_path, volatility]",
                                                         "loop.path_instructions": 3, "loop.stages":
                                                         "[{name: anchor, iterations: 0}, {name: joint, iterations: 1}]"})

@@ -300,7 +300,7 @@ def test_g_c3_c4_providers_wiring(monkeypatch, tiny_teacher_dir, tiny_student_di
     assert student is ctx.student().model and teacher is ctx.teacher().model
     memo = kw.pop("memo")
     assert memo is next(iter(ctx.teacher_cache.values()))   # the teacher side lives in the run's teacher_cache
-    extra = {"max_new_tokens": 32} if metric == "inheritance" else {}
+    extra = {"max_new_tokens": 32, "batch_size": 48} if metric == "inheritance" else {"batch_size": 16}
     assert kw == {opt[1]: 3, "seed": 2, "teacher_fingerprint": ctx.teacher().fingerprint, **extra}
     from scipy.stats import binomtest
 
@@ -340,3 +340,36 @@ def test_pair_logprobs_equal_the_lm_eval_blimp_scorer(tiny_model_factory, tiny_t
     good, bad = probes.pair_logprobs(model, tiny_tokenizer, pairs)
     lm = score_minimal_pairs(model, tiny_tokenizer, load_format("blimp", f))
     assert [list(x) for x in zip(good, bad)] == [pytest.approx(d["loglikelihoods"], abs=1e-4) for d in lm["per_doc"]]
+
+
+def test_ridge_layer_search_equals_sklearn_and_picks_the_informative_layer():
+    """The layer search's closed-form ridge classifier predicts like sklearn's RidgeClassifier (unpenalised
+    intercept, alpha = lam * n_train), and the fast search picks the layer a full fit per layer picks."""
+    from sklearn.linear_model import RidgeClassifier
+
+    g = torch.Generator().manual_seed(0)
+    centers = 2 * torch.randn(4, 12, generator=g)
+    y = torch.arange(300) % 4
+    x = centers[y] + 1.5 * torch.randn(300, 12, generator=g)
+    pred = probes.ridge_predict(x, y, 200, 4, lam=0.5)
+    ref = RidgeClassifier(alpha=0.5 * 200).fit(x[:200].double().numpy(), y[:200].numpy()).predict(x.double().numpy())
+    assert pred.tolist() == ref.tolist()
+    noise = torch.randn(300, 12, generator=g)
+    tags = [str(v) for v in y.tolist()]
+    sents = [probes.Sentence([f"w{i}" for i in range(10)], tags[j:j + 10]) for j in range(0, 300, 10)]
+    split = {"train": sents[:20], "dev": sents[20:25], "test": sents[25:]}
+    feats = {1: noise, 2: x}
+    fast = probes.token_task(feats, split, "pos", l2=1e-3, max_iter=30, selection="fast")
+    full = probes.token_task(feats, split, "pos", l2=1e-3, max_iter=30, selection="full")
+    assert fast["layer"] == full["layer"] == 2 and fast["test"] == full["test"]
+
+
+def test_head_probe_continued_fit_equals_one_fit():
+    """The fast head-probe search (short fits, the winner continued from its parameters) ends where the
+    informative layer's fit ends, and a continued fit keeps what the short one learnt."""
+    h, mask, heads = _tree_features(40, seed=0)
+    p1 = train_head_probe(h, mask, heads, rank=8, l2=1e-4, max_iter=10, seed=0)
+    p2 = train_head_probe(h, mask, heads, rank=8, l2=1e-4, max_iter=40, seed=0, init=p1)
+    acc = lambda p: (predict_heads(p, h, mask) == heads)[mask].float().mean().item()  # noqa: E731
+    assert acc(p2) >= acc(p1) and acc(p2) > 0.9
+    assert all(p1[k].requires_grad is False for k in p1)   # the init is copied, not trained in place

@@ -309,6 +309,7 @@ def inheritance_provider(ctx) -> float | None:
     res = capability_inheritance(s.model, t.model, s.tokenizer,
                                  n_groups=int(ctx.opt("inheritance_groups")), seed=int(ctx.opt("seed")),
                                  max_new_tokens=int(ctx.opt("inheritance_new_tokens")),
+                                 batch_size=int(ctx.opt("inheritance_batch_size")),
                                  teacher_fingerprint=t.fingerprint,
                                  memo=ctx.teacher_cache.setdefault("inheritance_teacher", {}))
     ctx.details["inheritance"] = res

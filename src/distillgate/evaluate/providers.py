@@ -40,8 +40,11 @@ CPU_PRESETS: dict[str, Any] = {
     "volatility_requests": 24,   # G-P2 load size
     "probe_layers": 4,           # G-C2 candidate layers searched per model (bounded layer search)
     "probe_max_iter": 60,        # G-C2 L-BFGS iterations per probe fit
+    "probe_selection": "fast",   # G-C2 layer search: closed-form ridge / short fits, one full fit per task
     "inheritance_new_tokens": 32,  # G-C3 greedy answer length
     "explain_prompts": 8,        # G-O4 automatic spot check: explained built-in prompts (SPEC names no size)
+    "inheritance_batch_size": 48,  # G-C3 answers per left-padded generate call (144 at the preset: 3 calls)
+    "path_batch_size": 16,       # G-C4 instructions per generate + forward/backward batch
     "seed": 0,
 }
 
