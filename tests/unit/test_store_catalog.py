@@ -201,3 +201,24 @@ def test_prune_keeps_aliases_stable_and_recent_and_frees_blobs(tmp_path):
         r = s.rollback(version=ids[1])
         assert s.get_version(r).load_json("state.json") == {"k": 1}
         assert s.prune(keep_last=2) == [ids[6]]  # v8 and the rollback are now the newest two
+
+
+def test_json_artifacts_take_numpy_and_torch_scalars_but_refuse_arrays(tmp_path):
+    """A numpy bool from a comparison (an exploration trial's verdict, found by `make demo`) or a 0-d tensor is
+    written as its Python value; an array stays an error naming its type (no silent list conversion)."""
+    import json
+
+    import numpy as np
+    import torch
+
+    with RunStore.create(tmp_path, {"x": 1}, run_id="r") as s:
+        vw = s.begin_version(0)
+        vw.add_json("trials.json", [{"won": np.bool_(True), "kl": np.float32(1.5), "n": np.int64(3),
+                                     "t": torch.tensor(2.0)}])
+        vid = vw.commit()
+        assert json.loads(s.get_version(vid).path_of("trials.json").read_text()) == \
+            [{"won": True, "kl": 1.5, "n": 3, "t": 2.0}]
+        vw = s.begin_version(1)
+        with pytest.raises(TypeError, match="ndarray is not JSON-serialisable"):
+            vw.add_json("bad.json", {"a": np.zeros(3)})
+        vw.abort()

@@ -73,6 +73,10 @@ def _json_default(obj):
         return list(obj)
     if isinstance(obj, Path):
         return str(obj)
+    # a numpy / torch scalar (np.bool_ from a comparison, np.float64, a 0-d tensor): its Python value; arrays
+    # stay an error (their .item() raises), so nothing is silently turned into a list
+    if getattr(obj, "ndim", None) == 0 and callable(getattr(obj, "item", None)):
+        return obj.item()
     raise TypeError(f"{type(obj).__name__} is not JSON-serialisable")
 
 
