@@ -269,7 +269,7 @@ def explore(it, run, stage_names: list[str]) -> None:
                      "selection_kl": kl, "relative": rel, "se": se})
     best = min(rows[1:], key=lambda r: r["relative"])
     need = max(spec.margin, spec.noise_z * best["se"])
-    adopted = best["relative"] < -need
+    adopted = bool(best["relative"] < -need)  # a plain bool: rel may be a numpy float (np.bool_ is not JSON)
     if adopted:
         name, value = best["knob"], best["value"]
         old = _get(it.recipe, name, defaults)
