@@ -165,6 +165,18 @@ def iter_utf8_lines(path: str | os.PathLike) -> Iterator[tuple[int, str]]:
                 raise _not_utf8(path, e, raw, lineno) from None
 
 
+def read_json_report(path: str | os.PathLike, flag: str, how: str) -> Any:
+    """The JSON file a ``flag`` option names (a drill or bench report), parsed: InputError ``"<flag> <path>: no
+    such file (<how>)"`` or ``"<flag> <path>: not JSON (...)"``; the caller checks the fields."""
+    p = Path(path)
+    if not p.is_file():
+        raise InputError(f"{flag} {p}: no such file ({how})")
+    try:
+        return json.loads(p.read_text(encoding="utf-8"))
+    except ValueError as e:
+        raise InputError(f"{flag} {p}: not JSON ({e})") from None
+
+
 def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 

@@ -10,11 +10,11 @@ size (``details[metric]['size']``: attacks used / 10,000) reaches the loop's gat
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
 from ..errors import InputError
+from ..io import read_json_report
 from ..evaluate.providers import GateContext, register_metric_provider
 
 MIN_ATTACKS = 10_000
@@ -24,12 +24,7 @@ REPORT_KEYS = {"provenance": str, "n_attacks": int, "breaker_p99_ms": float, "de
 def read_report(path: str | Path) -> dict:
     """The breaker report at ``path``, validated (InputError naming the file and the field)."""
     p = Path(path)
-    if not p.is_file():
-        raise InputError(f"--breaker-report {p}: no such file (write one with bench/operations.py --out)")
-    try:
-        rep = json.loads(p.read_text(encoding="utf-8"))
-    except ValueError as e:
-        raise InputError(f"--breaker-report {p}: not JSON ({e})") from None
+    rep = read_json_report(p, "--breaker-report", "write one with bench/operations.py --out")
     for k, t in REPORT_KEYS.items():
         v = rep.get(k) if isinstance(rep, dict) else None
         ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) if t is not str else \

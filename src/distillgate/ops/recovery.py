@@ -27,7 +27,6 @@ failure) and every rollback done: otherwise the provider errors, naming what fai
 from __future__ import annotations
 
 import asyncio
-import json
 import math
 import time
 from collections import Counter
@@ -37,6 +36,7 @@ from typing import Callable
 import numpy as np
 
 from ..errors import InputError
+from ..io import read_json_report
 from ..evaluate.providers import GateContext, register_metric_provider
 
 REPORT_KEYS = ("provenance", "rollbacks", "rollback_minutes", "rollback_added_latency_ms", "failed_requests")
@@ -207,13 +207,7 @@ def format_report(rep: dict) -> str:
 def read_report(path) -> dict:
     """The drill report at ``path``, checked (InputError naming the file and the field)."""
     p = Path(path)
-    if not p.is_file():
-        raise InputError(f"--rollback-report {p}: no such file (write one with `distillgate ops rollback-drill "
-                         f"RUN --out FILE`)")
-    try:
-        rep = json.loads(p.read_text(encoding="utf-8"))
-    except ValueError as e:
-        raise InputError(f"--rollback-report {p}: not JSON ({e})") from None
+    rep = read_json_report(p, "--rollback-report", "write one with `distillgate ops rollback-drill RUN --out FILE`")
     if not isinstance(rep, dict) or any(k not in rep for k in REPORT_KEYS):
         raise InputError(f"--rollback-report {p}: needs the fields {list(REPORT_KEYS)}")
     if not isinstance(rep["rollbacks"], list) or not isinstance(rep["failed_requests"], int):

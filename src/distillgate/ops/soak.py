@@ -15,12 +15,12 @@ a run too short to resolve the threshold cannot pass), extrapolated linearly to 
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from pathlib import Path
 
 from ..errors import InputError
+from ..io import read_json_report
 
 REPORT_KEYS = ("provenance", "pct_per_hour_upper95", "duration_s", "n")
 
@@ -122,12 +122,7 @@ def soak_student(student, seconds: float, spec=None, work_dir=None) -> dict:
 
 def read_report(path) -> dict:
     p = Path(path)
-    if not p.is_file():
-        raise InputError(f"--soak-report {p}: no such file (write one with `distillgate ops soak --out FILE`)")
-    try:
-        rep = json.loads(p.read_text(encoding="utf-8"))
-    except ValueError as e:
-        raise InputError(f"--soak-report {p}: not JSON ({e})") from None
+    rep = read_json_report(p, "--soak-report", "write one with `distillgate ops soak --out FILE`")
     for k in REPORT_KEYS:
         v = rep.get(k) if isinstance(rep, dict) else None
         ok = isinstance(v, str) and v if k == "provenance" else \

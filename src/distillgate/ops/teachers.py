@@ -44,6 +44,7 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..errors import ConfigError, InputError
+from ..io import read_json_report
 from ..evaluate.providers import GateContext, register_metric_provider
 
 FORMAT_VERSION = 1
@@ -288,12 +289,7 @@ def format_report(rep: dict) -> str:
 
 def read_report(path) -> dict:
     p = Path(path)
-    if not p.is_file():
-        raise InputError(f"--teacher-compat-report {p}: no such file (`distillgate ops teachers check --out FILE`)")
-    try:
-        rep = json.loads(p.read_text(encoding="utf-8"))
-    except ValueError as e:
-        raise InputError(f"--teacher-compat-report {p}: not JSON ({e})") from None
+    rep = read_json_report(p, "--teacher-compat-report", "`distillgate ops teachers check --out FILE`")
     v = rep.get("teacher_version_compat_share") if isinstance(rep, dict) else None
     if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or not 0 <= v <= 1 \
             or not isinstance(rep.get("provenance"), str) or not isinstance(rep.get("versions"), list):
