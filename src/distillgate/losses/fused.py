@@ -276,6 +276,19 @@ def _topk_chunk(logits: torch.Tensor, targets: TopKTargets, target_ids: torch.Te
     return chunk_total.detach(), {n_: t.detach() for n_, t in per.items()}, grad
 
 
+def _centred_softmax_(x: torch.Tensor, floor: float | None = None):
+    """In place on ``x`` (rows of logits): ``(xc, probs, lse)`` with ``xc = x - max`` per row (floored at ``floor``
+    when given), ``probs = softmax(x)`` from one exp pass and ``lse`` the log of the centred normaliser, so
+    ``log softmax(x) = xc - lse``."""
+    xc = x.sub_(x.amax(dim=1, keepdim=True))
+    if floor is not None:
+        xc = xc.clamp_min_(floor)
+    e = torch.exp(xc)
+    s = e.sum(dim=1, keepdim=True)
+    e.div_(s)
+    return xc, e, s.log_()
+
+
 def _dense_chunk(logits: torch.Tensor, teacher_logits: torch.Tensor, target_ids: torch.Tensor,
                  temperature: torch.Tensor | None, names, weights: dict[str, float],
                  token_weight: torch.Tensor | None, divergence: str, beta: float, t2_scale: bool, need_grad: bool,
@@ -313,11 +326,7 @@ def _dense_chunk(logits: torch.Tensor, teacher_logits: torch.Tensor, target_ids:
         # floor moves only probabilities below float32's normal range). KL = <p, lp - lq> = <p, tc - zc> -
         # lse_p + lse_q, since sum p = 1. ``zs`` is this chunk's own logits buffer (``logits`` is overwritten;
         # at T != 1 its tempered copy, and ``z`` stays raw for CE's T = 1 softmax): centred in place.
-        zc = zs.sub_(zs.amax(dim=1, keepdim=True))
-        q = torch.exp(zc)
-        s_q = q.sum(dim=1, keepdim=True)
-        q.div_(s_q)
-        lse_q = s_q.log_()
+        zc, q, lse_q = _centred_softmax_(zs)
         lq = None
     else:
         lq = torch.log_softmax(zs, dim=-1)
@@ -339,11 +348,7 @@ def _dense_chunk(logits: torch.Tensor, teacher_logits: torch.Tensor, target_ids:
         tl = teacher_logits.to(z.device, torch.float32)
         if fast:
             ts = tl * inv_t if inv_t is not None else (tl if teacher_owned or tl is not teacher_logits else tl.clone())
-            tc = ts.sub_(ts.amax(dim=1, keepdim=True)).clamp_min_(LOGP_FLOOR)
-            p = torch.exp(tc)
-            s_p = p.sum(dim=1, keepdim=True)
-            p.div_(s_p)
-            lse_p = s_p.log_()
+            tc, p, lse_p = _centred_softmax_(ts, floor=LOGP_FLOOR)
             lp = None
         else:
             lp = torch.log_softmax(tl if inv_t is None else tl * inv_t, dim=-1).clamp_min_(LOGP_FLOOR)
