@@ -15,6 +15,7 @@ from distillgate.business import kpis as K
 from distillgate.business import shapley, stats
 from distillgate.errors import InputError
 from distillgate.traffic.arms import Answer
+from distillgate.testing import tiny_loop_config
 from distillgate.traffic.events import read_events
 from distillgate.traffic.generator import TrafficOptions, assign, simulate
 from distillgate.traffic.grading import grade, numbers
@@ -257,16 +258,7 @@ def test_business_gates_are_measured_with_their_provenance(tmp_path):
 
 # ------------------------------------------------------------------------------------------ the stage in a loop
 
-def _cfg(teacher_dir, root, stages, **extra):
-    from distillgate.config import RunConfig, load_config
-
-    over = [f"teacher.path={teacher_dir}", "student.init=config",
-            "student.config={num_hidden_layers: 1, intermediate_size: 32}",
-            "data.max_new_tokens=8", "data.gen_batch_size=8", "train.steps=2", "train.batch_size=4",
-            "train.warmup_steps=0", "train.precision=fp32", "targets.top_k=8", "loop.prompts_per_iteration=8",
-            "loop.heldout_prompts=4", f"loop.stages={stages}", "loop.perf_lengths=[16]", "loop.perf_repeats=1",
-            "loop.strategy.hard_candidates=0", "data.seq_len=512", f"store_root={root}"]
-    return load_config(RunConfig, None, over + [f"{k}={v}" for k, v in extra.items()])
+_cfg = tiny_loop_config  # the tests' loop config (distillgate.testing)
 
 
 PROD = ("{name: production, iterations: 0, options: {max_new_tokens: 6, n_resamples: 200, shapley_resamples: 50, "

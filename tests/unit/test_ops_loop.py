@@ -16,6 +16,7 @@ from distillgate.evaluate.providers import METRICS, register_metric_provider
 from distillgate.ops.clock import DAY, HOUR, SimClock
 from distillgate.ops.convergence import ConvergenceOptions, operate, version_evaluator
 from distillgate.traffic.events import write_events
+from distillgate.testing import tiny_loop_config
 from distillgate.traffic.generator import START_TS
 from test_ops_drift import _log
 
@@ -63,16 +64,7 @@ def _spec(path):
     return path
 
 
-def _cfg(teacher_dir, root, stages, **extra):
-    from distillgate.config import RunConfig, load_config
-
-    over = [f"teacher.path={teacher_dir}", "student.init=config",
-            "student.config={num_hidden_layers: 1, intermediate_size: 32}",
-            "data.max_new_tokens=8", "data.gen_batch_size=8", "train.steps=2", "train.batch_size=4",
-            "train.warmup_steps=0", "train.precision=fp32", "targets.top_k=8", "loop.prompts_per_iteration=8",
-            "loop.heldout_prompts=4", f"loop.stages={stages}", "loop.perf_lengths=[16]", "loop.perf_repeats=1",
-            "loop.strategy.hard_candidates=0", "data.seq_len=512", f"store_root={root}"]
-    return load_config(RunConfig, None, over + [f"{k}={v}" for k, v in extra.items()])
+_cfg = tiny_loop_config  # the tests' loop config (distillgate.testing)
 
 
 def _drift_stage(log):

@@ -75,3 +75,17 @@ def save_tiny_model(out_dir: str | Path, num_layers: int = 2, hidden: int = 32, 
     model.generation_config.pad_token_id = tok.pad_token_id
     model.generation_config.eos_token_id = tok.eos_token_id
     return save_model(model, tok, out_dir)
+
+
+def tiny_loop_config(teacher_dir: str | Path, root: str | Path, stages: str, **extra):
+    """A loop config sized for tests: a 1-layer student built from a config, 2 steps, 8 prompts, 8-token answers,
+    ``stages`` as a YAML flow list (``loop.stages``), ``extra`` as further ``key=value`` overrides."""
+    from ..config import RunConfig, load_config
+
+    over = [f"teacher.path={teacher_dir}", "student.init=config",
+            "student.config={num_hidden_layers: 1, intermediate_size: 32}",
+            "data.max_new_tokens=8", "data.gen_batch_size=8", "train.steps=2", "train.batch_size=4",
+            "train.warmup_steps=0", "train.precision=fp32", "targets.top_k=8", "loop.prompts_per_iteration=8",
+            "loop.heldout_prompts=4", f"loop.stages={stages}", "loop.perf_lengths=[16]", "loop.perf_repeats=1",
+            "loop.strategy.hard_candidates=0", "data.seq_len=512", f"store_root={root}"]
+    return load_config(RunConfig, None, over + [f"{k}={v}" for k, v in extra.items()])
