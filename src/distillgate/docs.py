@@ -77,6 +77,16 @@ def stage_markdown() -> str:
         out.append(f"| `{name}` ({getattr(factory, 'code', '')}) | | | | {_cell(doc)} |")
         for key, typ, default, desc in config_reference(options_model(factory)):
             out.append(f"| | `{key}` | {_cell(typ)} | {_default(default)} | {_cell(desc)} |")
+        if name == "operations":  # each built-in drill's options: drills.<drill>.<key>
+            from .ops.operations import available_drills
+
+            for dname, d in available_drills().items():
+                if not d.fn.__module__.startswith("distillgate."):
+                    continue
+                out.append(f"| | `drills.{dname}` | drill | | {_cell(d.description)}; gate metrics "
+                           f"{', '.join(f'`{m}`' for m in d.metrics)} |")
+                for key, typ, default, desc in config_reference(d.Options):
+                    out.append(f"| | `drills.{dname}.{key}` | {_cell(typ)} | {_default(default)} | {_cell(desc)} |")
     return "\n".join(out)
 
 

@@ -33,7 +33,7 @@ def mini_spec(**over):
 
 def test_shipped_spec_has_spec_defaults():
     spec = load_gate_spec(None)
-    assert spec.version == 1 and spec.changelog[-1].version == 1 and spec.on_missing == "fail"
+    assert spec.version == 2 and spec.changelog[-1].version == 2 and spec.on_missing == "fail"
     got = {g.id: (g.metric, g.comparator, g.threshold) for g in spec.gates}
     assert got["G-C1"] == ("ppl_ratio", "<=", 1.08)
     assert got["G-C2"] == ("f1_gap_points", "<=", 1.2)

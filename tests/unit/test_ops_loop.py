@@ -1,10 +1,10 @@
 """G-O2 and D3 end to end on tiny models: the drift stage in a real loop run seeds a recalibration, and a
 run's committed version driven on simulated time to `converged` (and a red alert restarting the quiet window).
 
-The operations gates other than G-O2 (G-O1 breaker, G-O3 teacher versions, G-O4 explanations, G-O5 rollback) have
-no product provider yet. Here they are measured by *test doubles* registered in this test under their own metric
-names (``double_*``, never the product names): each reads a value from a schedule over the ops clock, so the test
-controls when operations degrades. D3 with the real G-O1/3/4/5 providers is pending on them.
+The operations gates other than G-O2 are measured here by *test doubles* registered in this test under their own
+metric names (``double_*``, never the product names): each reads a value from a schedule over the ops clock, so the
+test controls when operations degrades, which no real drill can do on demand. D3 with every real operations
+provider measured in the loop is tests/unit/test_ops_operations.py.
 """
 
 import json

@@ -6,9 +6,10 @@ measures the business gates on the production stage's simulated A/B window, G-O1
 ``breaker`` drill (generated attacks through the gateway in front of the student), G-O2 by the drift stage; the
 dimension scores are in the run's gates, and the committed version is driven on simulated time to ``converged``.
 
-Stand-ins, in this test only (``standin_*`` metric names, never the product's): G-O3 teacher compatibility,
-G-O4 explanations, G-O5 rollback and G-P4 soak have no provider on this branch (they are built on the opsA /
-opsB branches). Thresholds the tiny models cannot meet the SPEC's way are test thresholds, marked ``(test)``.
+G-O3 (drill ``teachers``: a registry holding the tiny teacher), G-O4 (drill ``explain``), G-O5 (drill ``rollback``:
+`transformers serve` backends from the store's weights under a locust load) and G-P4 (drill ``soak``) are the
+product's drills too, in the same run. Thresholds the tiny models or a few seconds cannot meet the SPEC's way are
+test thresholds, marked ``(test)``.
 """
 
 import json
@@ -23,29 +24,9 @@ from distillgate.traffic.events import write_events
 from distillgate.traffic.generator import START_TS
 from test_ops_drift import _log
 
-STANDINS = {"standin_leak_pct_per_hour": ("G-P4", "performance", "<", 0.003, False, 0.001),
-            "standin_teacher_compat": ("G-O3", "operations", ">=", 1.0, True, 1.0),
-            "standin_explanation_pct": ("G-O4", "operations", ">=", 96.8, True, 98.0),
-            "standin_rollback_minutes": ("G-O5a", "operations", "<=", 15.0, False, 3.0)}
-
-
 @pytest.fixture(autouse=True)
-def _standins(monkeypatch, tmp_path_factory):
+def _home(monkeypatch, tmp_path_factory):
     monkeypatch.setenv("DISTILLGATE_HOME", str(tmp_path_factory.getbasetemp() / "dg-home"))
-    for name, (*_, hib, value) in STANDINS.items():
-        METRICS.pop(name, None)
-        register_metric_provider(name, (lambda v: lambda ctx: v)(value), higher_is_better=hib, regression=False,
-                                 description=f"STAND-IN for an ops measurement not on this branch ({name})",
-                                 module=__name__)
-    from distillgate.ops import operations as ops
-
-    # the stand-ins reach the loop's gate table the way the real drills will: as a registered drill
-    ops.register_drill("standins", lambda ctx, o: {"provenance": "stand-in"}, metrics=list(STANDINS),
-                       options_key="standin_report")
-    yield
-    ops.DRILLS.pop("standins", None)
-    for name in STANDINS:
-        METRICS.pop(name, None)
 
 
 def _spec(path):
@@ -60,8 +41,15 @@ def _spec(path):
              gate("G-O1a", "operations", "breaker_switch_ms", "<=", 200.0),
              gate("G-O1b", "operations", "degraded_compliance_pct", ">=", 90.0,
                   "(test) 40 generated attacks cannot show the SPEC's 99.99%"),
-             gate("G-O2", "operations", "drift_kl_min_3day", "<=", 0.042)]
-    gates += [gate(i, dim, m, c, t, "stand-in") for m, (i, dim, c, t, _, _) in STANDINS.items()]
+             gate("G-O2", "operations", "drift_kl_min_3day", "<=", 0.042),
+             gate("G-O3", "operations", "teacher_version_compat_share", ">=", 1.0),
+             gate("G-O4", "operations", "explanation_spot_check_pct", ">=", 0.0,
+                  "(test) a tiny random model's explanations; 3 of them cannot show 96.8%"),
+             gate("G-O5a", "operations", "rollback_minutes", "<=", 15.0),
+             gate("G-O5b", "operations", "rollback_added_latency_ms", "<=", 1000.0,
+                  "(test) 1 s windows on a shared CI machine; the SPEC's 5 ms is the bench's"),
+             gate("G-P4", "performance", "leak_pct_per_hour", "<", 1e9,
+                  "(test) a 3 s soak cannot resolve 0.003 %/h (its bound includes a page over the run)")]
     spec = {"version": 1, "changelog": [{"version": 1, "date": "2026-12-02", "author": "t", "reviewed_by": ["r"],
                                          "approved_by": ["r"], "summary": "test spec"}], "gates": gates}
     path.write_text(yaml.safe_dump(spec))
@@ -83,7 +71,11 @@ def _cfg(teacher_dir, root, stages, **extra):
 PROD = ("{name: production, iterations: 0, options: {max_new_tokens: 4, n_resamples: 100, shapley_resamples: 50, "
         "traffic: {sessions: 8, types: {extract: 1, classify: 1}, user: {max_turns: 1}}}}")
 OPS = ("{name: operations, iterations: 0, options: {drills: {breaker: {attacks: 40, normal_per_type: 1, "
-       "concurrency: 4, semantic: 'off', max_new_tokens: 4}, standins: {}}}}")
+       "concurrency: 4, semantic: 'off', max_new_tokens: 4}, teachers: {registry: '%s'}, explain: {prompts: 3, "
+       "method: gxi, max_new_tokens: 8}, rollback: {window_s: 1.0}, soak: {seconds: 3, sample_every_s: 0.25, "
+       "warmup_s: 0.5}}}}")
+SERVING = {"loop.serving.load_users": 2, "loop.serving.load_max_tokens": 4, "loop.serving.long_context_words": 32,
+           "loop.serving.think_time_s": 0.05}
 
 
 def _drift(log):
@@ -107,7 +99,7 @@ def test_bad_operations_options_fail_at_preflight(tiny_teacher_dir, tmp_path):
 
 
 def test_register_drill_plugs_a_drill_into_the_gate_table_with_its_provenance(tiny_teacher_dir, tmp_path):
-    """A drill registered in a few lines (as G-O3/G-O4/G-O5/G-P4 will) runs only in the iterations it watches
+    """A drill registered in a few lines (as the built-in ones are) runs only in the iterations it watches
     (``when: capability_pass``: once the previous iteration passed the capability gates) and its provider's
     value reaches the gate table."""
     from distillgate import loop as loop_mod
@@ -165,17 +157,25 @@ def test_a_copy_of_the_teacher_reaches_every_dimension_and_converges_with_real_o
     from distillgate.gates import load_gate_spec
     from distillgate.store import RunStore
 
+    import datetime as dt
+
+    from distillgate.ops.teachers import register_teacher
+
     spec_path = _spec(tmp_path / "gates.yaml")
     log = write_events(tmp_path / "traffic.jsonl", _log(days=7, drift_from=99, turns=40))  # no drift
-    stages = f"[{PROD}, {_drift(log)}, {OPS}, {{name: joint, iterations: 1}}]"
-    loop_mod.run(_cfg(tiny_teacher_dir, tmp_path / "runs", stages, run_id="c", **{"loop.gates_spec": str(spec_path)}),
-                 progress=False)
+    registry = tmp_path / "teachers.json"
+    register_teacher(registry, tiny_teacher_dir, str(dt.date.today() - dt.timedelta(days=30)), "v1", reference=True)
+    stages = f"[{PROD}, {_drift(log)}, {OPS % registry}, {{name: joint, iterations: 1}}]"
+    loop_mod.run(_cfg(tiny_teacher_dir, tmp_path / "runs", stages, run_id="c", **{"loop.gates_spec": str(spec_path)},
+                      **SERVING), progress=False)
     with RunStore.open(tmp_path / "runs", "c", writer=True) as s:
         vid = s.aliases()["current"]
         v = s.get_version(vid)
         gj = v.load_json("gates.json")
         g = {x["id"]: x for x in gj["gates"]}
         breaker = json.loads(v.path_of("ops-breaker.json").read_text())
+        rollback = json.loads(v.path_of("ops-rollback.json").read_text())
+        sheet = v.path_of("explanations.csv").read_text()
         assert "business.json" in v.files and "drift.json" in v.files
         release = START_TS + 7 * DAY
         out = operate(s, SimClock(release), version_evaluator(s, load_gate_spec(spec_path), vid),
@@ -193,10 +193,19 @@ def test_a_copy_of_the_teacher_reaches_every_dimension_and_converges_with_real_o
     assert g["G-O1b"]["value"] == pytest.approx(breaker["degraded_compliance_pct"])
     assert 100 * (40 - breaker["n_misses"]) / 40 == pytest.approx(breaker["degraded_compliance_pct"])
     assert breaker["n_normal"] > 0 and 0 <= breaker["detector_fp_pct"] <= 100
+    # G-O3..G-O5 and G-P4 by the operations stage's drills, on this iteration's student
+    assert g["G-O3"]["status"] == "pass" and g["G-O3"]["value"] == 1.0 and "teacher registry" in g["G-O3"]["provenance"]
+    assert g["G-O4"]["status"] == "pass" and g["G-O4"]["provenance"] == "automatic spot check, n=3"
+    assert 0 <= g["G-O4"]["value"] <= 100 and len(sheet.splitlines()) == 4, "the review sheet: a header and 3 rows"
+    for i in ("G-O5a", "G-O5b"):
+        assert g[i]["status"] == "pass" and g[i]["provenance"].startswith("rollback drill under load"), g[i]
+    assert rollback["failed_requests"] == 0 and rollback["stable_versions"] == [vid - 1]
+    assert rollback["rollbacks"][0]["http_status"] == 200 and rollback["served_first"] == "iteration 1"
+    assert g["G-P4"]["status"] == "pass" and g["G-P4"]["provenance"].startswith("gateway soak"), g["G-P4"]
     dims = gj["dimensions"]
     assert {d: dims[d]["status"] for d in dims} == {d: "pass" for d in ("capability", "performance", "business",
                                                                        "operations")}
-    assert dims["operations"]["n_counted"] == 6 and gj["converged"]
+    assert dims["operations"]["n_counted"] == 7 and gj["converged"]
     # D3: gates converged from the first observation; converged after the seven quiet days on the sim clock
     assert out[0]["gates_converged"] and not any(x["converged"] for x in out[:-1])
     assert out[-1]["converged"] and out[-1]["time"] == pytest.approx(release + 7 * DAY) and converged

@@ -253,8 +253,16 @@ METRIC = "explanation_spot_check_pct"
 
 def spot_check_provider(ctx: GateContext) -> float | None:
     """G-O4: the human verdicts (``options['explanation_verdicts']``: a CSV path or a :class:`VerdictSummary`),
-    else the automatic spot check of the student on ``explain_prompts`` built-in prompts."""
+    else the operations stage's ``explain`` drill report (``options['explanation_report']``), else the automatic
+    spot check of the student on ``explain_prompts`` built-in prompts."""
     given = ctx.options.get("explanation_verdicts")
+    drilled = ctx.options.get("explanation_report")  # the operations stage's ``explain`` drill, this iteration
+    if drilled and not given:
+        n, k = int(drilled["n"]), int(drilled["passed"])
+        ctx.details[METRIC] = {k_: drilled[k_] for k_ in ("provenance", "kind", "n", "passed", "method", "failures",
+                                                           "review_files") if k_ in drilled}
+        report_size(ctx, METRIC, n, tuple(drilled["ci95_pct"]), "Wilson score interval (scipy)")
+        return 100.0 * k / n
     if given:
         s = given if isinstance(given, VerdictSummary) else read_verdicts(given)
         prov = f"human spot check, n={s.n}"

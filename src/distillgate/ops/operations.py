@@ -11,7 +11,8 @@ metric registry, provenance included), and writes it as ``ops-<drill>.json`` int
 
 Built in: ``breaker`` (G-O1, :mod:`.breaker_drill`: the generated attack corpus and normal traffic through the
 gateway in front of the student; metrics ``breaker_switch_ms``, ``degraded_compliance_pct``, read from
-``breaker_report``). A drill in another module registers at import; list the module in :data:`DRILL_MODULES`
+``breaker_report``); ``teachers`` (G-O3), ``explain`` (G-O4), ``rollback`` (G-O5) and ``soak`` (G-P4), in
+:mod:`.drills`. A drill in another module registers at import; list the module in :data:`DRILL_MODULES`
 (or import it before the config is validated) so its name validates.
 """
 
@@ -58,7 +59,7 @@ class DrillContext:
 
 
 DRILLS: dict[str, Drill] = {}
-DRILL_MODULES = ["distillgate.ops.operations"]  # modules that register drills (imported before validation)
+DRILL_MODULES = ["distillgate.ops.operations", "distillgate.ops.drills"]  # modules that register drills (imported before validation)
 
 
 def register_drill(name: str, fn, *, metrics: list[str] | tuple[str, ...], options_key: str,
@@ -96,8 +97,9 @@ _register_builtins()
 class OperationsOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
     drills: dict[str, dict] = Field(default_factory=lambda: {"breaker": {}},
-                                    description="drill name -> its options (registered drills: breaker (G-O1); "
-                                                "others register with distillgate.ops.operations.register_drill)")
+                                    description="drill name -> its options (registered drills: breaker (G-O1), "
+                                                "teachers (G-O3), explain (G-O4), rollback (G-O5), soak "
+                                                "(G-P4); others register with distillgate.ops.operations.register_drill)")
     start_iteration: int = Field(1, ge=0, description="first iteration the drills run in")
     every: int = Field(1, ge=1, description="the drills run every this many iterations")
     when: Literal["always", "capability_pass"] = Field(
@@ -185,3 +187,6 @@ class OperationsStage:
             atomic_write_text(out, json.dumps(rep, indent=1, default=str))
             it.files[f"ops-{name}.json"] = out
             done.append({"iteration": it.index, "drill": name, "file": f"ops-{name}.json"})
+        import shutil
+
+        shutil.rmtree(Path(run.work) / f"ops-student-{it.index:03d}", ignore_errors=True)  # drills.py's saved copy
