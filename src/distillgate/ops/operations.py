@@ -166,6 +166,7 @@ class OperationsStage:
 
     def run_drills(self, it, run) -> None:
         from ..io import atomic_write_text
+        from ..train import distributed as dist
 
         drills = available_drills()
         done = self._state(run).setdefault("drills", [])
@@ -175,11 +176,16 @@ class OperationsStage:
             opts = self.options.drill_options(name)
             ctx = DrillContext(it, run, run.student, run.teacher.tokenizer, f"iteration {it.index}",
                                int(getattr(opts, "seed", 0)) * 1000 + it.index, Path(run.work), run.say)
-            try:
-                rep = d.fn(ctx, opts)
-            except DistillgateError as e:  # bad input or a failed serve: the drill's gates stay not measured
-                run.say(f"  operations: drill {name} failed, its gates stay not measured: {e}")
-                done.append({"iteration": it.index, "drill": name, "error": str(e)})
+            rep = err = None
+            if dist.is_main():  # under torchrun one drill (one gateway, one set of backends), its report to all
+                try:
+                    rep = d.fn(ctx, opts)
+                except DistillgateError as e:  # bad input or a failed serve: the drill's gates stay not measured
+                    err = str(e)
+            rep, err = dist.broadcast_object((rep, err))
+            if err is not None:
+                run.say(f"  operations: drill {name} failed, its gates stay not measured: {err}")
+                done.append({"iteration": it.index, "drill": name, "error": err})
                 continue
             it.measure_options[d.options_key] = rep
             it.extra_metrics += [m for m in d.metrics if m not in it.extra_metrics]
