@@ -136,3 +136,31 @@ def test_gateway_soak_feeds_the_leak_gate(serve_app, tiny_student_dir, tmp_path)
     with pytest.raises(InputError, match="pct_per_hour_upper95"):
         read_report(tmp_path / "bad.json")
 
+
+
+def test_rollback_added_latency_carries_the_ci_of_its_rollback_and_is_uncertain_when_it_contains_5ms():
+    """G-O5b is the largest added p50 over the rollbacks; its bootstrap CI (of that rollback) goes with it, so a
+    value under 5 ms whose CI reaches past 5 ms is marked uncertain, not a plain pass."""
+    from distillgate.evaluate.providers import GateContext, load_providers, measure
+    from distillgate.gates import evaluate_gates, load_gate_spec
+
+    def roll(to, added, ci):
+        return {"to": to, "seconds": 30.0, "http_status": 200, "added_p50_ms": added, "added_p50_ci95": ci,
+                "n_before": 40, "n_after": 38, "p50_before_ms": 100.0, "p50_after_ms": 100.0 + added}
+
+    rep = {"provenance": "rollback drill under load (test)", "complete": True, "failed_requests": 0,
+           "rollback_minutes": 0.5, "rollbacks": [roll("3", -2.0, [-9.0, 4.0]), roll("2", 3.0, [-1.0, 8.5])],
+           "rollback_added_latency_ms": 3.0}
+    load_providers()
+    ctx = GateContext(options={"rollback_report": rep})
+    vals, notes = measure(ctx, ["rollback_added_latency_ms"])
+    assert vals["rollback_added_latency_ms"] == 3.0 and not notes
+    assert (ctx.extra["rollback_added_latency_ms/ci_low"], ctx.extra["rollback_added_latency_ms/ci_high"]) == (-1.0, 8.5)
+    assert ctx.details["rollback_added_latency_ms"]["size"]["used"] == 78
+    g = {x.id: x for x in evaluate_gates(load_gate_spec(None), {**vals, **ctx.extra}).gates}["G-O5b"]
+    assert g.status == "pass" and g.uncertain and "contains the threshold" in g.note
+    rep["rollbacks"][1]["added_p50_ci95"] = [1.0, 4.5]  # the CI under 5 ms: a plain pass
+    ctx = GateContext(options={"rollback_report": rep})
+    vals, _ = measure(ctx, ["rollback_added_latency_ms"])
+    g = {x.id: x for x in evaluate_gates(load_gate_spec(None), {**vals, **ctx.extra}).gates}["G-O5b"]
+    assert g.status == "pass" and not g.uncertain

@@ -118,6 +118,8 @@ class RollbackDrillOptions(BaseModel):
     versions: int = Field(3, ge=1, le=20, description="roll back to each of the run's last this many stable versions")
     window_s: float = Field(3.0, gt=0, le=600, description="seconds of requests before / after each rollback whose "
                                                            "p50 latencies are compared")
+    warmup_s: float | None = Field(None, ge=0, le=600, description="load before the first 'before' window (the "
+                                                                   "locust ramp, a cold backend); None: window_s")
 
 
 def _rollback(ctx: DrillContext, o: RollbackDrillOptions) -> dict:
@@ -143,7 +145,7 @@ def _rollback(ctx: DrillContext, o: RollbackDrillOptions) -> dict:
     ctx.say(f"  operations: G-O5 serving {ctx.version}, then rolling back to "
             + ", ".join(f"v{x}" for x in stable) + " under load")
     rep = drill(start(f"iteration-{ctx.it.index}", _saved_student(ctx)), [str(x) for x in stable], launch, spec,
-                work, window_s=o.window_s, say=ctx.say)
+                work, window_s=o.window_s, warmup_s=o.warmup_s, say=ctx.say)
     rep.update(served_first=ctx.version, stable_versions=stable)
     if len(stable) < o.versions:
         rep["note"] = f"the run has {len(stable)} stable version(s), fewer than the {o.versions} asked for"

@@ -37,7 +37,7 @@ import numpy as np
 
 from ..errors import InputError
 from ..io import read_json_report
-from ..evaluate.providers import GateContext, register_metric_provider
+from ..evaluate.providers import GateContext, register_metric_provider, report_size
 
 REPORT_KEYS = ("provenance", "rollbacks", "rollback_minutes", "rollback_added_latency_ms", "failed_requests")
 
@@ -59,11 +59,14 @@ def _median_diff_ci(after: list[float], before: list[float]) -> list[float]:
 
 
 def drill(start, targets: list[str], launch: Callable[[str], object], spec, work_dir, *, window_s: float = 3.0,
-          max_rollback_s: float = 900.0, say: Callable[[str], None] = lambda s: None) -> dict:
+          warmup_s: float | None = None, max_rollback_s: float = 900.0,
+          say: Callable[[str], None] = lambda s: None) -> dict:
     """Serve ``start`` (a running :class:`~distillgate.serve.backends.Backend`) as the ``candidate`` arm under
     the locust load of ``spec`` (a :class:`~distillgate.serve.spec.ServingSpec`), then swap the arm to each of
     ``targets`` in turn through ``/admin/swap`` (``launch(ref) -> Backend`` is the gateway's launcher); returns
-    the drill report (see the module docstring). Every backend the drill started is stopped; ``start`` too."""
+    the drill report (see the module docstring). The load runs ``warmup_s`` (default ``window_s``) before the
+    first "before" window opens: the locust ramp and a cold backend's first requests are not the steady state a
+    rollback is compared against. Every backend the drill started is stopped; ``start`` too."""
     import httpx
 
     from ..serve.assign import Assigner
@@ -97,6 +100,7 @@ def drill(start, targets: list[str], launch: Callable[[str], object], spec, work
                 BackgroundLoad(server.url, spec, ["candidate"], work, max_seconds=3600) as load, \
                 httpx.Client(base_url=server.url, timeout=max_rollback_s) as http:
             load.wait_started(log_file)
+            time.sleep(window_s if warmup_s is None else warmup_s)  # the ramp-up, measured by no window
             time.sleep(window_s)  # the first rollback's "before" window
             for ref in targets:
                 say(f"  rollback: candidate {state.arms['candidate'].version} -> {ref} under load ...")
@@ -238,6 +242,12 @@ def _provider(metric: str):
                                 " (a window without requests)"))
         if not math.isfinite(float(value)):
             raise InputError(f"the rollback drill's {metric} is not finite: {value!r}")
+        if metric == "rollback_added_latency_ms":  # the CI of the rollback that gives the value: uncertain or not
+            worst = max((s for s in rep["rollbacks"] if s.get("added_p50_ms") is not None),
+                        key=lambda s: s["added_p50_ms"])
+            report_size(ctx, metric, int(worst.get("n_before", 0)) + int(worst.get("n_after", 0)),
+                        tuple(worst["added_p50_ci95"]) if worst.get("added_p50_ci95") else None,
+                        "percentile bootstrap of median(after) - median(before) (scipy)")
         return float(value)
     fn.__qualname__ = f"rollback_metric[{metric}]"
     return fn
