@@ -164,3 +164,22 @@ def test_rollback_added_latency_carries_the_ci_of_its_rollback_and_is_uncertain_
     vals, _ = measure(ctx, ["rollback_added_latency_ms"])
     g = {x.id: x for x in evaluate_gates(load_gate_spec(None), {**vals, **ctx.extra}).gates}["G-O5b"]
     assert g.status == "pass" and not g.uncertain
+
+
+def test_a_saturated_rollback_drill_leaves_g_o5b_not_measured():
+    """Latency under a load that saturates the backend is queueing; a swap resets the queue, so "added" latency
+    comes out negative. The drill marks such a rollback and G-O5b refuses the value, naming the remedy."""
+    from distillgate.evaluate.providers import GateContext, load_providers, measure
+
+    rep = {"provenance": "rollback drill under load (test)", "complete": True, "failed_requests": 0,
+           "rollback_minutes": 0.3, "p50_idle_ms": 400.0, "max_load_factor": 10.0, "saturated": True,
+           "rollbacks": [{"to": "2", "seconds": 16.0, "http_status": 200, "p50_before_ms": 7730.0,
+                          "p50_after_ms": 6108.0, "added_p50_ms": -1622.0, "added_p50_ci95": [-2444.0, -118.0],
+                          "saturated": True}], "rollback_added_latency_ms": -1622.0}
+    load_providers()
+    ctx = GateContext(options={"rollback_report": rep})
+    vals, notes = measure(ctx, ["rollback_minutes", "rollback_added_latency_ms"])
+    assert vals["rollback_minutes"] == 0.3, "the rollback time is still measured"
+    assert vals["rollback_added_latency_ms"] is None
+    assert "saturated the backend" in notes["rollback_added_latency_ms"] and "load_users" in notes[
+        "rollback_added_latency_ms"]

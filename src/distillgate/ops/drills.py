@@ -120,6 +120,8 @@ class RollbackDrillOptions(BaseModel):
                                                            "p50 latencies are compared")
     warmup_s: float | None = Field(None, ge=0, le=600, description="load before the first 'before' window (the "
                                                                    "locust ramp, a cold backend); None: window_s")
+    max_load_factor: float = Field(10.0, gt=1, description="a 'before' p50 over this many times the idle p50 means "
+                                                           "the load saturates the backend: G-O5b is not measured")
 
 
 def _rollback(ctx: DrillContext, o: RollbackDrillOptions) -> dict:
@@ -145,7 +147,8 @@ def _rollback(ctx: DrillContext, o: RollbackDrillOptions) -> dict:
     ctx.say(f"  operations: G-O5 serving {ctx.version}, then rolling back to "
             + ", ".join(f"v{x}" for x in stable) + " under load")
     rep = drill(start(f"iteration-{ctx.it.index}", _saved_student(ctx)), [str(x) for x in stable], launch, spec,
-                work, window_s=o.window_s, warmup_s=o.warmup_s, say=ctx.say)
+                work, window_s=o.window_s, warmup_s=o.warmup_s,
+                max_load_factor=o.max_load_factor, say=ctx.say)
     rep.update(served_first=ctx.version, stable_versions=stable)
     if len(stable) < o.versions:
         rep["note"] = f"the run has {len(stable)} stable version(s), fewer than the {o.versions} asked for"

@@ -58,15 +58,40 @@ def _median_diff_ci(after: list[float], before: list[float]) -> list[float]:
     return [float(ci.low), float(ci.high)]
 
 
+IDLE_PROBES = 5
+
+
+def _swaps_under_load(load, log_file, window_s, warmup_s, targets, state, http, swaps, say) -> None:
+    load.wait_started(log_file)
+    time.sleep(window_s if warmup_s is None else warmup_s)  # the ramp-up, measured by no window
+    time.sleep(window_s)  # the first rollback's "before" window
+    for ref in targets:
+        say(f"  rollback: candidate {state.arms['candidate'].version} -> {ref} under load ...")
+        t0 = time.time()
+        r = http.post("/admin/swap", json={"arm": "candidate", "version": ref})
+        t1 = time.time()
+        body = r.json()
+        swaps.append({"to": ref, "t0": t0, "t1": t1, "seconds": t1 - t0, "http_status": r.status_code,
+                      "replaced": body.get("replaced"), "version": body.get("version"),
+                      "error": None if r.status_code == 200 else body.get("error", {}).get("message")})
+        say(f"    HTTP {r.status_code} in {t1 - t0:.1f} s")
+        if r.status_code != 200:
+            break
+        time.sleep(window_s)  # this rollback's "after" window (and the next one's "before")
+
+
 def drill(start, targets: list[str], launch: Callable[[str], object], spec, work_dir, *, window_s: float = 3.0,
-          warmup_s: float | None = None, max_rollback_s: float = 900.0,
+          warmup_s: float | None = None, max_rollback_s: float = 900.0, max_load_factor: float = 10.0,
           say: Callable[[str], None] = lambda s: None) -> dict:
     """Serve ``start`` (a running :class:`~distillgate.serve.backends.Backend`) as the ``candidate`` arm under
     the locust load of ``spec`` (a :class:`~distillgate.serve.spec.ServingSpec`), then swap the arm to each of
     ``targets`` in turn through ``/admin/swap`` (``launch(ref) -> Backend`` is the gateway's launcher); returns
     the drill report (see the module docstring). The load runs ``warmup_s`` (default ``window_s``) before the
     first "before" window opens: the locust ramp and a cold backend's first requests are not the steady state a
-    rollback is compared against. Every backend the drill started is stopped; ``start`` too."""
+    rollback is compared against. Before the load, :data:`IDLE_PROBES` requests one at a time give the idle p50
+    (``p50_idle_ms``): a rollback whose "before" p50 is over ``max_load_factor`` times it ran on a saturated
+    backend, where latency is queueing (a swap resets the queue, so "added" latency comes out negative), and the
+    report marks it ``saturated``. Every backend the drill started is stopped; ``start`` too."""
     import httpx
 
     from ..serve.assign import Assigner
@@ -97,31 +122,22 @@ def drill(start, targets: list[str], launch: Callable[[str], object], spec, work
     t_begin = time.time()
     try:
         with ThreadedServer(build_app(state)) as server, \
-                BackgroundLoad(server.url, spec, ["candidate"], work, max_seconds=3600) as load, \
                 httpx.Client(base_url=server.url, timeout=max_rollback_s) as http:
-            load.wait_started(log_file)
-            time.sleep(window_s if warmup_s is None else warmup_s)  # the ramp-up, measured by no window
-            time.sleep(window_s)  # the first rollback's "before" window
-            for ref in targets:
-                say(f"  rollback: candidate {state.arms['candidate'].version} -> {ref} under load ...")
-                t0 = time.time()
-                r = http.post("/admin/swap", json={"arm": "candidate", "version": ref})
-                t1 = time.time()
-                body = r.json()
-                swaps.append({"to": ref, "t0": t0, "t1": t1, "seconds": t1 - t0, "http_status": r.status_code,
-                              "replaced": body.get("replaced"), "version": body.get("version"),
-                              "error": None if r.status_code == 200 else body.get("error", {}).get("message")})
-                say(f"    HTTP {r.status_code} in {t1 - t0:.1f} s")
-                if r.status_code != 200:
-                    break
-                time.sleep(window_s)  # this rollback's "after" window (and the next one's "before")
+            for i in range(IDLE_PROBES):  # one at a time, no load: the backend's idle latency, same log and clock
+                http.post("/v1/chat/completions", json={"model": "candidate", "max_tokens": spec.load_max_tokens,
+                                                        "messages": [{"role": "user", "content": f"Hello {i}"}]})
+            t_load = time.time()
+            with BackgroundLoad(server.url, spec, ["candidate"], work, max_seconds=3600) as load:
+                _swaps_under_load(load, log_file, window_s, warmup_s, targets, state, http, swaps, say)
         locust = load.result
     finally:
         log.close()
         for b in started:
             b.stop()
     rows = read_requests(log_file, since=t_begin)
-    failed = [r for r in rows if r["status"] != 200]
+    failed = [r for r in rows if r["status"] != 200]  # the idle probes' too
+    idle = [r["latency_ms"] for r in rows if r["ts"] < t_load and r["status"] == 200]
+    rows = [r for r in rows if r["ts"] >= t_load]
     loc_fail = sum(s["num_failures"] for s in (locust or {}).get("stats", {}).values())
     for s in swaps:
         before = [r["latency_ms"] for r in rows if s["t0"] - window_s <= r["ts"] < s["t0"] and r["status"] == 200]
@@ -133,6 +149,9 @@ def drill(start, targets: list[str], launch: Callable[[str], object], spec, work
                  p50_after_ms=_p50(after), served_after=dict(Counter(r["model_version"] for r in after_rows)))
         s["added_p50_ms"] = (s["p50_after_ms"] - s["p50_before_ms"]) if before and after else None
         s["added_p50_ci95"] = _median_diff_ci(after, before) if len(before) >= 5 and len(after) >= 5 else None
+    p50_idle = _p50(idle)
+    for s in swaps:
+        s["saturated"] = bool(p50_idle and s.get("p50_before_ms") and s["p50_before_ms"] > max_load_factor * p50_idle)
     done = [s for s in swaps if s["http_status"] == 200]
     complete = len(done) == len(targets) and all(s["added_p50_ms"] is not None for s in done)
     return {"provenance": f"rollback drill under load ({spec.load_users} locust users, {spec.backend} backends, "
@@ -140,6 +159,8 @@ def drill(start, targets: list[str], launch: Callable[[str], object], spec, work
             "rollbacks": swaps, "complete": complete,
             "rollback_minutes": max(s["seconds"] for s in done) / 60 if done else None,
             "rollback_added_latency_ms": (max(s["added_p50_ms"] for s in done) if complete else None),
+            "p50_idle_ms": p50_idle, "max_load_factor": max_load_factor,
+            "saturated": any(s["saturated"] for s in swaps),
             "failed_requests": len(failed) + loc_fail, "failed_examples": [
                 {k: r[k] for k in ("ts", "status", "error", "model_version")} for r in failed[:10]],
             "n_requests": len(rows), "locust": locust, "window_s": window_s, "seconds": time.time() - t_begin,
@@ -242,6 +263,12 @@ def _provider(metric: str):
                                 " (a window without requests)"))
         if not math.isfinite(float(value)):
             raise InputError(f"the rollback drill's {metric} is not finite: {value!r}")
+        if metric == "rollback_added_latency_ms" and rep.get("saturated"):
+            sat = next(s for s in rep["rollbacks"] if s.get("saturated"))
+            raise InputError(f"the rollback drill's load saturated the backend (p50 before the rollback to "
+                             f"{sat['to']}: {sat['p50_before_ms']:.0f} ms, idle {rep['p50_idle_ms']:.0f} ms, over "
+                             f"{rep['max_load_factor']:g}x): latency there is queueing, and a swap resets the queue; "
+                             f"lower loop.serving.load_users or load_max_tokens")
         if metric == "rollback_added_latency_ms":  # the CI of the rollback that gives the value: uncertain or not
             worst = max((s for s in rep["rollbacks"] if s.get("added_p50_ms") is not None),
                         key=lambda s: s["added_p50_ms"])
