@@ -22,7 +22,9 @@ them; a stage's ``rules()`` run after them):
 4. ``tune``: a failing language-modelling gate (G-C1 and the other quality metrics of
    :data:`~distillgate.knobs.QUALITY_METRICS`) moves one knob of ``tune_knobs`` one step: the one with the best
    expected effect, from what this run measured of earlier moves (and exploration trials) or else the knob's
-   prior; a move whose measured effect failed is reverted the next iteration and its direction flipped;
+   prior; a move whose measured effect failed is reverted the next iteration and its direction flipped; when
+   that knob is held (the exploration moved it this iteration) the rule stands down for the iteration rather than
+   move a knob it expects less of;
 5. ``hard_pool``: the most divergent training samples enter a hard pool trained with ``hard_weight`` (S4.3);
 6. ``curriculum``: the capability tier (L3: lm -> mid -> high) advances only when the lower tier's gates hold.
 
@@ -396,6 +398,8 @@ def tune(s: StrategyStep) -> None:
     for _, _, name, cur, new, change, source, sign in sorted(candidates):
         why = (f"{f.message}: {name} {cur} -> {new} (one step {'up' if sign > 0 else 'down'}), the knob "
                f"with the best expected effect on {metric}")
+        if not s.free("tune", name, new, why):
+            return  # the exploration moved this knob this iteration: that measured move stands, no substitute
         if s.change("tune", name, new, why, answers=answers,
                     expected={"metric": metric, "change": round(change, 6), "source": source}):
             return  # one tune move per iteration, so its measured effect is its own
