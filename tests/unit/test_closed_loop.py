@@ -383,3 +383,27 @@ def test_the_loop_keeps_the_tune_rule_off_the_learning_rate_the_exploration_adop
     assert sk["subject"] == "train.lr" and sk["data"]["rule"] == "tune"
     assert sk["data"]["value"] == pytest.approx(ex["new"] * 1.5)
     assert f"explore moved train.lr {ex['old']} -> {ex['new']}" in sk["message"]
+
+
+def test_a_trial_measured_at_another_value_of_its_knob_is_stale():
+    """A move's gain is conditional on the value it moved from: once the learning rate moved (the exploration
+    adopted lr x2, or a rule stepped it), the next exploration screens lr around the new value before the moves
+    never tried; trials at the current value still count as tried."""
+    from distillgate.explore import propose
+    from distillgate.knobs import ExplorationSpec
+    from distillgate.strategy import knob_defaults
+
+    cfg = load_config(RunConfig, None, ["train.lr=3e-4", "loss.channels={kd: 1.0, ce: 0.0}",
+                                        "loss.temperature={policy: complexity, min: 0.9, max: 1.2}"])
+    spec = ExplorationSpec(budget=0.5, selection_prompts=4)
+    recipe, defaults = initial_recipe(cfg), knob_defaults(cfg)
+    trials = [{"iteration": 1, "move": "train.lr+", "knob": "train.lr", "incumbent": 4.5e-4, "proposed": 9e-4,
+               "value": -0.05, "adopted": True},
+              {"iteration": 1, "move": "train.lr-", "knob": "train.lr", "incumbent": 4.5e-4, "proposed": 2.25e-4,
+               "value": 0.09, "adopted": False}]
+    recipe["train"]["lr"] = 9e-4  # adopted: both lr trials were measured at 4.5e-4
+    props = propose(spec, Memory({"trials": trials}), recipe, defaults, 2, seed=0)
+    assert props == [("train.lr+", "train.lr", 1.8e-3), ("train.lr-", "train.lr", 4.5e-4)]
+    recipe["train"]["lr"] = 4.5e-4  # at the value they were measured at, they are tried: the untried moves next
+    props = propose(spec, Memory({"trials": trials}), recipe, defaults, 2, seed=0)
+    assert [p[0] for p in props] == ["loss.temperature.max+", "loss.temperature.max-"]
