@@ -33,9 +33,9 @@ space (:mod:`distillgate.knobs`): a value outside a knob's allowed range is refu
 returned, never clamped. A knob the exploration moved (adopted) in the same iteration is *held*: no rule moves
 it again for the next recipe (the exploration's measured choice wins over a rule's prior or trend; stacking a
 rule's step on the adopted one moves the knob twice on one measurement). The skip is logged and returned with
-the reason (``skipped_change`` findings). Every number is a field of :class:`StrategySpec` (the config's ``loop.strategy``
-section). Findings marked ``uncertain`` (a measurement whose confidence interval crosses its threshold) are never
-acted on.
+the reason (``skipped_change`` findings). Every number is a field of :class:`StrategySpec` (the config's
+``loop.strategy`` section). Findings marked ``uncertain`` (a measurement whose confidence interval crosses its
+threshold) are never acted on.
 """
 
 from __future__ import annotations
