@@ -81,6 +81,9 @@ def run_arm(args, arm: str, seed: int, root: str) -> dict:
     seconds = time.time() - t0
     with RunStore.open(root, summary["run_id"]) as s:
         state = s.resolve("current").load_json("loop_state.json")
+        skipped = [f"{f['iteration']}:{f['data']['rule']}:{f['subject']}->"
+                   f"{f['data']['value']} (held: {f['data']['held_by']})"
+                   for f in s.catalog.findings() if f["kind"] == "skipped_change"]
     hist = state["history"]
     last = hist[-1]["metrics"]
     steps = sum(int(h["recipe"]["train"]["steps"]) + int(h["metrics"].get("explore/steps", 0))
@@ -95,6 +98,7 @@ def run_arm(args, arm: str, seed: int, root: str) -> dict:
     return {"arm": arm, "seed": seed, "kl": last["kl"], "top1": last["top1_agreement"],
             "ppl_ratio": last.get("ppl_ratio"), "steps": steps, "seconds": seconds, "explore_seconds": explore_s,
             "decisions": dict(decisions), "lr_path": lr_path, "decision_path": decision_path, "trials": trials,
+            "skipped": skipped,
             "kl_path": [round(h["metrics"]["kl"], 4) for h in hist]}
 
 
@@ -155,7 +159,7 @@ def main() -> None:
         print(f"seed {r['seed']} {r['arm']:9s} KL {r['kl']:.4f}  top-1 {r['top1']:.3f}  PPL ratio "
               f"{r['ppl_ratio'] if r['ppl_ratio'] is None else round(r['ppl_ratio'], 2)}  steps {r['steps']}  "
               f"{r['seconds']:.0f} s  KL path {r['kl_path']}  lr path {r['lr_path']}  "
-              f"decisions {r.get('decision_path', [])}", flush=True)
+              f"decisions {r.get('decision_path', [])}  skipped {r.get('skipped', [])}", flush=True)
     by = {a: [r for r in results if r["arm"] == a] for a in arms}
     print()
     print(f"| arm | final held-out KL | top-1 agreement | WikiText-2 PPL ratio | optimizer steps | seconds (of which "

@@ -6,7 +6,8 @@ Before an exploring stage's map (``loop.strategy.exploration.stages``), from the
    current value (priors centred on the recipe): the learning rate x or / ``steps['train.lr']`` (2), a
    temperature bound +- 0.1, difficulty weighting switched, the CE share one step *down* only (``directions``:
    when the selection objective is KL, raising the CE share trades KL for perplexity). A move that would leave
-   the knob's range is not proposed. Each move is tried once, in ``knobs`` order, before Optuna's TPE sampler
+   the knob's range is not proposed. Each move is tried once at its knob's current value (a trial measured at
+   another value is stale), in ``knobs`` order, before Optuna's TPE sampler
    (rebuilt every iteration from this run's stored trials) chooses among them by their measured gains.
 2. **Screen.** The main recipe and each variant train the first ``h`` steps of the iteration's own schedule
    (warmup and cosine over all ``train.steps``) from the same weights, on the same batches in the same order,
@@ -134,16 +135,26 @@ def _study(spec, trials: list[dict], labels: list[str], seed: int):
     return study, dist
 
 
+def _same(a, b) -> bool:
+    if isinstance(a, bool) or isinstance(b, bool) or not isinstance(a, (int, float)) or not isinstance(b, (int, float)):
+        return a == b
+    return math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-12)
+
+
 def propose(spec, memory: Memory, recipe: dict, defaults: dict, n: int, seed: int) -> list[tuple[str, str, object]]:
-    """Up to ``n`` distinct ``(move, knob, value)`` proposals for ``recipe``: every move not tried yet in this run
-    first (in ``knobs`` order), then Optuna's TPE sampler over the moves by their measured gains."""
+    """Up to ``n`` distinct ``(move, knob, value)`` proposals for ``recipe``: every move not tried yet at its
+    knob's current value first (in ``knobs`` order), then Optuna's TPE sampler over the moves by their measured
+    gains."""
     import optuna
 
     labels = [m for m in move_labels(spec) if _relevant(m[:-1], recipe)]
     avail = {m: v for m in labels if (v := moved_value(spec, m, _get(recipe, m[:-1], defaults))) is not None}
     if not avail:
         return []
-    tried = {t.get("move") for t in memory.trials}
+    # a trial's gain was measured at its incumbent value: once the knob has moved (adopted, or a rule's step) the
+    # move is untried again at the new value (its old gain is stale), so a moved knob is screened around it first
+    tried = {t.get("move") for t in memory.trials
+             if _same(t.get("incumbent"), _get(recipe, str(t.get("move"))[:-1], defaults))}
     chosen = [m for m in labels if m in avail and m not in tried][:n]
     if len(chosen) < n:
         study, dist = _study(spec, memory.trials, labels, seed)

@@ -22,15 +22,20 @@ them; a stage's ``rules()`` run after them):
 4. ``tune``: a failing language-modelling gate (G-C1 and the other quality metrics of
    :data:`~distillgate.knobs.QUALITY_METRICS`) moves one knob of ``tune_knobs`` one step: the one with the best
    expected effect, from what this run measured of earlier moves (and exploration trials) or else the knob's
-   prior; a move whose measured effect failed is reverted the next iteration and its direction flipped;
+   prior; a move whose measured effect failed is reverted the next iteration and its direction flipped; when
+   that knob is held (the exploration moved it this iteration) the rule stands down for the iteration rather than
+   move a knob it expects less of;
 5. ``hard_pool``: the most divergent training samples enter a hard pool trained with ``hard_weight`` (S4.3);
 6. ``curriculum``: the capability tier (L3: lm -> mid -> high) advances only when the lower tier's gates hold.
 
 Every change names the finding it answers and its expected effect (:class:`Decision`), and goes through the knob
 space (:mod:`distillgate.knobs`): a value outside a knob's allowed range is refused, with the reason logged and
-returned, never clamped. Every number is a field of :class:`StrategySpec` (the config's ``loop.strategy``
-section). Findings marked ``uncertain`` (a measurement whose confidence interval crosses its threshold) are never
-acted on.
+returned, never clamped. A knob the exploration moved (adopted) in the same iteration is *held*: no rule moves
+it again for the next recipe (the exploration's measured choice wins over a rule's prior or trend; stacking a
+rule's step on the adopted one moves the knob twice on one measurement). The skip is logged and returned with
+the reason (``skipped_change`` findings). Every number is a field of :class:`StrategySpec` (the config's
+``loop.strategy`` section). Findings marked ``uncertain`` (a measurement whose confidence interval crosses its
+threshold) are never acted on.
 """
 
 from __future__ import annotations
@@ -182,6 +187,10 @@ class StrategyStep:
     memory: Memory = field(default_factory=lambda: Memory(None))
     defaults: dict = field(default_factory=dict)    # the config's value of a knob the recipe does not hold
     refused: list[dict] = field(default_factory=list)
+    # knob -> why it is held: moved earlier in this iteration (the exploration's adopted variant); no rule moves
+    # it (nor a knob inside it / containing it) for the next recipe
+    held: dict[str, str] = field(default_factory=dict)
+    skipped: list[dict] = field(default_factory=list)
 
     def get(self, knob: str):
         v = _get(self.recipe, knob)
@@ -203,15 +212,35 @@ class StrategyStep:
                              "allowed": bounded.allowed(), "reason": why})
         return False
 
+    def holder(self, name: str) -> str | None:
+        """The held knob that ``name`` is, lies inside (``loss.channels.ce`` in ``loss.channels``) or contains."""
+        for h in self.held:
+            if name == h or name.startswith(h + ".") or h.startswith(name + "."):
+                return h
+        return None
+
+    def free(self, rule: str, name: str, value, reason: str) -> bool:
+        """Whether ``name`` may move; a held knob's change is skipped, logged and kept in ``skipped``."""
+        h = self.holder(name)
+        if h is None:
+            return True
+        why = (f"{rule}: {name} -> {value!r} skipped: {self.held[h]} in this iteration, and its measured choice "
+               f"stands (wanted for: {reason})")
+        log.info(why)
+        self.skipped.append({"iteration": self.iteration, "rule": rule, "knob": name, "value": value,
+                             "held": h, "held_by": self.held[h], "reason": why})
+        return False
+
     def change(self, rule: str, knob: str, value, reason: str, *, answers: str = "",
                expected: dict | None = None) -> bool:
         """Set ``knob`` to ``value`` (skipped when unchanged, or cooling down after a revert unless this is one;
-        refused outside the knob's range). ``expected``: ``{metric, change, source}`` (default: the knob's
-        expected effect on KL, measured in this run or from its prior). Returns whether it changed."""
+        refused outside the knob's range; skipped when held). ``expected``: ``{metric, change, source}``
+        (default: the knob's expected effect on KL, measured in this run or from its prior). Returns whether it
+        changed."""
         old = self.get(knob)
         if old == value or (knob in self.cooling and rule != "revert"):
             return False
-        if not self.allowed(rule, knob, value, reason):
+        if not self.free(rule, knob, value, reason) or not self.allowed(rule, knob, value, reason):
             return False
         if expected is None and rule != "revert":
             expected = self.expect(knob, "kl", old, value)
@@ -221,13 +250,17 @@ class StrategyStep:
         return True
 
     def record(self, rule: str, knob: str, old, new, reason: str, value=None, *, answers: str = "",
-               expected: dict | None = None) -> None:
-        """A change whose logged old/new differ from the value written (e.g. a pool logged by its size)."""
+               expected: dict | None = None) -> bool:
+        """A change whose logged old/new differ from the value written (e.g. a pool logged by its size); skipped
+        (False) when ``knob`` is held."""
+        if not self.free(rule, knob, new if value is None else value, reason):
+            return False
         if expected is None:
             expected = self.expect(knob, "kl", None, None)
         _set(self.recipe, knob, new if value is None else value)
         self.decisions.append(Decision(self.iteration, rule, knob, old, new, _with_expected(reason, expected),
                                        answers, expected))
+        return True
 
     def expect(self, name: str, metric: str, old, new) -> dict:
         """The expected relative change of ``metric`` for ``name``: ``old -> new``, per move, with its source."""
@@ -365,6 +398,8 @@ def tune(s: StrategyStep) -> None:
     for _, _, name, cur, new, change, source, sign in sorted(candidates):
         why = (f"{f.message}: {name} {cur} -> {new} (one step {'up' if sign > 0 else 'down'}), the knob "
                f"with the best expected effect on {metric}")
+        if not s.free("tune", name, new, why):
+            return  # the exploration moved this knob this iteration: that measured move stands, no substitute
         if s.change("tune", name, new, why, answers=answers,
                     expected={"metric": metric, "change": round(change, 6), "source": source}):
             return  # one tune move per iteration, so its measured effect is its own
@@ -409,25 +444,37 @@ def rule_list(spec: StrategySpec, extra: list[tuple[str, Rule]] = ()) -> list[tu
     return [(n, CORE_RULES[n]) for n in spec.rules] + list(extra)
 
 
+def _held_reason(d: Decision) -> str:
+    exp = d.expected or {}
+    measured = (f", measured {exp.get('metric', 'kl')} {100 * exp['change']:+.1f}% ({exp.get('source', '')})"
+                if isinstance(exp.get("change"), (int, float)) else "")
+    return f"{d.rule or 'an earlier change'} moved {d.knob} {d.old} -> {d.new}{measured}"
+
+
 def next_recipe(recipe: dict, findings: list[Finding], *, iteration: int, last_good: dict | None,
                 gate_status: dict[str, str], recent_decisions: list[Decision],
                 spec: StrategySpec | None = None, rules: list[tuple[str, Rule]] | None = None,
-                memory: dict | None = None, defaults: dict | None = None, refused: list | None = None
-                ) -> tuple[dict, list[Decision]]:
+                memory: dict | None = None, defaults: dict | None = None, refused: list | None = None,
+                held: list[Decision] = (), skipped: list | None = None) -> tuple[dict, list[Decision]]:
     """Return (recipe for iteration+1, decisions). Pure: inputs are not modified.
 
     ``memory``: the loop state's ``strategy`` dict (what this run measured; the tune rule updates its
     ``directions`` in place); ``defaults``: the
-    config's value of knobs the recipe does not hold; ``refused``: a list refused changes are appended to."""
+    config's value of knobs the recipe does not hold; ``refused``: a list refused changes are appended to;
+    ``held``: the changes already made to this iteration's recipe (the exploration's adopted variant): no rule
+    moves their knobs again, and each skipped change is appended to ``skipped``."""
     spec = spec or StrategySpec()
     cooling = {d.knob for d in recent_decisions if d.rule == "revert" and iteration - d.iteration < spec.cooldown}
     step = StrategyStep(iteration, copy.deepcopy(recipe), [f for f in findings if not f.uncertain], last_good,
                         gate_status, list(recent_decisions), spec, cooling=cooling,
-                        memory=Memory(memory if memory is not None else None), defaults=dict(defaults or {}))
+                        memory=Memory(memory if memory is not None else None), defaults=dict(defaults or {}),
+                        held={d.knob: _held_reason(d) for d in held})
     for _, rule in (rule_list(spec) if rules is None else rules):
         rule(step)
     if refused is not None:
         refused += step.refused
+    if skipped is not None:
+        skipped += step.skipped
     return step.recipe, step.decisions
 
 

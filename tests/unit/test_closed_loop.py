@@ -309,3 +309,101 @@ def test_the_selection_noise_is_the_paired_standard_error():
     assert rel == pytest.approx((sum(s for s, _ in other) / tokens) / kl0 - 1, rel=1e-12)
     assert se == pytest.approx(stats.sem(d) * len(d) / tokens / kl0, rel=1e-12)
     assert paired(base, base) == (0.0, 0.0)
+
+
+# ------------------------------------------------------- the exploration's adopted move is not stacked on
+
+def _explored_lr(iteration: int = 1, old: float = 4.5e-4, new: float = 9e-4) -> Decision:
+    return Decision(iteration, "explore", "train.lr", old, new, "variant 1 beat the main recipe",
+                    "exploration (selection split)",
+                    {"metric": "kl", "change": -0.079, "source": "explore: selection split, 4 of 8 steps"})
+
+
+def test_no_rule_moves_a_knob_the_exploration_moved_in_the_same_iteration():
+    """The tune rule's best knob is the learning rate; the exploration adopted lr x2 in this iteration, so the
+    rule's x1.5 on top is skipped with its reason, and the rule stands down (no substitute knob it expects less
+    of; a knob refused for its range does fall through, see above); any rule, any knob:
+    a stage rule writing a held knob (or a knob inside a held one) through ``change`` or ``record`` is skipped."""
+    cfg = load_config(RunConfig, None, ["train.lr=3e-4", "loss.channels={kd: 1.0, ce: 0.0}"])
+    recipe = initial_recipe(cfg)
+    recipe["train"]["lr"] = 9e-4  # this iteration's recipe, after the exploration adopted its variant
+    gate = Finding("gate_fail", "warning", "ppl_ratio", "gate G-C1 fails", {"gate": {"id": "G-C1"}})
+    defaults = {"train.lr": 3e-4, "loss.channels.ce": 0.0, "loss.difficulty_weighting": False}
+    free, ds = next_recipe(recipe, [gate], iteration=1, last_good=None, gate_status={}, recent_decisions=[],
+                           defaults=defaults)
+    assert [(d.rule, d.knob, d.new) for d in ds] == [("tune", "train.lr", 1.35e-3)]  # what stacked before
+    skipped = []
+    new, ds = next_recipe(recipe, [gate], iteration=1, last_good=None, gate_status={}, recent_decisions=[],
+                          defaults=defaults, held=[_explored_lr()], skipped=skipped)
+    assert new["train"]["lr"] == 9e-4  # the exploration's measured choice stands
+    assert ds == [] and new["loss"]["channels"]["ce"] == 0.0
+    (sk,) = skipped
+    assert (sk["rule"], sk["knob"], sk["value"], sk["held"]) == ("tune", "train.lr", 1.35e-3, "train.lr")
+    assert "skipped: explore moved train.lr 0.00045 -> 0.0009, measured kl -7.9%" in sk["reason"]
+    assert "G-C1" in sk["reason"]  # what the rule wanted it for
+
+    def stage_rule(step):
+        step.change("stage", "train.lr", 2e-4, "a stage's own lr")
+        step.change("stage", "loss.channels.ce", 0.3, "a CE share inside the held channels")
+        step.record("stage", "loss.channels", {"kd": 1.0, "ce": 0.0}, {"kd": 2.0, "ce": 0.0}, "all channels")
+        step.change("stage", "train.warmup_steps", 4, "a free knob")
+
+    skipped = []
+    held = [_explored_lr(), Decision(1, "explore", "loss.channels", None, {"kd": 1.0, "ce": 0.0}, "r")]
+    new, ds = next_recipe(recipe, [], iteration=1, last_good=None, gate_status={}, recent_decisions=[],
+                          rules=[("stage", stage_rule)], held=held, skipped=skipped)
+    assert [d.knob for d in ds] == ["train.warmup_steps"] and new["train"]["warmup_steps"] == 4
+    assert new["train"]["lr"] == 9e-4 and new["loss"]["channels"] == {"kd": 1.0, "ce": 0.0}
+    assert [(s["knob"], s["held"]) for s in skipped] == [("train.lr", "train.lr"),
+                                                          ("loss.channels.ce", "loss.channels"),
+                                                          ("loss.channels", "loss.channels")]
+    # a move of an earlier iteration does not hold the knob: only this iteration's recipe changes do
+    _, ds = next_recipe(recipe, [gate], iteration=1, last_good=None, gate_status={}, recent_decisions=[],
+                        defaults=defaults, held=[])
+    assert ds[0].knob == "train.lr"
+
+
+def test_the_loop_keeps_the_tune_rule_off_the_learning_rate_the_exploration_adopted(tiny_teacher_dir, tmp_path):
+    """The real loop, tiny: iteration 1's exploration adopts a learning rate, G-C1 fails (the tune rule's only
+    knob is the learning rate), and the next recipe keeps the adopted value; the skip is a finding."""
+    cfg = _cfg(tiny_teacher_dir, tmp_path / "runs", run_id="held", **{
+        "loop.strategy.rules": "[revert, tune, hard_pool]", "loop.strategy.tune_knobs": "[train.lr]",
+        "loop.stages": "[{name: anchor, iterations: 0}, {name: joint, iterations: 1}]"})
+    loop_mod.run(cfg, progress=False)
+    with RunStore.open(tmp_path / "runs", "held") as s:
+        state = s.resolve("current").load_json("loop_state.json")
+        nxt = s.resolve("current").load_json("next_recipe.json")
+        findings = s.catalog.findings(1)
+    (ex,) = [d for d in state["decisions"] if d["rule"] == "explore"]  # lr x4 wins at a small lr
+    assert ex["iteration"] == 1 and ex["knob"] == "train.lr" and ex["new"] > ex["old"]
+    assert any(d["rule"] == "tune" and d["iteration"] == 0 for d in state["decisions"])  # tune does act
+    assert not [d for d in state["decisions"] if d["iteration"] == 1 and d["rule"] == "tune"]
+    assert nxt["train"]["lr"] == ex["new"]  # not the tune rule's x1.5 stacked on the adopted value
+    (sk,) = [f for f in findings if f["kind"] == "skipped_change"]
+    assert sk["subject"] == "train.lr" and sk["data"]["rule"] == "tune"
+    assert sk["data"]["value"] == pytest.approx(ex["new"] * 1.5)
+    assert f"explore moved train.lr {ex['old']} -> {ex['new']}" in sk["message"]
+
+
+def test_a_trial_measured_at_another_value_of_its_knob_is_stale():
+    """A move's gain is conditional on the value it moved from: once the learning rate moved (the exploration
+    adopted lr x2, or a rule stepped it), the next exploration screens lr around the new value before the moves
+    never tried; trials at the current value still count as tried."""
+    from distillgate.explore import propose
+    from distillgate.knobs import ExplorationSpec
+    from distillgate.strategy import knob_defaults
+
+    cfg = load_config(RunConfig, None, ["train.lr=3e-4", "loss.channels={kd: 1.0, ce: 0.0}",
+                                        "loss.temperature={policy: complexity, min: 0.9, max: 1.2}"])
+    spec = ExplorationSpec(budget=0.5, selection_prompts=4)
+    recipe, defaults = initial_recipe(cfg), knob_defaults(cfg)
+    trials = [{"iteration": 1, "move": "train.lr+", "knob": "train.lr", "incumbent": 4.5e-4, "proposed": 9e-4,
+               "value": -0.05, "adopted": True},
+              {"iteration": 1, "move": "train.lr-", "knob": "train.lr", "incumbent": 4.5e-4, "proposed": 2.25e-4,
+               "value": 0.09, "adopted": False}]
+    recipe["train"]["lr"] = 9e-4  # adopted: both lr trials were measured at 4.5e-4
+    props = propose(spec, Memory({"trials": trials}), recipe, defaults, 2, seed=0)
+    assert props == [("train.lr+", "train.lr", 1.8e-3), ("train.lr-", "train.lr", 4.5e-4)]
+    recipe["train"]["lr"] = 4.5e-4  # at the value they were measured at, they are tried: the untried moves next
+    props = propose(spec, Memory({"trials": trials}), recipe, defaults, 2, seed=0)
+    assert [p[0] for p in props] == ["loss.temperature.max+", "loss.temperature.max-"]

@@ -10,7 +10,9 @@ For each phase the iteration's stages' hooks run first, then the core's part:
   ``repair_failed`` findings, :mod:`distillgate.knobs`), then findings from every registered metric (L2), gate
   failures, weak domains, stalls, hard samples; the knob blame of a regression uses the measured effects;
 * compensate: the strategy's rules (core + every stage's) write the next recipe; each change is remembered
-  with its expected effect (the loop state's ``strategy``), refused changes become ``refused_change`` findings.
+  with its expected effect (the loop state's ``strategy``), refused changes become ``refused_change`` findings;
+  a knob the exploration moved in this iteration is held (its measured choice stands): a rule's change of it is
+  skipped, as a ``skipped_change`` finding that says which rule wanted what and why.
 
 Before the stages' map, the exploration (:mod:`distillgate.explore`, when ``loop.strategy.exploration.budget``
 > 0) may replace one knob of the iteration's recipe by the best of a few short variants.
@@ -204,11 +206,14 @@ def compensate(it: Iteration, run, all_stages: list) -> None:
     recent = [Decision.from_dict(d) for d in st.decisions[-spec.recent_decisions:]]
     extra = [r for stage in all_stages for r in (stage.rules() if hasattr(stage, "rules") else [])]
     refused: list = []
+    skipped: list = []
     memory = Memory(st.strategy)
     it.next_recipe, decisions = next_recipe(
         it.recipe, it.findings, iteration=it.index, last_good=st.last_good.recipe if st.last_good else None,
         gate_status=status, recent_decisions=recent, spec=spec, rules=rule_list(spec, extra),
-        memory=memory.data, defaults=knob_defaults(it.cfg), refused=refused)
+        memory=memory.data, defaults=knob_defaults(it.cfg), refused=refused,
+        held=[d for d in it.decisions if d.iteration == it.index],  # the exploration's adopted move stands
+        skipped=skipped)
     for d in decisions:
         exp = d.expected or {}
         memory.add_move(d, it.index + 1, exp.get("metric"), exp.get("change"), exp.get("source", ""), d.answers,
@@ -216,6 +221,8 @@ def compensate(it: Iteration, run, all_stages: list) -> None:
     it.decisions += decisions   # after the exploration's (this iteration's recipe), if any
     for r in refused:
         it.findings.append(Finding("refused_change", "warning", r["knob"], r["reason"], r, iteration=it.index))
+    for r in skipped:
+        it.findings.append(Finding("skipped_change", "info", r["knob"], r["reason"], r, iteration=it.index))
 
 
 def _repair_finding(r: dict) -> Finding:
