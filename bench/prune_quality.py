@@ -63,12 +63,18 @@ def main() -> None:
     ap.add_argument("--base-cache", default=None, help="folder: save the trained unpruned student there, or load "
                     "it from there when present (for repeated exploration runs on one setting)")
     ap.add_argument("--gradient-method", default="gradient", help="the gradient-based method the last line's "
-                    "kl_ratio_gradient_* keys measure (gradient, fisher, taylor, obd or learned; named there)")
+                    "kl_ratio_gradient_* keys measure (gradient, fisher, taylor, obd, learned or taylor_trace; "
+                    "named there)")
+    ap.add_argument("--trace-steps", type=int, default=8, help="method 'taylor_trace': score = taylor "
+                    "(sum_t |a.dL/da|) accumulated over the first N re-distillation steps (same objective, data, "
+                    "order and seed) of a copy of the student with every unit kept, its weights then dropped "
+                    "(Molchanov et al. 2017); the steps count in 'score s'")
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("overrides", nargs="*", help="config overrides key=value (e.g. teacher.path=DIR)")
     args = ap.parse_args()
-    if args.gradient_method not in ("gradient", "fisher", "taylor", "obd", "learned"):
-        ap.error(f"--gradient-method {args.gradient_method!r}: one of gradient, fisher, taylor, obd, learned")
+    grad_methods = ("gradient", "fisher", "taylor", "obd", "learned", "taylor_trace")
+    if args.gradient_method not in grad_methods:
+        ap.error(f"--gradient-method {args.gradient_method!r}: one of {', '.join(grad_methods)}")
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -80,7 +86,8 @@ def main() -> None:
     from distillgate.loop.training_set import TrainingSet, prompt_pool
     from distillgate.models import prune as P
     from distillgate.models.flops import flops_report
-    from distillgate.models.importance import importance
+    from distillgate.models.importance import TaylorTrace, importance
+    from distillgate.train import StopTraining
 
     over = [f"eval.text_file={args.ppl_text}", f"eval.max_tokens={args.ppl_tokens}"]
     if args.layer_selection:
@@ -159,8 +166,17 @@ def main() -> None:
         if args.score_after:
             probe = copy.deepcopy(s)
             distil(probe, args.score_after, seed=cfg.train.seed + 2)
-        scores = importance(probe, calib, kinds=("heads", "mlp"), method=method, teacher=teacher.model,
-                            seed=cfg.train.seed, learned_epochs=args.learned_epochs)
+        if method == "taylor_trace":  # the first --trace-steps of the re-distillation below, every unit kept
+            probe = copy.deepcopy(probe)
+            def stop(info):  # the re-distillation's own schedule (same lr at each step), stopped at step N
+                if info.step >= args.trace_steps:
+                    raise StopTraining
+            with TaylorTrace(probe, ("heads", "mlp")) as trace:
+                distil(probe, args.redistil_steps, seed=cfg.train.seed + 1, callbacks=[trace.collect, stop])
+            scores = trace.scores()
+        else:
+            scores = importance(probe, calib, kinds=("heads", "mlp"), method=method, teacher=teacher.model,
+                                seed=cfg.train.seed, learned_epochs=args.learned_epochs)
         del probe
         score_s = time.perf_counter() - ta
         keep = P.select(s, scores, targets)

@@ -280,3 +280,32 @@ def test_learned_gates_drop_a_zero_output_unit_on_the_no_gradient_path(tiny_toke
     assert float(s["mlp"][2, 5]) == pytest.approx(path, abs=1e-9)
     for kind in ("heads", "mlp"):  # gates stay in [0, 1]; some are held at 1 all along, some fall faster
         assert 0.0 <= float(s[kind].min()) < path < float(s[kind].max()) <= 1.0
+
+
+def test_taylor_trace_accumulates_the_taylor_term_of_every_backward(tiny_tokenizer, ids):
+    """TaylorTrace (the taylor score accumulated along training steps) gives, for the same backward passes,
+    exactly ``importance(method="taylor")``; a unit whose activation is zero scores 0; params keep their grads."""
+    m = _model("llama", len(tiny_tokenizer)).double()
+    t = _model("llama", len(tiny_tokenizer), seed=1).double()
+    with torch.no_grad():  # MLP unit 5 of layer 1 outputs nothing: a = silu(gate) * up = 0
+        m.model.layers[1].mlp.up_proj.weight[5].zero_()
+    ref = I.importance(m, ids, kinds=("heads", "mlp"), method="taylor", teacher=t)
+    with I.TaylorTrace(m, ("heads", "mlp")) as trace:
+        for r in range(ids.shape[0]):  # one "training step" per row, on the same loss importance() uses
+            row = ids[r:r + 1]
+            lg = m(input_ids=row, use_cache=False).logits[:, :-1]
+            with torch.no_grad():
+                tl = t(input_ids=row, use_cache=False).logits[:, :-1]
+            (I.kl_sum(lg, tl) / lg.shape[1]).backward()
+            trace.collect()
+    got = trace.scores()
+    assert trace.steps == ids.shape[0]
+    for k in ("heads", "mlp"):
+        assert got[k].shape == ref[k].shape
+        torch.testing.assert_close(got[k], ref[k], rtol=1e-9, atol=1e-12)
+    assert float(got["mlp"][1, 5]) == 0.0 and float(got["mlp"][1].max()) > 0
+    assert all(p.grad is not None for p in m.parameters() if p.requires_grad)  # the trainer's grads are untouched
+    m.zero_grad(set_to_none=True)
+    assert not m.model.layers[0].self_attn.o_proj._forward_pre_hooks  # the gates are gone on exit
+    with pytest.raises(RuntimeError):
+        I.TaylorTrace(m).scores()

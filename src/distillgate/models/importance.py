@@ -163,16 +163,7 @@ def importance(model, calib_ids: torch.Tensor, *, kinds=("heads", "mlp"), method
                         else:
                             val = gr.sum(1).abs().sum(0)
                         acc[k] = acc.get(k, 0) + val
-        out = {}
-        for kind in kinds:
-            key = "v_dims" if kind == "rotary" else kind
-            if key == "hidden":
-                out[key] = acc[("hidden", 0)]
-            elif key == "layers":
-                out[key] = torch.stack([acc[("layers", i)].sum() for i in range(D["layers"])])
-            else:
-                out[key] = torch.stack([acc[(key, i)] for i in range(D["layers"])])
-        return out
+        return _gathered(acc, kinds, D)
     finally:
         for h in handles:
             h.remove()
@@ -181,6 +172,64 @@ def importance(model, calib_ids: torch.Tensor, *, kinds=("heads", "mlp"), method
         model.train(was_training)
 
 
+def _gathered(acc: dict, kinds, D: dict) -> dict:
+    """Per-gate accumulators ``{(key, layer): [units]}`` -> the :func:`importance` layout."""
+    out = {}
+    for kind in kinds:
+        key = "v_dims" if kind == "rotary" else kind
+        if key == "hidden":
+            out[key] = acc[("hidden", 0)]
+        elif key == "layers":
+            out[key] = torch.stack([acc[("layers", i)].sum() for i in range(D["layers"])])
+        else:
+            out[key] = torch.stack([acc[(key, i)] for i in range(D["layers"])])
+    return out
+
+
+class TaylorTrace:
+    """First-order Taylor importance accumulated along training (Molchanov et al. 2017, "Pruning convolutional
+    neural networks for resource efficient inference": the criterion averaged over the fine-tuning minibatches):
+    while active, every forward of ``model`` multiplies each unit by a per-token gate of ones, and every backward
+    that runs (the trainer's, on its own loss and data) leaves ``dL/dg_t = a_t . dL/da_t`` on it. Call
+    :meth:`collect` after each step (a training callback); :meth:`scores` is ``sum_steps sum_t |a . dL/da|`` in
+    :func:`importance`'s layout. With L the re-distillation objective on the re-distillation batches, this is the
+    ``taylor`` score averaged over the first steps of the trajectory rather than taken at one point."""
+
+    def __init__(self, model, kinds=("heads", "mlp")):
+        self.model, self.kinds = model, tuple(kinds)
+        self.D = dims(model)
+        self.gates = Gates(model, self.kinds, per_token=True)
+        self.acc: dict = {}
+        self.steps = 0
+
+    def __enter__(self):
+        self.gates.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.gates.__exit__(*exc)
+
+    def collect(self, *_args) -> None:
+        for k, gs in self.gates.records.items():
+            for g in gs:
+                if g.grad is not None:
+                    self.acc[k] = self.acc.get(k, 0) + g.grad.double().abs().sum((0, 1))
+        self.gates.records.clear()
+        self.steps += 1
+
+    def scores(self) -> dict:
+        if not self.acc:
+            raise RuntimeError("TaylorTrace: no backward pass ran while it was active")
+        D = self.D
+        acc = dict(self.acc)
+        for kind in self.kinds:  # a gate no backward reached scores 0
+            key = _GATE_KEY[kind]
+            n = {"heads": D["heads"], "mlp": D["mlp"], "v_dims": D["head_dim"], "hidden": D["hidden"],
+                 "layers": 1}[key]
+            dev = next(self.model.parameters()).device
+            for i in range(1 if key == "hidden" else D["layers"]):
+                acc.setdefault((key, i), torch.zeros(n, dtype=torch.float64, device=dev))
+        return _gathered(acc, self.kinds, D)
 
 
 def _loss(model, ids, m, t_logits):
