@@ -8,7 +8,9 @@ The student: the demo's (configs/demo.yaml: 15 of the teacher's 30 blocks, MLP 1
 picks how it is derived), trained ``--pre-steps`` steps on the teacher's answers so the scores are taken on a
 student that has started to learn. Each method then: importance on ``--calib-tokens`` calibration tokens of the
 teacher's answers (gradient: accumulated |dL/dg| per row; taylor: sum_t |a.dL/da|; obd: the gate's Fisher on the
-student's own output, Optimal Brain Damage; activation: Minitron mean activation magnitude; magnitude: weight
+student's own output, Optimal Brain Damage; taylor2: -dL/dg + 1/2 obd's curvature, the second-order estimate of
+the loss change when a unit goes; taylor_trace: taylor accumulated over the first --trace-steps re-distillation
+steps; activation: Minitron mean activation magnitude; magnitude: weight
 norms; random), the cut (GQA-aware: every KV group keeps the same number
 of query heads), plain surgery (no fade, no fold-in: the methods are compared on what they choose), and the same
 ``--redistil-steps`` of distillation (same data, same order, same seed). Reported per method: held-out KL to the
@@ -63,7 +65,8 @@ def main() -> None:
     ap.add_argument("--base-cache", default=None, help="folder: save the trained unpruned student there, or load "
                     "it from there when present (for repeated exploration runs on one setting)")
     ap.add_argument("--gradient-method", default="gradient", help="the gradient-based method the last line's "
-                    "kl_ratio_gradient_* keys measure (gradient, fisher, taylor, obd, learned or taylor_trace; "
+                    "kl_ratio_gradient_* keys measure (gradient, fisher, taylor, obd, taylor2, learned or "
+                    "taylor_trace; "
                     "named there)")
     ap.add_argument("--trace-steps", type=int, default=8, help="method 'taylor_trace': score = taylor "
                     "(sum_t |a.dL/da|) accumulated over the first N re-distillation steps (same objective, data, "
@@ -72,7 +75,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("overrides", nargs="*", help="config overrides key=value (e.g. teacher.path=DIR)")
     args = ap.parse_args()
-    grad_methods = ("gradient", "fisher", "taylor", "obd", "learned", "taylor_trace")
+    grad_methods = ("gradient", "fisher", "taylor", "obd", "taylor2", "learned", "taylor_trace")
     if args.gradient_method not in grad_methods:
         ap.error(f"--gradient-method {args.gradient_method!r}: one of {', '.join(grad_methods)}")
     if args.threads:

@@ -309,3 +309,38 @@ def test_taylor_trace_accumulates_the_taylor_term_of_every_backward(tiny_tokeniz
     assert not m.model.layers[0].self_attn.o_proj._forward_pre_hooks  # the gates are gone on exit
     with pytest.raises(RuntimeError):
         I.TaylorTrace(m).scores()
+
+
+def test_taylor2_is_minus_the_signed_gate_derivative_plus_half_the_obd_curvature(tiny_tokenizer, ids):
+    """taylor2 = sum_rows (-dL/dg + 1/2 GN/T): its curvature part is obd's probe estimate (same probes) over the T
+    positions, its first-order part the signed gate derivative (a finite difference of the distillation loss);
+    a student scored against itself is at the loss's minimum, so there only the curvature remains."""
+    m = _model("llama", len(tiny_tokenizer)).double()
+    t = _model("llama", len(tiny_tokenizer), seed=1).double()
+    row = ids[:1]
+    T = row.shape[1] - 1
+    kinds = ("heads", "mlp")
+    obd = I.importance(m, row, kinds=kinds, method="obd", seed=5)
+    self_scored = I.importance(m, row, kinds=kinds, method="taylor2", teacher=m, seed=5)
+    for k in kinds:
+        torch.testing.assert_close(self_scored[k], 0.5 * obd[k] / T, rtol=1e-6, atol=1e-9)
+    s = I.importance(m, row, kinds=kinds, method="taylor2", teacher=t, seed=5)
+    first = s["heads"] - 0.5 * obd["heads"] / T  # = -dL/dg
+    assert (first > 0).any() and (first < 0).any()  # signed: some heads' removal lowers the loss at first order
+
+    def loss(gv):
+        g = P.Gates(m, ("heads",))
+        g.values["heads"] = gv
+        with torch.no_grad(), g:
+            lg = m(row).logits[:, :-1]
+            tl = t(row).logits[:, :-1]
+        return float(I.kl_sum(lg.double(), tl.double())) / lg.shape[1]
+
+    eps = 1e-2
+    for li, h in ((0, 1), (2, 3), (1, 0)):
+        up = torch.ones(3, 4, dtype=torch.float64)
+        dn = up.clone()
+        up[li, h] += eps
+        dn[li, h] -= eps
+        fd = (loss(up) - loss(dn)) / (2 * eps)
+        assert abs(-fd - float(first[li, h])) < 0.05 * abs(fd) + 1e-6, (li, h, fd, float(first[li, h]))

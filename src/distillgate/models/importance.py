@@ -5,7 +5,11 @@ sum over rows of ``(dL/dg)^2``; ``taylor``: ``sum_t |a . dL/da|``; ``obd``: Opti
 own output, the gate's diagonal softmax Fisher ``sum_rows (dz/dg . c)^2`` with Gaussian probes
 ``c ~ N(0, diag(p) - p p^T)`` at every position (an unbiased estimate of the second derivative of
 KL(model || model without the unit); its first-order term is zero, so it needs no teacher and does not mix in what
-an unconverged student still gets wrong); ``learned``: learned gates (weights frozen), see :func:`_learned`; ``activation`` (Minitron): mean activation
+an unconverged student still gets wrong); ``taylor2``: the second-order Taylor estimate of the loss change when
+the unit is removed (its gate 1 -> 0), ``sum_rows (-dL/dg + 1/2 d2L/dg2)``, signed, with the Gauss-Newton
+second derivative from obd's probes (for L = KL(teacher || student) it is the exact Hessian in the student's logits,
+``diag(p) - p p^T``): OBD with its first-order term kept, since an unconverged student is not at a minimum;
+``learned``: learned gates (weights frozen), see :func:`_learned`; ``activation`` (Minitron): mean activation
 magnitude; ``magnitude``: weight norms; ``random``. L is the distillation loss (forward KL to the teacher's
 logits on the same tokens), or a model's own next-token NLL when it scores itself (the teacher)."""
 
@@ -17,7 +21,7 @@ from ..errors import ConfigError
 from ..losses.divergence import kl_logprobs
 from .prune import Gates, _rows, dims
 
-METHODS = ("gradient", "fisher", "taylor", "obd", "learned", "activation", "magnitude", "random")
+METHODS = ("gradient", "fisher", "taylor", "obd", "taylor2", "learned", "activation", "magnitude", "random")
 _GATE_KEY = {"heads": "heads", "mlp": "mlp", "layers": "layers", "hidden": "hidden", "rotary": "v_dims"}
 
 
@@ -129,7 +133,8 @@ def importance(model, calib_ids: torch.Tensor, *, kinds=("heads", "mlp"), method
             for ids, m in _rows(calib_ids.to(dev), attention_mask):
                 gates.records.clear()
                 logits = model(input_ids=ids, attention_mask=m, use_cache=False).logits[:, :-1]
-                if method == "obd":
+                second = None
+                if method in ("obd", "taylor2"):
                     # a Gaussian probe c ~ N(0, diag(p) - p p^T) per position: E[(dz/dg . c)^2] is the softmax
                     # Fisher J^T (diag(p) - p p^T) J of the gate, with lighter tails than a sampled label's score
                     z = logits.to(torch.promote_types(logits.dtype, torch.float32))
@@ -139,7 +144,9 @@ def importance(model, calib_ids: torch.Tensor, *, kinds=("heads", "mlp"), method
                         c = r * e - p * (r * e).sum(-1, keepdim=True)  # covariance diag(p) - p p^T
                         if m is not None:  # padded positions count nothing
                             c = c * m[:, 1:, None].to(c.dtype)
-                    loss = (z * c).sum()
+                    second = (z * c).sum()
+                if method == "obd":
+                    loss = second
                 elif teacher is not None:
                     with torch.no_grad():
                         t_logits = teacher(input_ids=ids, attention_mask=m, use_cache=False).logits[:, :-1]
@@ -148,7 +155,10 @@ def importance(model, calib_ids: torch.Tensor, *, kinds=("heads", "mlp"), method
                     loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(),
                                                              ids[:, 1:].reshape(-1))
                 keys = list(gates.records)
-                grads = torch.autograd.grad(loss, [g for k in keys for g in gates.records[k]], allow_unused=True)
+                leaves = [g for k in keys for g in gates.records[k]]
+                grads = torch.autograd.grad(loss, leaves, allow_unused=True, retain_graph=method == "taylor2")
+                if method == "taylor2":  # the probe's gate derivatives: E[(.)^2] = the Gauss-Newton diagonal
+                    it2 = iter(torch.autograd.grad(second, leaves, allow_unused=True))
                 it = iter(grads)
                 for k in keys:
                     for gt in gates.records[k]:
@@ -156,7 +166,14 @@ def importance(model, calib_ids: torch.Tensor, *, kinds=("heads", "mlp"), method
                         if gr is None:
                             gr = torch.zeros_like(gt)
                         gr = gr.double()  # [B, T, U]
-                        if method == "taylor":
+                        if method == "taylor2":
+                            g2 = next(it2)
+                            g2 = torch.zeros_like(gr) if g2 is None else g2.double()
+                            # removing the unit is dg = -1: dL ~ -dL/dg + 1/2 d2L/dg2, where d2L/dg2 of the mean
+                            # over the row's T positions is J^T (diag(p) - p p^T) J / T, exactly the softmax
+                            # Hessian of KL(teacher || student) (and of the NLL) in the student's logits
+                            val = -gr.sum(1).sum(0) + 0.5 * g2.sum(1).pow(2).sum(0) / max(1, logits.shape[1])
+                        elif method == "taylor":
                             val = gr.abs().sum((0, 1))
                         elif method in ("fisher", "obd"):
                             val = gr.sum(1).pow(2).sum(0)

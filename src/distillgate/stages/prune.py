@@ -66,10 +66,12 @@ class PruneTarget(BaseModel):
 
 class ImportanceOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    method: Literal["gradient", "fisher", "taylor", "obd", "learned", "activation", "magnitude", "random"] = Field(
+    method: Literal["gradient", "fisher", "taylor", "obd", "taylor2", "learned", "activation", "magnitude",
+                    "random"] = Field(
         "gradient", description="gradient: accumulated |dL/dg| per calibration row; fisher: sum of (dL/dg)^2 per row; "
                                 "taylor: sum_t |a.dL/da|; obd: the gate's Fisher on the model's own output "
-                                "(Optimal Brain Damage, no teacher needed); learned: unit gates trained (weights frozen) on the "
+                                "(Optimal Brain Damage, no teacher needed); taylor2: second-order Taylor estimate of the loss "
+                                "change when the unit is removed (-dL/dg + 1/2 of obd's curvature, signed); learned: unit gates trained (weights frozen) on the "
                                 "loss plus a per-unit penalty, score = mean gate along the path; "
                                 "activation: Minitron mean activation magnitude; magnitude: weight norms; random")
     source: Literal["student", "teacher"] = Field("student", description="score the student, or the teacher's "
