@@ -68,12 +68,11 @@ class PruneTarget(BaseModel):
 
 class ImportanceOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    method: Literal["gradient", "fisher", "taylor", "obd", "taylor2", "taylor_trace", "learned", "activation",
-                    "magnitude", "random"] = Field(
+    method: Literal["gradient", "fisher", "taylor", "obd", "taylor_trace", "learned", "activation", "magnitude",
+                    "random"] = Field(
         "gradient", description="gradient: accumulated |dL/dg| per calibration row; fisher: sum of (dL/dg)^2 per row; "
                                 "taylor: sum_t |a.dL/da|; obd: the gate's Fisher on the model's own output "
-                                "(Optimal Brain Damage, no teacher needed); taylor2: second-order Taylor estimate of the loss "
-                                "change when the unit is removed (-dL/dg + 1/2 of obd's curvature, signed); taylor_trace: "
+                                "(Optimal Brain Damage, no teacher needed); taylor_trace: "
                                 "taylor (sum_t |a.dL/da|) accumulated over the first trace_steps steps of this "
                                 "iteration's re-distillation (its objective, data and order) with every unit kept, "
                                 "the weights then restored (Molchanov et al. 2017); learned: unit gates trained (weights frozen) on the "
