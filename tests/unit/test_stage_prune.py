@@ -52,7 +52,7 @@ def test_prune_cycles_cut_progressively_and_each_cut_is_a_version(tiny_teacher_d
         v2 = s.get_version(rows[2]["version_id"])
         assert v2.meta["stage"] == "S3" and v2.meta["stage_name"] == "prune"
         rep = json.loads(v2.path_of("prune.json").read_text())
-        assert rep["method"] == "gradient" and rep["source"] == "student"
+        assert rep["method"] == "taylor_trace" and rep["source"] == "student"  # the default
         assert rep["before"]["heads"] == 4 and rep["after"]["heads"] == 2
         assert rep["flops"]["flops_saved_pct"] > 0
         assert all(abs(x) < 2 for x in rep["flops"]["counted"]["analytic_vs_counted_pct"])

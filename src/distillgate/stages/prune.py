@@ -2,10 +2,12 @@
 
 Each iteration of the stage is one *cut* (until ``cycles`` cuts are done; later iterations only re-distil):
 
-1. **score** every unit of the enabled kinds (:mod:`distillgate.models.prune`) on calibration tokens of the
-   teacher's answers: by default the accumulated ``|dL/dg|`` of a gate on each unit's output, with L the forward
-   KL to the teacher (S3.2); ``importance.source: teacher`` scores the teacher's corresponding units through
-   the layer and unit maps instead;
+1. **score** every unit of the enabled kinds (:mod:`distillgate.models.prune`): by default (``taylor_trace``)
+   the first-order Taylor term ``sum_t |a . dL/da|`` of each unit, i.e. ``|dL/dg|`` of a per-token gate on its
+   output, summed over the first ``importance.trace_steps`` steps of this iteration's re-distillation (L its
+   distillation loss against the teacher, S3.2) with every unit kept, the weights then restored; the one-shot
+   methods score on calibration tokens of the teacher's answers instead; ``importance.source: teacher`` scores
+   the teacher's corresponding units through the layer and unit maps;
 2. **choose** this cycle's share of the way to the target (``keep`` ratios per kind, or a ``target`` parameter
    count / FLOPs per token / TTFT ratio), times the recipe's ``prune.strength``; GQA-aware, uniform per layer;
 3. **fade**: re-distil with the dropped units frozen and their gates annealed 1 -> 0 over the first
@@ -70,7 +72,7 @@ class ImportanceOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
     method: Literal["gradient", "fisher", "taylor", "obd", "taylor_trace", "learned", "activation", "magnitude",
                     "random"] = Field(
-        "gradient", description="gradient: accumulated |dL/dg| per calibration row; fisher: sum of (dL/dg)^2 per row; "
+        "taylor_trace", description="gradient: accumulated |dL/dg| per calibration row; fisher: sum of (dL/dg)^2 per row; "
                                 "taylor: sum_t |a.dL/da|; obd: the gate's Fisher on the model's own output "
                                 "(Optimal Brain Damage, no teacher needed); taylor_trace: "
                                 "taylor (sum_t |a.dL/da|) accumulated over the first trace_steps steps of this "
