@@ -442,7 +442,19 @@ class PruneStage:
                 student.load_state_dict(saved)
             it.continue_from = cont
             shutil.rmtree(out, ignore_errors=True)
-        return trace.scores()
+        scores = trace.scores()
+        from ..train import distributed as dist
+
+        if dist.world_size() > 1:  # each rank's backward saw its share of the batches: the trace is the sum
+            keys = sorted(scores)
+            flat = dist.all_reduce_sum(torch.cat([scores[k].flatten().cpu() for k in keys]).tolist())
+            off = 0
+            for k in keys:
+                n = scores[k].numel()
+                scores[k] = torch.tensor(flat[off:off + n], dtype=torch.float64,
+                                         device=scores[k].device).view_as(scores[k])
+                off += n
+        return scores
 
     @staticmethod
     def _heat(scores: dict, keep, D: dict) -> dict:
