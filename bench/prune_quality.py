@@ -8,7 +8,9 @@ The student: the demo's (configs/demo.yaml: 15 of the teacher's 30 blocks, MLP 1
 picks how it is derived), trained ``--pre-steps`` steps on the teacher's answers so the scores are taken on a
 student that has started to learn. Each method then: importance on ``--calib-tokens`` calibration tokens of the
 teacher's answers (gradient: accumulated |dL/dg| per row; taylor: sum_t |a.dL/da|; obd: the gate's Fisher on the
-student's own output, Optimal Brain Damage; activation: Minitron mean activation magnitude; magnitude: weight
+student's own output, Optimal Brain Damage; taylor2: -dL/dg + 1/2 obd's curvature, the second-order estimate of
+the loss change when a unit goes; taylor_trace: taylor accumulated over the first --trace-steps re-distillation
+steps; activation: Minitron mean activation magnitude; magnitude: weight
 norms; random), the cut (GQA-aware: every KV group keeps the same number
 of query heads), plain surgery (no fade, no fold-in: the methods are compared on what they choose), and the same
 ``--redistil-steps`` of distillation (same data, same order, same seed). Reported per method: held-out KL to the
@@ -17,7 +19,9 @@ after re-distillation, FLOPs/token saved (analytic, cross-checked with FlopCount
 
 Held-out and calibration data are the teacher's answers to built-in prompts; WikiText-2 (shared datasets) is used
 for perplexity only. The last line is machine-readable: ``kl_ratio_gradient_vs_activation=X
-kl_ratio_gradient_vs_magnitude=Y flops_saved_pct=Z`` (after re-distillation; lower is better for gradient).
+kl_ratio_gradient_vs_magnitude=Y flops_saved_pct=Z`` (after re-distillation; lower is better for gradient), where
+"gradient" is ``--gradient-method`` (default ``taylor_trace``, chosen on the ``data.seed=1`` selection setting;
+the line ends with ``gradient_method=M``).
 """
 
 from __future__ import annotations
@@ -39,7 +43,7 @@ WIKITEXT = ROOT.parent / "shared" / "datasets" / "wikitext2" / "valid.txt"
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default=str(ROOT / "configs" / "demo.yaml"))
-    ap.add_argument("--methods", default="gradient,obd,activation,taylor,magnitude,random")
+    ap.add_argument("--methods", default="taylor_trace,gradient,obd,activation,taylor,magnitude,random")
     ap.add_argument("--heads-keep", type=float, default=0.7)
     ap.add_argument("--mlp-keep", type=float, default=0.7)
     ap.add_argument("--layer-selection", default=None, help="override student.layer_selection (the config's "
@@ -62,13 +66,20 @@ def main() -> None:
                     "calibration rows")
     ap.add_argument("--base-cache", default=None, help="folder: save the trained unpruned student there, or load "
                     "it from there when present (for repeated exploration runs on one setting)")
-    ap.add_argument("--gradient-method", default="gradient", help="the gradient-based method the last line's "
-                    "kl_ratio_gradient_* keys measure (gradient, fisher, taylor, obd or learned; named there)")
+    ap.add_argument("--gradient-method", default="taylor_trace", help="the gradient-based method the last line's "
+                    "kl_ratio_gradient_* keys measure (gradient, fisher, taylor, obd, taylor2, learned or "
+                    "taylor_trace; "
+                    "named there)")
+    ap.add_argument("--trace-steps", type=int, default=8, help="method 'taylor_trace': score = taylor "
+                    "(sum_t |a.dL/da|) accumulated over the first N re-distillation steps (same objective, data, "
+                    "order and seed) of a copy of the student with every unit kept, its weights then dropped "
+                    "(Molchanov et al. 2017); the steps count in 'score s'")
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("overrides", nargs="*", help="config overrides key=value (e.g. teacher.path=DIR)")
     args = ap.parse_args()
-    if args.gradient_method not in ("gradient", "fisher", "taylor", "obd", "learned"):
-        ap.error(f"--gradient-method {args.gradient_method!r}: one of gradient, fisher, taylor, obd, learned")
+    grad_methods = ("gradient", "fisher", "taylor", "obd", "taylor2", "learned", "taylor_trace")
+    if args.gradient_method not in grad_methods:
+        ap.error(f"--gradient-method {args.gradient_method!r}: one of {', '.join(grad_methods)}")
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -80,7 +91,8 @@ def main() -> None:
     from distillgate.loop.training_set import TrainingSet, prompt_pool
     from distillgate.models import prune as P
     from distillgate.models.flops import flops_report
-    from distillgate.models.importance import importance
+    from distillgate.models.importance import TaylorTrace, importance
+    from distillgate.train import StopTraining
 
     over = [f"eval.text_file={args.ppl_text}", f"eval.max_tokens={args.ppl_tokens}"]
     if args.layer_selection:
@@ -159,8 +171,17 @@ def main() -> None:
         if args.score_after:
             probe = copy.deepcopy(s)
             distil(probe, args.score_after, seed=cfg.train.seed + 2)
-        scores = importance(probe, calib, kinds=("heads", "mlp"), method=method, teacher=teacher.model,
-                            seed=cfg.train.seed, learned_epochs=args.learned_epochs)
+        if method == "taylor_trace":  # the first --trace-steps of the re-distillation below, every unit kept
+            probe = copy.deepcopy(probe)
+            def stop(info):  # the re-distillation's own schedule (same lr at each step), stopped at step N
+                if info.step >= args.trace_steps:
+                    raise StopTraining
+            with TaylorTrace(probe, ("heads", "mlp")) as trace:
+                distil(probe, args.redistil_steps, seed=cfg.train.seed + 1, callbacks=[trace.collect, stop])
+            scores = trace.scores()
+        else:
+            scores = importance(probe, calib, kinds=("heads", "mlp"), method=method, teacher=teacher.model,
+                                seed=cfg.train.seed, learned_epochs=args.learned_epochs)
         del probe
         score_s = time.perf_counter() - ta
         keep = P.select(s, scores, targets)

@@ -280,3 +280,67 @@ def test_learned_gates_drop_a_zero_output_unit_on_the_no_gradient_path(tiny_toke
     assert float(s["mlp"][2, 5]) == pytest.approx(path, abs=1e-9)
     for kind in ("heads", "mlp"):  # gates stay in [0, 1]; some are held at 1 all along, some fall faster
         assert 0.0 <= float(s[kind].min()) < path < float(s[kind].max()) <= 1.0
+
+
+def test_taylor_trace_accumulates_the_taylor_term_of_every_backward(tiny_tokenizer, ids):
+    """TaylorTrace (the taylor score accumulated along training steps) gives, for the same backward passes,
+    exactly ``importance(method="taylor")``; a unit whose activation is zero scores 0; params keep their grads."""
+    m = _model("llama", len(tiny_tokenizer)).double()
+    t = _model("llama", len(tiny_tokenizer), seed=1).double()
+    with torch.no_grad():  # MLP unit 5 of layer 1 outputs nothing: a = silu(gate) * up = 0
+        m.model.layers[1].mlp.up_proj.weight[5].zero_()
+    ref = I.importance(m, ids, kinds=("heads", "mlp"), method="taylor", teacher=t)
+    with I.TaylorTrace(m, ("heads", "mlp")) as trace:
+        for r in range(ids.shape[0]):  # one "training step" per row, on the same loss importance() uses
+            row = ids[r:r + 1]
+            lg = m(input_ids=row, use_cache=False).logits[:, :-1]
+            with torch.no_grad():
+                tl = t(input_ids=row, use_cache=False).logits[:, :-1]
+            (I.kl_sum(lg, tl) / lg.shape[1]).backward()
+            trace.collect()
+    got = trace.scores()
+    assert trace.steps == ids.shape[0]
+    for k in ("heads", "mlp"):
+        assert got[k].shape == ref[k].shape
+        torch.testing.assert_close(got[k], ref[k], rtol=1e-9, atol=1e-12)
+    assert float(got["mlp"][1, 5]) == 0.0 and float(got["mlp"][1].max()) > 0
+    assert all(p.grad is not None for p in m.parameters() if p.requires_grad)  # the trainer's grads are untouched
+    m.zero_grad(set_to_none=True)
+    assert not m.model.layers[0].self_attn.o_proj._forward_pre_hooks  # the gates are gone on exit
+    with pytest.raises(RuntimeError):
+        I.TaylorTrace(m).scores()
+
+
+def test_taylor2_is_minus_the_signed_gate_derivative_plus_half_the_obd_curvature(tiny_tokenizer, ids):
+    """taylor2 = sum_rows (-dL/dg + 1/2 GN/T): its curvature part is obd's probe estimate (same probes) over the T
+    positions, its first-order part the signed gate derivative (a finite difference of the distillation loss);
+    a student scored against itself is at the loss's minimum, so there only the curvature remains."""
+    m = _model("llama", len(tiny_tokenizer)).double()
+    t = _model("llama", len(tiny_tokenizer), seed=1).double()
+    row = ids[:1]
+    T = row.shape[1] - 1
+    kinds = ("heads", "mlp")
+    obd = I.importance(m, row, kinds=kinds, method="obd", seed=5)
+    self_scored = I.importance(m, row, kinds=kinds, method="taylor2", teacher=m, seed=5)
+    for k in kinds:
+        torch.testing.assert_close(self_scored[k], 0.5 * obd[k] / T, rtol=1e-6, atol=1e-9)
+    s = I.importance(m, row, kinds=kinds, method="taylor2", teacher=t, seed=5)
+    first = s["heads"] - 0.5 * obd["heads"] / T  # = -dL/dg
+    assert (first > 0).any() and (first < 0).any()  # signed: some heads' removal lowers the loss at first order
+
+    def loss(gv):
+        g = P.Gates(m, ("heads",))
+        g.values["heads"] = gv
+        with torch.no_grad(), g:
+            lg = m(row).logits[:, :-1]
+            tl = t(row).logits[:, :-1]
+        return float(I.kl_sum(lg.double(), tl.double())) / lg.shape[1]
+
+    eps = 1e-2
+    for li, h in ((0, 1), (2, 3), (1, 0)):
+        up = torch.ones(3, 4, dtype=torch.float64)
+        dn = up.clone()
+        up[li, h] += eps
+        dn[li, h] -= eps
+        fd = (loss(up) - loss(dn)) / (2 * eps)
+        assert abs(-fd - float(first[li, h])) < 0.05 * abs(fd) + 1e-6, (li, h, fd, float(first[li, h]))

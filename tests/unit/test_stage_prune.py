@@ -52,7 +52,7 @@ def test_prune_cycles_cut_progressively_and_each_cut_is_a_version(tiny_teacher_d
         v2 = s.get_version(rows[2]["version_id"])
         assert v2.meta["stage"] == "S3" and v2.meta["stage_name"] == "prune"
         rep = json.loads(v2.path_of("prune.json").read_text())
-        assert rep["method"] == "gradient" and rep["source"] == "student"
+        assert rep["method"] == "taylor_trace" and rep["source"] == "student"  # the default
         assert rep["before"]["heads"] == 4 and rep["after"]["heads"] == 2
         assert rep["flops"]["flops_saved_pct"] > 0
         assert all(abs(x) < 2 for x in rep["flops"]["counted"]["analytic_vs_counted_pct"])
@@ -183,3 +183,43 @@ def test_every_kind_and_teacher_scores_and_a_params_target(tiny_teacher_dir, tmp
     assert structs[2]["params"] < structs[1]["params"] and abs(structs[2]["params"] - 17000) < 2500
     # the layer map follows the cut (student block -> teacher block)
     assert len(state["layer_map"]) == 2
+
+
+def test_taylor_trace_scores_along_the_re_distillation_and_restores_the_weights(tiny_teacher_dir, tmp_path,
+                                                                                monkeypatch):
+    """importance.method taylor_trace: the score comes from trace_steps steps of the iteration's own
+    re-distillation, every unit kept; the student's weights are put back before the cut, and the probe's
+    checkpoint is removed; a teacher source is refused at preflight."""
+    import torch
+
+    from distillgate.stages.prune import PruneStage
+
+    seen = []
+    orig = PruneStage._trace_scores
+
+    def spy(self, run, it, kinds):
+        before = {k: v.detach().clone() for k, v in run.student.state_dict().items()}
+        out = orig(self, run, it, kinds)
+        after = run.student.state_dict()
+        seen.append((all(torch.equal(before[k], after[k]) for k in before),
+                     {k: float(v.min()) for k, v in out.items()}, {k: float(v.max()) for k, v in out.items()}))
+        return out
+
+    monkeypatch.setattr(PruneStage, "_trace_scores", spy)
+    stages = ("[{name: anchor, iterations: 0}, {name: prune, iterations: 1, options: {cycles: 1, kinds: [heads, mlp], "
+              "keep: {heads: 0.5, mlp: 0.5}, importance: {calib_tokens: 256, method: taylor_trace, trace_steps: 2}, "
+              "fade_fraction: 0.0, fold_in: false, tolerance: 10.0}}]")
+    loop_mod.run(_cfg(tiny_teacher_dir, tmp_path / "runs", stages, run_id="t"), progress=False)
+    assert len(seen) == 1
+    restored, lo, hi = seen[0]
+    assert restored and set(lo) == {"heads", "mlp"} and all(lo[k] >= 0 and hi[k] > 0 for k in lo)
+    with RunStore.open(tmp_path / "runs", "t") as s:
+        v1 = s.get_version(s.versions()[1]["version_id"])
+        rep = json.loads(v1.path_of("prune.json").read_text())
+        state = s.resolve("current").load_json("loop_state.json")
+    assert rep["method"] == "taylor_trace" and rep["after"]["heads"] == 2 and rep["after"]["mlp"] == 32
+    assert state["history"][1]["recipe"]["student"]["structure"]["intermediate_size"] == 32
+    assert not list((tmp_path / "runs").rglob("iter-001-trace"))  # the probe's checkpoint is gone
+    bad = stages.replace("trace_steps: 2", "trace_steps: 2, source: teacher")
+    with pytest.raises(ConfigError, match=r"loop\.stages\[1\]\.options.*source 'student'"):
+        loop_mod.run(_cfg(tiny_teacher_dir, tmp_path / "runs2", bad), progress=False)

@@ -5,7 +5,11 @@ sum over rows of ``(dL/dg)^2``; ``taylor``: ``sum_t |a . dL/da|``; ``obd``: Opti
 own output, the gate's diagonal softmax Fisher ``sum_rows (dz/dg . c)^2`` with Gaussian probes
 ``c ~ N(0, diag(p) - p p^T)`` at every position (an unbiased estimate of the second derivative of
 KL(model || model without the unit); its first-order term is zero, so it needs no teacher and does not mix in what
-an unconverged student still gets wrong); ``learned``: learned gates (weights frozen), see :func:`_learned`; ``activation`` (Minitron): mean activation
+an unconverged student still gets wrong); ``taylor2``: the second-order Taylor estimate of the loss change when
+the unit is removed (its gate 1 -> 0), ``sum_rows (-dL/dg + 1/2 d2L/dg2)``, signed, with the Gauss-Newton
+second derivative from obd's probes (for L = KL(teacher || student) it is the exact Hessian in the student's logits,
+``diag(p) - p p^T``): OBD with its first-order term kept, since an unconverged student is not at a minimum;
+``learned``: learned gates (weights frozen), see :func:`_learned`; ``activation`` (Minitron): mean activation
 magnitude; ``magnitude``: weight norms; ``random``. L is the distillation loss (forward KL to the teacher's
 logits on the same tokens), or a model's own next-token NLL when it scores itself (the teacher)."""
 
@@ -17,7 +21,7 @@ from ..errors import ConfigError
 from ..losses.divergence import kl_logprobs
 from .prune import Gates, _rows, dims
 
-METHODS = ("gradient", "fisher", "taylor", "obd", "learned", "activation", "magnitude", "random")
+METHODS = ("gradient", "fisher", "taylor", "obd", "taylor2", "learned", "activation", "magnitude", "random")
 _GATE_KEY = {"heads": "heads", "mlp": "mlp", "layers": "layers", "hidden": "hidden", "rotary": "v_dims"}
 
 
@@ -129,7 +133,8 @@ def importance(model, calib_ids: torch.Tensor, *, kinds=("heads", "mlp"), method
             for ids, m in _rows(calib_ids.to(dev), attention_mask):
                 gates.records.clear()
                 logits = model(input_ids=ids, attention_mask=m, use_cache=False).logits[:, :-1]
-                if method == "obd":
+                second = None
+                if method in ("obd", "taylor2"):
                     # a Gaussian probe c ~ N(0, diag(p) - p p^T) per position: E[(dz/dg . c)^2] is the softmax
                     # Fisher J^T (diag(p) - p p^T) J of the gate, with lighter tails than a sampled label's score
                     z = logits.to(torch.promote_types(logits.dtype, torch.float32))
@@ -139,7 +144,9 @@ def importance(model, calib_ids: torch.Tensor, *, kinds=("heads", "mlp"), method
                         c = r * e - p * (r * e).sum(-1, keepdim=True)  # covariance diag(p) - p p^T
                         if m is not None:  # padded positions count nothing
                             c = c * m[:, 1:, None].to(c.dtype)
-                    loss = (z * c).sum()
+                    second = (z * c).sum()
+                if method == "obd":
+                    loss = second
                 elif teacher is not None:
                     with torch.no_grad():
                         t_logits = teacher(input_ids=ids, attention_mask=m, use_cache=False).logits[:, :-1]
@@ -148,7 +155,10 @@ def importance(model, calib_ids: torch.Tensor, *, kinds=("heads", "mlp"), method
                     loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(),
                                                              ids[:, 1:].reshape(-1))
                 keys = list(gates.records)
-                grads = torch.autograd.grad(loss, [g for k in keys for g in gates.records[k]], allow_unused=True)
+                leaves = [g for k in keys for g in gates.records[k]]
+                grads = torch.autograd.grad(loss, leaves, allow_unused=True, retain_graph=method == "taylor2")
+                if method == "taylor2":  # the probe's gate derivatives: E[(.)^2] = the Gauss-Newton diagonal
+                    it2 = iter(torch.autograd.grad(second, leaves, allow_unused=True))
                 it = iter(grads)
                 for k in keys:
                     for gt in gates.records[k]:
@@ -156,23 +166,21 @@ def importance(model, calib_ids: torch.Tensor, *, kinds=("heads", "mlp"), method
                         if gr is None:
                             gr = torch.zeros_like(gt)
                         gr = gr.double()  # [B, T, U]
-                        if method == "taylor":
+                        if method == "taylor2":
+                            g2 = next(it2)
+                            g2 = torch.zeros_like(gr) if g2 is None else g2.double()
+                            # removing the unit is dg = -1: dL ~ -dL/dg + 1/2 d2L/dg2, where d2L/dg2 of the mean
+                            # over the row's T positions is J^T (diag(p) - p p^T) J / T, exactly the softmax
+                            # Hessian of KL(teacher || student) (and of the NLL) in the student's logits
+                            val = -gr.sum(1).sum(0) + 0.5 * g2.sum(1).pow(2).sum(0) / max(1, logits.shape[1])
+                        elif method == "taylor":
                             val = gr.abs().sum((0, 1))
                         elif method in ("fisher", "obd"):
                             val = gr.sum(1).pow(2).sum(0)
                         else:
                             val = gr.sum(1).abs().sum(0)
                         acc[k] = acc.get(k, 0) + val
-        out = {}
-        for kind in kinds:
-            key = "v_dims" if kind == "rotary" else kind
-            if key == "hidden":
-                out[key] = acc[("hidden", 0)]
-            elif key == "layers":
-                out[key] = torch.stack([acc[("layers", i)].sum() for i in range(D["layers"])])
-            else:
-                out[key] = torch.stack([acc[(key, i)] for i in range(D["layers"])])
-        return out
+        return _gathered(acc, kinds, D)
     finally:
         for h in handles:
             h.remove()
@@ -181,6 +189,64 @@ def importance(model, calib_ids: torch.Tensor, *, kinds=("heads", "mlp"), method
         model.train(was_training)
 
 
+def _gathered(acc: dict, kinds, D: dict) -> dict:
+    """Per-gate accumulators ``{(key, layer): [units]}`` -> the :func:`importance` layout."""
+    out = {}
+    for kind in kinds:
+        key = "v_dims" if kind == "rotary" else kind
+        if key == "hidden":
+            out[key] = acc[("hidden", 0)]
+        elif key == "layers":
+            out[key] = torch.stack([acc[("layers", i)].sum() for i in range(D["layers"])])
+        else:
+            out[key] = torch.stack([acc[(key, i)] for i in range(D["layers"])])
+    return out
+
+
+class TaylorTrace:
+    """First-order Taylor importance accumulated along training (Molchanov et al. 2017, "Pruning convolutional
+    neural networks for resource efficient inference": the criterion averaged over the fine-tuning minibatches):
+    while active, every forward of ``model`` multiplies each unit by a per-token gate of ones, and every backward
+    that runs (the trainer's, on its own loss and data) leaves ``dL/dg_t = a_t . dL/da_t`` on it. Call
+    :meth:`collect` after each step (a training callback); :meth:`scores` is ``sum_steps sum_t |a . dL/da|`` in
+    :func:`importance`'s layout. With L the re-distillation objective on the re-distillation batches, this is the
+    ``taylor`` score averaged over the first steps of the trajectory rather than taken at one point."""
+
+    def __init__(self, model, kinds=("heads", "mlp")):
+        self.model, self.kinds = model, tuple(kinds)
+        self.D = dims(model)
+        self.gates = Gates(model, self.kinds, per_token=True)
+        self.acc: dict = {}
+        self.steps = 0
+
+    def __enter__(self):
+        self.gates.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.gates.__exit__(*exc)
+
+    def collect(self, *_args) -> None:
+        for k, gs in self.gates.records.items():
+            for g in gs:
+                if g.grad is not None:
+                    self.acc[k] = self.acc.get(k, 0) + g.grad.double().abs().sum((0, 1))
+        self.gates.records.clear()
+        self.steps += 1
+
+    def scores(self) -> dict:
+        if not self.acc:
+            raise RuntimeError("TaylorTrace: no backward pass ran while it was active")
+        D = self.D
+        acc = dict(self.acc)
+        for kind in self.kinds:  # a gate no backward reached scores 0
+            key = _GATE_KEY[kind]
+            n = {"heads": D["heads"], "mlp": D["mlp"], "v_dims": D["head_dim"], "hidden": D["hidden"],
+                 "layers": 1}[key]
+            dev = next(self.model.parameters()).device
+            for i in range(1 if key == "hidden" else D["layers"]):
+                acc.setdefault((key, i), torch.zeros(n, dtype=torch.float64, device=dev))
+        return _gathered(acc, self.kinds, D)
 
 
 def _loss(model, ids, m, t_logits):

@@ -2,10 +2,12 @@
 
 Each iteration of the stage is one *cut* (until ``cycles`` cuts are done; later iterations only re-distil):
 
-1. **score** every unit of the enabled kinds (:mod:`distillgate.models.prune`) on calibration tokens of the
-   teacher's answers: by default the accumulated ``|dL/dg|`` of a gate on each unit's output, with L the forward
-   KL to the teacher (S3.2); ``importance.source: teacher`` scores the teacher's corresponding units through
-   the layer and unit maps instead;
+1. **score** every unit of the enabled kinds (:mod:`distillgate.models.prune`): by default (``taylor_trace``)
+   the first-order Taylor term ``sum_t |a . dL/da|`` of each unit, i.e. ``|dL/dg|`` of a per-token gate on its
+   output, summed over the first ``importance.trace_steps`` steps of this iteration's re-distillation (L its
+   distillation loss against the teacher, S3.2) with every unit kept, the weights then restored; the one-shot
+   methods score on calibration tokens of the teacher's answers instead; ``importance.source: teacher`` scores
+   the teacher's corresponding units through the layer and unit maps;
 2. **choose** this cycle's share of the way to the target (``keep`` ratios per kind, or a ``target`` parameter
    count / FLOPs per token / TTFT ratio), times the recipe's ``prune.strength``; GQA-aware, uniform per layer;
 3. **fade**: re-distil with the dropped units frozen and their gates annealed 1 -> 0 over the first
@@ -27,7 +29,9 @@ its version.
 from __future__ import annotations
 
 import logging
+import shutil
 import time
+from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -66,15 +70,21 @@ class PruneTarget(BaseModel):
 
 class ImportanceOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    method: Literal["gradient", "fisher", "taylor", "obd", "learned", "activation", "magnitude", "random"] = Field(
-        "gradient", description="gradient: accumulated |dL/dg| per calibration row; fisher: sum of (dL/dg)^2 per row; "
+    method: Literal["gradient", "fisher", "taylor", "obd", "taylor_trace", "learned", "activation", "magnitude",
+                    "random"] = Field(
+        "taylor_trace", description="gradient: accumulated |dL/dg| per calibration row; fisher: sum of (dL/dg)^2 per row; "
                                 "taylor: sum_t |a.dL/da|; obd: the gate's Fisher on the model's own output "
-                                "(Optimal Brain Damage, no teacher needed); learned: unit gates trained (weights frozen) on the "
+                                "(Optimal Brain Damage, no teacher needed); taylor_trace: "
+                                "taylor (sum_t |a.dL/da|) accumulated over the first trace_steps steps of this "
+                                "iteration's re-distillation (its objective, data and order) with every unit kept, "
+                                "the weights then restored (Molchanov et al. 2017); learned: unit gates trained (weights frozen) on the "
                                 "loss plus a per-unit penalty, score = mean gate along the path; "
                                 "activation: Minitron mean activation magnitude; magnitude: weight norms; random")
     source: Literal["student", "teacher"] = Field("student", description="score the student, or the teacher's "
                                                   "corresponding units through the layer/unit maps")
     calib_tokens: int = Field(1024, ge=256, description="calibration tokens (teacher answers, rows of 256)")
+    trace_steps: int = Field(8, ge=1, description="taylor_trace: re-distillation steps the score accumulates "
+                             "over (at most the iteration's steps)")
 
 
 class PruneOptions(BaseModel):
@@ -104,6 +114,9 @@ class PruneOptions(BaseModel):
 
     @model_validator(mode="after")
     def _teacher_source_kinds(self):
+        if self.importance.source == "teacher" and self.importance.method == "taylor_trace":
+            raise ValueError("importance.method 'taylor_trace' accumulates along the student's re-distillation: "
+                             "it needs source 'student'")
         if self.importance.source == "teacher" and set(self.kinds) - {"heads", "mlp", "layers"}:
             raise ValueError("importance.source 'teacher' maps the teacher's heads, MLP units and layers onto the "
                              f"student; kinds {sorted(set(self.kinds) - {'heads', 'mlp', 'layers'})} need "
@@ -232,6 +245,8 @@ class PruneStage:
         t_score = time.time()
         if o.importance.source == "teacher":
             scores = self._teacher_scores(run, st, fit_rows, kinds)
+        elif o.importance.method == "taylor_trace":
+            scores = self._trace_scores(run, it, kinds)
         else:
             scores = importance(student, fit_rows, kinds=kinds, method=o.importance.method, teacher=teacher,
                                   seed=run.cfg.train.seed + it.index)
@@ -401,6 +416,45 @@ class PruneStage:
             out["mlp"] = torch.stack([t_scores["mlp"][t][[units[li][u] for u in total.mlp[j]]]
                                       for j, (li, t) in enumerate(zip(total.layers, t_layers))])
         return out
+
+    def _trace_scores(self, run, it, kinds) -> dict:
+        """``taylor_trace``: the first ``trace_steps`` steps of this iteration's re-distillation (``run.distil``:
+        its recipe, objective, data, order and lr schedule) run with every unit kept and a per-token gate on each
+        unit; the taylor term of every step's backward is summed (:class:`TaylorTrace`), then the student's
+        weights are put back, so the cut and the re-distillation start from the same student as with any other
+        method. An exploration winner's checkpoint (``it.continue_from``) is left for the re-distillation."""
+        import torch
+
+        from ..models.importance import TaylorTrace
+
+        o = self.options
+        student = run.student
+        steps = o.steps or it.recipe["train"]["steps"]
+        saved = {k: v.detach().clone() for k, v in student.state_dict().items()}
+        cont, it.continue_from = it.continue_from, None
+        out = Path(run.work) / f"iter-{it.index:03d}-trace"
+        try:
+            with TaylorTrace(student, tuple(kinds)) as trace:
+                run.distil(it, steps=o.steps, stop_at=min(o.importance.trace_steps, steps), out_dir=out,
+                           callbacks=[trace.collect])
+        finally:
+            with torch.no_grad():
+                student.load_state_dict(saved)
+            it.continue_from = cont
+            shutil.rmtree(out, ignore_errors=True)
+        scores = trace.scores()
+        from ..train import distributed as dist
+
+        if dist.world_size() > 1:  # each rank's backward saw its share of the batches: the trace is the sum
+            keys = sorted(scores)
+            flat = dist.all_reduce_sum(torch.cat([scores[k].flatten().cpu() for k in keys]).tolist())
+            off = 0
+            for k in keys:
+                n = scores[k].numel()
+                scores[k] = torch.tensor(flat[off:off + n], dtype=torch.float64,
+                                         device=scores[k].device).view_as(scores[k])
+                off += n
+        return scores
 
     @staticmethod
     def _heat(scores: dict, keep, D: dict) -> dict:
