@@ -45,6 +45,15 @@ def _saved_student(ctx: DrillContext) -> Path:
     return folder
 
 
+def _serve_student(ctx: DrillContext, work: Path):
+    """A ``loop.serving.backend`` process serving the iteration's student (logs under ``work/logs``)."""
+    from ..serve import backends
+
+    spec = ctx.run.cfg.loop.serving
+    return backends.start(spec.backend, _saved_student(ctx), f"iteration-{ctx.it.index}", work / "logs",
+                          device=spec.device, timeout=spec.startup_timeout_s, threads=spec.backend_threads)
+
+
 # ------------------------------------------------------------------------------------------------ G-O3
 
 class TeachersDrillOptions(CompatOptions):
@@ -125,30 +134,18 @@ class RollbackDrillOptions(BaseModel):
 
 
 def _rollback(ctx: DrillContext, o: RollbackDrillOptions) -> dict:
-    from ..serve import backends
-    from .recovery import drill
+    from .recovery import drill, store_launcher
 
     store, spec = ctx.run.store, ctx.run.cfg.loop.serving
     stable = store.stable_versions(o.versions)
     if not stable:
         raise InputError("G-O5: the run has no stable version yet, nothing to roll back to")
     work = ctx.work / f"ops-rollback-{ctx.it.index:03d}"
-    n = [0]
-
-    def start(label, folder):
-        return backends.start(spec.backend, folder, label, work / "logs", device=spec.device,
-                              timeout=spec.startup_timeout_s, threads=spec.backend_threads)
-
-    def launch(ref: str):
-        v = store.resolve(int(ref) if str(ref).isdigit() else ref)
-        n[0] += 1
-        return start(f"v{v.version_id}", v.checkout("student", work / "versions" / f"{n[0]:02d}-v{v.version_id}"))
-
+    start = _serve_student(ctx, work)
     ctx.say(f"  operations: G-O5 serving {ctx.version}, then rolling back to "
             + ", ".join(f"v{x}" for x in stable) + " under load")
-    rep = drill(start(f"iteration-{ctx.it.index}", _saved_student(ctx)), [str(x) for x in stable], launch, spec,
-                work, window_s=o.window_s, warmup_s=o.warmup_s,
-                max_load_factor=o.max_load_factor, say=ctx.say)
+    rep = drill(start, [str(x) for x in stable], store_launcher(store, spec, work), spec, work, window_s=o.window_s,
+                warmup_s=o.warmup_s, max_load_factor=o.max_load_factor, say=ctx.say)
     rep.update(served_first=ctx.version, stable_versions=stable)
     if len(stable) < o.versions:
         rep["note"] = f"the run has {len(stable)} stable version(s), fewer than the {o.versions} asked for"
@@ -161,17 +158,16 @@ class SoakDrillOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
     seconds: float = Field(60.0, gt=0, le=7 * 86400, description="soak duration (the SPEC soaks 48 h)")
     sample_every_s: float = Field(0.5, gt=0, description="RSS sampling period")
-    warmup_s: float = Field(2.0, ge=0, description="load before the first sample (first requests allocate caches)")
+    warmup_s: float = Field(30.0, ge=0, description="load before the first sample (a 900 s soak of `transformers "
+                                                    "serve` grew most in its first minutes: allocator warm-up)")
 
 
 def _soak(ctx: DrillContext, o: SoakDrillOptions) -> dict:
-    from ..serve import backends
     from .soak import gateway_soak
 
     spec = ctx.run.cfg.loop.serving
     work = ctx.work / f"ops-soak-{ctx.it.index:03d}"
-    b = backends.start(spec.backend, _saved_student(ctx), f"iteration-{ctx.it.index}", work / "logs",
-                       device=spec.device, timeout=spec.startup_timeout_s, threads=spec.backend_threads)
+    b = _serve_student(ctx, work)
     try:
         rep = gateway_soak(b, o.seconds, spec, work, sample_every_s=o.sample_every_s, warmup_s=o.warmup_s)
     finally:

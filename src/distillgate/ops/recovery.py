@@ -168,6 +168,26 @@ def drill(start, targets: list[str], launch: Callable[[str], object], spec, work
                                              "gateway's server-side latencies in the window before vs after"}
 
 
+def store_launcher(store, spec, work: Path, start_backend: Callable[[str, Path], object] | None = None):
+    """``launch(ref) -> Backend`` for :func:`drill`: version ``ref`` (an id or an alias) of ``store`` checked out
+    (verified, hard-linked) under ``work/versions`` and started by ``start_backend(label, folder)`` (default:
+    :func:`distillgate.serve.backends.start` with ``spec``'s backend, logs under ``work/logs``)."""
+    from ..serve import backends
+
+    if start_backend is None:
+        def start_backend(label, folder):
+            return backends.start(spec.backend, folder, label, work / "logs", device=spec.device,
+                                  timeout=spec.startup_timeout_s, threads=spec.backend_threads)
+    n = [0]
+
+    def launch(ref: str):
+        v = store.resolve(int(ref) if str(ref).isdigit() else ref)
+        n[0] += 1
+        return start_backend(f"v{v.version_id}", v.checkout("student", work / "versions" / f"{n[0]:02d}-v{v.version_id}"))
+
+    return launch
+
+
 def drill_run(root, run_id: str, *, spec=None, n_versions: int = 3, window_s: float = 3.0,
               start_backend: Callable[[str, Path], object] | None = None, work_dir=None,
               say: Callable[[str], None] = lambda s: None) -> dict:
@@ -175,7 +195,6 @@ def drill_run(root, run_id: str, *, spec=None, n_versions: int = 3, window_s: fl
     stable versions. ``start_backend(label, folder) -> Backend`` starts a backend for a checked-out version
     folder (default: :func:`distillgate.serve.backends.start` with ``spec.backend``); ``spec``: the run's
     ``loop.serving`` (a :class:`ServingSpec`) unless given."""
-    from ..serve import backends
     from ..serve.spec import ServingSpec
     from ..store import RunStore
 
@@ -190,18 +209,7 @@ def drill_run(root, run_id: str, *, spec=None, n_versions: int = 3, window_s: fl
         if current is None:
             raise InputError(f"run {run_id}: no 'current' version to serve")
         work = Path(work_dir) if work_dir else store.dir / "serve" / f"rollback-drill-{time.strftime('%Y%m%d-%H%M%S')}"
-        if start_backend is None:
-            def start_backend(label, folder):
-                return backends.start(spec.backend, folder, label, work / "logs", device=spec.device,
-                                      timeout=spec.startup_timeout_s, threads=spec.backend_threads)
-        n = [0]
-
-        def launch(ref: str):
-            v = store.resolve(int(ref) if str(ref).isdigit() else ref)
-            n[0] += 1
-            folder = v.checkout("student", work / "versions" / f"{n[0]:02d}-v{v.version_id}")
-            return start_backend(f"v{v.version_id}", folder)
-
+        launch = store_launcher(store, spec, work, start_backend)
         say(f"rollback drill on run {run_id}: serving v{current}, then rolling back to "
             + ", ".join(f"v{x}" for x in stable) + " under load")
         rep = drill(launch(str(current)), [str(x) for x in stable], launch, spec, work, window_s=window_s, say=say)
