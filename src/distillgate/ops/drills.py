@@ -96,8 +96,7 @@ class ExplainDrillOptions(ExplainOptions):
 
 
 def _explain(ctx: DrillContext, o: ExplainDrillOptions) -> dict:
-    from ..evaluate.providers import wilson_ci
-    from .explain_review import explain_all, export, probe_prompts
+    from .explain_review import automatic_report, explain_all, export, probe_prompts
 
     opts = ExplainOptions(**o.model_dump(exclude={"prompts"}))
     was_training = ctx.model.training
@@ -108,15 +107,11 @@ def _explain(ctx: DrillContext, o: ExplainDrillOptions) -> dict:
                                                             f"{'pass' if ex.check['passed'] else 'fail'}"))
     finally:
         ctx.model.train(was_training)
-    k, n = sum(e.check["passed"] for e in exs), len(exs)
-    lo, hi = wilson_ci(k, n)
     files = export(exs, ctx.work / f"ops-explain-{ctx.it.index:03d}", ctx.version,
                    {"iteration": ctx.it.index, "method": opts.method})
     for kind, p in files.items():
         ctx.it.files[f"explanations.{kind}"] = Path(p)
-    return {"provenance": f"automatic spot check, n={n}", "kind": "automatic", "n": n, "passed": k,
-            "pass_pct": 100.0 * k / n, "ci95_pct": [100.0 * lo, 100.0 * hi], "method": opts.method,
-            "failures": {e.id: e.check["reasons"] for e in exs if not e.check["passed"]},
+    return {**automatic_report(exs, opts.method),
             "review_files": sorted(f"explanations.{kind}" for kind in files)}
 
 

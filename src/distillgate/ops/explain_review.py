@@ -251,40 +251,41 @@ def read_verdicts(path: str | Path, allow_unreviewed: bool = False) -> VerdictSu
 METRIC = "explanation_spot_check_pct"
 
 
+def automatic_report(explanations: list[Explanation], method: str) -> dict:
+    """The G-O4 report of auto spot-checked ``explanations`` (what the provider and the ``explain`` drill give)."""
+    k, n = sum(e.check["passed"] for e in explanations), len(explanations)
+    lo, hi = wilson_ci(k, n)
+    return {"provenance": f"automatic spot check, n={n}", "kind": "automatic", "n": n, "passed": k,
+            "pass_pct": 100.0 * k / n, "ci95_pct": [100.0 * lo, 100.0 * hi], "method": method,
+            "failures": {e.id: e.check["reasons"] for e in explanations if not e.check["passed"]}}
+
+
 def spot_check_provider(ctx: GateContext) -> float | None:
     """G-O4: the human verdicts (``options['explanation_verdicts']``: a CSV path or a :class:`VerdictSummary`),
     else the operations stage's ``explain`` drill report (``options['explanation_report']``), else the automatic
     spot check of the student on ``explain_prompts`` built-in prompts."""
     given = ctx.options.get("explanation_verdicts")
-    drilled = ctx.options.get("explanation_report")  # the operations stage's ``explain`` drill, this iteration
-    if drilled and not given:
-        n, k = int(drilled["n"]), int(drilled["passed"])
-        ctx.details[METRIC] = {k_: drilled[k_] for k_ in ("provenance", "kind", "n", "passed", "method", "failures",
-                                                           "review_files") if k_ in drilled}
-        report_size(ctx, METRIC, n, tuple(drilled["ci95_pct"]), "Wilson score interval (scipy)")
-        return 100.0 * k / n
     if given:
         s = given if isinstance(given, VerdictSummary) else read_verdicts(given)
         prov = f"human spot check, n={s.n}"
         ctx.details[METRIC] = {"provenance": prov, "kind": "human", **s.to_dict()}
         report_size(ctx, METRIC, s.n, s.ci95, "Wilson score interval (scipy)")
         return s.pct
-    if "student" not in ctx.cache and ctx.student_spec is None:
-        ctx.details[METRIC] = {"note": "needs a student for the automatic spot check, or a human verdict file "
-                                       "(--explanation-verdicts CSV from `distillgate explain export`)"}
-        return None
-    st = ctx.student()
-    n = int(ctx.opt("explain_prompts"))
-    opts = ExplainOptions(seed=int(ctx.opt("seed")))
-    exs = explain_all(st.model, st.tokenizer, probe_prompts(n, seed=int(ctx.opt("seed"))), opts)
-    k = sum(e.check["passed"] for e in exs)
-    lo, hi = wilson_ci(k, len(exs))
-    prov = f"automatic spot check, n={len(exs)}"
-    ctx.details[METRIC] = {"provenance": prov, "kind": "automatic", "n": len(exs), "passed": k,
-                           "method": opts.method, "failures": {e.id: e.check["reasons"] for e in exs
-                                                               if not e.check["passed"]}}
-    report_size(ctx, METRIC, len(exs), (100.0 * lo, 100.0 * hi), "Wilson score interval (scipy)")
-    return 100.0 * k / len(exs)
+    rep = ctx.options.get("explanation_report")  # the operations stage's ``explain`` drill, this iteration
+    if not rep:
+        if "student" not in ctx.cache and ctx.student_spec is None:
+            ctx.details[METRIC] = {"note": "needs a student for the automatic spot check, or a human verdict file "
+                                           "(--explanation-verdicts CSV from `distillgate explain export`)"}
+            return None
+        st = ctx.student()
+        opts = ExplainOptions(seed=int(ctx.opt("seed")))
+        rep = automatic_report(explain_all(st.model, st.tokenizer, probe_prompts(int(ctx.opt("explain_prompts")),
+                                                                                 seed=int(ctx.opt("seed"))), opts),
+                               opts.method)
+    ctx.details[METRIC] = {k: rep[k] for k in ("provenance", "kind", "n", "passed", "method", "failures",
+                                               "review_files") if k in rep}
+    report_size(ctx, METRIC, rep["n"], tuple(rep["ci95_pct"]), "Wilson score interval (scipy)")
+    return rep["pass_pct"]
 
 
 register_metric_provider(METRIC, spot_check_provider, higher_is_better=True, regression=False, tier="high",
