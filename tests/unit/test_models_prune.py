@@ -35,6 +35,16 @@ def ids(tiny_tokenizer):
     return torch.randint(4, len(tiny_tokenizer), (3, 24), generator=g)
 
 
+def _gated_kl(m, t, row, head_gates):
+    """Per-position KL(teacher || student) of ``row`` with the student's head gates set to ``head_gates``."""
+    g = P.Gates(m, ("heads",))
+    g.values["heads"] = head_gates
+    with torch.no_grad(), g:
+        lg = m(row).logits[:, :-1]
+        tl = t(row).logits[:, :-1]
+    return float(I.kl_sum(lg.double(), tl.double())) / lg.shape[1]
+
+
 @pytest.mark.parametrize("model_type", ["llama", "mistral", "qwen2", "qwen3"])
 def test_keeping_everything_reproduces_logits_exactly(model_type, tiny_tokenizer, ids):
     m = _model(model_type, len(tiny_tokenizer))
@@ -122,12 +132,7 @@ def test_gradient_importance_is_the_gate_derivative(tiny_tokenizer, ids):
     s = I.importance(m, row, kinds=("heads",), method="gradient", teacher=t)["heads"]
 
     def loss(gv):
-        g = P.Gates(m, ("heads",))
-        g.values["heads"] = gv
-        with torch.no_grad(), g:
-            lg = m(row).logits[:, :-1]
-            tl = t(row).logits[:, :-1]
-        return float(I.kl_sum(lg.double(), tl.double())) / lg.shape[1]
+        return _gated_kl(m, t, row, gv)
 
     eps = 1e-2  # HF norms compute in float32 even in a float64 model: the loss is exact to ~1e-8 only
     for li, h in ((0, 1), (2, 3)):
@@ -329,12 +334,7 @@ def test_taylor2_is_minus_the_signed_gate_derivative_plus_half_the_obd_curvature
     assert (first > 0).any() and (first < 0).any()  # signed: some heads' removal lowers the loss at first order
 
     def loss(gv):
-        g = P.Gates(m, ("heads",))
-        g.values["heads"] = gv
-        with torch.no_grad(), g:
-            lg = m(row).logits[:, :-1]
-            tl = t(row).logits[:, :-1]
-        return float(I.kl_sum(lg.double(), tl.double())) / lg.shape[1]
+        return _gated_kl(m, t, row, gv)
 
     eps = 1e-2
     for li, h in ((0, 1), (2, 3), (1, 0)):
