@@ -426,6 +426,7 @@ class PruneStage:
         import torch
 
         from ..models.importance import TaylorTrace
+        from ..train import distributed as dist
 
         o = self.options
         student = run.student
@@ -442,19 +443,7 @@ class PruneStage:
                 student.load_state_dict(saved)
             it.continue_from = cont
             shutil.rmtree(out, ignore_errors=True)
-        scores = trace.scores()
-        from ..train import distributed as dist
-
-        if dist.world_size() > 1:  # each rank's backward saw its share of the batches: the trace is the sum
-            keys = sorted(scores)
-            flat = dist.all_reduce_sum(torch.cat([scores[k].flatten().cpu() for k in keys]).tolist())
-            off = 0
-            for k in keys:
-                n = scores[k].numel()
-                scores[k] = torch.tensor(flat[off:off + n], dtype=torch.float64,
-                                         device=scores[k].device).view_as(scores[k])
-                off += n
-        return scores
+        return dist.all_reduce_tensors(trace.scores())  # each rank's backward saw its share of the batches
 
     @staticmethod
     def _heat(scores: dict, keep, D: dict) -> dict:

@@ -66,6 +66,21 @@ def all_reduce_sum(values: list[float]) -> list[float]:
     return t.tolist()
 
 
+def all_reduce_tensors(tensors: dict) -> dict:
+    """``{key: tensor}`` summed over ranks (one flat float64 buffer, each result float64 on its tensor's device and
+    in its shape); the same dict in one process."""
+    if world_size() == 1:
+        return tensors
+    keys = sorted(tensors)
+    flat = all_reduce_sum(torch.cat([tensors[k].flatten().double().cpu() for k in keys]).tolist())
+    out, off = {}, 0
+    for k in keys:
+        n = tensors[k].numel()
+        out[k] = torch.tensor(flat[off:off + n], dtype=torch.float64, device=tensors[k].device).view_as(tensors[k])
+        off += n
+    return out
+
+
 def all_reduce_grads(params: list[torch.nn.Parameter]) -> None:
     """Sum ``.grad`` over ranks in one flat buffer per dtype (params without a grad get zeros)."""
     if world_size() == 1:
