@@ -90,6 +90,9 @@ def test_bad_operations_options_fail_at_preflight(tiny_teacher_dir, tmp_path):
     for opts, match in [("{drills: {nope: {}}}", r"drills\.nope: not a registered drill.*breaker"),
                         ("{drills: {breaker: {attacks: 0}}}", r"drills\.breaker\.attacks"),
                         ("{drills: {breaker: {shots: 3}}}", r"drills\.breaker\.shots: unknown option"),
+                        ("{drills: {teachers: {registry: /nope/teachers.json}}}",
+                         r"drills\.teachers\.registry: .*no teacher registry there"),
+                        ("{drills: {rollback: {window_s: 0}}}", r"drills\.rollback\.window_s"),
                         ("{when: sometimes}", r"loop\.stages\[1\]\.options\.when")]:
         stages = f"[{{name: anchor, iterations: 0}}, {{name: operations, iterations: 0, options: {opts}}}, " \
                  "{name: joint, iterations: 1}]"
