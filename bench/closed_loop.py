@@ -2,8 +2,9 @@
 
     (a) fixed      a fixed recipe: no strategy rule (``loop.strategy.rules=[]``);
     (b) strategy   the rule strategy (revert, weak_domain, plateau, tune, hard_pool, curriculum);
-    (c) explore    the rules plus the exploration: ``--variants`` short one-knob variants per iteration within
-                   ``--budget`` extra steps, the best by KL on the selection split continuing.
+    (c) explore    the rules plus the exploration: every ``--every``-th joint iteration, ``--variants`` short
+                   one-knob variants within ``--budget`` extra steps, the best by KL on the selection split
+                   continuing; the iterations between rest and train those steps as main steps (reinvest).
 
     HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 .venv/bin/python bench/closed_loop.py            # 3 seeds, ~20 min quiet
     .venv/bin/python bench/closed_loop.py --seeds 1 --iterations 2 --steps 8              # a smoke run
@@ -13,7 +14,8 @@ teacher's blocks ``--keep-layers``, MLP ``--mlp-width`` by weight magnitude), th
 (built-in prompts, ``data.seed`` 0; the selection split is reserved in every arm, so every arm trains on the same
 prompts), and the same optimizer steps in total: (c) runs ``--steps`` steps per iteration, the first ``h`` of
 them as the screens of PBT (the winner's checkpoint continues), plus the losing variants' ``variants x h``
-screen steps; (a) and (b) run ``--steps + variants x h`` main steps per iteration instead. (b) and (c) may move
+screen steps, and ``--steps + variants x h`` main steps in an iteration where the exploration rests; (a) and
+(b) run ``--steps + variants x h`` main steps per iteration. (b) and (c) may move
 the learning rate, the CE share and difficulty weighting (``tune_knobs``; (c) also a temperature bound), never
 steps or data volume, so the compute stays equal. The seeds change the training seed (batch order, tail samples)
 and the exploration sampler's seed.
@@ -66,7 +68,8 @@ def _overrides(args, arm: str, seed: int, root: str) -> list[str]:
         over.append("loop.strategy.rules=[]")
     if arm == "explore":
         over += [f"loop.strategy.exploration.budget={args.budget}",
-                 f"loop.strategy.exploration.variants={args.variants}"]
+                 f"loop.strategy.exploration.variants={args.variants}",
+                 f"loop.strategy.exploration.every={args.every}", f"loop.strategy.exploration.rest={args.rest}"]
     return over + list(args.overrides)
 
 
@@ -87,6 +90,7 @@ def run_arm(args, arm: str, seed: int, root: str) -> dict:
     hist = state["history"]
     last = hist[-1]["metrics"]
     steps = sum(int(h["recipe"]["train"]["steps"]) + int(h["metrics"].get("explore/steps", 0))
+                + int(h["metrics"].get("explore/reinvested", 0))
                 for h in hist if h.get("terms"))
     explore_s = sum(h["metrics"].get("explore/seconds", 0.0) for h in hist)
     decisions = collections.Counter(f"{d['rule']}:{d['knob']}" for d in state["decisions"])
@@ -115,16 +119,19 @@ def main() -> None:
     ap.add_argument("--teacher", default="default")
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--iterations", type=int, default=3, help="joint iterations per run")
-    ap.add_argument("--steps", type=int, default=12, help="main optimizer steps per iteration of the explore arm")
+    ap.add_argument("--steps", type=int, default=8, help="main optimizer steps per iteration of the explore arm")
     ap.add_argument("--budget", type=float, default=0.5, help="exploration's extra steps / main steps")
     ap.add_argument("--variants", type=int, default=2)
+    ap.add_argument("--every", type=int, default=3, help="explore every N-th joint iteration; the ones between "
+                    "rest and train the budget's screen steps as main steps (reinvest)")
+    ap.add_argument("--rest", type=int, default=0, help="extra iterations the exploration rests after a null one")
     ap.add_argument("--lr", type=float, default=3e-4, help="the recipe's (and the fixed arm's) learning rate")
     ap.add_argument("--keep-layers", default="[0, 1, 2, 3, 4, 5, 6, 7, 23, 24, 25, 26, 27, 28, 29]",
                     help="teacher blocks the student keeps (default: the 15 the demo's greedy_fast picks)")
     ap.add_argument("--mlp-width", type=int, default=1024)
     ap.add_argument("--prompts", type=int, default=24, help="new prompts per iteration")
     ap.add_argument("--heldout", type=int, default=16)
-    ap.add_argument("--selection", type=int, default=12)
+    ap.add_argument("--selection", type=int, default=24)
     ap.add_argument("--max-new-tokens", type=int, default=48)
     ap.add_argument("--ppl-text", default=str(WIKITEXT) if WIKITEXT.is_file() else "")
     ap.add_argument("--ppl-tokens", type=int, default=1024)

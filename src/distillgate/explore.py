@@ -23,6 +23,13 @@ Before an exploring stage's map (``loop.strategy.exploration.stages``), from the
    rule ``explore`` with the measured gain as its expected effect). When no variant wins, the main recipe's
    screen continues the same way. The extra compute is the losers' ``variants x h`` steps.
 
+5. **Hold.** A knob the screens measured and kept (no variant of it won; ``hold_screened``) is held for the
+   iteration's compensate like an adopted one (``Iteration.screened``): no rule moves it on a prior or a trend
+   against the A/B just measured.
+6. **Rest.** The exploration runs every ``every``-th iteration (and ``rest`` more after one where no variant
+   won); an iteration where it rests trains the budget's ``n x h`` steps as main steps (``reinvest``), and the
+   knobs the last screens measured stay held until the next screen.
+
 The trials (knob, move, incumbent and proposed value, relative selection KL and its standard error) are the
 strategy's clean measurements: :class:`distillgate.knobs.Memory` uses them for expected effects and knob blame.
 The exploration's extra steps and seconds are in the iteration's metrics (``explore/steps``,
@@ -218,6 +225,37 @@ def paired(base: list[tuple[float, int]], other: list[tuple[float, int]]) -> tup
     return rel, se
 
 
+def _rests(it, spec, memory: Memory, main_steps: int, n: int, h: int, defaults: dict) -> bool:
+    """Whether the exploration stands down this iteration: fewer than ``every`` iterations (``every + rest``
+    after one where no variant won) have passed since the last exploring iteration. With ``reinvest`` the
+    budget's ``n x h`` steps train the main recipe instead (this iteration's config only: the recipe, and so the
+    next iteration, keep their steps)."""
+    last = max((int(t["iteration"]) for t in memory.trials if int(t["iteration"]) < it.index), default=None)
+    if last is None:
+        return False
+    paid = any(t.get("adopted") for t in memory.trials if int(t["iteration"]) == last)
+    gap = spec.every + (0 if paid else spec.rest)
+    if it.index - last >= gap:
+        return False
+    if spec.hold_screened:  # the last screens' verdict stands until the next exploration measures again
+        for t in memory.trials:
+            if int(t["iteration"]) == last and t.get("knob"):
+                it.screened.setdefault(t["knob"], f"explore screened {t['knob']} in iteration {last} and rests "
+                                       f"until iteration {last + gap}: its value "
+                                       f"{_get(it.recipe, t['knob'], defaults)} stands until the next screen")
+    extra = n * h if spec.reinvest else 0
+    if extra:
+        it.cfg = it.cfg.model_copy(update={"train": it.cfg.train.model_copy(update={"steps": main_steps + extra})})
+    it.metrics.update({"explore/steps": 0, "explore/reinvested": extra, "explore/variants": 0})
+    it.findings.append(Finding(
+        "exploration", "info", "exploration",
+        f"the exploration rests (iteration {it.index - last} of {gap} after iteration {last}, where "
+        + ("a variant was adopted" if paid else "no variant beat the main recipe") + ")" + (f"; its budget of {n} x {h} screen steps trains the main recipe instead ({main_steps} + "
+                     f"{extra} steps)" if extra else ""),
+        {"rests": True, "last_explored": last, "reinvested": extra}))
+    return True
+
+
 def explore(it, run, stage_names: list[str]) -> None:
     """Run the iteration's exploration (see the module docstring); a no-op when it is off or does not apply."""
     from .loop.run import apply_recipe
@@ -235,6 +273,8 @@ def explore(it, run, stage_names: list[str]) -> None:
         return
     defaults = knob_defaults(it.cfg)
     memory = Memory(run.state.strategy)
+    if _rests(it, spec, memory, main_steps, n, h, defaults):
+        return
     proposals = propose(spec, memory, it.recipe, defaults, n, seed=spec.seed * 100_003 + it.index)
     proposals = _valid(proposals, it, run, apply_recipe)
     if not proposals:
@@ -308,6 +348,14 @@ def explore(it, run, stage_names: list[str]) -> None:
             it.decisions.append(d)
             memory.add_move(d, it.index, "kl", expected["change"], expected["source"], d.answers,
                             direction(old, value))
+    if spec.hold_screened:  # what the screens measured stands over a rule's prior or trend for the next recipe
+        for name in dict.fromkeys(r["knob"] for r in rows[1:]):
+            if adopted and name == best["knob"]:
+                continue  # held through its decision
+            tried = ", ".join(f"{r['value']:g}: {100 * r['relative']:+.1f}% (se {100 * r['se']:.1f}%)"
+                              for r in rows[1:] if r["knob"] == name)
+            it.screened[name] = (f"explore screened {name} around {_get(it.recipe, name, defaults)} ({tried} "
+                                 f"selection KL after {h} of {main_steps} steps) and kept its value")
     for j in range(n + 1):  # the losers' screens are the exploration's cost; the winner's continues
         if j != best_j:
             shutil.rmtree(root / f"screen-{j}", ignore_errors=True)

@@ -171,6 +171,16 @@ class ExplorationSpec(BaseModel):
     startup_trials: int = Field(4, ge=1, description="trials drawn at random before Optuna's TPE sampler models "
                                 "the earlier trials")
     seed: int = Field(0, description="proposal sampler seed (with the iteration)")
+    hold_screened: bool = Field(True, description="a knob the exploration screened this iteration and kept "
+                                "(no variant of it won) is held like an adopted one: no rule moves it for the next "
+                                "recipe (the A/B measured no better value; a rule has only a prior or a trend)")
+    every: int = Field(1, ge=1, description="iterations from one exploration to the next (1: every iteration); "
+                       "the ones between rest")
+    rest: int = Field(0, ge=0, description="iterations the exploration stands down, besides every's, after one "
+                      "where no variant beat the main recipe")
+    reinvest: bool = Field(True, description="an iteration where the exploration rests trains its budget "
+                           "(variants x h steps) as extra main steps, so the run's compute does not depend on how "
+                           "often it explored")
 
     @field_validator("knobs")
     @classmethod

@@ -455,20 +455,23 @@ def next_recipe(recipe: dict, findings: list[Finding], *, iteration: int, last_g
                 gate_status: dict[str, str], recent_decisions: list[Decision],
                 spec: StrategySpec | None = None, rules: list[tuple[str, Rule]] | None = None,
                 memory: dict | None = None, defaults: dict | None = None, refused: list | None = None,
-                held: list[Decision] = (), skipped: list | None = None) -> tuple[dict, list[Decision]]:
+                held: list[Decision] = (), screened: dict | None = None,
+                skipped: list | None = None) -> tuple[dict, list[Decision]]:
     """Return (recipe for iteration+1, decisions). Pure: inputs are not modified.
 
     ``memory``: the loop state's ``strategy`` dict (what this run measured; the tune rule updates its
     ``directions`` in place); ``defaults``: the
     config's value of knobs the recipe does not hold; ``refused``: a list refused changes are appended to;
     ``held``: the changes already made to this iteration's recipe (the exploration's adopted variant): no rule
-    moves their knobs again, and each skipped change is appended to ``skipped``."""
+    moves their knobs again, and each skipped change is appended to ``skipped``; ``screened``: knob -> reason,
+    knobs the exploration screened this iteration and kept (its A/B measured no better value), held the same
+    way."""
     spec = spec or StrategySpec()
     cooling = {d.knob for d in recent_decisions if d.rule == "revert" and iteration - d.iteration < spec.cooldown}
     step = StrategyStep(iteration, copy.deepcopy(recipe), [f for f in findings if not f.uncertain], last_good,
                         gate_status, list(recent_decisions), spec, cooling=cooling,
                         memory=Memory(memory if memory is not None else None), defaults=dict(defaults or {}),
-                        held={d.knob: _held_reason(d) for d in held})
+                        held={**(screened or {}), **{d.knob: _held_reason(d) for d in held}})
     for _, rule in (rule_list(spec) if rules is None else rules):
         rule(step)
     if refused is not None:

@@ -202,6 +202,39 @@ def test_exploration_picks_on_a_selection_split_apart_from_the_gates_heldout(exp
     assert not list((root.parent / "runs").glob("**/explore-*/screen-*"))  # the screens' checkpoints are gone
 
 
+@pytest.mark.parametrize("every, rest, margin", [(1, 1, 10.0), (2, 0, 0.0)])
+def test_the_exploration_rests_and_its_budget_trains_the_main_recipe(tiny_teacher_dir, tmp_path, every, rest,
+                                                                     margin):
+    """``rest: 1`` with a margin no variant can beat (10 = 1000% KL): iteration 1 explores for nothing, so
+    iteration 2 rests; ``every: 2``: iteration 2 rests whatever iteration 1 found. A resting iteration trains the
+    budget's 2 x 1 screen steps as main steps (4 + 2; the recipe keeps 4), so every iteration spends the same
+    compute, and the knob the last screens measured stays held: the tune rule does not move the learning rate
+    while the exploration rests."""
+    cfg = _cfg(tiny_teacher_dir, tmp_path / "runs", run_id="rest", **{
+        "loop.stages": "[{name: anchor, iterations: 0}, {name: joint, iterations: 3}]",
+        "loop.strategy.rules": "[revert, tune, hard_pool]", "loop.strategy.tune_knobs": "[train.lr]",
+        "loop.strategy.exploration.margin": margin, "loop.strategy.exploration.rest": rest,
+        "loop.strategy.exploration.every": every})
+    loop_mod.run(cfg, progress=False)
+    with RunStore.open(tmp_path / "runs", "rest") as s:
+        state = s.resolve("current").load_json("loop_state.json")
+        findings = s.catalog.findings(2)
+    hist = {h["iteration"]: h for h in state["history"]}
+    assert sorted({t["iteration"] for t in state["strategy"]["trials"]}) == [1, 3]
+    if margin:
+        assert not any(t["adopted"] for t in state["strategy"]["trials"])
+    spent = {i: hist[i]["metrics"]["train/steps"] + hist[i]["metrics"]["explore/steps"] for i in (1, 2, 3)}
+    assert spent == {1: 6, 2: 6, 3: 6}  # a continued screen's steps count in train/steps
+    assert all(hist[i]["recipe"]["train"]["steps"] == 4 for i in (1, 2, 3))
+    assert hist[2]["metrics"]["train/steps"] == 6 and hist[2]["metrics"]["explore/reinvested"] == 2
+    assert hist[1]["metrics"]["explore/steps"] == hist[3]["metrics"]["explore/steps"] == 2
+    (f,) = [f for f in findings if f["kind"] == "exploration"]
+    assert f["data"]["rests"] and f["data"]["last_explored"] == 1 and "4 + 2 steps" in f["message"]
+    assert not [d for d in state["decisions"] if d["iteration"] == 2 and d["rule"] == "tune"]
+    (sk,) = [f for f in findings if f["kind"] == "skipped_change" and f["subject"] == "train.lr"]
+    assert "rests until iteration 3" in sk["data"]["held_by"]
+
+
 def test_decisions_with_expected_and_measured_effects_round_trip_through_the_store(explored, capsys):
     from distillgate.cli import main
 
@@ -361,6 +394,22 @@ def test_no_rule_moves_a_knob_the_exploration_moved_in_the_same_iteration():
     _, ds = next_recipe(recipe, [gate], iteration=1, last_good=None, gate_status={}, recent_decisions=[],
                         defaults=defaults, held=[])
     assert ds[0].knob == "train.lr"
+
+
+def test_a_knob_the_exploration_screened_and_kept_is_held_too():
+    """The screens measured lr x2 and lr / 2 against the current lr and neither won: the tune rule's lr x1.5 (a
+    prior or a trend) does not overrule that A/B for the next recipe; it is skipped with the screens' numbers."""
+    cfg = load_config(RunConfig, None, ["train.lr=3e-4", "loss.channels={kd: 1.0, ce: 0.0}"])
+    recipe = initial_recipe(cfg)
+    gate = Finding("gate_fail", "warning", "ppl_ratio", "gate G-C1 fails", {"gate": {"id": "G-C1"}})
+    defaults = {"train.lr": 3e-4, "loss.channels.ce": 0.0, "loss.difficulty_weighting": False}
+    why = "explore screened train.lr around 0.0003 (0.0006: +1.2% (se 0.4%), 0.00015: +5.0% (se 0.6%)) and kept it"
+    skipped = []
+    nxt, ds = next_recipe(recipe, [gate], iteration=1, last_good=None, gate_status={}, recent_decisions=[],
+                          defaults=defaults, screened={"train.lr": why}, skipped=skipped)
+    assert not [d for d in ds if d.knob == "train.lr"] and nxt["train"]["lr"] == 3e-4
+    (sk,) = [s for s in skipped if s["knob"] == "train.lr"]
+    assert sk["rule"] == "tune" and sk["held_by"] == why and "+1.2% (se 0.4%)" in sk["reason"]
 
 
 def test_the_loop_keeps_the_tune_rule_off_the_learning_rate_the_exploration_adopted(tiny_teacher_dir, tmp_path):

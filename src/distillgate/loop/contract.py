@@ -86,6 +86,9 @@ class Iteration:
     # a training checkpoint the iteration's next ``run.distil`` continues from instead of starting fresh: the
     # exploration's winner (PBT exploit: its weights, AdamW state, schedule and data position); used once
     continue_from: str | None = None
+    # knob -> why no rule may move it for the next recipe: the exploration screened it this iteration and kept
+    # its value (no variant of it beat the main recipe); an adopted variant is held through it.decisions
+    screened: dict = field(default_factory=dict)
 
     @property
     def iteration(self) -> int:  # the name the older hooks used

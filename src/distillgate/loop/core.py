@@ -213,7 +213,7 @@ def compensate(it: Iteration, run, all_stages: list) -> None:
         gate_status=status, recent_decisions=recent, spec=spec, rules=rule_list(spec, extra),
         memory=memory.data, defaults=knob_defaults(it.cfg), refused=refused,
         held=[d for d in it.decisions if d.iteration == it.index],  # the exploration's adopted move stands
-        skipped=skipped)
+        screened=it.screened, skipped=skipped)
     for d in decisions:
         exp = d.expected or {}
         memory.add_move(d, it.index + 1, exp.get("metric"), exp.get("change"), exp.get("source", ""), d.answers,

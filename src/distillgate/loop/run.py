@@ -229,7 +229,8 @@ class Run:
         it.train_terms = dict(res.final_terms)
         it.metrics.update(dist.broadcast_object({  # rank 0's timings on every rank: the same state everywhere
             "train/tokens_per_s": res.tokens_per_s, "train/loss": res.final_loss,
-            "train/skipped_steps": res.skipped_steps, "train/rollbacks": res.rollbacks, "train/examples": len(exs)}))
+            "train/skipped_steps": res.skipped_steps, "train/rollbacks": res.rollbacks, "train/examples": len(exs),
+            "train/steps": res.steps}))
         for k, v in res.final_terms.items():
             it.metrics[f"loss/{k}"] = v
         if res.skipped_steps or res.rollbacks:
