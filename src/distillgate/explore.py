@@ -228,8 +228,8 @@ def paired(base: list[tuple[float, int]], other: list[tuple[float, int]]) -> tup
 def _rests(it, spec, memory: Memory, main_steps: int, n: int, h: int, defaults: dict) -> bool:
     """Whether the exploration stands down this iteration: fewer than ``every`` iterations (``every + rest``
     after one where no variant won) have passed since the last exploring iteration. With ``reinvest`` the
-    budget's ``n x h`` steps train the main recipe instead (this iteration's config only: the recipe, and so the
-    next iteration, keep their steps)."""
+    budget's ``n x h`` steps train the main recipe instead (``it.extra_steps``, this iteration only: the recipe,
+    and so the next iteration, keep their steps)."""
     last = max((int(t["iteration"]) for t in memory.trials if int(t["iteration"]) < it.index), default=None)
     if last is None:
         return False
@@ -244,8 +244,7 @@ def _rests(it, spec, memory: Memory, main_steps: int, n: int, h: int, defaults: 
                                        f"until iteration {last + gap}: its value "
                                        f"{_get(it.recipe, t['knob'], defaults)} stands until the next screen")
     extra = n * h if spec.reinvest else 0
-    if extra:
-        it.cfg = it.cfg.model_copy(update={"train": it.cfg.train.model_copy(update={"steps": main_steps + extra})})
+    it.extra_steps = extra  # the iteration's main training adds them to its schedule (run.distil)
     it.metrics.update({"explore/steps": 0, "explore/reinvested": extra, "explore/variants": 0})
     it.findings.append(Finding(
         "exploration", "info", "exploration",
@@ -256,7 +255,7 @@ def _rests(it, spec, memory: Memory, main_steps: int, n: int, h: int, defaults: 
     return True
 
 
-def explore(it, run, stage_names: list[str]) -> None:
+def explore(it, run, stage_names: list[str], stage_steps: int | None = None) -> None:
     """Run the iteration's exploration (see the module docstring); a no-op when it is off or does not apply."""
     from .loop.run import apply_recipe
     from .strategy import knob_defaults
@@ -264,7 +263,7 @@ def explore(it, run, stage_names: list[str]) -> None:
     spec = run.cfg.loop.strategy.exploration
     if spec.budget <= 0 or it.index < 1 or not any(n in spec.stages for n in stage_names) or not run.selection:
         return
-    main_steps = int(it.recipe["train"]["steps"])
+    main_steps = int(stage_steps or it.recipe["train"]["steps"])  # the stage's own steps when it sets them
     n, h = horizon(spec.budget, main_steps, spec.variants)
     if n == 0:
         it.findings.append(Finding("exploration", "info", "exploration",
@@ -295,7 +294,7 @@ def explore(it, run, stage_names: list[str]) -> None:
                                         findings=[], train_terms={}, continue_from=None)
             run.say(f"  explore {j}/{n}: {'main recipe' if prop is None else f'{prop[1]} = {prop[2]:g}'}, "
                     f"{h} of {main_steps} steps")
-            run.distil(short, stop_at=h, out_dir=root / f"screen-{j}")
+            run.distil(short, steps=stage_steps, stop_at=h, out_dir=root / f"screen-{j}")
             kl, rows = selection_scores(run)
             kls.append(kl)
             scores.append(rows)

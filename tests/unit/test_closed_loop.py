@@ -202,16 +202,18 @@ def test_exploration_picks_on_a_selection_split_apart_from_the_gates_heldout(exp
     assert not list((root.parent / "runs").glob("**/explore-*/screen-*"))  # the screens' checkpoints are gone
 
 
-@pytest.mark.parametrize("every, rest, margin", [(1, 1, 10.0), (2, 0, 0.0)])
+@pytest.mark.parametrize("every, rest, margin, stage_steps", [(1, 1, 10.0, None), (2, 0, 0.0, None),
+                                                             (2, 0, 0.0, 6)])
 def test_the_exploration_rests_and_its_budget_trains_the_main_recipe(tiny_teacher_dir, tmp_path, every, rest,
-                                                                     margin):
+                                                                     margin, stage_steps):
     """``rest: 1`` with a margin no variant can beat (10 = 1000% KL): iteration 1 explores for nothing, so
     iteration 2 rests; ``every: 2``: iteration 2 rests whatever iteration 1 found. A resting iteration trains the
     budget's 2 x 1 screen steps as main steps (4 + 2; the recipe keeps 4), so every iteration spends the same
     compute, and the knob the last screens measured stays held: the tune rule does not move the learning rate
-    while the exploration rests."""
+    while the exploration rests. A joint stage with its own ``steps`` (6) is screened and reinvested on those."""
+    opts = f", options: {{steps: {stage_steps}}}" if stage_steps else ""
     cfg = _cfg(tiny_teacher_dir, tmp_path / "runs", run_id="rest", **{
-        "loop.stages": "[{name: anchor, iterations: 0}, {name: joint, iterations: 3}]",
+        "loop.stages": f"[{{name: anchor, iterations: 0}}, {{name: joint, iterations: 3{opts}}}]",
         "loop.strategy.rules": "[revert, tune, hard_pool]", "loop.strategy.tune_knobs": "[train.lr]",
         "loop.strategy.exploration.margin": margin, "loop.strategy.exploration.rest": rest,
         "loop.strategy.exploration.every": every})
@@ -223,13 +225,16 @@ def test_the_exploration_rests_and_its_budget_trains_the_main_recipe(tiny_teache
     assert sorted({t["iteration"] for t in state["strategy"]["trials"]}) == [1, 3]
     if margin:
         assert not any(t["adopted"] for t in state["strategy"]["trials"])
+    main = stage_steps or 4
+    extra = 2 * (main // 4)  # 2 variants x floor(0.5 x main / 2) steps
     spent = {i: hist[i]["metrics"]["train/steps"] + hist[i]["metrics"]["explore/steps"] for i in (1, 2, 3)}
-    assert spent == {1: 6, 2: 6, 3: 6}  # a continued screen's steps count in train/steps
+    assert spent == {i: main + extra for i in (1, 2, 3)}  # a continued screen's steps count in train/steps
     assert all(hist[i]["recipe"]["train"]["steps"] == 4 for i in (1, 2, 3))
-    assert hist[2]["metrics"]["train/steps"] == 6 and hist[2]["metrics"]["explore/reinvested"] == 2
-    assert hist[1]["metrics"]["explore/steps"] == hist[3]["metrics"]["explore/steps"] == 2
+    assert hist[2]["metrics"]["train/steps"] == main + extra and hist[2]["metrics"]["explore/reinvested"] == extra
+    assert hist[1]["metrics"]["explore/steps"] == hist[3]["metrics"]["explore/steps"] == extra
+    assert hist[1]["metrics"]["explore/horizon"] == main // 4
     (f,) = [f for f in findings if f["kind"] == "exploration"]
-    assert f["data"]["rests"] and f["data"]["last_explored"] == 1 and "4 + 2 steps" in f["message"]
+    assert f["data"]["rests"] and f["data"]["last_explored"] == 1 and f"{main} + {extra} steps" in f["message"]
     assert not [d for d in state["decisions"] if d["iteration"] == 2 and d["rule"] == "tune"]
     (sk,) = [f for f in findings if f["kind"] == "skipped_change" and f["subject"] == "train.lr"]
     assert "rests until iteration 3" in sk["data"]["held_by"]

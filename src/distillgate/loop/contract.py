@@ -89,6 +89,9 @@ class Iteration:
     # knob -> why no rule may move it for the next recipe: the exploration screened it this iteration and kept
     # its value (no variant of it beat the main recipe); an adopted variant is held through it.decisions
     screened: dict = field(default_factory=dict)
+    # optimizer steps the iteration's next main training (``run.distil`` without ``stop_at``) adds to its
+    # schedule: the budget of an exploration that rests (reinvest); used once
+    extra_steps: int = 0
 
     @property
     def iteration(self) -> int:  # the name the older hooks used

@@ -208,6 +208,9 @@ class Run:
         update = {"seed": self.cfg.train.seed + it.index, "checkpoint_every": 0}
         if steps is not None:
             update["steps"] = steps
+        if stop_at is None and it.extra_steps:  # a resting exploration's budget, reinvested (used once)
+            update["steps"] = int(update.get("steps", it.cfg.train.steps)) + it.extra_steps
+            it.extra_steps = 0
         spec = it.cfg.train.model_copy(update=update)
         if channels is not None:
             channels.attach(self._student)
