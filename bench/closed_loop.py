@@ -6,8 +6,10 @@
                    one-knob variants within ``--budget`` extra steps, the best by KL on the selection split
                    continuing; the iterations between rest and train those steps as main steps (reinvest).
 
-    HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 .venv/bin/python bench/closed_loop.py            # 3 seeds, ~20 min quiet
-    .venv/bin/python bench/closed_loop.py --seeds 1 --iterations 2 --steps 8              # a smoke run
+    HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 .venv/bin/python bench/closed_loop.py
+        # 3 seeds x 3 arms in one process, ~2-2.5 min an arm-seed on a quiet machine (README: 2 processes at a
+        # time, --seeds 1 --first-seed S --arms ARM --json F each, then --merge)
+    .venv/bin/python bench/closed_loop.py --seeds 1 --iterations 2                        # a smoke run
 
 Same teacher (the embedded SmolLM2-135M-Instruct unless ``teacher.path=...``), same student initialisation (the
 teacher's blocks ``--keep-layers``, MLP ``--mlp-width`` by weight magnitude), the same prompts in the same order
@@ -120,8 +122,8 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--iterations", type=int, default=3, help="joint iterations per run")
     ap.add_argument("--steps", type=int, default=8, help="main optimizer steps per iteration of the explore arm")
-    ap.add_argument("--budget", type=float, default=0.5, help="exploration's extra steps / main steps")
-    ap.add_argument("--variants", type=int, default=2)
+    ap.add_argument("--budget", type=float, default=0.25, help="exploration's extra steps / main steps")
+    ap.add_argument("--variants", type=int, default=1, help="variants per exploration (the product's default: 2)")
     ap.add_argument("--every", type=int, default=3, help="explore every N-th joint iteration; the ones between "
                     "rest and train the budget's screen steps as main steps (reinvest)")
     ap.add_argument("--rest", type=int, default=0, help="extra iterations the exploration rests after a null one")
