@@ -246,24 +246,29 @@ def _rests(it, spec, memory: Memory, main_steps: int, n: int, h: int, defaults: 
     extra = n * h if spec.reinvest else 0
     it.extra_steps = extra  # the iteration's main training adds them to its schedule (run.distil)
     it.metrics.update({"explore/steps": 0, "explore/reinvested": extra, "explore/variants": 0})
-    it.findings.append(Finding(
-        "exploration", "info", "exploration",
-        f"the exploration rests (iteration {it.index - last} of {gap} after iteration {last}, where "
-        + ("a variant was adopted" if paid else "no variant beat the main recipe") + ")" + (f"; its budget of {n} x {h} screen steps trains the main recipe instead ({main_steps} + "
-                     f"{extra} steps)" if extra else ""),
-        {"rests": True, "last_explored": last, "reinvested": extra}))
+    why = "a variant was adopted" if paid else "no variant beat the main recipe"
+    spent = (f"; its budget of {n} x {h} screen steps trains the main recipe instead ({main_steps} + {extra} steps)"
+             if extra else "")
+    it.findings.append(Finding("exploration", "info", "exploration",
+                               f"the exploration rests (iteration {it.index - last} of {gap} after iteration "
+                               f"{last}, where {why}){spent}",
+                               {"rests": True, "last_explored": last, "reinvested": extra}))
     return True
 
 
-def explore(it, run, stage_names: list[str], stage_steps: int | None = None) -> None:
-    """Run the iteration's exploration (see the module docstring); a no-op when it is off or does not apply."""
+def explore(it, run, stages: list) -> None:
+    """Run the iteration's exploration (see the module docstring) before the map of ``stages`` (the iteration's
+    stage objects); a no-op when it is off or does not apply."""
     from .loop.run import apply_recipe
     from .strategy import knob_defaults
 
     spec = run.cfg.loop.strategy.exploration
-    if spec.budget <= 0 or it.index < 1 or not any(n in spec.stages for n in stage_names) or not run.selection:
+    exploring = [st for st in stages if getattr(st, "name", "") in spec.stages]
+    if spec.budget <= 0 or it.index < 1 or not exploring or not run.selection:
         return
-    main_steps = int(stage_steps or it.recipe["train"]["steps"])  # the stage's own steps when it sets them
+    # the exploring stage's own steps when it sets them (the joint stage's options.steps), else the recipe's
+    stage_steps = next((s for st in exploring if (s := getattr(getattr(st, "options", None), "steps", None))), None)
+    main_steps = int(stage_steps or it.recipe["train"]["steps"])
     n, h = horizon(spec.budget, main_steps, spec.variants)
     if n == 0:
         it.findings.append(Finding("exploration", "info", "exploration",

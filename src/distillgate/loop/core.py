@@ -70,10 +70,7 @@ def run_iteration(run, k: int, stages: list, all_stages: list) -> Iteration:
                 run.ensure_student(it)
                 from ..explore import explore
 
-                xspec = run.cfg.loop.strategy.exploration  # the exploring stage's own steps, when it sets them
-                own = [getattr(getattr(st, "options", None), "steps", None) for st in stages
-                       if getattr(st, "name", "") in xspec.stages]
-                explore(it, run, [getattr(st, "name", "") for st in stages], next((s for s in own if s), None))
+                explore(it, run, stages)
             for st in all_stages:     # every stage of the run may watch every iteration (contract: observe)
                 watch = getattr(st, "observe", None)
                 if watch is not None:
