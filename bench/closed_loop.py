@@ -35,6 +35,7 @@ import argparse
 import collections
 import json
 import os
+import shutil
 import statistics
 import tempfile
 import time
@@ -101,10 +102,10 @@ def run_arm(args, arm: str, seed: int, root: str) -> dict:
                      if d["rule"] != "hard_pool"]
     trials = [(t["iteration"], t.get("move"), round(t["value"], 4), round(t.get("se", 0.0), 4), t["adopted"])
               for t in state.get("strategy", {}).get("trials", [])]
-    return {"arm": arm, "seed": seed, "kl": last["kl"], "top1": last["top1_agreement"],
-            "ppl_ratio": last.get("ppl_ratio"), "steps": steps, "seconds": seconds, "explore_seconds": explore_s,
-            "decisions": dict(decisions), "lr_path": lr_path, "decision_path": decision_path, "trials": trials,
-            "skipped": skipped,
+    return {"arm": arm, "seed": seed, "run_id": summary["run_id"], "kl": last["kl"],
+            "top1": last["top1_agreement"], "ppl_ratio": last.get("ppl_ratio"), "steps": steps, "seconds": seconds,
+            "explore_seconds": explore_s, "decisions": dict(decisions), "lr_path": lr_path,
+            "decision_path": decision_path, "trials": trials, "skipped": skipped,
             "kl_path": [round(h["metrics"]["kl"], 4) for h in hist]}
 
 
@@ -138,7 +139,8 @@ def main() -> None:
     ap.add_argument("--ppl-text", default=str(WIKITEXT) if WIKITEXT.is_file() else "")
     ap.add_argument("--ppl-tokens", type=int, default=1024)
     ap.add_argument("--arms", default=",".join(ARMS))
-    ap.add_argument("--root", default=None, help="run store folder (default: a temporary one)")
+    ap.add_argument("--root", default=None, help="run store folder, kept (default: a temporary "
+                    "one, each run's store deleted once its numbers are read)")
     ap.add_argument("--json", default=None, help="write every run's numbers here")
     ap.add_argument("overrides", nargs="*", help="more config overrides key=value for every arm")
     ap.add_argument("--first-seed", type=int, default=0, help="seeds first-seed .. first-seed + seeds - 1 (to run "
@@ -162,6 +164,8 @@ def main() -> None:
             for arm in arms:
                 r = run_arm(args, arm, seed, root)
                 results.append(r)
+                if not args.root:  # a run store holds its student versions (~1 GB a run): keep only the numbers
+                    shutil.rmtree(Path(root) / r["run_id"], ignore_errors=True)
                 if args.json:  # after every arm: a killed benchmark keeps what it measured
                     Path(args.json).write_text(json.dumps(results, indent=2))
     for r in results:

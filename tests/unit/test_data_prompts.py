@@ -123,3 +123,35 @@ def test_hf_prompts_offline_is_a_clear_error(monkeypatch):
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     with pytest.raises(InputError, match="network access.*data.source=jsonl"):
         load_hf_prompts("tatsu-lab/alpaca", "train", "instruction", 4)
+
+
+def test_builtin_is_prefix_stable():
+    """Asking for more prompts appends: the first n are the same prompts, in the same order."""
+    small, big = builtin_prompts(37, seed=2), builtin_prompts(301, seed=2)
+    assert [p.id for p in small] == [p.id for p in big[:37]]
+    two = builtin_prompts(11, domains=["legal", "travel"], seed=1)
+    assert [p.id for p in two] == [p.id for p in builtin_prompts(60, domains=["legal", "travel"], seed=1)[:11]]
+
+
+def test_a_runs_heldout_and_selection_prompts_do_not_depend_on_its_length(tmp_path):
+    """The gates' held-out set and the selection split are drawn from a pool sized by the run's iteration count;
+    a 3-iteration and a 9-iteration run of the same config must measure on the same prompts (and take the same
+    first iteration), or their KL would not compare."""
+    from distillgate.config import RunConfig, load_config
+    from distillgate.loop.state import LoopState
+    from distillgate.loop.training_set import TrainingSet, prompt_pool
+
+    cfg = load_config(RunConfig, None, ["loop.heldout_prompts=12", "loop.prompts_per_iteration=16",
+                                        "loop.strategy.exploration.selection_prompts=10", "data.seed=3"])
+    mix = {d: 1.0 for d in cfg.data.domains}
+    drawn = []
+    for iterations in (3, 9):
+        ts = TrainingSet(cfg, None, LoopState(recipe={}), prompt_pool(cfg, iterations), progress=False)
+        held = ts.take(12, mix, "lm", seed=-1)
+        ts.state.heldout_prompts = [p.id for p in held]
+        sel = ts.take(10, mix, "lm", seed=-3)
+        ts.state.selection_prompts = [p.id for p in sel]
+        first = ts.take(16, mix, "lm", seed=0)
+        drawn.append(([p.id for p in held], [p.id for p in sel], [p.id for p in first]))
+    assert drawn[0] == drawn[1]
+    assert not set(drawn[0][0]) & set(drawn[0][1])

@@ -117,8 +117,9 @@ def _capacity(domain: str, level: int) -> int:
 
 def builtin_prompts(n: int, domains: list[str] | tuple[str, ...] = DOMAINS, seed: int = 0) -> list[PromptRecord]:
     """``n`` distinct instructions, balanced across ``domains`` (counts differ by at most 1) and, within a
-    domain, across complexity levels 1/2/3 (cycled). Deterministic for (n, domains, seed); prompt ids are
-    content hashes, so a prompt keeps its id whatever else is generated with it.
+    domain, across complexity levels 1/2/3 (cycled). Deterministic for (n, domains, seed) and prefix-stable: the first
+    ``n`` prompts are the same whatever larger count is asked for. Prompt ids are content hashes (with the
+    domain), so a prompt keeps its id whatever else is generated with it.
     """
     if n < 1:
         raise ConfigError("data.num_prompts", n, "an integer >= 1")
@@ -126,11 +127,14 @@ def builtin_prompts(n: int, domains: list[str] | tuple[str, ...] = DOMAINS, seed
     bad = [d for d in domains if d not in VOCAB]
     if not domains or bad:
         raise ConfigError("data.domains", domains, f"a non-empty subset of {list(DOMAINS)}")
-    rng = random.Random(f"distillgate-prompts-{seed}")
     per_domain = [n // len(domains) + (1 if i < n % len(domains) else 0) for i in range(len(domains))]
     out: list[PromptRecord] = []
-    seen: set[str] = set()
     for domain, count in zip(domains, per_domain):
+        # One generator per domain (and a domain's own duplicate check): a domain's prompts do not depend on how
+        # many the other domains drew, so the list for n is a prefix of the list for any larger n (a run's
+        # held-out set does not change with its length).
+        rng = random.Random(f"distillgate-prompts-{seed}-{domain}")
+        seen: set[str] = set()
         for j in range(count):
             level = j % 3 + 1
             cap = _capacity(domain, level)
