@@ -127,3 +127,67 @@ def test_gguf_import_folder_is_keyed_by_content_not_path_or_mtime(tmp_path, monk
     assert str(a.resolve()) in memo and str(b.resolve()) in memo
     a.write_bytes(b"GGUF changed")                                   # new size -> new stamp -> rehashed
     assert imported_dir_for(a) != imported_dir_for(b)
+
+
+def _fake_gguf_loader(monkeypatch, tiny_model_factory, tiny_tokenizer, during=None):
+    """transformers' GGUF loading replaced by the tiny model (no GGUF file to parse here); ``during()`` runs while
+    the import converts, as another process would."""
+    import transformers
+
+    def model_from_pretrained(*a, **kw):
+        if during is not None:
+            during()
+        return tiny_model_factory(seed=1)
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", model_from_pretrained)
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", lambda *a, **kw: tiny_tokenizer)
+
+
+def test_gguf_import_to_the_cache_survives_a_concurrent_import(tmp_path, monkeypatch, tiny_model_factory,
+                                                               tiny_tokenizer):
+    """Two runs started together on a fresh machine both import the default teacher: the one that commits second
+    uses the first one's folder instead of failing 'already exists' (seen with two bench processes)."""
+    from distillgate.io import verify_manifest
+    from distillgate.models.load import import_gguf, imported_dir_for
+
+    monkeypatch.setenv("DISTILLGATE_HOME", str(tmp_path / "home"))
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"GGUF bytes")
+    out = imported_dir_for(gguf)
+    _fake_gguf_loader(monkeypatch, tiny_model_factory, tiny_tokenizer, during=None)
+    import_gguf(gguf, out_dir=tmp_path / "theirs")                  # what the other process commits
+    theirs = verify_manifest(tmp_path / "theirs", kind="model")
+
+    def other_writer_commits():
+        import shutil
+        if not out.exists():
+            shutil.copytree(tmp_path / "theirs", out)
+
+    _fake_gguf_loader(monkeypatch, tiny_model_factory, tiny_tokenizer, during=other_writer_commits)
+    assert import_gguf(gguf) == out
+    assert verify_manifest(out, kind="model")["files"] == theirs["files"]   # theirs kept, ours dropped
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(".") and p.name.endswith(".tmp")]
+    assert import_gguf(gguf) == out                                 # and the next start just reuses it
+
+
+def test_gguf_import_replaces_an_unusable_cache_but_not_a_users_folder(tmp_path, monkeypatch, tiny_model_factory,
+                                                                       tiny_tokenizer):
+    from distillgate.errors import ArtifactError
+    from distillgate.io import verify_manifest
+    from distillgate.models.load import import_gguf, imported_dir_for
+
+    monkeypatch.setenv("DISTILLGATE_HOME", str(tmp_path / "home"))
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"GGUF bytes")
+    _fake_gguf_loader(monkeypatch, tiny_model_factory, tiny_tokenizer)
+    out = imported_dir_for(gguf)
+    out.mkdir(parents=True)
+    (out / "config.json").write_text("{}")                          # a leftover without a manifest
+    assert import_gguf(gguf) == out
+    verify_manifest(out, kind="model")
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "config.json").write_text("{}")
+    with pytest.raises(ArtifactError):
+        import_gguf(gguf, out_dir=mine)                             # the user's folder is never replaced
+    assert (mine / "config.json").read_text() == "{}"

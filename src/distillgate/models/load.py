@@ -88,10 +88,20 @@ def import_gguf(gguf: str | os.PathLike, out_dir: str | os.PathLike | None = Non
     gguf = Path(gguf)
     if not gguf.is_file():
         raise InputError(f"{gguf}: GGUF file not found")
+    # The default location is a cache keyed by the file's hash: two processes importing the same GGUF at once (two
+    # runs started together on a fresh machine) compute the same folder, so the first to commit wins and the other
+    # uses it; a leftover there that does not verify (a crash, a deleted file) is replaced. An explicit ``out_dir``
+    # is the user's folder: it is never replaced unless ``overwrite``.
+    cache = out_dir is None and not overwrite
     out = Path(out_dir) if out_dir else imported_dir_for(gguf)
     if out.exists() and not overwrite:
-        verify_manifest(out, kind="model", deep=False)
-        return out
+        try:
+            verify_manifest(out, kind="model", deep=False)
+            return out
+        except ArtifactError as e:
+            if not cache:
+                raise
+            log.warning("%s: the cached import is unusable (%s); importing again", out, e)
     log.info("importing %s -> %s (one-time de-quantization)", gguf, out)
     q = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
     tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
@@ -108,7 +118,8 @@ def import_gguf(gguf: str | os.PathLike, out_dir: str | os.PathLike | None = Non
     if getattr(q, "generation_config", None) is not None:
         plain.generation_config = q.generation_config
     meta = {"source": str(gguf), "source_sha256": sha256_file(gguf), "name": gguf.stem}
-    with atomic_dir(out, kind="model", format_version=MODEL_FORMAT_VERSION, meta=meta, overwrite=overwrite) as tmp:
+    with atomic_dir(out, kind="model", format_version=MODEL_FORMAT_VERSION, meta=meta, overwrite=overwrite,
+                    exist_ok=cache) as tmp:
         plain.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
     return out
