@@ -9,16 +9,20 @@ Before an exploring stage's map (``loop.strategy.exploration.stages``), from the
    the knob's range is not proposed. Each move is tried once at its knob's current value (a trial measured at
    another value is stale), in ``knobs`` order, before Optuna's TPE sampler
    (rebuilt every iteration from this run's stored trials) chooses among them by their measured gains.
-2. **Screen.** The main recipe and each variant train the first ``h`` steps of the iteration's own schedule
-   (warmup and cosine over all ``train.steps``) from the same weights, on the same batches in the same order,
-   where ``h = min(steps, floor(budget x steps / variants))``: only the variants' steps are extra.
+2. **Screen.** The main recipe trains its first ``p`` steps (``screen_after``: by default its warmup), then it
+   and each variant continue that checkpoint (the same weights, AdamW moments and data position) for ``h`` steps
+   of the iteration's own schedule (warmup and cosine over all ``train.steps``), on the same batches in the same
+   order, where ``h = min(steps, floor(budget x steps / variants))``: only the variants' steps are extra. A
+   screen that starts with the iteration (``screen_after: 0``) measures the first updates of a fresh AdamW,
+   which are bias-corrected to about ``lr x sign(gradient)`` whatever the gradient's scale, at a warming lr:
+   with two-step screens that told little about the steps that follow (``bench/closed_loop.py``, README).
 3. **Select.** Each is scored by the exact KL(teacher || student) on the **selection split**: training-pool
    prompts reserved at the run's start (``selection_prompts``), never trained on and disjoint from the held-out
    set the gates use, so picking on it does not bias the verdict. The noise of a difference is measured: the
    paired per-prompt differences' standard error (``selection_se``) and the KL's sd across prompts. A variant
    replaces the main recipe only when it beats it by more than ``max(margin, noise_z x its standard error)``.
 4. **Exploit.** The winner's *checkpoint* continues (its weights, AdamW state, schedule and data position:
-   :attr:`Iteration.continue_from`), so the iteration's main training runs only the remaining ``steps - h``
+   :attr:`Iteration.continue_from`), so the iteration's main training runs only the remaining ``steps - p - h``
    steps and the winner's screen steps are not thrown away; its knob value stays in the recipe (a decision of
    rule ``explore`` with the measured gain as its expected effect). When no variant wins, the main recipe's
    screen continues the same way. The extra compute is the losers' ``variants x h`` steps.
@@ -65,6 +69,13 @@ def horizon(budget: float, main_steps: int, variants: int) -> tuple[int, int]:
             return n, h
         n -= 1
     return 0, 0
+
+
+def prefix_steps(spec, warmup_steps: int, main_steps: int, h: int) -> int:
+    """Main-recipe steps before the screens branch (``screen_after``), so that the ``h`` screen steps still fit
+    in the iteration's ``main_steps``."""
+    want = int(warmup_steps) if spec.screen_after == "warmup" else int(spec.screen_after)
+    return max(0, min(want, main_steps - h))
 
 
 def _relevant(name: str, recipe: dict) -> bool:
@@ -285,12 +296,21 @@ def explore(it, run, stages: list) -> None:
         return
     t0 = time.time()
     n = len(proposals)
+    p = prefix_steps(spec, it.cfg.train.warmup_steps, main_steps, h)
     root = run.work / f"explore-{it.index:03d}"
     shutil.rmtree(root, ignore_errors=True)  # a killed attempt restarts every screen clean
     start = {k: v.detach().clone() for k, v in run.student.state_dict().items()}
     scores, kls = [], []
     best_j = 0
+    window = (f"{h} of {main_steps} steps" if not p else f"step {p + 1} of {main_steps}" if h == 1
+              else f"steps {p + 1}-{p + h} of {main_steps}")
     try:
+        branch = None
+        if p:  # the main recipe's own first steps (its warmup), shared by every screen: not extra compute
+            run.say(f"  explore: main recipe, its first {p} of {main_steps} steps, then the screens branch")
+            main = dataclasses.replace(it, metrics={}, findings=[], train_terms={}, continue_from=None)
+            run.distil(main, steps=stage_steps, stop_at=p, out_dir=root / "prefix")
+            branch = root / "prefix"
         for j, prop in enumerate([None] + proposals):
             recipe = copy.deepcopy(it.recipe)
             if prop is not None:
@@ -298,8 +318,8 @@ def explore(it, run, stages: list) -> None:
             short = dataclasses.replace(it, recipe=recipe, cfg=apply_recipe(run.cfg, recipe), metrics={},
                                         findings=[], train_terms={}, continue_from=None)
             run.say(f"  explore {j}/{n}: {'main recipe' if prop is None else f'{prop[1]} = {prop[2]:g}'}, "
-                    f"{h} of {main_steps} steps")
-            run.distil(short, steps=stage_steps, stop_at=h, out_dir=root / f"screen-{j}")
+                    f"{window}")
+            run.distil(short, steps=stage_steps, stop_at=p + h, out_dir=root / f"screen-{j}", branch_from=branch)
             kl, rows = selection_scores(run)
             kls.append(kl)
             scores.append(rows)
@@ -319,7 +339,7 @@ def explore(it, run, stages: list) -> None:
         incumbent = _get(it.recipe, name, defaults)
         memory.trials.append({"iteration": it.index, "move": move, "knob": name, "incumbent": incumbent,
                               "proposed": value, "value": round(rel, 8), "se": round(se, 8), "steps": h,
-                              "adopted": False})
+                              "after": p, "adopted": False})
         rows.append({"variant": j, "move": move, "knob": name, "value": value, "incumbent": incumbent,
                      "selection_kl": kl, "relative": rel, "se": se})
     best = min(rows[1:], key=lambda r: r["relative"])
@@ -342,10 +362,10 @@ def explore(it, run, stages: list) -> None:
             it.cfg = apply_recipe(run.cfg, it.recipe)
             memory.trials[-(n - best_j + 1)]["adopted"] = True
             expected = {"metric": "kl", "change": round(best["relative"], 6),
-                        "source": f"explore: selection split, {h} of {main_steps} steps"}
+                        "source": f"explore: selection split, {window}"}
             reason = (f"variant {best_j} of {n} ({name} {old} -> {value}) beat the main recipe on the selection "
                       f"split by {-100 * best['relative']:.2f}% KL (standard error {100 * best['se']:.2f}%, "
-                      f"needed {100 * need:.2f}%) after {h} of {main_steps} steps ({best['selection_kl']:.4f} vs "
+                      f"needed {100 * need:.2f}%) after {window} ({best['selection_kl']:.4f} vs "
                       f"{base:.4f}); its weights and optimizer state continue and it stays in the recipe; "
                       f"expected kl {100 * best['relative']:+.1f}% (explore)")
             d = Decision(it.index, "explore", name, old, value, reason, "exploration (selection split)", expected)
@@ -359,13 +379,14 @@ def explore(it, run, stages: list) -> None:
             tried = ", ".join(f"{r['value']:g}: {100 * r['relative']:+.1f}% (se {100 * r['se']:.1f}%)"
                               for r in rows[1:] if r["knob"] == name)
             it.screened[name] = (f"explore screened {name} around {_get(it.recipe, name, defaults)} ({tried} "
-                                 f"selection KL after {h} of {main_steps} steps) and kept its value")
+                                 f"selection KL after {window}) and kept its value")
     for j in range(n + 1):  # the losers' screens are the exploration's cost; the winner's continues
         if j != best_j:
             shutil.rmtree(root / f"screen-{j}", ignore_errors=True)
+    shutil.rmtree(root / "prefix", ignore_errors=True)
     it.continue_from = str(root / f"screen-{best_j}")
     seconds = time.time() - t0
-    it.metrics.update({"explore/steps": n * h, "explore/variants": n, "explore/horizon": h,
+    it.metrics.update({"explore/steps": n * h, "explore/variants": n, "explore/horizon": h, "explore/after": p,
                        "explore/seconds": round(seconds, 3), "explore/best_relative_kl": best["relative"],
                        "explore/best_se": best["se"], "explore/adopted": int(adopted),
                        "explore/selection_kl_main": base, "explore/selection_kl_sd": sd})
@@ -373,16 +394,16 @@ def explore(it, run, stages: list) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     from .io import atomic_write_json
 
-    atomic_write_json(out, {"iteration": it.index, "horizon": h, "variants": rows, "adopted": adopted,
+    atomic_write_json(out, {"iteration": it.index, "horizon": h, "after": p, "variants": rows, "adopted": adopted,
                             "winner": best_j, "needed": need, "selection_kl_sd": sd, "budget": spec.budget,
                             "main_steps": main_steps, "seconds": seconds})
     it.files["exploration.json"] = str(out)
     it.findings.append(Finding("exploration", "info", "exploration",
-                               f"{n} variants x {h} of {main_steps} steps (+{n * h} steps, {seconds:.0f} s): "
+                               f"{n} variants x {window} (+{n * h} steps, {seconds:.0f} s): "
                                + ", ".join(f"{r['knob']}={r['value']:g}: {100 * r['relative']:+.2f}% "
                                            f"(se {100 * r['se']:.2f}%)" for r in rows[1:])
                                + (f"; adopted {best['knob']} = {best['value']:g}, its screen continues" if adopted
                                   else f"; none beat the main recipe by more than {100 * need:.2f}%: the main "
                                        f"recipe's screen continues"),
-                               {"variants": rows, "horizon": h, "adopted": adopted, "needed": need}))
+                               {"variants": rows, "horizon": h, "after": p, "adopted": adopted, "needed": need}))
     log.info("exploration iteration %d: %s", it.index, json.dumps(rows, default=str))

@@ -178,6 +178,12 @@ class ExplorationSpec(BaseModel):
                        "the ones between rest")
     rest: int = Field(0, ge=0, description="iterations the exploration stands down, besides every's, after one "
                       "where no variant beat the main recipe")
+    screen_after: int | Literal["warmup"] = Field(
+        "warmup", description="main-recipe steps trained before the screens branch off ('warmup': train.warmup_steps; "
+        "0: the screens start with the iteration): the variants then continue that checkpoint (its weights, AdamW "
+        "moments and data position) at their own value, so a screen measures steps past the warmup of the "
+        "iteration's fresh optimizer instead of its first, bias-corrected updates; these steps are the main "
+        "recipe's own and not extra")
     reinvest: bool = Field(True, description="an iteration where the exploration rests trains its budget "
                            "(variants x h steps) as extra main steps, so the run's compute does not depend on how "
                            "often it explored")

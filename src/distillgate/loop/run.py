@@ -166,7 +166,7 @@ class Run:
 
     # ------------------------------------------------------------------------------------- training
     def distil(self, it, *, steps: int | None = None, examples: list | None = None, callbacks=(), channels=None,
-               stop_at: int | None = None, out_dir=None):
+               stop_at: int | None = None, out_dir=None, branch_from=None):
         """Train the student in place on ``examples`` (default: the whole training set) with this iteration's
         recipe (objective, lr, hard pool) for ``steps`` (default: the recipe's); metrics go to ``it``.
         ``callbacks``: ``fn(StepInfo)`` after every optimizer step (e.g. a prune stage's gate schedule).
@@ -175,7 +175,9 @@ class Run:
         ``it.continue_from`` (the exploration's winner): continue that checkpoint (weights, AdamW state, schedule
         and data position) to ``steps`` instead of starting fresh; it is used once.
         ``stop_at`` (the exploration's screens): stop after that many steps of the ``steps``-step schedule and
-        keep the checkpoint under ``out_dir`` (default: the iteration's scratch folder, deleted after training)."""
+        keep the checkpoint under ``out_dir`` (default: the iteration's scratch folder, deleted after training).
+        ``branch_from`` (the exploration's screens after a shared prefix): continue that checkpoint like
+        ``continue_from`` but leave it in place (several screens branch from it)."""
         from ..train import StopTraining
         from ..data.dataset import DistillDataset
         from ..side_channels import SIDE_CHANNELS, side_channels_on
@@ -200,6 +202,9 @@ class Run:
         out = self.work / f"iter-{it.index:03d}" if out_dir is None else Path(out_dir)
         shutil.rmtree(out, ignore_errors=True)  # a crashed attempt of this iteration restarts clean
         resume, it.continue_from = it.continue_from, None
+        consumed = resume is not None
+        if branch_from is not None:
+            resume, consumed = str(branch_from), False
         if stop_at is not None:
             def stop(info, _n=int(stop_at)):
                 if info.step >= _n:
@@ -227,7 +232,7 @@ class Run:
         # ~0.8 GB for a 68M student) are not needed once training returned (a screen's are: it may continue).
         if stop_at is None:
             shutil.rmtree(out, ignore_errors=True)
-        if resume is not None:  # a continued screen's checkpoint is consumed
+        if consumed:  # a continued screen's checkpoint is consumed
             shutil.rmtree(resume, ignore_errors=True)
         it.train_terms = dict(res.final_terms)
         it.metrics.update(dist.broadcast_object({  # rank 0's timings on every rank: the same state everywhere
