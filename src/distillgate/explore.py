@@ -9,7 +9,7 @@ Before an exploring stage's map (``loop.strategy.exploration.stages``), from the
    the knob's range is not proposed. Each move is tried once at its knob's current value (a trial measured at
    another value is stale), in ``knobs`` order, before Optuna's TPE sampler
    (rebuilt every iteration from this run's stored trials) chooses among them by their measured gains.
-2. **Screen.** The main recipe trains its first ``p`` steps (``screen_after``: by default its warmup), then it
+2. **Screen.** The main recipe trains its first ``p`` steps (``screen_after``; default 0), then it
    and each variant continue that checkpoint (the same weights, AdamW moments and data position) for ``h`` steps
    of the iteration's own schedule (warmup and cosine over all ``train.steps``), on the same batches in the same
    order, where ``h = min(steps, floor(budget x steps / variants))``: only the variants' steps are extra. A

@@ -179,11 +179,12 @@ class ExplorationSpec(BaseModel):
     rest: int = Field(0, ge=0, description="iterations the exploration stands down, besides every's, after one "
                       "where no variant beat the main recipe")
     screen_after: int | Literal["warmup"] = Field(
-        "warmup", description="main-recipe steps trained before the screens branch off ('warmup': train.warmup_steps; "
-        "0: the screens start with the iteration): the variants then continue that checkpoint (its weights, AdamW "
+        0, description="main-recipe steps trained before the screens branch off (0: the screens start with the "
+        "iteration; 'warmup': train.warmup_steps): the variants then continue that checkpoint (its weights, AdamW "
         "moments and data position) at their own value, so a screen measures steps past the warmup of the "
         "iteration's fresh optimizer instead of its first, bias-corrected updates; these steps are the main "
-        "recipe's own and not extra")
+        "recipe's own and not extra. 'warmup' made the lr screens' verdicts agree with longer training more "
+        "often but did not lower the final KL in bench/closed_loop.py (README), hence not the default")
     reinvest: bool = Field(True, description="an iteration where the exploration rests trains its budget "
                            "(variants x h steps) as extra main steps, so the run's compute does not depend on how "
                            "often it explored")

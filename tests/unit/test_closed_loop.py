@@ -270,10 +270,11 @@ def test_decisions_with_expected_and_measured_effects_round_trip_through_the_sto
 
 
 def test_the_screens_branch_after_the_main_recipes_warmup(tiny_teacher_dir, tmp_path):
-    """``screen_after: warmup`` (the default): the main recipe trains its warmup step once, then every screen
+    """``screen_after: warmup``: the main recipe trains its warmup step once, then every screen
     continues that checkpoint for its h = 1 step (the 2nd of 4); the shared step is the main recipe's own, so the
     iteration still trains 4 steps plus the variants' 2, and the trials say where they were measured."""
-    cfg = _cfg(tiny_teacher_dir, tmp_path / "runs", run_id="after", **{"train.warmup_steps": 1})
+    cfg = _cfg(tiny_teacher_dir, tmp_path / "runs", run_id="after", **{
+        "train.warmup_steps": 1, "loop.strategy.exploration.screen_after": "warmup"})
     loop_mod.run(cfg, progress=False)
     with RunStore.open(tmp_path / "runs", "after") as s:
         state = s.resolve("current").load_json("loop_state.json")
@@ -287,9 +288,8 @@ def test_the_screens_branch_after_the_main_recipes_warmup(tiny_teacher_dir, tmp_
     (f,) = [f for f in findings if f["kind"] == "exploration"]
     assert "2 variants x step 2 of 4 (+2 steps" in f["message"]
     assert not list((tmp_path / "runs").glob("**/explore-*/*"))  # prefix and screens' checkpoints are gone
-    # screen_after 0: the screens start with the iteration, as before the option existed
-    cfg0 = _cfg(tiny_teacher_dir, tmp_path / "runs0", run_id="at0", **{
-        "train.warmup_steps": 1, "loop.strategy.exploration.screen_after": 0})
+    # screen_after 0 (the default): the screens start with the iteration
+    cfg0 = _cfg(tiny_teacher_dir, tmp_path / "runs0", run_id="at0", **{"train.warmup_steps": 1})
     loop_mod.run(cfg0, progress=False)
     with RunStore.open(tmp_path / "runs0", "at0") as s:
         ex0 = s.get_version(s.versions()[1]["version_id"]).load_json("exploration.json")
@@ -297,14 +297,14 @@ def test_the_screens_branch_after_the_main_recipes_warmup(tiny_teacher_dir, tmp_
     assert [r["selection_kl"] for r in ex0["variants"]] != [r["selection_kl"] for r in ex["variants"]]
 
 
-@pytest.mark.parametrize("warmup", [0, 1])
-def test_resume_mid_exploration_gives_the_uninterrupted_weights(tiny_teacher_dir, tmp_path, warmup):
+@pytest.mark.parametrize("after", [0, "warmup"])
+def test_resume_mid_exploration_gives_the_uninterrupted_weights(tiny_teacher_dir, tmp_path, after):
     from distillgate.testing.resume import assert_same_weights, committed, killed_and_resumed
 
     # killed in iteration 2's first training call: the exploration's short run of the main recipe (with a warmup:
     # the shared prefix the screens branch from)
-    run_id = killed_and_resumed(lambda root: _cfg(tiny_teacher_dir, root, run_id="mid",
-                                                  **{"train.warmup_steps": warmup}),
+    run_id = killed_and_resumed(lambda root: _cfg(tiny_teacher_dir, root, run_id="mid", **{
+        "train.warmup_steps": 1, "loop.strategy.exploration.screen_after": after}),
                                 (tmp_path / "a", tmp_path / "b"), kill_at=2)
     (_, wa), (_, wb) = committed(tmp_path / "a", run_id), committed(tmp_path / "b", run_id)
     assert_same_weights(wa, wb)
