@@ -279,8 +279,11 @@ def test_every_channel_on_keeps_accumulation_invariance_and_bitwise_resume(tiny_
                             student=tiny_model_factory(num_layers=2, seed=1))
     init = tiny_model_factory(num_layers=2, seed=1).state_dict()
     assert max(float((a[k] - init[k]).abs().max()) for k in a) > 1e-4
+    # fp32: a batch of 8 and 4 micro-batches of 2 reduce in different orders, and with 2 intra-op threads that
+    # moved one weight of 2048 by 3.0e-6 after 2 AdamW steps (1 thread: < 1e-6); 1e-5 is still 10x under the
+    # update asserted above (a micro-batch weighted wrongly, e.g. by its own token count, changes the direction)
     for k in a:
-        torch.testing.assert_close(b[k], a[k], atol=1e-6, rtol=0)
+        torch.testing.assert_close(b[k], a[k], atol=1e-5, rtol=0)
     straight = _train_all_channels(tmp_path / "s", teacher, exs, batch_size=4, grad_accum=1, steps=4,
                                    student=tiny_model_factory(num_layers=2, seed=1))
     _train_all_channels(tmp_path / "r", teacher, exs, batch_size=4, grad_accum=1, steps=4, stop_at=2,
