@@ -236,6 +236,12 @@ def paired(base: list[tuple[float, int]], other: list[tuple[float, int]]) -> tup
     return rel, se
 
 
+def _scratch(it, **changes):
+    """A copy of ``it`` for one of the exploration's short trainings: its own metrics, findings and loss terms, and
+    no checkpoint to continue (``changes``: e.g. a variant's recipe and config)."""
+    return dataclasses.replace(it, metrics={}, findings=[], train_terms={}, continue_from=None, **changes)
+
+
 def _rests(it, spec, memory: Memory, main_steps: int, n: int, h: int, defaults: dict) -> bool:
     """Whether the exploration stands down this iteration: fewer than ``every`` iterations (``every + rest``
     after one where no variant won) have passed since the last exploring iteration. With ``reinvest`` the
@@ -308,15 +314,13 @@ def explore(it, run, stages: list) -> None:
         branch = None
         if p:  # the main recipe's own first steps (its warmup), shared by every screen: not extra compute
             run.say(f"  explore: main recipe, its first {p} of {main_steps} steps, then the screens branch")
-            main = dataclasses.replace(it, metrics={}, findings=[], train_terms={}, continue_from=None)
-            run.distil(main, steps=stage_steps, stop_at=p, out_dir=root / "prefix")
+            run.distil(_scratch(it), steps=stage_steps, stop_at=p, out_dir=root / "prefix")
             branch = root / "prefix"
         for j, prop in enumerate([None] + proposals):
             recipe = copy.deepcopy(it.recipe)
             if prop is not None:
                 _set(recipe, prop[1], prop[2])
-            short = dataclasses.replace(it, recipe=recipe, cfg=apply_recipe(run.cfg, recipe), metrics={},
-                                        findings=[], train_terms={}, continue_from=None)
+            short = _scratch(it, recipe=recipe, cfg=apply_recipe(run.cfg, recipe))
             run.say(f"  explore {j}/{n}: {'main recipe' if prop is None else f'{prop[1]} = {prop[2]:g}'}, "
                     f"{window}")
             run.distil(short, steps=stage_steps, stop_at=p + h, out_dir=root / f"screen-{j}", branch_from=branch)
