@@ -25,7 +25,7 @@ from __future__ import annotations
 import math
 import statistics
 from dataclasses import dataclass
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -178,7 +178,7 @@ class ExplorationSpec(BaseModel):
                        "the ones between rest")
     rest: int = Field(0, ge=0, description="iterations the exploration stands down, besides every's, after one "
                       "where no variant beat the main recipe")
-    screen_after: int | Literal["warmup"] = Field(
+    screen_after: Annotated[int, Field(ge=0)] | Literal["warmup"] = Field(
         0, description="main-recipe steps trained before the screens branch off (0: the screens start with the "
         "iteration; 'warmup': train.warmup_steps): the variants then continue that checkpoint (its weights, AdamW "
         "moments and data position) at their own value, so a screen measures steps past the warmup of the "

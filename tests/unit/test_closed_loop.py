@@ -297,6 +297,14 @@ def test_the_screens_branch_after_the_main_recipes_warmup(tiny_teacher_dir, tmp_
     assert [r["selection_kl"] for r in ex0["variants"]] != [r["selection_kl"] for r in ex["variants"]]
 
 
+@pytest.mark.parametrize("value", [-1, "warm", 1.5])
+def test_screen_after_refuses_what_is_not_a_step_count_or_warmup(value):
+    with pytest.raises(ConfigError, match="screen_after"):
+        load_config(RunConfig, None, ["loop.strategy.exploration.budget=0.3",
+                                      "loop.strategy.exploration.selection_prompts=4",
+                                      f"loop.strategy.exploration.screen_after={value}"])
+
+
 @pytest.mark.parametrize("after", [0, "warmup"])
 def test_resume_mid_exploration_gives_the_uninterrupted_weights(tiny_teacher_dir, tmp_path, after):
     from distillgate.testing.resume import assert_same_weights, committed, killed_and_resumed
