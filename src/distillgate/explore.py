@@ -29,7 +29,9 @@ Before an exploring stage's map (``loop.strategy.exploration.stages``), from the
 
 5. **Hold.** A knob the screens measured and kept (no variant of it won; ``hold_screened``) is held for the
    iteration's compensate like an adopted one (``Iteration.screened``): no rule moves it on a prior or a trend
-   against the A/B just measured.
+   against the A/B just measured. With ``screen_bounds`` it is bounded instead of frozen: the A/B refuted the
+   values it tried, not the ones between, so a rule may move the knob toward a refuted value but not to it or
+   past it (the lr 4.5e-4 kept against 9e-4 may still go to 6.75e-4, never to 1.01e-3).
 6. **Rest.** The exploration runs every ``every``-th iteration (and ``rest`` more after one where no variant
    won); an iteration where it rests trains the budget's ``n x h`` steps as main steps (``reinvest``), and the
    knobs the last screens measured stay held until the next screen.
@@ -255,11 +257,19 @@ def _rests(it, spec, memory: Memory, main_steps: int, n: int, h: int, defaults: 
     if it.index - last >= gap:
         return False
     if spec.hold_screened:  # the last screens' verdict stands until the next exploration measures again
-        for t in memory.trials:
-            if int(t["iteration"]) == last and t.get("knob"):
-                it.screened.setdefault(t["knob"], f"explore screened {t['knob']} in iteration {last} and rests "
-                                       f"until iteration {last + gap}: its value "
-                                       f"{_get(it.recipe, t['knob'], defaults)} stands until the next screen")
+        screened = [t for t in memory.trials if int(t["iteration"]) == last and t.get("knob")]
+        for name in dict.fromkeys(t["knob"] for t in screened):
+            mine = [t for t in screened if t["knob"] == name]
+            if spec.screen_bounds and not any(t.get("adopted") for t in mine):
+                tried = ", ".join(f"{t['proposed']:g}" for t in mine)
+                it.screened[name] = {"why": f"explore screened {name} in iteration {last} and rests until "
+                                            f"iteration {last + gap}: {tried} measured no better than "
+                                            f"{mine[0]['incumbent']:g}", "refuted":
+                                     [[t["incumbent"], t["proposed"]] for t in mine]}
+            else:
+                it.screened.setdefault(name, f"explore screened {name} in iteration {last} and rests until "
+                                       f"iteration {last + gap}: its value {_get(it.recipe, name, defaults)} "
+                                       f"stands until the next screen")
     extra = n * h if spec.reinvest else 0
     it.extra_steps = extra  # the iteration's main training adds them to its schedule (run.distil)
     it.metrics.update({"explore/steps": 0, "explore/reinvested": extra, "explore/variants": 0})
@@ -382,8 +392,10 @@ def explore(it, run, stages: list) -> None:
                 continue  # held through its decision
             tried = ", ".join(f"{r['value']:g}: {100 * r['relative']:+.1f}% (se {100 * r['se']:.1f}%)"
                               for r in rows[1:] if r["knob"] == name)
-            it.screened[name] = (f"explore screened {name} around {_get(it.recipe, name, defaults)} ({tried} "
-                                 f"selection KL after {window}) and kept its value")
+            why = (f"explore screened {name} around {_get(it.recipe, name, defaults)} ({tried} selection KL "
+                   f"after {window}) and kept its value")
+            it.screened[name] = why if not spec.screen_bounds else {
+                "why": why, "refuted": [[r["incumbent"], r["value"]] for r in rows[1:] if r["knob"] == name]}
     for j in range(n + 1):  # the losers' screens are the exploration's cost; the winner's continues
         if j != best_j:
             shutil.rmtree(root / f"screen-{j}", ignore_errors=True)

@@ -174,6 +174,10 @@ class ExplorationSpec(BaseModel):
     hold_screened: bool = Field(True, description="a knob the exploration screened this iteration and kept "
                                 "(no variant of it won) is held like an adopted one: no rule moves it for the next "
                                 "recipe (the A/B measured no better value; a rule has only a prior or a trend)")
+    screen_bounds: bool = Field(False, description="with hold_screened: a knob the screens measured and kept is "
+                                "bounded, not frozen: a rule may still move it toward a value the screens measured "
+                                "no better than the incumbent, but not to it or past it (the A/B refuted that "
+                                "value, not the ones between); an adopted value stays held")
     every: int = Field(1, ge=1, description="iterations from one exploration to the next (1: every iteration); "
                        "the ones between rest")
     rest: int = Field(0, ge=0, description="iterations the exploration stands down, besides every's, after one "

@@ -190,6 +190,9 @@ class StrategyStep:
     # knob -> why it is held: moved earlier in this iteration (the exploration's adopted variant); no rule moves
     # it (nor a knob inside it / containing it) for the next recipe
     held: dict[str, str] = field(default_factory=dict)
+    # knob -> {"why": str, "refuted": [[incumbent, value], ...]}: the exploration screened it, kept its value and
+    # bounds it (``screen_bounds``): a rule may move it toward a refuted value, not to it or past it
+    bounds: dict[str, dict] = field(default_factory=dict)
     skipped: list[dict] = field(default_factory=list)
 
     def get(self, knob: str):
@@ -222,13 +225,19 @@ class StrategyStep:
     def free(self, rule: str, name: str, value, reason: str) -> bool:
         """Whether ``name`` may move; a held knob's change is skipped, logged and kept in ``skipped``."""
         h = self.holder(name)
-        if h is None:
+        if h is not None:
+            by = self.held[h]
+            why = (f"{rule}: {name} -> {value!r} skipped: {by} in this iteration, and its measured choice "
+                   f"stands (wanted for: {reason})")
+        elif name in self.bounds and reaches_refuted(self.bounds[name]["refuted"], value):
+            h, by = name, self.bounds[name]["why"]
+            why = (f"{rule}: {name} -> {value!r} skipped: {by}; {value!r} is at or past a value the screens "
+                   f"measured no better (wanted for: {reason})")
+        else:
             return True
-        why = (f"{rule}: {name} -> {value!r} skipped: {self.held[h]} in this iteration, and its measured choice "
-               f"stands (wanted for: {reason})")
         log.info(why)
         self.skipped.append({"iteration": self.iteration, "rule": rule, "knob": name, "value": value,
-                             "held": h, "held_by": self.held[h], "reason": why})
+                             "held": h, "held_by": by, "reason": why})
         return False
 
     def change(self, rule: str, knob: str, value, reason: str, *, answers: str = "",
@@ -444,6 +453,20 @@ def rule_list(spec: StrategySpec, extra: list[tuple[str, Rule]] = ()) -> list[tu
     return [(n, CORE_RULES[n]) for n in spec.rules] + list(extra)
 
 
+def reaches_refuted(refuted, value) -> bool:
+    """Whether ``value`` is at or past a refuted value, seen from the incumbent it was screened against
+    (``refuted``: ``[[incumbent, value], ...]``); for a non-numeric or on/off knob: whether it is that value."""
+    for inc, r in refuted:
+        if any(isinstance(x, bool) or not isinstance(x, (int, float)) for x in (inc, r, value)):
+            if value == r:
+                return True
+            continue
+        tol = 1e-9 * max(abs(r), abs(inc))
+        if (r > inc and value >= r - tol) or (r < inc and value <= r + tol):
+            return True
+    return False
+
+
 def _held_reason(d: Decision) -> str:
     exp = d.expected or {}
     measured = (f", measured {exp.get('metric', 'kl')} {100 * exp['change']:+.1f}% ({exp.get('source', '')})"
@@ -465,13 +488,16 @@ def next_recipe(recipe: dict, findings: list[Finding], *, iteration: int, last_g
     ``held``: the changes already made to this iteration's recipe (the exploration's adopted variant): no rule
     moves their knobs again, and each skipped change is appended to ``skipped``; ``screened``: knob -> reason,
     knobs the exploration screened this iteration and kept (its A/B measured no better value), held the same
-    way."""
+    way; a value that is a dict ``{"why", "refuted"}`` (``screen_bounds``) bounds the knob instead: a rule may
+    move it toward a refuted value, not to it or past it."""
     spec = spec or StrategySpec()
     cooling = {d.knob for d in recent_decisions if d.rule == "revert" and iteration - d.iteration < spec.cooldown}
     step = StrategyStep(iteration, copy.deepcopy(recipe), [f for f in findings if not f.uncertain], last_good,
                         gate_status, list(recent_decisions), spec, cooling=cooling,
                         memory=Memory(memory if memory is not None else None), defaults=dict(defaults or {}),
-                        held={**(screened or {}), **{d.knob: _held_reason(d) for d in held}})
+                        held={**{k: v for k, v in (screened or {}).items() if isinstance(v, str)},
+                              **{d.knob: _held_reason(d) for d in held}},
+                        bounds={k: v for k, v in (screened or {}).items() if isinstance(v, dict)})
     for _, rule in (rule_list(spec) if rules is None else rules):
         rule(step)
     if refused is not None:

@@ -456,6 +456,35 @@ def test_a_knob_the_exploration_screened_and_kept_is_held_too():
     assert sk["rule"] == "tune" and sk["held_by"] == why and "+1.2% (se 0.4%)" in sk["reason"]
 
 
+def test_a_bounded_knob_moves_toward_what_the_screens_refuted_but_not_to_it_or_past_it():
+    """``screen_bounds``: the screens kept lr 4.5e-4 against 9e-4. The tune rule's x1.5 may go to 6.75e-4 (between
+    the two: not refuted), and from there its next x1.5 (1.0125e-3, past 9e-4) is skipped with the screens'
+    reason; a move the other way (lr / 1.5 after a failed raise) is free. On/off knobs: the refuted value only."""
+    from distillgate.strategy import reaches_refuted
+
+    cfg = load_config(RunConfig, None, ["train.lr=3e-4", "loss.channels={kd: 1.0, ce: 0.0}"])
+    gate = Finding("gate_fail", "warning", "ppl_ratio", "gate G-C1 fails", {"gate": {"id": "G-C1"}})
+    defaults = {"train.lr": 3e-4, "loss.channels.ce": 0.0, "loss.difficulty_weighting": False}
+    spec = StrategySpec(tune_knobs=["train.lr"])
+    bound = {"why": "explore screened train.lr around 0.00045 (0.0009: +1.4% (se 0.7%)) and kept its value",
+             "refuted": [[4.5e-4, 9e-4]]}
+    recipe = initial_recipe(cfg)
+    recipe["train"]["lr"] = 4.5e-4
+    nxt, ds = next_recipe(recipe, [gate], iteration=1, last_good=None, gate_status={}, recent_decisions=[],
+                          defaults=defaults, spec=spec, screened={"train.lr": bound})
+    assert [(d.rule, d.knob, d.new) for d in ds] == [("tune", "train.lr", pytest.approx(6.75e-4))]
+    recipe["train"]["lr"] = nxt["train"]["lr"]
+    skipped = []
+    nxt, ds = next_recipe(recipe, [gate], iteration=2, last_good=None, gate_status={}, recent_decisions=[],
+                          defaults=defaults, spec=spec, screened={"train.lr": bound}, skipped=skipped)
+    assert ds == [] and nxt["train"]["lr"] == pytest.approx(6.75e-4)
+    (sk,) = skipped
+    assert sk["held_by"] == bound["why"] and "at or past a value the screens measured no better" in sk["reason"]
+    assert reaches_refuted([[4.5e-4, 9e-4]], 9e-4 * (1 - 1e-12)) and not reaches_refuted([[4.5e-4, 9e-4]], 3e-4)
+    assert reaches_refuted([[4.5e-4, 2.25e-4]], 1e-4) and not reaches_refuted([[4.5e-4, 2.25e-4]], 3e-4)
+    assert reaches_refuted([[False, True]], True) and not reaches_refuted([[False, True]], False)
+
+
 def test_the_loop_keeps_the_tune_rule_off_the_learning_rate_the_exploration_adopted(tiny_teacher_dir, tmp_path):
     """The real loop, tiny: iteration 1's exploration adopts a learning rate, G-C1 fails (the tune rule's only
     knob is the learning rate), and the next recipe keeps the adopted value; the skip is a finding."""

@@ -87,7 +87,9 @@ class Iteration:
     # exploration's winner (PBT exploit: its weights, AdamW state, schedule and data position); used once
     continue_from: str | None = None
     # knob -> why no rule may move it for the next recipe: the exploration screened it this iteration and kept
-    # its value (no variant of it beat the main recipe); an adopted variant is held through it.decisions
+    # its value (no variant of it beat the main recipe); an adopted variant is held through it.decisions. With
+    # ``screen_bounds`` a value is ``{"why", "refuted": [[incumbent, value], ...]}``: the knob may move toward a
+    # refuted value, not to it or past it
     screened: dict = field(default_factory=dict)
     # optimizer steps the iteration's next main training (``run.distil`` without ``stop_at``) adds to its
     # schedule: the budget of an exploration that rests (reinvest); used once
