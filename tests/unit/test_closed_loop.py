@@ -240,6 +240,34 @@ def test_the_exploration_rests_and_its_budget_trains_the_main_recipe(tiny_teache
     assert "rests until iteration 3" in sk["data"]["held_by"]
 
 
+def test_with_screen_bounds_a_resting_exploration_bounds_the_tune_rule_instead_of_freezing_it(tiny_teacher_dir,
+                                                                                                  tmp_path):
+    """The real loop, tiny, ``screen_bounds``: the tune rule moves lr 1e-4 -> 1.5e-4 after iteration 0; iteration 1
+    screens x2 (3e-4) and / 2 (7.5e-5) around it and keeps 1.5e-4 (a margin no variant beats); iterations 2 and 3
+    rest (``every: 3``). The tune rule's next x1.5 goes to 2.25e-4 (between the refuted values: not frozen, as
+    without screen_bounds), and its x1.5 after that (3.375e-4, past the refuted 3e-4) is skipped with the
+    screens' reason, in both resting iterations."""
+    cfg = _cfg(tiny_teacher_dir, tmp_path / "runs", run_id="bound", **{
+        "loop.stages": "[{name: anchor, iterations: 0}, {name: joint, iterations: 3}]",
+        "loop.strategy.rules": "[revert, tune, hard_pool]", "loop.strategy.tune_knobs": "[train.lr]",
+        "loop.strategy.exploration.margin": 10.0, "loop.strategy.exploration.every": 3,
+        "loop.strategy.exploration.move_sizes": "{train.lr: 2.0}", "loop.strategy.exploration.screen_bounds": True})
+    loop_mod.run(cfg, progress=False)
+    with RunStore.open(tmp_path / "runs", "bound") as s:
+        state = s.resolve("current").load_json("loop_state.json")
+        findings = s.catalog.findings()
+    assert [h["recipe"]["train"]["lr"] for h in state["history"]] == pytest.approx([1e-4, 1.5e-4, 2.25e-4, 2.25e-4])
+    assert [(t["iteration"], t["proposed"], t["adopted"]) for t in state["strategy"]["trials"]] == [
+        (1, pytest.approx(3e-4), False), (1, pytest.approx(7.5e-5), False)]
+    tunes = [(d["iteration"], d["new"]) for d in state["decisions"] if d["rule"] == "tune"]
+    assert tunes == [(0, pytest.approx(1.5e-4)), (1, pytest.approx(2.25e-4))]
+    skips = [f for f in findings if f["kind"] == "skipped_change" and f["subject"] == "train.lr"]
+    assert [(f["iteration"], f["data"]["value"]) for f in skips] == [(2, pytest.approx(3.375e-4)),
+                                                                     (3, pytest.approx(3.375e-4))]
+    assert all("at or past a value the screens measured no better" in f["message"]
+               and "0.0003, 7.5e-05 measured no better than 0.00015" in f["data"]["held_by"] for f in skips)
+
+
 def test_decisions_with_expected_and_measured_effects_round_trip_through_the_store(explored, capsys):
     from distillgate.cli import main
 
