@@ -165,11 +165,17 @@ def test_a_killed_rank_fails_the_launch_and_resume_under_torchrun_finishes(two_r
     with RunStore.open(root, "r") as s:
         done = [v["iteration"] for v in s.versions()]
         assert 1 in done and 3 not in done
-        assert s.info()["status"] in ("interrupted", "failed")  # rank 0 recorded the stop: it was not SIGKILLed
-        failed = [it for it in s.catalog.iterations() if it["status"] == "failed"]
-        # the step in progress failed as a whole: the one after the last version, or, when the kill landed after
-        # the last version's commit but before its iteration was closed (rank 0 waits on rank 1 there), that one
-        assert failed and failed[0]["iteration"] in (max(done), max(done) + 1), (failed, done)
+        status = s.info()["status"]
+        assert status in ("interrupted", "failed")  # rank 0 recorded the stop: it was not SIGKILLed
+        # rank 0 either saw the collective fail (the open iteration "failed") or got torchrun's SIGTERM first
+        # (the open iteration "interrupted": CI saw this once, on a loaded machine)
+        rows = s.catalog.iterations()
+        stopped = [it for it in rows if it["status"] in ("failed", "interrupted")]
+        # the step in progress stopped as a whole: the one after the last version, or, when the kill landed after
+        # the last version's commit but before its iteration was closed (rank 0 waits on rank 1 there), that one;
+        # or none, when it landed between two iterations
+        assert len(stopped) <= 1 and all(it["iteration"] in (max(done), max(done) + 1) for it in stopped), rows
+        assert all(it["status"] == "ok" for it in rows if it not in stopped), rows
     p = _torchrun(["--resume", "r", "--root", str(root)], two_ranks / "home")
     out = _finish(p)
     assert p.returncode == 0, out[-4000:]

@@ -1,5 +1,5 @@
 """Operations under live serving, on loopback with tiny random models behind a real `transformers serve` app
-(in-process, unpinned: the body's `model` picks the folder): the G-O5 rollback drill under the locust load,
+(a child process, unpinned: the body's `model` picks the folder): the G-O5 rollback drill under the locust load,
 the G-P4 soak through the gateway, and a teacher upgrade (the control arm swapped) under load (G-O3)."""
 
 import json
@@ -7,9 +7,10 @@ import os
 
 import pytest
 
-from distillgate.serve.backends import Backend, free_port, wait_healthy
+from distillgate.serve.backends import Backend
 from distillgate.serve.spec import ServingSpec
 from distillgate.testing import save_tiny_model
+from distillgate.testing.serve import transformers_serve
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -20,16 +21,8 @@ LOAD = dict(enabled=True, load_users=3, load_max_tokens=1, long_context_words=24
 
 @pytest.fixture(scope="module")
 def serve_app(tmp_path_factory, tiny_tokenizer):
-    from transformers.cli.serve import Serve
-
-    port = free_port()
-    srv = Serve(host="127.0.0.1", port=port, non_blocking=True, device="cpu", log_level="warning")
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_healthy(url, 60)
+    with transformers_serve(tmp_path_factory.mktemp("serve-log")) as url:
         yield url
-    finally:
-        srv.kill_server()
 
 
 @pytest.fixture(scope="module")

@@ -118,22 +118,17 @@ def test_target_cache_key_follows_the_teacher_version(versions):
 def test_teacher_upgrade_in_the_gateway_under_load_drops_no_request(versions, tmp_path):
     """The control arm (the production teacher) swapped to a newer registered version while four clients
     send requests: every request answered, the newer version serves after the swap."""
-    from transformers.cli.serve import Serve
-
     from distillgate.serve.assign import Assigner
-    from distillgate.serve.backends import Backend, free_port, wait_healthy
+    from distillgate.serve.backends import Backend
     from distillgate.serve.client import GatewayClient
     from distillgate.serve.gateway import GatewayState, build_app
     from distillgate.serve.server import ThreadedServer
+    from distillgate.testing.serve import transformers_serve
 
     reg = tmp_path / "teachers.json"
     v1 = T.register_teacher(reg, versions["v1"], day(200), "v1", reference=True)
     v2 = T.register_teacher(reg, versions["v2"], day(100), "v2")
-    port = free_port()
-    srv = Serve(host="127.0.0.1", port=port, non_blocking=True, device="cpu", log_level="warning")
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_healthy(url, 60)
+    with transformers_serve(tmp_path / "serve-log") as url:
         state = GatewayState(arms={"control": Backend(url, v1["path"], "teacher@v1"),
                                    "candidate": Backend(url, str(versions["student"]), "v1")},
                              assigner=Assigner("exp", {"control": 1.0, "candidate": 0.0}), stop_replaced=False)
@@ -154,8 +149,6 @@ def test_teacher_upgrade_in_the_gateway_under_load_drops_no_request(versions, tm
             stop.set()
             for t in threads:
                 t.join(30)
-    finally:
-        srv.kill_server()
     assert swapped == {"arm": "control", "version": "teacher@v2", "replaced": "teacher@v1"}
     assert len(results) > 8 and all(r.ok for r in results), [r.error for r in results if not r.ok]
     vs = [r.version for r in results]

@@ -10,12 +10,13 @@ import pytest
 
 from distillgate.errors import ConfigError
 from distillgate.serve.assign import Assigner
-from distillgate.serve.backends import Backend, free_port, wait_healthy
+from distillgate.serve.backends import Backend, free_port
 from distillgate.serve.client import GatewayClient
 from distillgate.serve.gateway import GatewayState, build_app
 from distillgate.serve.log import COLUMNS, RequestLog, log_path, read_requests
 from distillgate.serve.server import ThreadedServer, check_host
 from distillgate.testing import save_tiny_model
+from distillgate.testing.serve import transformers_serve
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -23,22 +24,14 @@ pytestmark = pytest.mark.timeout(120)
 @pytest.fixture(scope="module")
 def backend(tmp_path_factory, tiny_tokenizer):
     """One real `transformers serve` app (unpinned: the body's `model` picks the folder) with three tiny models."""
-    from transformers.cli.serve import Serve
-
     d = tmp_path_factory.mktemp("serve-models")
     dirs = {n: str(save_tiny_model(d / n, num_layers=2, hidden=32, intermediate=64, seed=i, tokenizer=tiny_tokenizer))
             for i, n in enumerate(("a", "b", "c"))}
-    port = free_port()
-    srv = Serve(host="127.0.0.1", port=port, non_blocking=True, device="cpu", log_level="warning")
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_healthy(url, 60)
+    with transformers_serve(d) as url:
         for m in dirs.values():  # load each model once, so tests time the serving and not the loading
             httpx.post(url + "/v1/chat/completions", timeout=60,
                        json={"model": m, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1})
         yield url, dirs
-    finally:
-        srv.kill_server()
 
 
 @pytest.fixture

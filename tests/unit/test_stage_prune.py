@@ -103,11 +103,33 @@ def test_resume_in_the_middle_of_a_prune_cycle_is_bitwise(tiny_teacher_dir, tmp_
     assert_same_weights(wa, wb)
 
 
-def test_a_regressed_cut_restores_the_last_good_weights_and_retries_smaller(tiny_teacher_dir, tmp_path):
+@pytest.fixture(scope="module")
+def layered_teacher_dir(tmp_path_factory, tiny_tokenizer):
+    """A tiny teacher whose attention and MLP outputs are 40x the shared fixture's. On that one the scaled-up
+    embeddings carry the residual stream: a cut moved held-out KL by ~1e-7, as much as the tail samples' noise
+    did, and whether it "regressed" flipped with transformers 5.25 (the saved config.json names the version ->
+    another teacher fingerprint and cache key -> other tail samples). Here a cut costs 8-17% of KL or PPL, on
+    5.24 and 5.25 alike."""
+    import torch
+
+    from distillgate.models import save_model
+    from distillgate.testing.tiny import make_tiny_model
+
+    model = make_tiny_model(len(tiny_tokenizer), num_layers=4, hidden=32, intermediate=64, seed=0)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.mul_(40.0)
+            layer.mlp.down_proj.weight.mul_(40.0)
+    model.generation_config.pad_token_id = tiny_tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tiny_tokenizer.eos_token_id
+    return save_model(model, tiny_tokenizer, tmp_path_factory.mktemp("layered") / "teacher")
+
+
+def test_a_regressed_cut_restores_the_last_good_weights_and_retries_smaller(layered_teacher_dir, tmp_path):
     stages = ("[{name: anchor, iterations: 0}, {name: joint, iterations: 1}, "
               "{name: prune, iterations: 3, options: {cycles: 1, kinds: [heads, mlp], keep: {heads: 0.5, mlp: 0.25}, "
               "importance: {calib_tokens: 256}, tolerance: 0.0, max_retries: 1}}]")
-    loop_mod.run(_cfg(tiny_teacher_dir, tmp_path / "runs", stages, run_id="g"), progress=False)
+    loop_mod.run(_cfg(layered_teacher_dir, tmp_path / "runs", stages, run_id="g"), progress=False)
     with RunStore.open(tmp_path / "runs", "g") as s:
         state = s.resolve("current").load_json("loop_state.json")
         decisions = [d for d in state["decisions"] if d["rule"] == "prune_retry"]

@@ -65,21 +65,23 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
-def command(kind: str, model_dir: str | os.PathLike, port: int, device: str = "cpu") -> list[str]:
-    """The command line that serves ``model_dir`` on ``127.0.0.1:port``."""
-    model_dir = str(model_dir)
+def command(kind: str, model_dir: str | os.PathLike | None, port: int, device: str = "cpu") -> list[str]:
+    """The command line that serves ``model_dir`` on ``127.0.0.1:port``. ``model_dir`` None (``transformers``
+    only): no model on the command line, each request's ``model`` names the folder to load (unpinned)."""
     if kind == "transformers":
         # the `transformers` console script's entry point, run by this interpreter (the venv's)
         return [sys.executable, "-c", "import sys; from transformers.cli.transformers import main; sys.exit(main())",
-                "serve", model_dir, "--host", "127.0.0.1", "--port", str(port), "--device", device,
-                "--no-trust-remote-code", "--log-level", "warning"]
+                "serve", *([str(model_dir)] if model_dir is not None else []), "--host", "127.0.0.1",
+                "--port", str(port), "--device", device, "--no-trust-remote-code", "--log-level", "warning"]
     if kind == "vllm":
+        if model_dir is None:
+            raise ConfigError("serving.backend", kind, "transformers to serve unpinned (no model folder)")
         exe = shutil.which("vllm")
         if exe is None:
             raise InputError("serving.backend vllm: the `vllm` command is not installed (pip install vllm on a "
                              "GPU machine), or use backend: transformers or a URL")
-        return [exe, "serve", model_dir, "--host", "127.0.0.1", "--port", str(port), "--served-model-name",
-                model_dir, "--disable-log-requests"]
+        return [exe, "serve", str(model_dir), "--host", "127.0.0.1", "--port", str(port), "--served-model-name",
+                str(model_dir), "--disable-log-requests"]
     raise ConfigError("serving.backend", kind, f"one of {list(KINDS)} or an http(s):// URL")
 
 
