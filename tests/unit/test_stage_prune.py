@@ -178,6 +178,10 @@ def test_prune_options_are_checked_at_preflight(tiny_teacher_dir, tmp_path):
            "importance: {source: teacher}}}]")
     with pytest.raises(ConfigError, match=r"loop\.stages\[1\]\.options.*source 'student'"):
         loop_mod.run(_cfg(tiny_teacher_dir, tmp_path / "runs", bad), progress=False)
+    # a metric that never gets a regression finding would never retry a cut
+    bad = "[{name: anchor, iterations: 0}, {name: prune, iterations: 1, options: {retry_on: [kl, reverse_kl]}}]"
+    with pytest.raises(ConfigError, match=r"loop\.stages\[1\]\.options\.retry_on.*reverse_kl.*allowed: \[.*'kl'"):
+        loop_mod.run(_cfg(tiny_teacher_dir, tmp_path / "runs", bad), progress=False)
     assert not (tmp_path / "runs").exists()
 
 

@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from ..schema import Finding
 
@@ -106,11 +106,26 @@ class PruneOptions(BaseModel):
                                             "only when it lowers KL on held-out calibration rows")
     tolerance: float = Field(0.15, ge=0.0, description="relative worsening of held-out metrics a cut may cost "
                              "after re-distillation before it counts as a regression")
-    retry_on: list[str] = Field(["kl", "reverse_kl", "top1_agreement", "ppl_ratio", "student_ppl_heldout"],
+    retry_on: list[str] = Field(["kl", "top1_agreement", "ppl_ratio", "student_ppl_heldout"],
                                 description="the quality metrics whose regression past the tolerance makes the "
-                                            "cut retry smaller (timing metrics are noise for this decision)")
+                                            "cut retry smaller (timing metrics are noise for this decision); "
+                                            "each one the metric registry marks as a regression signal")
     retry_factor: float = Field(0.5, gt=0.0, lt=1.0, description="a regressed cut is retried this much smaller")
     max_retries: int = Field(2, ge=0, description="retries of one cut before it is skipped")
+
+    @field_validator("retry_on")
+    @classmethod
+    def _regression_metrics(cls, v: list[str]) -> list[str]:
+        # only a metric the registry marks as a regression signal ever gets a regression finding: any other name
+        # here would never retry a cut (reverse_kl was in the default list and never did)
+        from ..evaluate.providers import METRICS, load_providers
+
+        load_providers()
+        allowed = sorted(n for n, m in METRICS.items() if m.regression)
+        bad = [n for n in v if n not in allowed]
+        if bad:
+            raise ValueError(f"{bad} never get a regression finding; allowed: {allowed}")
+        return v
 
     @model_validator(mode="after")
     def _teacher_source_kinds(self):
