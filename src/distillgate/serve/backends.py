@@ -110,13 +110,15 @@ def _tail(log_file: Path | None, n: int = 1500) -> str:
     return "; its log ends: " + log_file.read_text(errors="replace")[-n:].strip()
 
 
-def start(kind: str, model_dir: str | os.PathLike, version: str, log_dir: str | os.PathLike,
+def start(kind: str, model_dir: str | os.PathLike | None, version: str, log_dir: str | os.PathLike,
           device: str = "cpu", timeout: float = 180.0, threads: int | None = None) -> Backend:
     """Start a ``kind`` backend for ``model_dir`` on a free loopback port and wait until it is healthy.
-    Its output goes to ``log_dir/backend-<version>-<port>.log``."""
-    model_dir = Path(model_dir)
-    if not (model_dir / "config.json").is_file():
-        raise InputError(f"{model_dir}: not a model folder (no config.json)")
+    Its output goes to ``log_dir/backend-<version>-<port>.log``. ``model_dir`` None: unpinned (see
+    :func:`command`), each request's ``model`` names the folder."""
+    if model_dir is not None:
+        model_dir = Path(model_dir)
+        if not (model_dir / "config.json").is_file():
+            raise InputError(f"{model_dir}: not a model folder (no config.json)")
     port = free_port()
     log_dir = Path(log_dir)
     log_dir.mkdir(parents=True, exist_ok=True)
@@ -127,8 +129,8 @@ def start(kind: str, model_dir: str | os.PathLike, version: str, log_dir: str | 
     with open(log_file, "ab") as out:
         proc = subprocess.Popen(command(kind, model_dir, port, device), stdout=out, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL, env=env, start_new_session=True)
-    b = Backend(url=f"http://127.0.0.1:{port}", model=str(model_dir), version=version, process=proc,
-                log_file=log_file)
+    b = Backend(url=f"http://127.0.0.1:{port}", model="" if model_dir is None else str(model_dir), version=version,
+                process=proc, log_file=log_file)
     try:
         wait_healthy(b.url, timeout, proc, log_file)
     except BaseException:
