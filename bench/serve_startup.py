@@ -8,7 +8,7 @@ model's first request went from ~2 s to ~16 s, which is why pyproject pins trans
 release (``--python``) and both are measured in one run, alternating, each on a fresh server.
 
 Per interpreter (its transformers version is read from it) and repeat: an unpinned server (no model on its
-command line, as the test fixtures start it: :func:`distillgate.serve.backends.command`, one OMP thread) on a
+command line, started as the test fixtures start it: :func:`distillgate.serve.backends.start`, one OMP thread) on a
 free loopback port; **startup** = process start to ``/health`` answering; then ``--requests`` one-token chat
 completions to a tiny random model folder (2 layers, hidden 64), one at a time: **first** = the first one's
 latency (the model's load inside the server), **steady** = the median of the others. Table: the median over the
@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -52,29 +51,17 @@ def _chat(url: str, model: str) -> float:
 
 
 def one(python: str, model: str, requests: int, log_dir: Path) -> dict:
-    from distillgate.serve.backends import command, free_port, wait_healthy
+    from distillgate.serve.backends import _tail, start
 
-    port = free_port()
-    cmd = [python, *command("transformers", None, port)[1:]]
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", OMP_NUM_THREADS="1")
-    log = log_dir / f"serve-{port}.log"
     t0 = time.perf_counter()
-    with open(log, "ab") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-                                start_new_session=True)
+    b = start("transformers", None, "unpinned", log_dir, timeout=300, threads=1, python=python)
     try:
-        url = f"http://127.0.0.1:{port}"
-        wait_healthy(url, 300, proc, log)
         startup = time.perf_counter() - t0
-        lat = [_chat(url, model) for _ in range(requests)]
+        lat = [_chat(b.url, model) for _ in range(requests)]
     except RuntimeError as e:
-        raise RuntimeError(f"{e}; the server's log ends: {log.read_text(errors='replace')[-1500:]}") from None
+        raise RuntimeError(f"{e}{_tail(b.log_file)}") from None
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        b.stop(20)  # the process group: 5.25's serve has engine child processes
     return {"startup_s": startup, "first_request_s": lat[0], "steady_ms": 1000 * statistics.median(lat[1:])}
 
 

@@ -65,12 +65,14 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
-def command(kind: str, model_dir: str | os.PathLike | None, port: int, device: str = "cpu") -> list[str]:
+def command(kind: str, model_dir: str | os.PathLike | None, port: int, device: str = "cpu",
+            python: str | None = None) -> list[str]:
     """The command line that serves ``model_dir`` on ``127.0.0.1:port``. ``model_dir`` None (``transformers``
-    only): no model on the command line, each request's ``model`` names the folder to load (unpinned)."""
+    only): no model on the command line, each request's ``model`` names the folder to load (unpinned).
+    ``python``: the interpreter whose ``transformers`` serves (default: this one, the venv's)."""
     if kind == "transformers":
-        # the `transformers` console script's entry point, run by this interpreter (the venv's)
-        return [sys.executable, "-c", "import sys; from transformers.cli.transformers import main; sys.exit(main())",
+        # the `transformers` console script's entry point, run by that interpreter
+        return [python or sys.executable, "-c", "import sys; from transformers.cli.transformers import main; sys.exit(main())",
                 "serve", *([str(model_dir)] if model_dir is not None else []), "--host", "127.0.0.1",
                 "--port", str(port), "--device", device, "--no-trust-remote-code", "--log-level", "warning"]
     if kind == "vllm":
@@ -111,10 +113,11 @@ def _tail(log_file: Path | None, n: int = 1500) -> str:
 
 
 def start(kind: str, model_dir: str | os.PathLike | None, version: str, log_dir: str | os.PathLike,
-          device: str = "cpu", timeout: float = 180.0, threads: int | None = None) -> Backend:
+          device: str = "cpu", timeout: float = 180.0, threads: int | None = None,
+          python: str | None = None) -> Backend:
     """Start a ``kind`` backend for ``model_dir`` on a free loopback port and wait until it is healthy.
     Its output goes to ``log_dir/backend-<version>-<port>.log``. ``model_dir`` None: unpinned (see
-    :func:`command`), each request's ``model`` names the folder."""
+    :func:`command`), each request's ``model`` names the folder; ``python``: see :func:`command`."""
     if model_dir is not None:
         model_dir = Path(model_dir)
         if not (model_dir / "config.json").is_file():
@@ -127,7 +130,7 @@ def start(kind: str, model_dir: str | os.PathLike | None, version: str, log_dir:
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
     with open(log_file, "ab") as out:
-        proc = subprocess.Popen(command(kind, model_dir, port, device), stdout=out, stderr=subprocess.STDOUT,
+        proc = subprocess.Popen(command(kind, model_dir, port, device, python), stdout=out, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL, env=env, start_new_session=True)
     b = Backend(url=f"http://127.0.0.1:{port}", model="" if model_dir is None else str(model_dir), version=version,
                 process=proc, log_file=log_file)
