@@ -5,11 +5,12 @@ them."""
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-KIND_NAMES = ("heads", "mlp", "layers", "hidden", "rotary")
+Kind = Literal["heads", "mlp", "layers", "hidden", "rotary"]
+KIND_NAMES: tuple[str, ...] = get_args(Kind)
 
 
 class KeepRatios(BaseModel):
@@ -59,8 +60,7 @@ class ImportanceOptions(BaseModel):
 
 class PruneOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    kinds: list[Literal["heads", "mlp", "layers", "hidden", "rotary"]] = Field(
-        ["heads", "mlp"], description="what may be cut")
+    kinds: list[Kind] = Field(["heads", "mlp"], description="what may be cut")
     keep: KeepRatios = Field(default_factory=KeepRatios)
     target: PruneTarget = Field(default_factory=PruneTarget)
     cycles: int = Field(3, ge=1, description="cuts to reach the target (each iteration of the stage cuts once "
